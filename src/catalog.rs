@@ -1,0 +1,510 @@
+//! Table metadata read from `pg_catalog`: what to replicate, whether the target can
+//! take it, and the DDL that creates it on the target when it is missing.
+
+use std::collections::BTreeSet;
+
+use anyhow::{bail, Result};
+use tokio_postgres::Client;
+
+use crate::pg::{quote_ident, quote_literal, PgResultExt, QualifiedName};
+
+/// Schemas never replicated: the system's own, and any walshuttle state schema.
+const SYSTEM_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast"];
+
+/// One column of a source table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Column {
+    /// Column name, unquoted.
+    pub name: String,
+    /// Type as `format_type` prints it (`numeric(12,2)`, `"Mood"[]`), valid SQL.
+    pub type_sql: String,
+    /// Type oid on the server it was read from.
+    pub type_oid: u32,
+    /// NOT NULL constraint.
+    pub not_null: bool,
+    /// Default expression, if any (not for generated columns).
+    pub default: Option<String>,
+    /// Generation expression of a `GENERATED ALWAYS AS (…) STORED` column.
+    pub generated: Option<String>,
+    /// Identity kind: `a` always, `d` by default, empty when not an identity column.
+    pub identity: String,
+    /// Whether the binary COPY form of this type is the same in every database: true
+    /// for built-in types, enums and domains over built-ins; false for arrays of
+    /// user-defined types, composites and extension types, whose binary form carries
+    /// database-specific type oids.
+    pub binary_portable: bool,
+}
+
+impl Column {
+    /// Whether rows carry this column's value (generated columns are recomputed).
+    pub fn is_copied(&self) -> bool {
+        self.generated.is_none()
+    }
+}
+
+/// A table as walshuttle needs to know it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Table {
+    /// Relation oid on the server it was read from.
+    pub oid: u32,
+    /// Schema-qualified name.
+    pub name: QualifiedName,
+    /// Columns in attribute order, dropped columns excluded.
+    pub columns: Vec<Column>,
+    /// Primary-key (or replica-identity index) columns; empty for keyless tables.
+    pub key: Vec<String>,
+    /// `relreplident`: `d` default (primary key), `f` full, `i` index, `n` nothing.
+    pub replica_identity: String,
+    /// Whether the table has a primary key.
+    pub has_primary_key: bool,
+    /// Heap size in blocks when read.
+    pub blocks: i64,
+    /// Planner's row estimate, for progress display.
+    pub estimated_rows: i64,
+}
+
+impl Table {
+    /// Names of the columns that rows carry (generated columns excluded).
+    pub fn copied_columns(&self) -> Vec<&Column> {
+        self.columns.iter().filter(|c| c.is_copied()).collect()
+    }
+
+    /// Quoted, comma-separated list of the copied columns.
+    pub fn copied_column_list(&self) -> String {
+        self.copied_columns()
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Why this table cannot be replicated, if it cannot: pgoutput sends no old
+    /// key for updates and deletes of a table without a key or replica identity.
+    pub fn replicability_problem(&self) -> Option<String> {
+        match self.replica_identity.as_str() {
+            "f" => None,
+            "i" if !self.key.is_empty() => None,
+            "d" if self.has_primary_key => None,
+            "n" => Some(format!(
+                "table {} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be replicated: run ALTER TABLE {} REPLICA IDENTITY FULL (or DEFAULT with a primary key) on the source",
+                self.name,
+                self.name.quoted()
+            )),
+            _ => Some(format!(
+                "table {} has no primary key or replica identity: add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL on the source",
+                self.name,
+                self.name.quoted()
+            )),
+        }
+    }
+}
+
+/// Lists the tables to replicate: `selected` when given (each must exist), else every
+/// ordinary table outside system schemas and `exclude_schema`.
+pub async fn list_tables(
+    client: &Client,
+    selected: Option<&[QualifiedName]>,
+    exclude_schema: &str,
+) -> Result<Vec<Table>> {
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND NOT c.relispartition AND n.nspname <> ALL($1) \
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
+               AND n.nspname <> $2 \
+             ORDER BY 1, 2",
+            &[&SYSTEM_SCHEMAS, &exclude_schema],
+        )
+        .await
+        .pg_context(|| "listing tables on the source".into())?;
+    let names: Vec<QualifiedName> = match selected {
+        Some(list) => list.to_vec(),
+        None => rows
+            .iter()
+            .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect(),
+    };
+    let mut tables = Vec::with_capacity(names.len());
+    let mut seen = BTreeSet::new();
+    for name in names {
+        if !seen.insert(name.clone()) {
+            continue;
+        }
+        match load_table(client, &name).await? {
+            Some(t) => tables.push(t),
+            None => bail!(
+                "table {name} does not exist on the source: check --tables (names are case-sensitive; write schema.table)"
+            ),
+        }
+    }
+    Ok(tables)
+}
+
+/// Reads one table's definition, or `None` when it does not exist.
+pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<Table>> {
+    let ctx = || format!("reading the definition of {name}");
+    let Some(rel) = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, \
+                    (pg_relation_size(c.oid) / current_setting('block_size')::bigint)::bigint, \
+                    greatest(c.reltuples, 0)::bigint \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+            &[&name.schema, &name.name],
+        )
+        .await
+        .pg_context(ctx)?
+    else {
+        return Ok(None);
+    };
+    let oid: u32 = rel.get(0);
+    let columns = client
+        .query(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, a.attnotnull, \
+                    pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text, \
+                    (a.atttypid < 16384 OR t.typtype = 'e' OR (t.typtype = 'd' AND t.typbasetype < 16384)) \
+             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .pg_context(ctx)?
+        .iter()
+        .map(|r| {
+            let expr: Option<String> = r.get(4);
+            let generated = r.get::<_, String>(5) == "s";
+            Column {
+                name: r.get(0),
+                type_sql: r.get(1),
+                type_oid: r.get(2),
+                not_null: r.get(3),
+                default: if generated { None } else { expr.clone() },
+                generated: if generated { expr } else { None },
+                identity: r.get(6),
+                binary_portable: r.get(7),
+            }
+        })
+        .collect();
+    let key_rows = client
+        .query(
+            "SELECT a.attname, i.indisprimary FROM pg_index i \
+             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
+             ORDER BY i.indisreplident DESC, k.ord",
+            &[&oid],
+        )
+        .await
+        .pg_context(ctx)?;
+    let replica_identity: String = rel.get(1);
+    let has_primary_key = key_rows.iter().any(|r| r.get::<_, bool>(1));
+    // The key used to find rows: the replica-identity index when one is set, else the
+    // primary key. Rows are ordered so the identity index's columns come first.
+    let key: Vec<String> = if replica_identity == "i" {
+        key_rows
+            .iter()
+            .filter(|r| !r.get::<_, bool>(1) || !has_primary_key)
+            .map(|r| r.get(0))
+            .collect()
+    } else if has_primary_key {
+        key_rows
+            .iter()
+            .filter(|r| r.get::<_, bool>(1))
+            .map(|r| r.get(0))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Ok(Some(Table {
+        oid,
+        name: name.clone(),
+        columns,
+        key: dedup(key),
+        replica_identity,
+        has_primary_key,
+        blocks: rel.get(2),
+        estimated_rows: rel.get(3),
+    }))
+}
+
+fn dedup(v: Vec<String>) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    v.into_iter().filter(|c| seen.insert(c.clone())).collect()
+}
+
+impl TargetFit {
+    /// Whether rows can pass through in binary COPY format without decoding.
+    pub fn binary(self) -> bool {
+        match self {
+            TargetFit::Missing { binary } | TargetFit::Exists { binary } => binary,
+        }
+    }
+}
+
+/// How a source table stands on the target.
+#[derive(Clone, Copy, Debug)]
+pub enum TargetFit {
+    /// The table is missing and will be created with the source's types; `binary`
+    /// says whether every copied type's binary form is portable.
+    Missing {
+        /// Whether binary COPY is safe.
+        binary: bool,
+    },
+    /// The table exists with every source column. `binary` is true when every copied
+    /// column has exactly the source's type, so binary COPY can pass bytes through.
+    Exists {
+        /// Whether binary COPY is safe.
+        binary: bool,
+    },
+}
+
+/// Type pairs where the target's type can hold every source value (text COPY is used).
+const WIDENINGS: &[(&str, &str)] = &[
+    ("smallint", "integer"),
+    ("smallint", "bigint"),
+    ("integer", "bigint"),
+    ("real", "double precision"),
+    ("character varying", "text"),
+    ("text", "character varying"),
+    ("timestamp without time zone", "timestamp with time zone"),
+    ("json", "jsonb"),
+];
+
+fn base_type(sql: &str) -> &str {
+    sql.split('(').next().unwrap_or(sql).trim()
+}
+
+fn types_compatible(source: &str, target: &str) -> bool {
+    if source == target {
+        return true;
+    }
+    let (s, t) = (base_type(source), base_type(target));
+    if s == t {
+        // Same type with another modifier (varchar(10) -> varchar(50), numeric precision).
+        return true;
+    }
+    WIDENINGS.iter().any(|(a, b)| *a == s && *b == t)
+}
+
+/// Checks that the target can take the source table's rows: every copied source
+/// column exists on the target with a compatible type.
+pub async fn check_target(target: &Client, table: &Table) -> Result<TargetFit> {
+    let Some(existing) = load_table(target, &table.name).await? else {
+        return Ok(TargetFit::Missing {
+            binary: table.copied_columns().iter().all(|c| c.binary_portable),
+        });
+    };
+    let mut binary = true;
+    for col in table.copied_columns() {
+        let Some(tcol) = existing.columns.iter().find(|c| c.name == col.name) else {
+            bail!(
+                "column {}.{} ({}) is missing on the target: run ALTER TABLE {} ADD COLUMN {} {} on the target, or drop the target table to let walshuttle create it",
+                table.name,
+                col.name,
+                col.type_sql,
+                table.name.quoted(),
+                quote_ident(&col.name),
+                col.type_sql
+            );
+        };
+        if tcol.generated.is_some() {
+            bail!(
+                "column {}.{} is a generated column on the target but not on the source: make it an ordinary column on the target",
+                table.name,
+                col.name
+            );
+        }
+        if !types_compatible(&col.type_sql, &tcol.type_sql) {
+            bail!(
+                "column {}.{} is {} on the source but {} on the target: run ALTER TABLE {} ALTER COLUMN {} TYPE {} on the target",
+                table.name,
+                col.name,
+                col.type_sql,
+                tcol.type_sql,
+                table.name.quoted(),
+                quote_ident(&col.name),
+                col.type_sql
+            );
+        }
+        binary &= col.type_sql == tcol.type_sql && col.binary_portable;
+    }
+    Ok(TargetFit::Exists { binary })
+}
+
+/// Creates on the target the enum and domain types `table` uses that are missing.
+pub async fn create_missing_types(source: &Client, target: &Client, table: &Table) -> Result<()> {
+    let oids: Vec<u32> = table.columns.iter().map(|c| c.type_oid).collect();
+    // User-defined enums and domains the columns use, directly or as array elements,
+    // with domains' base types first (ordered by oid, which follows creation order).
+    let rows = source
+        .query(
+            "WITH RECURSIVE used(oid) AS ( \
+                SELECT CASE WHEN t.typelem <> 0 AND t.typcategory = 'A' THEN t.typelem ELSE t.oid END \
+                FROM pg_type t WHERE t.oid = ANY($1) \
+              UNION \
+                SELECT CASE WHEN b.typelem <> 0 AND b.typcategory = 'A' THEN b.typelem ELSE b.oid END \
+                FROM used u JOIN pg_type t ON t.oid = u.oid JOIN pg_type b ON b.oid = t.typbasetype \
+                WHERE t.typtype = 'd') \
+             SELECT n.nspname, t.typname, t.typtype::text, t.oid, \
+                    format_type(t.typbasetype, t.typtypmod), t.typnotnull, \
+                    (SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid), \
+                    (SELECT array_agg(pg_get_constraintdef(c.oid) ORDER BY c.oid) FROM pg_constraint c WHERE c.contypid = t.oid) \
+             FROM used JOIN pg_type t ON t.oid = used.oid JOIN pg_namespace n ON n.oid = t.typnamespace \
+             WHERE t.typtype IN ('e', 'd') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+             ORDER BY t.oid",
+            &[&oids],
+        )
+        .await
+        .pg_context(|| format!("reading the types used by {}", table.name))?;
+    for row in rows {
+        let name = QualifiedName::new(row.get::<_, String>(0), row.get::<_, String>(1));
+        let exists = target
+            .query_opt(
+                "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = $1 AND t.typname = $2",
+                &[&name.schema, &name.name],
+            )
+            .await
+            .pg_context(|| format!("looking up type {name} on the target"))?
+            .is_some();
+        if exists {
+            continue;
+        }
+        let kind: String = row.get(2);
+        let ddl = if kind == "e" {
+            let labels: Vec<String> = row.get::<_, Option<Vec<String>>>(6).unwrap_or_default();
+            format!(
+                "CREATE SCHEMA IF NOT EXISTS {}; CREATE TYPE {} AS ENUM ({})",
+                quote_ident(&name.schema),
+                name.quoted(),
+                labels
+                    .iter()
+                    .map(|l| quote_literal(l))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            let base: String = row.get(4);
+            let not_null: bool = row.get(5);
+            let checks: Vec<String> = row.get::<_, Option<Vec<String>>>(7).unwrap_or_default();
+            format!(
+                "CREATE SCHEMA IF NOT EXISTS {}; CREATE DOMAIN {} AS {}{} {}",
+                quote_ident(&name.schema),
+                name.quoted(),
+                base,
+                if not_null { " NOT NULL" } else { "" },
+                checks.join(" ")
+            )
+        };
+        target
+            .batch_execute(&ddl)
+            .await
+            .pg_context(|| format!("creating type {name} on the target"))?;
+        tracing::info!(type_name = %name, "created type on the target");
+    }
+    Ok(())
+}
+
+/// DDL creating the table on the target: columns, types, defaults, NOT NULL and
+/// generated columns, without keys or indexes (built after the data is in).
+///
+/// Identity columns become `GENERATED BY DEFAULT AS IDENTITY` so replicated rows keep
+/// their values; defaults that call `nextval` are left out (sequences are not
+/// replicated) and the column keeps the values the source assigned.
+pub fn create_table_sql(table: &Table) -> String {
+    let cols = table
+        .columns
+        .iter()
+        .map(|c| {
+            let mut def = format!("{} {}", quote_ident(&c.name), c.type_sql);
+            if let Some(expr) = &c.generated {
+                def.push_str(&format!(" GENERATED ALWAYS AS ({expr}) STORED"));
+            } else if !c.identity.is_empty() {
+                def.push_str(" GENERATED BY DEFAULT AS IDENTITY");
+            } else if let Some(expr) = &c.default {
+                if !expr.contains("nextval(") {
+                    def.push_str(&format!(" DEFAULT {expr}"));
+                }
+            }
+            if c.not_null {
+                def.push_str(" NOT NULL");
+            }
+            def
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {}; CREATE TABLE IF NOT EXISTS {} ({cols})",
+        quote_ident(&table.name.schema),
+        table.name.quoted()
+    )
+}
+
+/// Statements that build the table's primary key, unique constraints and indexes on
+/// the target, each idempotent, each independent (so they can run in parallel).
+pub async fn index_sql(source: &Client, target: &Client, table: &Table) -> Result<Vec<String>> {
+    let ctx = || format!("reading the indexes of {}", table.name);
+    let existing: BTreeSet<String> = target
+        .query(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relkind = 'i'",
+            &[&table.name.schema],
+        )
+        .await
+        .pg_context(ctx)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let rows = source
+        .query(
+            "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid), con.contype::text \
+             FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
+             LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
+             WHERE i.indrelid = $1 ORDER BY i.indisprimary DESC, ic.relname",
+            &[&table.oid],
+        )
+        .await
+        .pg_context(ctx)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let index_name: String = row.get(0);
+        if existing.contains(&index_name) {
+            continue;
+        }
+        let conname: Option<String> = row.get(2);
+        match conname {
+            Some(con) => {
+                let def: String = row.get(3);
+                out.push(format!(
+                    "ALTER TABLE {} ADD CONSTRAINT {} {def}",
+                    table.name.quoted(),
+                    quote_ident(&con)
+                ));
+            }
+            None => {
+                let def: String = row.get(1);
+                out.push(def);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compatible_types() {
+        assert!(types_compatible("integer", "integer"));
+        assert!(types_compatible("integer", "bigint"));
+        assert!(types_compatible(
+            "character varying(10)",
+            "character varying(20)"
+        ));
+        assert!(types_compatible("numeric(12,2)", "numeric"));
+        assert!(!types_compatible("bigint", "integer"));
+        assert!(!types_compatible("text", "integer"));
+        assert!(!types_compatible("jsonb", "text"));
+    }
+}

@@ -1,0 +1,71 @@
+//! The walshuttle binary: parse the command line, dispatch, and turn any error into
+//! one clear line and a non-zero exit.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use walshuttle::cli::{Cli, Command};
+use walshuttle::config::{endpoint, Side};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.connections.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let conns = &cli.connections;
+    match &cli.command {
+        Command::Bootstrap(args) => {
+            let opts = args.options()?;
+            let source = endpoint(Side::Source, conns.source.as_deref())?;
+            let target = endpoint(Side::Target, conns.target.as_deref())?;
+            let summary = walshuttle::bootstrap::bootstrap(&source, &target, &opts).await?;
+            println!("{}", summary.render());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Joins an error chain into one line, outermost context first.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("WALSHUTTLE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,93 @@
+//! Ordinary (non-replication) connections, with errors a user can act on.
+
+use anyhow::Result;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::Endpoint;
+
+/// Opens a normal SQL session to one side and drives its connection on a task.
+///
+/// `purpose` becomes the session's `application_name` suffix, so `pg_stat_activity`
+/// on either server shows which part of walshuttle a connection belongs to.
+pub async fn connect(endpoint: &Endpoint, purpose: &str) -> Result<Client> {
+    let mut config = endpoint.config.clone();
+    config.application_name(format!("walshuttle {purpose}"));
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| connect_error(endpoint, &e))?;
+    let side = endpoint.side;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(%side, error = %describe(&e), "connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Builds the one-line message for a failed connection attempt, naming the side,
+/// the redacted URL and what to check.
+pub fn connect_error(endpoint: &Endpoint, e: &tokio_postgres::Error) -> anyhow::Error {
+    let what = describe(e);
+    let hint = match e.code().map(|c| c.code()) {
+        Some("28P01") | Some("28000") => {
+            format!("check the user and password in {}", endpoint.side.flag())
+        }
+        Some("3D000") => format!(
+            "create the database or fix its name in {}",
+            endpoint.side.flag()
+        ),
+        _ if e.as_db_error().is_none() => format!(
+            "check that the server is running and reachable, and the host and port in {}",
+            endpoint.side.flag()
+        ),
+        _ => format!("check {}", endpoint.side.flag()),
+    };
+    anyhow::anyhow!(
+        "cannot connect to the {} database {}: {what}; {hint}",
+        endpoint.side,
+        endpoint.redacted
+    )
+}
+
+/// Renders a driver error as one line: the server's own message (with detail and
+/// hint) when it sent one, else the driver's message and its cause.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            text.push_str(" (");
+            text.push_str(detail);
+            text.push(')');
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str("; hint: ");
+            text.push_str(hint);
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Extension for query results: wraps driver errors with what walshuttle was doing,
+/// in the one-line form of [`describe`].
+pub trait PgResultExt<T> {
+    /// Adds `what` (e.g. "reading columns of public.users on the source") to the error.
+    fn pg_context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> PgResultExt<T> for std::result::Result<T, tokio_postgres::Error> {
+    fn pg_context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| anyhow::anyhow!("{}: {}", what(), describe(&e)))
+    }
+}

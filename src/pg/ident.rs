@@ -1,0 +1,158 @@
+//! Identifier and literal quoting, the one place SQL text is built from names.
+//!
+//! Every table, column, schema, slot and publication name that walshuttle puts into
+//! SQL goes through here, so tables named `Order Items` or `"weird"` work everywhere.
+
+use std::fmt;
+
+/// Quotes an identifier for SQL: `Order Items` becomes `"Order Items"`, embedded
+/// double quotes are doubled.
+pub fn quote_ident(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for c in name.chars() {
+        if c == '"' {
+            out.push('"');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// Quotes a string literal for SQL (standard_conforming_strings on): embedded single
+/// quotes are doubled.
+pub fn quote_literal(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' {
+            out.push('\'');
+        }
+        out.push(c);
+    }
+    out.push('\'');
+    out
+}
+
+/// A schema-qualified table name, the key walshuttle uses for tables everywhere.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct QualifiedName {
+    /// Schema (namespace) name, unquoted.
+    pub schema: String,
+    /// Relation name, unquoted.
+    pub name: String,
+}
+
+impl QualifiedName {
+    /// Builds a name from its unquoted parts.
+    pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
+        QualifiedName {
+            schema: schema.into(),
+            name: name.into(),
+        }
+    }
+
+    /// The name quoted for SQL: `"public"."Order Items"`.
+    pub fn quoted(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// Parses a user-supplied `[schema.]table`, where either part may be written
+    /// double-quoted (`"My Schema"."Order Items"`); unquoted parts keep their case
+    /// as written, since walshuttle matches catalog names exactly.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let parts = split_dotted(text.trim())?;
+        match parts.as_slice() {
+            [table] => Ok(QualifiedName::new("public", table.clone())),
+            [schema, table] => Ok(QualifiedName::new(schema.clone(), table.clone())),
+            _ => Err(format!(
+                "`{text}` is not a table name: use table or schema.table (quote names containing dots)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for QualifiedName {
+    /// Human form for messages: `public.Order Items`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+fn split_dotted(text: &str) -> Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut chars = text.chars().peekable();
+    let mut quoted_part = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if current.is_empty() && !quoted_part => {
+                quoted_part = true;
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            current.push('"');
+                        }
+                        Some('"') => break,
+                        Some(other) => current.push(other),
+                        None => return Err(format!("`{text}` has an unterminated quote")),
+                    }
+                }
+            }
+            '.' => {
+                if current.is_empty() {
+                    return Err(format!("`{text}` has an empty name part"));
+                }
+                parts.push(std::mem::take(&mut current));
+                quoted_part = false;
+            }
+            _ if quoted_part => {
+                return Err(format!("`{text}`: unexpected text after a quoted name"));
+            }
+            other => current.push(other),
+        }
+    }
+    if current.is_empty() {
+        return Err(format!("`{text}` has an empty name part"));
+    }
+    parts.push(current);
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotes_identifiers_and_literals() {
+        assert_eq!(quote_ident("users"), "\"users\"");
+        assert_eq!(quote_ident("Order Items"), "\"Order Items\"");
+        assert_eq!(quote_ident("we\"ird"), "\"we\"\"ird\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn parses_table_names() {
+        assert_eq!(
+            QualifiedName::parse("users").unwrap(),
+            QualifiedName::new("public", "users")
+        );
+        assert_eq!(
+            QualifiedName::parse("sales.\"Order Items\"").unwrap(),
+            QualifiedName::new("sales", "Order Items")
+        );
+        assert_eq!(
+            QualifiedName::parse("\"a.b\".\"we\"\"ird\"").unwrap(),
+            QualifiedName::new("a.b", "we\"ird")
+        );
+        assert!(QualifiedName::parse("a.b.c").is_err());
+        assert!(QualifiedName::parse("a.").is_err());
+        assert!(QualifiedName::parse("\"open").is_err());
+        assert_eq!(
+            QualifiedName::new("s", "Order Items").quoted(),
+            "\"s\".\"Order Items\""
+        );
+    }
+}

@@ -1,0 +1,11 @@
+//! Everything that talks to a PostgreSQL server at the wire level: ordinary
+//! connections, the replication client, WAL positions and identifier quoting.
+
+pub mod connect;
+pub mod ident;
+pub mod lsn;
+pub mod replication;
+
+pub use connect::{connect, PgResultExt};
+pub use ident::{quote_ident, quote_literal, QualifiedName};
+pub use lsn::Lsn;

@@ -1,0 +1,566 @@
+//! A small client for PostgreSQL's streaming replication protocol.
+//!
+//! tokio-postgres on crates.io refuses the `replication` startup parameter and has no
+//! CopyBoth mode, and the replication-capable forks exist only as git repositories, so
+//! walshuttle speaks this part of the protocol itself on top of postgres-protocol's
+//! message codecs: startup with `replication=database`, cleartext/MD5/SCRAM
+//! authentication, simple queries for `IDENTIFY_SYSTEM` and
+//! `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`, then CopyBoth for `START_REPLICATION`
+//! with XLogData, keepalives and standby status updates.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::{backend, frontend};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_postgres::config::Host;
+use tokio_postgres::error::SqlState;
+
+use crate::config::Endpoint;
+use crate::pg::ident::quote_ident;
+use crate::pg::lsn::Lsn;
+
+/// What went wrong on a replication connection; callers branch on the kind
+/// (a slot in use is waited for, a lost connection is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// The TCP/Unix connection failed or broke.
+    #[error("connection to the source failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server answered with an ErrorResponse.
+    #[error("{message}{}", hint.as_ref().map(|h| format!("; hint: {h}")).unwrap_or_default())]
+    Server {
+        /// SQLSTATE of the error.
+        code: SqlState,
+        /// The server's primary message.
+        message: String,
+        /// The server's hint, if any.
+        hint: Option<String>,
+    },
+    /// The server sent something this client did not expect at that point.
+    #[error("unexpected reply from the source: {0}")]
+    Protocol(String),
+    /// The server asked for an authentication method walshuttle does not speak, or
+    /// no password was given where one is needed.
+    #[error("{0}")]
+    Auth(String),
+}
+
+impl ReplicationError {
+    /// SQLSTATE of a server error, if this is one.
+    pub fn code(&self) -> Option<&SqlState> {
+        match self {
+            ReplicationError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ReplicationError>;
+
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+
+/// One row of a simple-query result: text values by column position.
+#[derive(Debug, Clone)]
+pub struct SimpleRow {
+    /// Column names, in order.
+    pub columns: Vec<String>,
+    /// Text values, `None` for NULL.
+    pub values: Vec<Option<String>>,
+}
+
+impl SimpleRow {
+    /// The value of the named column, if present and not NULL.
+    pub fn get(&self, column: &str) -> Option<&str> {
+        let idx = self.columns.iter().position(|c| c == column)?;
+        self.values.get(idx)?.as_deref()
+    }
+}
+
+/// What `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')` hands back.
+#[derive(Debug, Clone)]
+pub struct CreateSlotResult {
+    /// Name of the slot created.
+    pub slot_name: String,
+    /// The LSN from which the slot decodes: everything committed before it is in the
+    /// exported snapshot, everything after arrives through the slot.
+    pub consistent_point: Lsn,
+    /// Name of the exported snapshot, importable with `SET TRANSACTION SNAPSHOT` until
+    /// this connection runs its next command.
+    pub snapshot_name: String,
+}
+
+/// A connection in `replication=database` mode, before streaming starts.
+pub struct ReplicationClient {
+    io: Box<dyn Transport>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    /// Server process id, as `pg_stat_replication.pid` shows it.
+    pub backend_pid: i32,
+}
+
+impl ReplicationClient {
+    /// Connects and authenticates. `options` is passed as the startup `options`
+    /// parameter (e.g. `-c logical_decoding_work_mem=64MB`, which the walsender reads
+    /// only from there).
+    pub async fn connect(endpoint: &Endpoint, options: Option<&str>) -> Result<Self> {
+        let config = &endpoint.config;
+        let timeout = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10));
+        let io = tokio::time::timeout(timeout, open_transport(config))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out")
+            })??;
+        let mut client = ReplicationClient {
+            io,
+            read_buf: BytesMut::with_capacity(64 * 1024),
+            write_buf: BytesMut::with_capacity(1024),
+            backend_pid: 0,
+        };
+        client.startup(endpoint, options).await?;
+        Ok(client)
+    }
+
+    async fn startup(&mut self, endpoint: &Endpoint, options: Option<&str>) -> Result<()> {
+        let user = endpoint.user();
+        let dbname = endpoint.dbname();
+        let mut params: Vec<(&str, &str)> = vec![
+            ("user", user.as_str()),
+            ("database", dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", "walshuttle stream"),
+            ("client_encoding", "UTF8"),
+        ];
+        let mut all_options = endpoint.config.get_options().unwrap_or("").to_string();
+        if let Some(extra) = options {
+            all_options.push(' ');
+            all_options.push_str(extra);
+        }
+        if !all_options.trim().is_empty() {
+            params.push(("options", all_options.trim()));
+        }
+        frontend::startup_message(params.iter().copied(), &mut self.write_buf)?;
+        self.flush().await?;
+
+        let password = endpoint.config.get_password();
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            match self.read_message().await? {
+                backend::Message::AuthenticationOk => {}
+                backend::Message::AuthenticationCleartextPassword => {
+                    let pw = password.ok_or_else(missing_password)?;
+                    frontend::password_message(pw, &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationMd5Password(body) => {
+                    let pw = password.ok_or_else(missing_password)?;
+                    let hash = md5_hash(user.as_bytes(), pw, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationSasl(body) => {
+                    let pw = password.ok_or_else(missing_password)?;
+                    let mut mechanisms = body.mechanisms();
+                    let mut has_scram = false;
+                    while let Some(m) = mechanisms.next()? {
+                        has_scram |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !has_scram {
+                        return Err(ReplicationError::Auth(
+                            "the source offers no SASL mechanism walshuttle supports (SCRAM-SHA-256)".into(),
+                        ));
+                    }
+                    let s = sasl::ScramSha256::new(pw, sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        s.message(),
+                        &mut self.write_buf,
+                    )?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                backend::Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL continue without a start".into())
+                    })?;
+                    s.update(body.data())?;
+                    frontend::sasl_response(s.message(), &mut self.write_buf)?;
+                    self.flush().await?;
+                }
+                backend::Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL final without a start".into())
+                    })?;
+                    s.finish(body.data())?;
+                }
+                backend::Message::BackendKeyData(body) => self.backend_pid = body.process_id(),
+                backend::Message::ParameterStatus(_) | backend::Message::NoticeResponse(_) => {}
+                backend::Message::ReadyForQuery(_) => return Ok(()),
+                backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
+                _ => {
+                    return Err(ReplicationError::Auth(
+                        "the source asked for an authentication method walshuttle does not support (use password, md5 or scram-sha-256)".into(),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Runs one simple-protocol command and collects its rows.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<SimpleRow>> {
+        frontend::query(sql, &mut self.write_buf)?;
+        self.flush().await?;
+        let mut columns: Vec<String> = Vec::new();
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read_message().await? {
+                backend::Message::RowDescription(body) => {
+                    columns = body.fields().map(|f| Ok(f.name().to_string())).collect()?;
+                }
+                backend::Message::DataRow(body) => {
+                    let buf = body.buffer();
+                    let values = body
+                        .ranges()
+                        .map(|r| Ok(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned())))
+                        .collect()?;
+                    rows.push(SimpleRow {
+                        columns: columns.clone(),
+                        values,
+                    });
+                }
+                backend::Message::ErrorResponse(body) => error = Some(server_error(&body)),
+                backend::Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    /// Creates a permanent logical slot with pgoutput and exports its snapshot.
+    pub async fn create_slot_exporting_snapshot(&mut self, slot: &str) -> Result<CreateSlotResult> {
+        let sql = format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+            quote_ident(slot)
+        );
+        let rows = self.simple_query(&sql).await?;
+        let row = rows.first().ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
+        let consistent_point = row
+            .get("consistent_point")
+            .and_then(|v| v.parse::<Lsn>().ok())
+            .ok_or_else(|| {
+                ReplicationError::Protocol("no consistent_point in slot reply".into())
+            })?;
+        let snapshot_name = row
+            .get("snapshot_name")
+            .ok_or_else(|| ReplicationError::Protocol("no snapshot_name in slot reply".into()))?
+            .to_string();
+        Ok(CreateSlotResult {
+            slot_name: slot.to_string(),
+            consistent_point,
+            snapshot_name,
+        })
+    }
+
+    /// Starts logical streaming from `start` and turns this connection into a stream.
+    /// `options` are pgoutput's plugin options, already formatted as `key 'value'`.
+    pub async fn start_replication(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, String)],
+    ) -> Result<ReplicationStream> {
+        let opts = options
+            .iter()
+            .map(|(k, v)| format!("{} '{}'", quote_ident(k), v.replace('\'', "''")))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {start} ({opts})",
+            quote_ident(slot)
+        );
+        frontend::query(&sql, &mut self.write_buf)?;
+        self.flush().await?;
+        loop {
+            // CopyBothResponse ('W') is unknown to postgres-protocol's parser: check the
+            // tag before handing a frame to it.
+            if let Some(frame) = self.try_take_frame(b'W') {
+                drop(frame);
+                return Ok(ReplicationStream { client: self });
+            }
+            if self.read_buf.len() >= 5 && self.read_buf[0] != b'W' {
+                match self.parse_buffered()? {
+                    Some(backend::Message::ErrorResponse(body)) => {
+                        let err = server_error(&body);
+                        // Drain to ReadyForQuery is pointless: the caller drops us.
+                        return Err(err);
+                    }
+                    Some(backend::Message::NoticeResponse(_)) | Some(_) => continue,
+                    None => {}
+                }
+            }
+            self.fill().await?;
+        }
+    }
+
+    fn try_take_frame(&mut self, tag: u8) -> Option<Bytes> {
+        if self.read_buf.len() < 5 || self.read_buf[0] != tag {
+            return None;
+        }
+        let len = u32::from_be_bytes([
+            self.read_buf[1],
+            self.read_buf[2],
+            self.read_buf[3],
+            self.read_buf[4],
+        ]) as usize;
+        if self.read_buf.len() < len + 1 {
+            return None;
+        }
+        let mut frame = self.read_buf.split_to(len + 1);
+        frame.advance(5);
+        Some(frame.freeze())
+    }
+
+    fn parse_buffered(&mut self) -> Result<Option<backend::Message>> {
+        Ok(backend::Message::parse(&mut self.read_buf)?)
+    }
+
+    async fn read_message(&mut self) -> Result<backend::Message> {
+        loop {
+            if let Some(message) = self.parse_buffered()? {
+                return Ok(message);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> Result<()> {
+        self.read_buf.reserve(64 * 1024);
+        let n = self.io.read_buf(&mut self.read_buf).await?;
+        if n == 0 {
+            return Err(ReplicationError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the source closed the replication connection",
+            )));
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        let buf = self.write_buf.split();
+        self.io.write_all(&buf).await?;
+        self.io.flush().await?;
+        Ok(())
+    }
+
+    /// Ends the session politely.
+    pub async fn close(mut self) {
+        frontend::terminate(&mut self.write_buf);
+        let _ = self.flush().await;
+    }
+}
+
+/// One message from the walsender while streaming.
+#[derive(Debug, Clone)]
+pub enum ReplicationMessage {
+    /// A chunk of decoded WAL: one pgoutput message.
+    XLogData {
+        /// WAL position of the start of this message's record.
+        wal_start: Lsn,
+        /// The server's current end of WAL.
+        wal_end: Lsn,
+        /// The pgoutput payload.
+        data: Bytes,
+    },
+    /// A heartbeat carrying the server's end of WAL.
+    Keepalive {
+        /// The server's current end of WAL.
+        wal_end: Lsn,
+        /// Whether the server wants a status update now (else it disconnects us at
+        /// `wal_sender_timeout`).
+        reply_requested: bool,
+    },
+}
+
+/// A replication connection in CopyBoth mode.
+pub struct ReplicationStream {
+    client: ReplicationClient,
+}
+
+impl ReplicationStream {
+    /// Waits for the next XLogData or keepalive. Cancel-safe: a partial frame stays
+    /// buffered, so this can be raced against timers in `select!`.
+    pub async fn next_message(&mut self) -> Result<ReplicationMessage> {
+        loop {
+            if let Some(message) = self.take_buffered()? {
+                return Ok(message);
+            }
+            self.client.fill().await?;
+        }
+    }
+
+    fn take_buffered(&mut self) -> Result<Option<ReplicationMessage>> {
+        loop {
+            let Some(message) = self.client.parse_buffered()? else {
+                return Ok(None);
+            };
+            match message {
+                backend::Message::CopyData(body) => {
+                    return parse_copy_data(body.into_bytes()).map(Some);
+                }
+                backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
+                backend::Message::CopyDone => {
+                    return Err(ReplicationError::Io(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the source ended the replication stream",
+                    )))
+                }
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends a standby status update. `flush` is the position the source may free
+    /// WAL up to: only what the target has durably committed.
+    pub async fn send_status(
+        &mut self,
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+        reply_requested: bool,
+    ) -> Result<()> {
+        let mut payload = BytesMut::with_capacity(34);
+        payload.put_u8(b'r');
+        payload.put_u64(write.0);
+        payload.put_u64(flush.0);
+        payload.put_u64(apply.0);
+        payload.put_i64(pg_now_micros());
+        payload.put_u8(u8::from(reply_requested));
+        let data = frontend::CopyData::new(payload.freeze())?;
+        data.write(&mut self.client.write_buf);
+        self.client.flush().await
+    }
+
+    /// Ends CopyBoth and closes the connection.
+    pub async fn close(mut self) {
+        frontend::copy_done(&mut self.client.write_buf);
+        let _ = self.client.flush().await;
+        self.client.close().await;
+    }
+}
+
+fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage> {
+    let short = || ReplicationError::Protocol("truncated replication message".into());
+    if data.is_empty() {
+        return Err(short());
+    }
+    match data.get_u8() {
+        b'w' => {
+            if data.len() < 24 {
+                return Err(short());
+            }
+            let wal_start = Lsn(data.get_u64());
+            let wal_end = Lsn(data.get_u64());
+            let _server_time = data.get_i64();
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                data,
+            })
+        }
+        b'k' => {
+            if data.len() < 17 {
+                return Err(short());
+            }
+            let wal_end = Lsn(data.get_u64());
+            let _server_time = data.get_i64();
+            let reply_requested = data.get_u8() == 1;
+            Ok(ReplicationMessage::Keepalive {
+                wal_end,
+                reply_requested,
+            })
+        }
+        other => Err(ReplicationError::Protocol(format!(
+            "unknown replication message kind {:?}",
+            other as char
+        ))),
+    }
+}
+
+/// Microseconds since 2000-01-01, PostgreSQL's timestamp epoch.
+fn pg_now_micros() -> i64 {
+    const PG_EPOCH_OFFSET_SECS: u64 = 946_684_800;
+    let since_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let micros = since_unix
+        .as_micros()
+        .saturating_sub(u128::from(PG_EPOCH_OFFSET_SECS) * 1_000_000);
+    i64::try_from(micros).unwrap_or(i64::MAX)
+}
+
+async fn open_transport(config: &tokio_postgres::Config) -> std::io::Result<Box<dyn Transport>> {
+    let hosts = config.get_hosts();
+    let ports = config.get_ports();
+    let mut last_err = None;
+    for (i, host) in hosts.iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let attempt: std::io::Result<Box<dyn Transport>> = match host {
+            Host::Tcp(name) => match tokio::net::TcpStream::connect((name.as_str(), port)).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    Ok(Box::new(s))
+                }
+                Err(e) => Err(e),
+            },
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(|s| Box::new(s) as Box<dyn Transport>)
+            }
+        };
+        match attempt {
+            Ok(t) => return Ok(t),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| std::io::Error::other("no host to connect to")))
+}
+
+fn missing_password() -> ReplicationError {
+    ReplicationError::Auth(
+        "the source asks for a password but the connection string has none".into(),
+    )
+}
+
+fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
+    let mut code = String::new();
+    let mut message = String::new();
+    let mut hint = None;
+    let mut fields = body.fields();
+    while let Ok(Some(field)) = fields.next() {
+        match field.type_() {
+            b'C' => code = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'M' => message = String::from_utf8_lossy(field.value_bytes()).into_owned(),
+            b'H' => hint = Some(String::from_utf8_lossy(field.value_bytes()).into_owned()),
+            _ => {}
+        }
+    }
+    ReplicationError::Server {
+        code: SqlState::from_code(&code),
+        message,
+        hint,
+    }
+}
