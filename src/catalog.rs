@@ -275,7 +275,9 @@ fn base_type(sql: &str) -> &str {
     sql.split('(').next().unwrap_or(sql).trim()
 }
 
-fn types_compatible(source: &str, target: &str) -> bool {
+/// Whether a target column of type `target` can hold every value of a source column
+/// of type `source` (same type, another modifier, or a known widening).
+pub fn types_compatible(source: &str, target: &str) -> bool {
     if source == target {
         return true;
     }

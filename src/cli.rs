@@ -44,6 +44,34 @@ pub enum Command {
     /// and record where streaming continues. Safe to rerun: an interrupted
     /// bootstrap resumes, a finished one exits 0 without copying.
     Bootstrap(BootstrapArgs),
+    /// The sidecar: bootstrap if never done, then stream every change from the slot
+    /// to the target, exactly once, until SIGTERM/SIGINT.
+    Run(RunArgs),
+}
+
+/// Options of `run`.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    /// Bootstrap settings, used when the pipeline has not been bootstrapped.
+    #[command(flatten)]
+    pub bootstrap: BootstrapArgs,
+
+    /// Seconds between standby status updates sent to the source.
+    #[arg(long, default_value_t = 1.0)]
+    pub status_interval: f64,
+}
+
+impl RunArgs {
+    /// Resolves defaults.
+    pub fn options(&self) -> anyhow::Result<crate::run::RunOptions> {
+        if !(self.status_interval > 0.0 && self.status_interval <= 3600.0) {
+            anyhow::bail!("--status-interval must be between 0 and 3600 seconds");
+        }
+        Ok(crate::run::RunOptions {
+            bootstrap: self.bootstrap.options()?,
+            status_interval: std::time::Duration::from_secs_f64(self.status_interval),
+        })
+    }
 }
 
 /// Options of `bootstrap` (and of `run`, which bootstraps first when needed).

@@ -9,6 +9,7 @@
 //! - [`state`]: the `walshuttle.*` schema on the target that makes every step resumable.
 //! - [`bootstrap`]: preflight, slot + exported snapshot, chunk plan, parallel binary COPY.
 //! - [`stream`]: pgoutput decoding and the exactly-once apply of changes.
+//! - [`run`]: the sidecar loop: bootstrap if needed, stream, retry with backoff.
 //! - [`cli`]: the command-line contract users script against.
 
 pub mod bootstrap;
@@ -16,5 +17,6 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod pg;
+pub mod run;
 pub mod state;
 pub mod stream;

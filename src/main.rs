@@ -40,7 +40,37 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", summary.render());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Run(args) => {
+            let opts = args.options()?;
+            let source = endpoint(Side::Source, conns.source.as_deref())?;
+            let target = endpoint(Side::Target, conns.target.as_deref())?;
+            let shutdown = shutdown_signal();
+            walshuttle::run::run(&source, &target, &opts, shutdown).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// A flag that turns true on SIGTERM or SIGINT.
+fn shutdown_signal() -> tokio::sync::watch::Receiver<bool> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::warn!("cannot install signal handlers: stop with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("stop requested: finishing the transaction in flight");
+        let _ = tx.send(true);
+    });
+    rx
 }
 
 /// Joins an error chain into one line, outermost context first.
@@ -57,8 +87,8 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn init_logging(format: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("WALSHUTTLE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("WALSHUTTLE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -431,6 +431,17 @@ impl ReplicationStream {
         }
     }
 
+    /// Whether a whole message is already buffered, so reading it will not wait:
+    /// the apply path keeps coalescing transactions while this is true.
+    pub fn has_buffered_message(&self) -> bool {
+        let buf = &self.client.read_buf;
+        if buf.len() < 5 {
+            return false;
+        }
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        buf.len() > len
+    }
+
     /// Sends a standby status update. `flush` is the position the source may free
     /// WAL up to: only what the target has durably committed.
     pub async fn send_status(

@@ -1,3 +1,14 @@
-//! Streaming: the pgoutput decoder, the replication session and the apply path.
+//! Streaming: pgoutput decoding, the replication session, and the exactly-once
+//! apply of changes to the target.
+//!
+//! - [`decoder`]: pure pgoutput decoding, bytes in, messages out.
+//! - [`relations`]: Relation messages matched against the target; schema drift.
+//! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
+//! - [`apply`]: batching changes into target transactions.
+//! - [`session`]: one replication session, transaction boundaries and feedback.
 
+pub mod apply;
 pub mod decoder;
+pub mod relations;
+pub mod session;
+pub mod values;

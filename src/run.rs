@@ -1,0 +1,147 @@
+//! `walshuttle run`: the sidecar. Bootstraps when there is no state, then streams
+//! forever, riding through restarts and dropped connections with capped exponential
+//! backoff, until SIGTERM/SIGINT.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use tokio::sync::watch;
+
+use crate::bootstrap::{self, BootstrapOptions};
+use crate::config::Endpoint;
+use crate::pg::connect;
+use crate::state::{Phase, StateStore};
+use crate::stream::relations::Fatal;
+use crate::stream::session::{self, StreamConfig};
+
+/// Settings of `run`.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Bootstrap settings (used when the pipeline has no finished bootstrap).
+    pub bootstrap: BootstrapOptions,
+    /// Interval of standby status updates to the source.
+    pub status_interval: Duration,
+}
+
+const BACKOFF_START: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Runs the pipeline until `shutdown` turns true (Ok) or a fatal error.
+pub async fn run(
+    source: &Endpoint,
+    target: &Endpoint,
+    opts: &RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let state = StateStore::new(&opts.bootstrap.state_schema);
+    ensure_bootstrapped(source, target, &opts.bootstrap, &state).await?;
+    let cfg = StreamConfig {
+        slot: opts.bootstrap.slot.clone(),
+        publication: opts.bootstrap.publication.clone(),
+        state,
+        status_interval: opts.status_interval,
+    };
+    let mut backoff = BACKOFF_START;
+    let mut last_error: Option<String> = None;
+    let mut slot_busy_since: Option<Instant> = None;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match session::stream(source, target, &cfg, &mut shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
+            Err(e) => {
+                let text = format!("{e:#}");
+                if let Some(holder) = slot_held_by_other(source, &cfg.slot, &e).await {
+                    let since = *slot_busy_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > Duration::from_secs(90) {
+                        return Err(Fatal(format!(
+                            "replication slot {} is held by another consumer ({holder}) for more than 90 s: stop it, or give this pipeline its own --slot",
+                            cfg.slot
+                        ))
+                        .into());
+                    }
+                    if last_error.as_deref() != Some("slot busy") {
+                        tracing::warn!(slot = %cfg.slot, holder = %holder, "replication slot is in use; waiting for it to be released");
+                        last_error = Some("slot busy".into());
+                    }
+                } else {
+                    slot_busy_since = None;
+                    if last_error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!(error = %text, "replication interrupted; retrying with backoff");
+                        last_error = Some(text);
+                    } else {
+                        tracing::debug!(error = %text, "still failing");
+                    }
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = BACKOFF_START;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Bootstraps unless a finished bootstrap is recorded.
+async fn ensure_bootstrapped(
+    source: &Endpoint,
+    target: &Endpoint,
+    opts: &BootstrapOptions,
+    state: &StateStore,
+) -> Result<()> {
+    let client = connect(target, "run").await?;
+    state.check_version(&client).await?;
+    let phase = match state.installed_version(&client).await? {
+        Some(_) => state.pipeline(&client, &opts.slot).await?.map(|p| p.phase),
+        None => None,
+    };
+    if matches!(
+        phase,
+        Some(Phase::Copied | Phase::Streaming | Phase::CatchingUp)
+    ) {
+        return Ok(());
+    }
+    tracing::info!(slot = %opts.slot, "no finished bootstrap: bootstrapping first");
+    let summary = bootstrap::bootstrap(source, target, opts).await?;
+    eprintln!("{}", summary.render());
+    Ok(())
+}
+
+/// When `error` says the slot is active elsewhere, who holds it (pid and address).
+async fn slot_held_by_other(
+    source: &Endpoint,
+    slot: &str,
+    error: &anyhow::Error,
+) -> Option<String> {
+    let in_use = error.chain().any(|c| {
+        c.downcast_ref::<crate::pg::replication::ReplicationError>()
+            .and_then(|r| r.code())
+            .is_some_and(|code| *code == tokio_postgres::error::SqlState::OBJECT_IN_USE)
+    });
+    if !in_use {
+        return None;
+    }
+    let client = connect(source, "slot check").await.ok()?;
+    let row = client
+        .query_opt(
+            "SELECT s.active_pid, coalesce(host(r.client_addr), 'local socket'), coalesce(r.application_name, '') \
+             FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()??;
+    let pid: Option<i32> = row.get(0);
+    let addr: String = row.get(1);
+    let app: String = row.get(2);
+    Some(format!(
+        "pid {}, client {addr}, application {app:?}",
+        pid.unwrap_or_default()
+    ))
+}

@@ -1,0 +1,646 @@
+//! Writing decoded changes into a target transaction, batched.
+//!
+//! A [`TargetSession`] is one target connection with at most one open transaction.
+//! Changes are buffered as [`Op`]s and flushed in batches: per table, in source
+//! order within the table (tables are independent on the target: walshuttle creates
+//! no foreign keys), runs of inserts go through one COPY, runs of deletes through one
+//! set-based `DELETE … IN (unnest(…))`, and updates through prepared statements
+//! pipelined on the connection. In *reconcile* mode (the window after a resumed
+//! bootstrap) an insert is an upsert, an update of a missing row inserts it, and a
+//! delete of a missing row does nothing.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use bytes::Bytes;
+use futures_util::SinkExt;
+use tokio_postgres::types::{Kind, ToSql};
+use tokio_postgres::{Client, Statement};
+
+use super::decoder::{OldTuple, TupleData, TupleValue};
+use super::relations::{Relations, TableShape};
+use super::values::{CopyEncoder, RawArray, RawValue, TEXT_OID};
+use crate::pg::{PgResultExt, QualifiedName};
+
+/// Buffered bytes after which a session flushes its ops to the target.
+pub const FLUSH_BYTES: usize = 8 * 1024 * 1024;
+/// Statements sent at once in one pipeline.
+const PIPELINE_DEPTH: usize = 1000;
+
+/// One row change, in the relation's tuple order.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// A new row.
+    Insert {
+        /// Relation oid.
+        rel: u32,
+        /// The row.
+        new: TupleData,
+    },
+    /// A changed row; `old` is the old key (key change) or old row (identity full).
+    Update {
+        /// Relation oid.
+        rel: u32,
+        /// Old key or row, when sent.
+        old: Option<OldTuple>,
+        /// The new row; unchanged TOAST values are marked, not sent.
+        new: TupleData,
+    },
+    /// A removed row, identified by its old key or old row.
+    Delete {
+        /// Relation oid.
+        rel: u32,
+        /// Old key or row.
+        old: OldTuple,
+    },
+}
+
+impl Op {
+    fn rel(&self) -> u32 {
+        match self {
+            Op::Insert { rel, .. } | Op::Update { rel, .. } | Op::Delete { rel, .. } => *rel,
+        }
+    }
+
+    fn kind(&self) -> u8 {
+        match self {
+            Op::Insert { .. } => 0,
+            Op::Update { .. } => 1,
+            Op::Delete { .. } => 2,
+        }
+    }
+
+    /// Rough memory held by the op, for the flush threshold.
+    pub fn approx_bytes(&self) -> usize {
+        let tuple = |t: &TupleData| {
+            t.columns
+                .iter()
+                .map(|v| match v {
+                    TupleValue::Text(b) | TupleValue::Binary(b) => b.len() + 24,
+                    _ => 24,
+                })
+                .sum::<usize>()
+        };
+        64 + match self {
+            Op::Insert { new, .. } => tuple(new),
+            Op::Update { old, new, .. } => {
+                tuple(new) + old.as_ref().map(|o| tuple(o.tuple())).unwrap_or(0)
+            }
+            Op::Delete { old, .. } => tuple(old.tuple()),
+        }
+    }
+}
+
+/// How changes are applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Normal: every change applies to the state the previous change left.
+    Strict,
+    /// After a resumed bootstrap: changes may already be in the copied data.
+    Reconcile,
+}
+
+/// Rows applied, by operation, for logs and metrics.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApplyCounts {
+    /// Rows inserted.
+    pub inserted: u64,
+    /// Rows updated.
+    pub updated: u64,
+    /// Rows deleted.
+    pub deleted: u64,
+    /// Updates and deletes that found no row on the target (strict mode).
+    pub missing: u64,
+}
+
+/// One target connection with its open transaction, buffered ops and statements.
+pub struct TargetSession {
+    /// The connection.
+    pub client: Client,
+    in_txn: bool,
+    ops: Vec<Op>,
+    bytes: usize,
+    statements: HashMap<String, Statement>,
+    /// Totals since the session started.
+    pub counts: ApplyCounts,
+}
+
+impl TargetSession {
+    /// Wraps a connection, configuring it for apply.
+    pub async fn new(client: Client) -> Result<Self> {
+        // Durability is tracked separately: the flush position reported to the source
+        // only covers commits the target has flushed (see `session.rs`).
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .pg_context(|| "configuring the apply session on the target".into())?;
+        // Like native apply: no user triggers or foreign-key checks on replicated
+        // rows. Needs superuser; without it, triggers fire as for any writer.
+        if client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .is_err()
+        {
+            tracing::debug!("session_replication_role not settable: target triggers will fire");
+        }
+        Ok(TargetSession {
+            client,
+            in_txn: false,
+            ops: Vec::new(),
+            bytes: 0,
+            statements: HashMap::new(),
+            counts: ApplyCounts::default(),
+        })
+    }
+
+    /// Whether a target transaction is open.
+    pub fn in_txn(&self) -> bool {
+        self.in_txn
+    }
+
+    /// Buffered ops not yet sent.
+    pub fn buffered(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Bytes of buffered ops.
+    pub fn buffered_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Opens the target transaction if none is open.
+    pub async fn begin(&mut self) -> Result<()> {
+        if !self.in_txn {
+            self.client
+                .batch_execute("BEGIN")
+                .await
+                .pg_context(|| "beginning an apply transaction on the target".into())?;
+            self.in_txn = true;
+        }
+        Ok(())
+    }
+
+    /// Buffers one change.
+    pub fn push(&mut self, op: Op) {
+        self.bytes += op.approx_bytes();
+        self.ops.push(op);
+    }
+
+    /// Splits off the ops buffered after position `at` (to commit what came before).
+    pub fn split_off(&mut self, at: usize) -> Vec<Op> {
+        let tail = self.ops.split_off(at.min(self.ops.len()));
+        self.bytes = self.ops.iter().map(Op::approx_bytes).sum();
+        tail
+    }
+
+    /// Puts back ops taken with [`TargetSession::split_off`].
+    pub fn restore(&mut self, ops: Vec<Op>) {
+        for op in ops {
+            self.push(op);
+        }
+    }
+
+    /// Forgets cached statements (after a table's shape changed).
+    pub fn forget_statements(&mut self) {
+        self.statements.clear();
+    }
+
+    /// Runs SQL inside the open transaction (opening one if needed).
+    pub async fn execute_in_txn(&mut self, sql: &str) -> Result<()> {
+        self.begin().await?;
+        self.client
+            .batch_execute(sql)
+            .await
+            .pg_context(|| format!("applying on the target: {sql}"))
+    }
+
+    /// Sends every buffered op to the target, inside the open transaction.
+    pub async fn flush(&mut self, relations: &Relations, mode: Mode) -> Result<()> {
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        self.begin().await?;
+        let ops = std::mem::take(&mut self.ops);
+        self.bytes = 0;
+        // Group per table, keeping source order within each table.
+        let mut order: Vec<u32> = Vec::new();
+        let mut per_table: HashMap<u32, Vec<Op>> = HashMap::new();
+        for op in ops {
+            let rel = op.rel();
+            per_table
+                .entry(rel)
+                .or_insert_with(|| {
+                    order.push(rel);
+                    Vec::new()
+                })
+                .push(op);
+        }
+        for rel in order {
+            let Some(ops) = per_table.remove(&rel) else {
+                continue;
+            };
+            let shape = relations.get(rel)?;
+            let mut start = 0;
+            while start < ops.len() {
+                let kind = ops[start].kind();
+                let end = ops[start..]
+                    .iter()
+                    .position(|o| o.kind() != kind)
+                    .map(|p| start + p)
+                    .unwrap_or(ops.len());
+                let run = &ops[start..end];
+                match (kind, mode) {
+                    (0, Mode::Strict) => self.copy_inserts(shape, run).await?,
+                    (0, Mode::Reconcile) => self.upserts(shape, run).await?,
+                    (1, _) => self.updates(shape, run, mode).await?,
+                    _ => self.deletes(shape, run).await?,
+                }
+                start = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the open transaction after running `extra_sql` in it (the progress
+    /// row), and returns the target's WAL insert position after the commit, which
+    /// bounds the commit record for durability tracking.
+    pub async fn commit(&mut self, extra_sql: &str) -> Result<Option<crate::pg::Lsn>> {
+        if !self.in_txn {
+            return Ok(None);
+        }
+        let sql = format!("{extra_sql}; COMMIT; SELECT pg_current_wal_insert_lsn()::text");
+        self.in_txn = false;
+        let messages = self
+            .client
+            .simple_query(&sql)
+            .await
+            .pg_context(|| "committing an apply transaction on the target".into())?;
+        let lsn = messages.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|s| s.parse().ok()),
+            _ => None,
+        });
+        Ok(lsn)
+    }
+
+    /// Rolls the open transaction back and drops buffered ops.
+    pub async fn rollback(&mut self) -> Result<()> {
+        self.ops.clear();
+        self.bytes = 0;
+        if self.in_txn {
+            self.in_txn = false;
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .pg_context(|| "rolling back an apply transaction on the target".into())?;
+        }
+        Ok(())
+    }
+
+    async fn statement(&mut self, sql: String) -> Result<Statement> {
+        if let Some(s) = self.statements.get(&sql) {
+            return Ok(s.clone());
+        }
+        let stmt = self
+            .client
+            .prepare(&sql)
+            .await
+            .pg_context(|| format!("preparing on the target: {sql}"))?;
+        self.statements.insert(sql, stmt.clone());
+        Ok(stmt)
+    }
+
+    async fn copy_inserts(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
+        let mut enc = CopyEncoder::new(shape.binary);
+        for op in run {
+            if let Op::Insert { new, .. } = op {
+                enc.push_row(new.columns.iter());
+            }
+        }
+        let rows = enc.rows() as u64;
+        let format = if shape.binary { " (FORMAT binary)" } else { "" };
+        let sql = format!(
+            "COPY {} ({}) FROM STDIN{format}",
+            shape.name.quoted(),
+            shape.column_list()
+        );
+        let ctx = || format!("inserting {rows} rows into {} on the target", shape.name);
+        let sink = self
+            .client
+            .copy_in::<_, Bytes>(&sql)
+            .await
+            .pg_context(ctx)?;
+        futures_util::pin_mut!(sink);
+        sink.send(enc.finish()).await.pg_context(ctx)?;
+        sink.finish().await.pg_context(ctx)?;
+        self.counts.inserted += rows;
+        Ok(())
+    }
+
+    async fn upserts(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
+        for op in run {
+            if let Op::Insert { new, .. } = op {
+                self.upsert_row(shape, new, true).await?;
+                self.counts.inserted += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// INSERT … ON CONFLICT for one row; `overwrite` decides DO UPDATE vs DO NOTHING.
+    async fn upsert_row(
+        &mut self,
+        shape: &TableShape,
+        new: &TupleData,
+        overwrite: bool,
+    ) -> Result<()> {
+        let present: Vec<usize> = (0..shape.columns.len())
+            .filter(|&i| !matches!(new.columns.get(i), Some(TupleValue::UnchangedToast) | None))
+            .collect();
+        let cols = present
+            .iter()
+            .map(|&i| shape.columns[i].quoted.clone())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let params = present
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| shape.param(n + 1, i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let conflict = if shape.unique_key {
+            let keys = shape
+                .key
+                .iter()
+                .map(|&k| shape.columns[k].quoted.clone())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let sets: Vec<String> = present
+                .iter()
+                .filter(|i| !shape.key.contains(i))
+                .map(|&i| format!("{0} = EXCLUDED.{0}", shape.columns[i].quoted))
+                .collect();
+            if overwrite && !sets.is_empty() {
+                format!(" ON CONFLICT ({keys}) DO UPDATE SET {}", sets.join(", "))
+            } else {
+                format!(" ON CONFLICT ({keys}) DO NOTHING")
+            }
+        } else {
+            String::new()
+        };
+        let sql = format!(
+            "INSERT INTO {} ({cols}) VALUES ({params}){conflict}",
+            shape.name.quoted()
+        );
+        let stmt = self.statement(sql).await?;
+        let values: Vec<RawValue> = present
+            .iter()
+            .filter_map(|&i| new.columns.get(i).and_then(RawValue::from_tuple))
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        self.client
+            .execute(&stmt, &refs)
+            .await
+            .pg_context(|| format!("upserting a row into {} on the target", shape.name))?;
+        Ok(())
+    }
+
+    async fn updates(&mut self, shape: &TableShape, run: &[Op], mode: Mode) -> Result<()> {
+        // Build every statement first (prepared once, cached), then pipeline them.
+        let mut prepared: Vec<(Statement, Vec<RawValue>)> = Vec::with_capacity(run.len());
+        for op in run {
+            let Op::Update { old, new, .. } = op else {
+                continue;
+            };
+            let (sql, values) = update_sql(shape, old.as_ref(), new);
+            let stmt = self.statement(sql).await?;
+            prepared.push((stmt, values));
+        }
+        let affected = self.pipeline(&prepared, &shape.name, "updating").await?;
+        for ((op, n), _) in run.iter().zip(&affected).zip(&prepared) {
+            if *n > 0 {
+                self.counts.updated += 1;
+                continue;
+            }
+            let Op::Update { new, .. } = op else { continue };
+            match mode {
+                Mode::Reconcile => {
+                    // The copy did not have the row: the update's new image is it.
+                    self.upsert_row(shape, new, false).await?;
+                    self.counts.inserted += 1;
+                }
+                Mode::Strict => self.note_missing(shape, "update"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn deletes(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
+        if shape.match_full_row {
+            let mut prepared = Vec::with_capacity(run.len());
+            for op in run {
+                let Op::Delete { old, .. } = op else { continue };
+                let (where_sql, values) = match_clause(shape, old.tuple(), 1);
+                let sql = format!(
+                    "DELETE FROM {0} WHERE ctid = (SELECT ctid FROM {0} WHERE {where_sql} LIMIT 1)",
+                    shape.name.quoted()
+                );
+                prepared.push((self.statement(sql).await?, values));
+            }
+            let affected = self.pipeline(&prepared, &shape.name, "deleting").await?;
+            for n in affected {
+                if n > 0 {
+                    self.counts.deleted += 1;
+                }
+            }
+            return Ok(());
+        }
+        // Set-based: one statement for the whole run, keys passed as arrays.
+        let key_cols: Vec<String> = shape
+            .key
+            .iter()
+            .map(|&k| shape.columns[k].quoted.clone())
+            .collect();
+        let arrays = shape
+            .key
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| {
+                if shape.binary {
+                    format!("${}::{}[]", n + 1, shape.columns[k].type_sql)
+                } else {
+                    format!("${}::text[]", n + 1)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let aliases: Vec<String> = (0..shape.key.len()).map(|n| format!("c{n}")).collect();
+        let selected = shape
+            .key
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| {
+                if shape.binary {
+                    format!("u.c{n}")
+                } else {
+                    format!("u.c{n}::{}", shape.columns[k].type_sql)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "DELETE FROM {} WHERE ({}) IN (SELECT {selected} FROM unnest({arrays}) AS u({}))",
+            shape.name.quoted(),
+            key_cols.join(", "),
+            aliases.join(", ")
+        );
+        let stmt = self.statement(sql).await?;
+        let mut columns: Vec<Vec<Option<Bytes>>> =
+            vec![Vec::with_capacity(run.len()); shape.key.len()];
+        for op in run {
+            let Op::Delete { old, .. } = op else { continue };
+            for (n, &k) in shape.key.iter().enumerate() {
+                let v = match old.tuple().columns.get(k) {
+                    Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => Some(b.clone()),
+                    _ => None,
+                };
+                columns[n].push(v);
+            }
+        }
+        let params: Vec<RawArray> = columns
+            .into_iter()
+            .enumerate()
+            .map(|(n, elements)| RawArray {
+                element_oid: element_oid(&stmt, n).unwrap_or(TEXT_OID),
+                elements,
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        let n = self.client.execute(&stmt, &refs).await.pg_context(|| {
+            format!(
+                "deleting {} rows from {} on the target",
+                run.len(),
+                shape.name
+            )
+        })?;
+        self.counts.deleted += n;
+        Ok(())
+    }
+
+    /// Runs prepared statements pipelined, returning rows affected by each.
+    async fn pipeline(
+        &self,
+        prepared: &[(Statement, Vec<RawValue>)],
+        table: &QualifiedName,
+        what: &str,
+    ) -> Result<Vec<u64>> {
+        let mut affected = Vec::with_capacity(prepared.len());
+        for chunk in prepared.chunks(PIPELINE_DEPTH) {
+            let futures = chunk
+                .iter()
+                .map(|(stmt, values)| self.client.execute_raw(stmt, values.iter()));
+            let results = futures_util::future::try_join_all(futures)
+                .await
+                .pg_context(|| format!("{what} rows of {table} on the target"))?;
+            affected.extend(results);
+        }
+        Ok(affected)
+    }
+
+    fn note_missing(&mut self, shape: &TableShape, what: &str) {
+        self.counts.missing += 1;
+        if self.counts.missing <= 10 || self.counts.missing.is_power_of_two() {
+            tracing::warn!(
+                table = %shape.name,
+                missing = self.counts.missing,
+                "row to {what} not found on the target: the target was changed outside walshuttle (verify --repair fixes it)"
+            );
+        }
+    }
+}
+
+/// Element oid of array parameter `n` of a prepared statement.
+fn element_oid(stmt: &Statement, n: usize) -> Option<u32> {
+    match stmt.params().get(n)?.kind() {
+        Kind::Array(elem) => Some(elem.oid()),
+        _ => None,
+    }
+}
+
+/// The UPDATE for one change: SET every column sent (unchanged TOAST values are
+/// left alone), WHERE the old key (or, for keyless identity-full tables, exactly one
+/// row matching the whole old row).
+fn update_sql(
+    shape: &TableShape,
+    old: Option<&OldTuple>,
+    new: &TupleData,
+) -> (String, Vec<RawValue>) {
+    let mut values = Vec::with_capacity(shape.columns.len() * 2);
+    let mut sets = Vec::with_capacity(shape.columns.len());
+    for (i, col) in shape.columns.iter().enumerate() {
+        let Some(v) = new.columns.get(i).and_then(RawValue::from_tuple) else {
+            continue;
+        };
+        values.push(v);
+        sets.push(format!("{} = {}", col.quoted, shape.param(values.len(), i)));
+    }
+    let identity = old.map(OldTuple::tuple).unwrap_or(new);
+    let table = shape.name.quoted();
+    let sql = if shape.match_full_row {
+        let (where_sql, where_values) = match_clause(shape, identity, values.len() + 1);
+        values.extend(where_values);
+        format!(
+            "UPDATE {table} SET {} WHERE ctid = (SELECT ctid FROM {table} WHERE {where_sql} LIMIT 1)",
+            sets.join(", ")
+        )
+    } else {
+        let mut conds = Vec::with_capacity(shape.key.len());
+        for &k in &shape.key {
+            let v = identity
+                .columns
+                .get(k)
+                .and_then(RawValue::from_tuple)
+                .unwrap_or(RawValue(None));
+            values.push(v);
+            conds.push(format!(
+                "{} = {}",
+                shape.columns[k].quoted,
+                shape.param(values.len(), k)
+            ));
+        }
+        format!(
+            "UPDATE {table} SET {} WHERE {}",
+            sets.join(", "),
+            conds.join(" AND ")
+        )
+    };
+    (sql, values)
+}
+
+/// `col IS NOT DISTINCT FROM $n AND …` over every column of `row` that was sent,
+/// comparing types without equality as text; parameters numbered from `first`.
+fn match_clause(shape: &TableShape, row: &TupleData, first: usize) -> (String, Vec<RawValue>) {
+    let mut values = Vec::new();
+    let mut conds = Vec::new();
+    for (i, col) in shape.columns.iter().enumerate() {
+        let Some(v) = row.columns.get(i).and_then(RawValue::from_tuple) else {
+            continue;
+        };
+        let n = first + values.len();
+        values.push(v);
+        let param = shape.param(n, i);
+        if col.has_equality {
+            conds.push(format!("{} IS NOT DISTINCT FROM {param}", col.quoted));
+        } else {
+            conds.push(format!(
+                "{}::text IS NOT DISTINCT FROM ({param})::text",
+                col.quoted
+            ));
+        }
+    }
+    if conds.is_empty() {
+        conds.push("true".into());
+    }
+    (conds.join(" AND "), values)
+}

@@ -1,0 +1,706 @@
+//! One replication session: from `START_REPLICATION` to a clean stop or an error.
+//!
+//! Source transactions are applied in commit order. Small ones are coalesced into
+//! one target transaction, committed at a source commit boundary together with the
+//! progress row; the session keeps coalescing while more messages are already
+//! buffered and commits as soon as the stream goes quiet. Streamed (in-progress)
+//! transactions are applied as they arrive, each on its own target connection, with
+//! a savepoint per subtransaction, and committed at Stream Commit. The flush position
+//! reported to the source covers only source transactions whose target commit is
+//! durable (the target's WAL is flushed past it), because apply commits
+//! asynchronously.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use super::apply::{Mode, Op, TargetSession, FLUSH_BYTES};
+use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
+use super::relations::{Fatal, Relations};
+use crate::config::Endpoint;
+use crate::pg::replication::{ReplicationClient, ReplicationMessage, ReplicationStream};
+use crate::pg::{connect, quote_ident, quote_literal, Lsn, PgResultExt, QualifiedName};
+use crate::state::{Phase, StateStore};
+
+/// Most source transactions coalesced into one target transaction.
+const MAX_BATCH_TXNS: usize = 20_000;
+/// Oldest a coalesced batch may get before it is committed.
+const MAX_BATCH_AGE: Duration = Duration::from_millis(500);
+/// Silence after which the source connection is considered dead.
+const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings of a replication session.
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    /// Slot (= pipeline) name.
+    pub slot: String,
+    /// Publication name.
+    pub publication: String,
+    /// State store on the target.
+    pub state: StateStore,
+    /// Interval of standby status updates.
+    pub status_interval: Duration,
+}
+
+/// The transaction being received (between Begin and Commit).
+struct CurrentTxn {
+    skip: bool,
+    mode: Mode,
+}
+
+/// An in-progress streamed transaction and its target connection.
+struct StreamedTxn {
+    session: TargetSession,
+    savepoints: Vec<u32>,
+    current_sub: u32,
+}
+
+struct Session<'a> {
+    cfg: &'a StreamConfig,
+    target: &'a Endpoint,
+    source_sql: Client,
+    relations: Relations,
+    relation_cache: HashMap<u32, Relation>,
+    main: TargetSession,
+    streams: HashMap<u32, StreamedTxn>,
+    in_stream: Option<u32>,
+    current: Option<CurrentTxn>,
+    /// Buffered main ops before this index belong to complete source transactions.
+    main_mark: usize,
+    /// The open main target transaction holds flushed ops of the current, incomplete
+    /// source transaction (so it cannot be committed before that one ends).
+    main_has_partial: bool,
+    batch_txns: usize,
+    batch_mode: Mode,
+    batch_last: Option<(Lsn, PgTimestamp)>,
+    batch_started: Instant,
+    applied: Lsn,
+    durable: Lsn,
+    pending_durable: VecDeque<(Lsn, Lsn)>,
+    received: Lsn,
+    idle_wal_end: Lsn,
+    consistent: bool,
+    snapshot_lsn: Lsn,
+}
+
+/// Streams changes from the slot into the target until `shutdown` turns true (Ok)
+/// or something fails (Err; a [`Fatal`] error must not be retried).
+pub async fn stream(
+    source: &Endpoint,
+    target: &Endpoint,
+    cfg: &StreamConfig,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<()> {
+    let target_client = connect(target, "apply").await?;
+    let state = &cfg.state;
+    let pipeline = state
+        .pipeline(&target_client, &cfg.slot)
+        .await?
+        .ok_or_else(|| {
+            Fatal(format!(
+                "pipeline {} has no state on the target: run bootstrap first",
+                cfg.slot
+            ))
+        })?;
+    let applied = state
+        .progress(&target_client, &cfg.slot)
+        .await?
+        .or(pipeline.consistent_lsn)
+        .unwrap_or_default();
+    let source_sql = connect(source, "lookup").await?;
+    let binary = binary_capable(&source_sql, &target_client, &pipeline.tables).await?;
+
+    let mut repl = ReplicationClient::connect(source, None)
+        .await
+        .with_context(|| format!("opening a replication connection to {}", source.redacted))?;
+    let _ = repl.simple_query("IDENTIFY_SYSTEM").await?;
+    let options = vec![
+        ("proto_version", "2".to_string()),
+        ("publication_names", quote_ident(&cfg.publication)),
+        ("binary", if binary { "true" } else { "false" }.to_string()),
+        ("streaming", "on".to_string()),
+    ];
+    let mut replication = repl.start_replication(&cfg.slot, applied, &options).await?;
+    if pipeline.phase != Phase::Streaming {
+        let mut p = pipeline.clone();
+        p.phase = Phase::Streaming;
+        state.save_pipeline(&target_client, &p).await?;
+    }
+    tracing::info!(slot = %cfg.slot, start = %applied, binary, consistent = pipeline.consistent, "streaming changes");
+
+    let mut session = Session {
+        cfg,
+        target,
+        source_sql,
+        relations: Relations::new(binary, pipeline.tables.clone()),
+        relation_cache: HashMap::new(),
+        main: TargetSession::new(target_client).await?,
+        streams: HashMap::new(),
+        in_stream: None,
+        current: None,
+        main_mark: 0,
+        main_has_partial: false,
+        batch_txns: 0,
+        batch_mode: Mode::Strict,
+        batch_last: None,
+        batch_started: Instant::now(),
+        applied,
+        durable: applied,
+        pending_durable: VecDeque::new(),
+        received: applied,
+        idle_wal_end: Lsn::ZERO,
+        consistent: pipeline.consistent,
+        snapshot_lsn: pipeline.snapshot_lsn.unwrap_or_default(),
+    };
+    let result = session.run(&mut replication, shutdown).await;
+    if result.is_err() {
+        for (_, mut st) in session.streams.drain() {
+            let _ = st.session.rollback().await;
+        }
+    }
+    replication.close().await;
+    result
+}
+
+/// Whether every pipeline table can take pgoutput's binary values: identical,
+/// database-independent types on both sides.
+async fn binary_capable(
+    source: &Client,
+    target: &Client,
+    tables: &[QualifiedName],
+) -> Result<bool> {
+    for name in tables {
+        let Some(table) = crate::catalog::load_table(source, name).await? else {
+            return Err(Fatal(format!(
+                "table {name} of this pipeline no longer exists on the source"
+            ))
+            .into());
+        };
+        match crate::catalog::check_target(target, &table).await {
+            Ok(fit) if fit.binary() => {}
+            Ok(_) => return Ok(false),
+            Err(e) => return Err(Fatal(e.to_string()).into()),
+        }
+    }
+    Ok(true)
+}
+
+impl Session<'_> {
+    async fn run(
+        &mut self,
+        replication: &mut ReplicationStream,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<()> {
+        let mut tick = tokio::time::interval(self.cfg.status_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_received = Instant::now();
+        loop {
+            if *shutdown.borrow() {
+                return self.stop(replication).await;
+            }
+            tokio::select! {
+                message = replication.next_message() => {
+                    last_received = Instant::now();
+                    match message? {
+                        ReplicationMessage::XLogData { wal_start, data, .. } => {
+                            self.received = self.received.max(wal_start);
+                            let message = decoder::decode_bytes(&data, self.in_stream.is_some())
+                                .map_err(|e| anyhow::anyhow!("malformed replication message at {wal_start}: {e}"))?;
+                            self.handle(message, replication).await?;
+                        }
+                        ReplicationMessage::Keepalive { wal_end, reply_requested } => {
+                            self.received = self.received.max(wal_end);
+                            if self.is_idle() {
+                                self.idle_wal_end = self.idle_wal_end.max(wal_end);
+                                self.maybe_become_consistent(wal_end).await?;
+                            }
+                            if reply_requested {
+                                self.send_status(replication, false).await?;
+                            }
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_received.elapsed() > RECEIVE_TIMEOUT {
+                        anyhow::bail!("the source sent nothing for {} s: reconnecting", RECEIVE_TIMEOUT.as_secs());
+                    }
+                    if self.batch_txns > 0 && self.current.is_none() {
+                        self.commit_batch(replication).await?;
+                    }
+                    self.check_durable().await?;
+                    self.send_status(replication, true).await?;
+                }
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.current.is_none()
+            && self.streams.is_empty()
+            && self.batch_txns == 0
+            && !self.main.in_txn()
+            && self.main.buffered() == 0
+    }
+
+    async fn handle(
+        &mut self,
+        message: LogicalMessage,
+        replication: &mut ReplicationStream,
+    ) -> Result<()> {
+        match message {
+            LogicalMessage::Begin(b) => {
+                if self.batch_txns == 0 {
+                    self.batch_started = Instant::now();
+                }
+                let skip = b.final_lsn < self.applied;
+                let mode = if !self.consistent {
+                    Mode::Reconcile
+                } else {
+                    Mode::Strict
+                };
+                self.current = Some(CurrentTxn { skip, mode });
+            }
+            LogicalMessage::Commit(c) => {
+                let Some(txn) = self.current.take() else {
+                    anyhow::bail!("Commit without Begin at {}", c.commit_lsn);
+                };
+                if txn.skip {
+                    return Ok(());
+                }
+                self.main_mark = self.main.buffered();
+                self.main_has_partial = false;
+                self.batch_txns += 1;
+                if txn.mode == Mode::Reconcile {
+                    self.batch_mode = Mode::Reconcile;
+                }
+                self.batch_last = Some((c.end_lsn, c.commit_time));
+                if !replication.has_buffered_message()
+                    || self.batch_txns >= MAX_BATCH_TXNS
+                    || self.main.buffered_bytes() >= FLUSH_BYTES
+                    || self.batch_started.elapsed() >= MAX_BATCH_AGE
+                {
+                    self.commit_batch(replication).await?;
+                }
+            }
+            LogicalMessage::Relation(rel) => self.on_relation(rel).await?,
+            LogicalMessage::Insert(m) => {
+                self.on_change(
+                    m.xid,
+                    Op::Insert {
+                        rel: m.relation_oid,
+                        new: m.new,
+                    },
+                    replication,
+                )
+                .await?
+            }
+            LogicalMessage::Update(m) => {
+                self.on_change(
+                    m.xid,
+                    Op::Update {
+                        rel: m.relation_oid,
+                        old: m.old,
+                        new: m.new,
+                    },
+                    replication,
+                )
+                .await?
+            }
+            LogicalMessage::Delete(m) => {
+                self.on_change(
+                    m.xid,
+                    Op::Delete {
+                        rel: m.relation_oid,
+                        old: m.old,
+                    },
+                    replication,
+                )
+                .await?
+            }
+            LogicalMessage::Truncate(t) => {
+                self.on_truncate(t.xid, &t.relation_oids, t.restart_identity)
+                    .await?
+            }
+            LogicalMessage::StreamStart(s) => {
+                // The main batch commits first: it must not hold locks a streamed
+                // transaction waits for.
+                self.commit_batch(replication).await?;
+                if !self.streams.contains_key(&s.xid) {
+                    if !s.first_segment {
+                        anyhow::bail!(
+                            "streamed transaction {} continued without its first segment",
+                            s.xid
+                        );
+                    }
+                    let client = connect(self.target, "apply stream").await?;
+                    let mut session = TargetSession::new(client).await?;
+                    session.begin().await?;
+                    self.streams.insert(
+                        s.xid,
+                        StreamedTxn {
+                            session,
+                            savepoints: Vec::new(),
+                            current_sub: s.xid,
+                        },
+                    );
+                }
+                self.in_stream = Some(s.xid);
+            }
+            LogicalMessage::StreamStop => {
+                let mode = self.stream_mode();
+                if let Some(xid) = self.in_stream.take() {
+                    if let Some(st) = self.streams.get_mut(&xid) {
+                        st.session.flush(&self.relations, mode).await?;
+                    }
+                }
+            }
+            LogicalMessage::StreamAbort(a) => {
+                let mode = self.stream_mode();
+                if a.subxid == a.xid {
+                    if let Some(mut st) = self.streams.remove(&a.xid) {
+                        st.session.rollback().await?;
+                    }
+                } else if let Some(st) = self.streams.get_mut(&a.xid) {
+                    if let Some(pos) = st.savepoints.iter().position(|s| *s == a.subxid) {
+                        st.session.flush(&self.relations, mode).await?;
+                        st.session
+                            .execute_in_txn(&format!("ROLLBACK TO SAVEPOINT s{}", a.subxid))
+                            .await?;
+                        st.savepoints.truncate(pos + 1);
+                    }
+                }
+            }
+            LogicalMessage::StreamCommit(c) => {
+                self.commit_batch(replication).await?;
+                let Some(mut st) = self.streams.remove(&c.xid) else {
+                    return Ok(());
+                };
+                if c.commit_lsn < self.applied {
+                    st.session.rollback().await?;
+                    return Ok(());
+                }
+                st.session
+                    .flush(&self.relations, self.stream_mode())
+                    .await?;
+                let sql = self.progress_sql(c.end_lsn, c.commit_time);
+                let target_lsn = st.session.commit(&sql).await?;
+                self.committed(c.end_lsn, target_lsn);
+                self.send_status(replication, false).await?;
+            }
+            LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
+        }
+        Ok(())
+    }
+
+    fn stream_mode(&self) -> Mode {
+        if self.consistent {
+            Mode::Strict
+        } else {
+            Mode::Reconcile
+        }
+    }
+
+    async fn on_change(
+        &mut self,
+        xid: Option<u32>,
+        op: Op,
+        replication: &mut ReplicationStream,
+    ) -> Result<()> {
+        if let (Some(top), Some(sub)) = (self.in_stream, xid) {
+            let mode = self.stream_mode();
+            let Some(st) = self.streams.get_mut(&top) else {
+                anyhow::bail!("change for unknown streamed transaction {top}");
+            };
+            if sub != st.current_sub {
+                if sub != top && !st.savepoints.contains(&sub) {
+                    st.session.flush(&self.relations, mode).await?;
+                    st.session
+                        .execute_in_txn(&format!("SAVEPOINT s{sub}"))
+                        .await?;
+                    st.savepoints.push(sub);
+                }
+                st.current_sub = sub;
+            }
+            st.session.push(op);
+            if st.session.buffered_bytes() >= FLUSH_BYTES {
+                st.session.flush(&self.relations, mode).await?;
+            }
+            return Ok(());
+        }
+        let Some(txn) = &self.current else {
+            anyhow::bail!("change outside a transaction");
+        };
+        if txn.skip {
+            return Ok(());
+        }
+        let mode = txn.mode;
+        self.main.push(op);
+        if self.main.buffered_bytes() >= FLUSH_BYTES {
+            // A large transaction: commit the complete ones before it, then let it
+            // have the target transaction to itself.
+            if self.batch_txns > 0 && !self.main_has_partial {
+                let tail = self.main.split_off(self.main_mark);
+                self.commit_batch(replication).await?;
+                self.main.restore(tail);
+            }
+            self.main.flush(&self.relations, mode).await?;
+            self.main_mark = 0;
+            self.main_has_partial = true;
+        }
+        Ok(())
+    }
+
+    async fn on_truncate(
+        &mut self,
+        xid: Option<u32>,
+        oids: &[u32],
+        restart_identity: bool,
+    ) -> Result<()> {
+        let mut names = Vec::with_capacity(oids.len());
+        for oid in oids {
+            names.push(self.relations.get(*oid)?.name.quoted());
+        }
+        if names.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "TRUNCATE {}{}",
+            names.join(", "),
+            if restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            }
+        );
+        if let (Some(top), Some(_)) = (self.in_stream, xid) {
+            let mode = self.stream_mode();
+            if let Some(st) = self.streams.get_mut(&top) {
+                st.session.flush(&self.relations, mode).await?;
+                st.session.execute_in_txn(&sql).await?;
+            }
+            return Ok(());
+        }
+        let Some(txn) = &self.current else {
+            return Ok(());
+        };
+        if txn.skip {
+            return Ok(());
+        }
+        let mode = if txn.mode == Mode::Reconcile {
+            Mode::Reconcile
+        } else {
+            self.batch_mode
+        };
+        self.main.flush(&self.relations, mode).await?;
+        self.main.execute_in_txn(&sql).await?;
+        self.main_mark = 0;
+        self.main_has_partial = true;
+        Ok(())
+    }
+
+    async fn on_relation(&mut self, rel: Relation) -> Result<()> {
+        let unchanged = self.relation_cache.get(&rel.oid).is_some_and(|known| {
+            known.namespace == rel.namespace
+                && known.name == rel.name
+                && known.columns.len() == rel.columns.len()
+                && known.columns.iter().zip(&rel.columns).all(|(a, b)| {
+                    a.name == b.name
+                        && a.type_oid == b.type_oid
+                        && a.type_modifier == b.type_modifier
+                })
+        });
+        if unchanged {
+            return Ok(());
+        }
+        // Ops buffered under the old shape go out before the shape changes.
+        let mode = if self.consistent {
+            self.batch_mode
+        } else {
+            Mode::Reconcile
+        };
+        if self.main.buffered() > 0 {
+            self.main.flush(&self.relations, mode).await?;
+            self.main_mark = 0;
+            if self.current.is_some() {
+                self.main_has_partial = true;
+            }
+        }
+        for st in self.streams.values_mut() {
+            st.session.flush(&self.relations, mode).await?;
+        }
+        let apply = match (self.in_stream, rel.xid) {
+            (Some(top), Some(_)) => match self.streams.get_mut(&top) {
+                Some(st) => &mut st.session,
+                None => &mut self.main,
+            },
+            _ => &mut self.main,
+        };
+        apply.begin().await?;
+        let changed = self
+            .relations
+            .update(&rel, &self.source_sql, &apply.client)
+            .await?;
+        if changed {
+            self.main.forget_statements();
+            for st in self.streams.values_mut() {
+                st.session.forget_statements();
+            }
+        }
+        if self.current.is_some() && self.in_stream.is_none() {
+            self.main_has_partial = true;
+        }
+        self.relation_cache.insert(rel.oid, rel);
+        Ok(())
+    }
+
+    /// Commits the coalesced complete source transactions of the main session.
+    async fn commit_batch(&mut self, replication: &mut ReplicationStream) -> Result<()> {
+        if self.batch_txns == 0 {
+            return Ok(());
+        }
+        let Some((end_lsn, commit_time)) = self.batch_last else {
+            return Ok(());
+        };
+        self.main.flush(&self.relations, self.batch_mode).await?;
+        self.main.begin().await?;
+        let sql = self.progress_sql(end_lsn, commit_time);
+        let target_lsn = self.main.commit(&sql).await?;
+        self.committed(end_lsn, target_lsn);
+        self.batch_txns = 0;
+        self.main_mark = 0;
+        self.main_has_partial = false;
+        self.batch_mode = Mode::Strict;
+        self.batch_last = None;
+        self.send_status(replication, false).await
+    }
+
+    fn committed(&mut self, end_lsn: Lsn, target_lsn: Option<Lsn>) {
+        self.applied = self.applied.max(end_lsn);
+        if !self.consistent && end_lsn >= self.snapshot_lsn {
+            self.consistent = true;
+            tracing::info!(lsn = %end_lsn, "reconcile window passed: the target is consistent");
+        }
+        self.pending_durable
+            .push_back((end_lsn, target_lsn.unwrap_or(Lsn(u64::MAX))));
+    }
+
+    /// SQL run inside each apply transaction before COMMIT: the progress row, and the
+    /// consistent flag once the reconcile window is passed.
+    fn progress_sql(&self, end_lsn: Lsn, commit_time: PgTimestamp) -> String {
+        let secs = commit_time.unix_micros() as f64 / 1e6;
+        let pipeline = quote_literal(&self.cfg.slot);
+        let mut sql = format!(
+            "INSERT INTO {} AS p (pipeline, applied_lsn, commit_time, updated_at) \
+             VALUES ({pipeline}, '{end_lsn}', to_timestamp({secs:.6}), now()) \
+             ON CONFLICT (pipeline) DO UPDATE SET applied_lsn = greatest(p.applied_lsn, EXCLUDED.applied_lsn), \
+             commit_time = EXCLUDED.commit_time, updated_at = now()",
+            self.cfg.state.table("progress")
+        );
+        if !self.consistent && end_lsn >= self.snapshot_lsn {
+            sql.push_str(&format!(
+                "; UPDATE {} SET consistent = true, updated_at = now() WHERE pipeline = {pipeline}",
+                self.cfg.state.table("pipelines")
+            ));
+        }
+        sql
+    }
+
+    async fn maybe_become_consistent(&mut self, wal_end: Lsn) -> Result<()> {
+        if self.consistent || wal_end < self.snapshot_lsn {
+            return Ok(());
+        }
+        self.main
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {} SET consistent = true, updated_at = now() WHERE pipeline = $1",
+                    self.cfg.state.table("pipelines")
+                ),
+                &[&self.cfg.slot],
+            )
+            .await
+            .pg_context(|| "marking the pipeline consistent".into())?;
+        self.consistent = true;
+        tracing::info!(lsn = %wal_end, "reconcile window passed: the target is consistent");
+        Ok(())
+    }
+
+    /// Moves `durable` forward over commits the target has flushed.
+    async fn check_durable(&mut self) -> Result<()> {
+        if self.pending_durable.is_empty() {
+            return Ok(());
+        }
+        let flushed: String = self
+            .main
+            .client
+            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .await
+            .pg_context(|| "reading the target's flushed WAL position".into())?
+            .get(0);
+        let flushed: Lsn = flushed.parse().unwrap_or_default();
+        while let Some(&(source_lsn, target_lsn)) = self.pending_durable.front() {
+            if target_lsn > flushed {
+                break;
+            }
+            self.durable = self.durable.max(source_lsn);
+            self.pending_durable.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The position the source may free WAL up to.
+    fn flush_position(&self) -> Lsn {
+        if self.pending_durable.is_empty() && self.is_idle() {
+            self.durable.max(self.idle_wal_end)
+        } else {
+            self.durable
+        }
+    }
+
+    async fn send_status(
+        &mut self,
+        replication: &mut ReplicationStream,
+        ask_reply: bool,
+    ) -> Result<()> {
+        let flush = self.flush_position();
+        replication
+            .send_status(self.received.max(flush), flush, flush, ask_reply)
+            .await?;
+        Ok(())
+    }
+
+    /// Clean stop: commit complete work, drop partial work (the source re-sends it),
+    /// make every commit durable, report the final position.
+    async fn stop(&mut self, replication: &mut ReplicationStream) -> Result<()> {
+        if self.current.is_some() {
+            if self.main_has_partial {
+                self.main.rollback().await?;
+                self.batch_txns = 0;
+            } else {
+                let _partial = self.main.split_off(self.main_mark);
+            }
+            self.current = None;
+        }
+        self.commit_batch(replication).await?;
+        for (_, mut st) in self.streams.drain() {
+            st.session.rollback().await?;
+        }
+        // A synchronous commit flushes the target's WAL up to and past every
+        // asynchronous commit before it.
+        self.main
+            .client
+            .batch_execute(
+                "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT",
+            )
+            .await
+            .pg_context(|| "flushing the target's WAL before stopping".into())?;
+        self.check_durable().await?;
+        self.send_status(replication, false).await?;
+        tracing::info!(applied = %self.applied, flushed = %self.flush_position(), "stopped cleanly");
+        Ok(())
+    }
+}
