@@ -47,6 +47,164 @@ pub enum Command {
     /// The sidecar: bootstrap if never done, then stream every change from the slot
     /// to the target, exactly once, until SIGTERM/SIGINT.
     Run(RunArgs),
+    /// Repair a gap without a full recopy when the WAL is gone (slot dropped or
+    /// invalidated, or no logical decoding): upsert rows changed since the
+    /// created/updated watermarks, delete rows deleted on the source, and hand a
+    /// fresh slot to `run`. With --poll, repeat forever from plain snapshots.
+    CatchUp(CatchUpArgs),
+    /// Compare source and target by key-range hashes. Exit 0 equal, 1 different,
+    /// 2 error. --repair fixes the differing rows on the target.
+    Verify(VerifyArgs),
+}
+
+/// Which columns carry a row's creation and last-update times.
+#[derive(Debug, Args, Clone)]
+pub struct WatermarkArgs {
+    /// Creation-time column: `column` for every table, or `schema.table=column`
+    /// (repeatable).
+    #[arg(long = "created-column", value_name = "[TABLE=]COLUMN")]
+    pub created_column: Vec<String>,
+
+    /// Last-update-time column: `column` for every table, or `schema.table=column`
+    /// (repeatable).
+    #[arg(long = "updated-column", value_name = "[TABLE=]COLUMN")]
+    pub updated_column: Vec<String>,
+
+    /// Safety margin below the watermarks, covering transactions that committed
+    /// after rows with later timestamps (e.g. 300s, 5m, 1h).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub margin: std::time::Duration,
+}
+
+impl WatermarkArgs {
+    /// Column maps keyed by table (`None` for the default).
+    pub fn columns(
+        list: &[String],
+    ) -> anyhow::Result<std::collections::HashMap<Option<QualifiedName>, String>> {
+        let mut map = std::collections::HashMap::new();
+        for item in list {
+            match item.rsplit_once('=') {
+                Some((table, column)) => {
+                    let table = QualifiedName::parse(table).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    map.insert(Some(table), column.trim().to_string());
+                }
+                None => {
+                    map.insert(None, item.trim().to_string());
+                }
+            }
+        }
+        Ok(map)
+    }
+
+    /// Catch-up settings from these flags and the pipeline's.
+    pub fn catch_up_options(
+        &self,
+        b: &BootstrapOptions,
+        without_slot: bool,
+    ) -> anyhow::Result<crate::catchup::CatchUpOptions> {
+        Ok(crate::catchup::CatchUpOptions {
+            slot: b.slot.clone(),
+            publication: b.publication.clone(),
+            state_schema: b.state_schema.clone(),
+            tables: b.tables.clone(),
+            jobs: b.jobs,
+            margin: self.margin,
+            created_columns: Self::columns(&self.created_column)?,
+            updated_columns: Self::columns(&self.updated_column)?,
+            without_slot,
+        })
+    }
+}
+
+/// Parses `300`, `300s`, `500ms`, `5m`, `1h` into a duration.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: use e.g. 30s, 5m, 1h"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("`{text}` is not a duration: use e.g. 30s, 5m, 1h")),
+    };
+    if !(0.0..=31_536_000.0).contains(&secs) {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// Options of `catch-up`.
+#[derive(Debug, Args, Clone)]
+pub struct CatchUpArgs {
+    /// Pipeline settings.
+    #[command(flatten)]
+    pub bootstrap: BootstrapArgs,
+
+    /// Watermark columns and margin.
+    #[command(flatten)]
+    pub watermarks: WatermarkArgs,
+
+    /// Repeat every INTERVAL until stopped, from plain snapshots without a slot: the
+    /// sync mode for sources without logical decoding (e.g. 30s, 1m).
+    #[arg(long, value_parser = parse_duration, value_name = "INTERVAL")]
+    pub poll: Option<std::time::Duration>,
+}
+
+/// Options of `verify`.
+#[derive(Debug, Args, Clone)]
+pub struct VerifyArgs {
+    /// Comma-separated tables (default: the pipeline's, else every table).
+    #[arg(long, value_delimiter = ',')]
+    pub tables: Option<Vec<String>>,
+
+    /// Pipeline (slot) whose tables and stream position to use.
+    #[arg(long, default_value = "walshuttle")]
+    pub slot: String,
+
+    /// Schema on the target for walshuttle's own state.
+    #[arg(long, default_value = "walshuttle")]
+    pub state_schema: String,
+
+    /// Parallel workers (default: number of CPUs).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+
+    /// Fix the differing rows on the target (delete extra rows, copy missing and
+    /// changed ones from the source).
+    #[arg(long)]
+    pub repair: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl VerifyArgs {
+    /// Resolves defaults.
+    pub fn options(&self) -> anyhow::Result<crate::verify::VerifyOptions> {
+        let b = BootstrapArgs {
+            jobs: self.jobs,
+            tables: self.tables.clone(),
+            slot: self.slot.clone(),
+            publication: "walshuttle".into(),
+            state_schema: self.state_schema.clone(),
+            truncate_target: false,
+        }
+        .options()?;
+        Ok(crate::verify::VerifyOptions {
+            tables: b.tables,
+            slot: b.slot,
+            state_schema: b.state_schema,
+            jobs: b.jobs,
+            repair: self.repair,
+        })
+    }
 }
 
 /// Options of `run`.
@@ -55,6 +213,10 @@ pub struct RunArgs {
     /// Bootstrap settings, used when the pipeline has not been bootstrapped.
     #[command(flatten)]
     pub bootstrap: BootstrapArgs,
+
+    /// Watermark settings for the automatic catch-up when the slot is lost.
+    #[command(flatten)]
+    pub watermarks: WatermarkArgs,
 
     /// Seconds between standby status updates sent to the source.
     #[arg(long, default_value_t = 1.0)]
@@ -67,8 +229,10 @@ impl RunArgs {
         if !(self.status_interval > 0.0 && self.status_interval <= 3600.0) {
             anyhow::bail!("--status-interval must be between 0 and 3600 seconds");
         }
+        let bootstrap = self.bootstrap.options()?;
         Ok(crate::run::RunOptions {
-            bootstrap: self.bootstrap.options()?,
+            catch_up: self.watermarks.catch_up_options(&bootstrap, false)?,
+            bootstrap,
             status_interval: std::time::Duration::from_secs_f64(self.status_interval),
         })
     }

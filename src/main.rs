@@ -20,11 +20,17 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // verify reserves 1 for "different"; its errors exit 2.
+    let error_code = if matches!(cli.command, Command::Verify(_)) {
+        2
+    } else {
+        1
+    };
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            ExitCode::from(1)
+            ExitCode::from(error_code)
         }
     }
 }
@@ -47,6 +53,45 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let shutdown = shutdown_signal();
             walshuttle::run::run(&source, &target, &opts, shutdown).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::CatchUp(args) => {
+            let b = args.bootstrap.options()?;
+            let opts = args.watermarks.catch_up_options(&b, args.poll.is_some())?;
+            let source = endpoint(Side::Source, conns.source.as_deref())?;
+            let target = endpoint(Side::Target, conns.target.as_deref())?;
+            let Some(interval) = args.poll else {
+                let summary = walshuttle::catchup::catch_up(&source, &target, &opts).await?;
+                println!("{}", summary.render());
+                return Ok(ExitCode::SUCCESS);
+            };
+            let mut shutdown = shutdown_signal();
+            loop {
+                let summary = walshuttle::catchup::catch_up(&source, &target, &opts).await?;
+                println!("{}", summary.render());
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shutdown.changed() => return Ok(ExitCode::SUCCESS),
+                }
+                if *shutdown.borrow() {
+                    return Ok(ExitCode::SUCCESS);
+                }
+            }
+        }
+        Command::Verify(args) => {
+            let opts = args.options()?;
+            let source = endpoint(Side::Source, conns.source.as_deref())?;
+            let target = endpoint(Side::Target, conns.target.as_deref())?;
+            let report = walshuttle::verify::verify(&source, &target, &opts).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.render());
+            }
+            Ok(if report.equal() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
     }
 }

@@ -19,6 +19,8 @@ use crate::stream::session::{self, StreamConfig};
 pub struct RunOptions {
     /// Bootstrap settings (used when the pipeline has no finished bootstrap).
     pub bootstrap: BootstrapOptions,
+    /// Catch-up settings, for when the slot is found lost.
+    pub catch_up: crate::catchup::CatchUpOptions,
     /// Interval of standby status updates to the source.
     pub status_interval: Duration,
 }
@@ -52,6 +54,26 @@ pub async fn run(
         match session::stream(source, target, &cfg, &mut shutdown).await {
             Ok(()) => return Ok(()),
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
+            Err(e) if e.downcast_ref::<crate::catchup::SlotGone>().is_some() => {
+                let reason = e
+                    .downcast_ref::<crate::catchup::SlotGone>()
+                    .map(|g| g.reason.clone());
+                if reason == Some(crate::catchup::GapReason::NoLogicalDecoding) {
+                    return Err(Fatal(
+                        "the source has no logical decoding (wal_level below logical): `run` cannot stream; use `walshuttle catch-up --poll INTERVAL`, or set wal_level = logical and restart the source".into(),
+                    )
+                    .into());
+                }
+                tracing::warn!(slot = %cfg.slot, ?reason, "the replication slot is gone and its WAL with it: repairing the gap from watermarks instead of recopying");
+                let summary = crate::catchup::catch_up(source, target, &opts.catch_up).await?;
+                tracing::warn!(
+                    rows_upserted = summary.rows_upserted,
+                    rows_deleted = summary.rows_deleted,
+                    resume_lsn = ?summary.resume_lsn,
+                    "gap repaired; streaming resumes from the new slot"
+                );
+                eprintln!("{}", summary.render());
+            }
             Err(e) => {
                 let text = format!("{e:#}");
                 if let Some(holder) = slot_held_by_other(source, &cfg.slot, &e).await {

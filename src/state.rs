@@ -156,6 +156,7 @@ impl StateStore {
                  snapshot_lsn pg_lsn,
                  consistent boolean NOT NULL DEFAULT false,
                  tables text[] NOT NULL DEFAULT '{{}}',
+                 oldest_xact_at timestamptz,
                  created_at timestamptz NOT NULL DEFAULT now(),
                  updated_at timestamptz NOT NULL DEFAULT now());
              CREATE TABLE IF NOT EXISTS {s}.pipeline_tables (
@@ -331,6 +332,27 @@ impl StateStore {
             .await
             .pg_context(|| format!("reading the applied position of pipeline {pipeline}"))?;
         Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
+    }
+
+    /// Records the start of the oldest source transaction open now (or now, when
+    /// none is), which widens the catch-up window if the slot is later lost.
+    pub async fn set_oldest_xact(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        at: &str,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET oldest_xact_at = $2::text::timestamptz WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline, &at],
+            )
+            .await
+            .pg_context(|| "recording the oldest open source transaction".into())?;
+        Ok(())
     }
 
     /// Whether the state schema holds anything about `table` for this pipeline

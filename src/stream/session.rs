@@ -111,6 +111,13 @@ pub async fn stream(
         .or(pipeline.consistent_lsn)
         .unwrap_or_default();
     let source_sql = connect(source, "lookup").await?;
+    if let Some(reason) = crate::catchup::gap_reason(&source_sql, &cfg.slot).await? {
+        return Err(crate::catchup::SlotGone {
+            slot: cfg.slot.clone(),
+            reason,
+        }
+        .into());
+    }
     let binary = binary_capable(&source_sql, &target_client, &pipeline.tables).await?;
 
     let mut repl = ReplicationClient::connect(source, None)
@@ -123,7 +130,23 @@ pub async fn stream(
         ("binary", if binary { "true" } else { "false" }.to_string()),
         ("streaming", "on".to_string()),
     ];
-    let mut replication = repl.start_replication(&cfg.slot, applied, &options).await?;
+    let mut replication = match repl.start_replication(&cfg.slot, applied, &options).await {
+        Ok(r) => r,
+        Err(e) => {
+            // Dropped or invalidated between the check and the start.
+            let gone = matches!(e.code().map(|c| c.code()), Some("42704") | Some("55000"));
+            if gone {
+                if let Some(reason) = crate::catchup::gap_reason(&source_sql, &cfg.slot).await? {
+                    return Err(crate::catchup::SlotGone {
+                        slot: cfg.slot.clone(),
+                        reason,
+                    }
+                    .into());
+                }
+            }
+            return Err(e.into());
+        }
+    };
     if pipeline.phase != Phase::Streaming {
         let mut p = pipeline.clone();
         p.phase = Phase::Streaming;
@@ -197,6 +220,7 @@ impl Session<'_> {
         let mut tick = tokio::time::interval(self.cfg.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_received = Instant::now();
+        let mut last_oldest_record = Instant::now() - Duration::from_secs(3600);
         loop {
             if *shutdown.borrow() {
                 return self.stop(replication).await;
@@ -232,10 +256,32 @@ impl Session<'_> {
                     }
                     self.check_durable().await?;
                     self.send_status(replication, true).await?;
+                    if last_oldest_record.elapsed() >= Duration::from_secs(10) && !self.main.in_txn() {
+                        self.record_oldest_xact().await?;
+                        last_oldest_record = Instant::now();
+                    }
                 }
                 _ = shutdown.changed() => {}
             }
         }
+    }
+
+    /// Records the start of the oldest write transaction open on the source, which
+    /// widens a later catch-up window (see `catchup.rs`).
+    async fn record_oldest_xact(&mut self) -> Result<()> {
+        let at: String = self
+            .source_sql
+            .query_one(
+                "SELECT coalesce(min(xact_start), now())::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+                &[],
+            )
+            .await
+            .pg_context(|| "reading the oldest open transaction on the source".into())?
+            .get(0);
+        self.cfg
+            .state
+            .set_oldest_xact(&self.main.client, &self.cfg.slot, &at)
+            .await
     }
 
     fn is_idle(&self) -> bool {
@@ -689,16 +735,27 @@ impl Session<'_> {
         for (_, mut st) in self.streams.drain() {
             st.session.rollback().await?;
         }
-        // A synchronous commit flushes the target's WAL up to and past every
-        // asynchronous commit before it.
+        // A synchronous commit that writes WAL flushes the target's WAL up to and
+        // past every asynchronous commit before it (a transaction that writes no WAL
+        // commits asynchronously whatever the setting); then wait for it to show.
+        let touch = format!(
+            "BEGIN; SET LOCAL synchronous_commit = on; UPDATE {} SET updated_at = now() WHERE pipeline = {}; COMMIT",
+            self.cfg.state.table("progress"),
+            quote_literal(&self.cfg.slot)
+        );
         self.main
             .client
-            .batch_execute(
-                "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT",
-            )
+            .batch_execute(&touch)
             .await
             .pg_context(|| "flushing the target's WAL before stopping".into())?;
-        self.check_durable().await?;
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            self.check_durable().await?;
+            if self.pending_durable.is_empty() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         self.send_status(replication, false).await?;
         tracing::info!(applied = %self.applied, flushed = %self.flush_position(), "stopped cleanly");
         Ok(())

@@ -388,3 +388,341 @@ pub fn run(mut cmd: Command) -> (i32, String, String) {
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
+
+// ---------------------------------------------------------------------------
+// Helpers for tests of the long-running `walshuttle run` process.
+// ---------------------------------------------------------------------------
+
+/// Where the `walshuttle run` processes of one test write their stdout and stderr
+/// (one file per process). When the test panics, every log is printed when this is
+/// dropped, so declare it before the [`RunChild`]ren it spawns.
+pub struct RunLogs {
+    dir: tempfile::TempDir,
+    spawned: usize,
+}
+
+impl Default for RunLogs {
+    fn default() -> Self {
+        RunLogs {
+            dir: tempfile::Builder::new()
+                .prefix("walshuttle-run-logs-")
+                .tempdir()
+                .expect("create a temp dir for run logs"),
+            spawned: 0,
+        }
+    }
+}
+
+impl RunLogs {
+    /// An empty log directory.
+    pub fn new() -> RunLogs {
+        RunLogs::default()
+    }
+
+    /// Spawns `cmd` (e.g. `walshuttle(&s, &t)` with `run` and its flags) with stdout and
+    /// stderr going to a fresh log file. The child is killed when the guard drops.
+    pub fn spawn(&mut self, mut cmd: Command) -> RunChild {
+        self.spawned += 1;
+        let path = self.dir.path().join(format!("run-{}.log", self.spawned));
+        let file = std::fs::File::create(&path).expect("create a run log file");
+        let out = file.try_clone().expect("clone the run log file");
+        cmd.stdout(Stdio::from(out)).stderr(Stdio::from(file));
+        let child = cmd.spawn().expect("spawn walshuttle");
+        eprintln!(
+            "spawned walshuttle (pid {}), log {}",
+            child.id(),
+            path.display()
+        );
+        RunChild { child, log: path }
+    }
+
+    /// Every log so far (the last 150 lines of each), with a header per process.
+    pub fn all(&self) -> String {
+        let mut text = String::new();
+        for n in 1..=self.spawned {
+            let path = self.dir.path().join(format!("run-{n}.log"));
+            let body = std::fs::read_to_string(&path).unwrap_or_default();
+            text.push_str(&format!(
+                "----- walshuttle process #{n} ({}) -----\n{}\n",
+                path.display(),
+                tail(&body, 150)
+            ));
+        }
+        text
+    }
+}
+
+impl Drop for RunLogs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.all());
+        }
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A spawned walshuttle process; SIGKILLed and reaped when dropped, even on panic.
+pub struct RunChild {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl RunChild {
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM (does not wait).
+    pub fn sigterm(&self) {
+        // SAFETY: kill(2) on our own child's pid; it has not been reaped yet, so the
+        // pid cannot have been reused.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+    }
+
+    /// The exit status if the process has exited.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("try_wait on walshuttle")
+    }
+
+    /// Polls until the process exits or `timeout` passes.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `Err` with the exit status and log tail if the process has exited.
+    pub fn check_running(&mut self) -> Result<(), String> {
+        match self.try_exit() {
+            None => Ok(()),
+            Some(status) => Err(format!(
+                "walshuttle (pid {}) exited unexpectedly with {status}; log tail:\n{}",
+                self.pid(),
+                tail(&self.log(), 80)
+            )),
+        }
+    }
+
+    /// Panics (with the log) if the process has exited.
+    pub fn assert_running(&mut self, when: &str) {
+        if let Err(e) = self.check_running() {
+            panic!("{when}: {e}");
+        }
+    }
+
+    /// Peak resident set size (`VmHWM`) in kB, read from `/proc/<pid>/status`.
+    pub fn peak_rss_kb(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/<pid>/status of walshuttle");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status")
+    }
+}
+
+impl Drop for RunChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Like [`wait_until`], but fails at once (with its log) if `run` exits meanwhile.
+pub async fn wait_while_running<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    run: &mut RunChild,
+    mut check: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if let Err(e) = run.check_running() {
+            panic!("while waiting for {what}: {e}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}; walshuttle log tail:\n{}",
+            tail(&run.log(), 60)
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+/// [`table_fingerprint`] that reports errors (e.g. a table not created yet).
+pub async fn try_table_fingerprint(client: &Client, table: &str) -> Result<(i64, String), String> {
+    client
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), '') FROM {table} t"
+            ),
+            &[],
+        )
+        .await
+        .map(|row| (row.get(0), row.get(1)))
+        .map_err(|e| format!("{e}"))
+}
+
+async fn converge(
+    source: &Client,
+    target: &Client,
+    tables: &[&str],
+    timeout: Duration,
+    mut run: Option<&mut RunChild>,
+) {
+    let started = Instant::now();
+    let deadline = started + timeout;
+    loop {
+        let mut report = String::new();
+        let mut equal = true;
+        for table in tables {
+            let s = try_table_fingerprint(source, table)
+                .await
+                .unwrap_or_else(|e| panic!("fingerprint {table} on the source: {e}"));
+            let t = try_table_fingerprint(target, table).await;
+            if t.as_ref() != Ok(&s) {
+                equal = false;
+            }
+            report.push_str(&format!("  {table}: source {s:?}, target {t:?}\n"));
+            if !equal {
+                // No need to fingerprint the rest this round.
+                break;
+            }
+        }
+        if equal {
+            eprintln!(
+                "converged after {:.1}s: {}",
+                started.elapsed().as_secs_f64(),
+                tables.join(", ")
+            );
+            return;
+        }
+        if let Some(run) = run.as_deref_mut() {
+            if let Err(e) = run.check_running() {
+                panic!("waiting for convergence:\n{report}{e}");
+            }
+        }
+        if Instant::now() >= deadline {
+            // Fingerprint every table for the message.
+            let mut full = String::new();
+            for table in tables {
+                let s = try_table_fingerprint(source, table).await;
+                let t = try_table_fingerprint(target, table).await;
+                full.push_str(&format!("  {table}: source {s:?}, target {t:?}\n"));
+            }
+            let log = run
+                .as_deref()
+                .map(|r| format!("walshuttle log tail:\n{}", tail(&r.log(), 60)))
+                .unwrap_or_default();
+            panic!("source and target did not converge within {timeout:?}:\n{full}{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls until every table has the same fingerprint on both sides; on timeout
+/// panics showing both fingerprints of every table.
+pub async fn wait_for_convergence(
+    source: &Client,
+    target: &Client,
+    tables: &[&str],
+    timeout: Duration,
+) {
+    converge(source, target, tables, timeout, None).await
+}
+
+/// [`wait_for_convergence`] that also fails at once if `run` exits.
+pub async fn wait_for_convergence_running(
+    run: &mut RunChild,
+    source: &Client,
+    target: &Client,
+    tables: &[&str],
+    timeout: Duration,
+) {
+    converge(source, target, tables, timeout, Some(run)).await
+}
+
+/// `walshuttle.progress.applied_lsn` of a pipeline as text, `None` while there is none
+/// (or the state schema does not exist yet, or the query fails).
+pub async fn applied_lsn(target: &Client, pipeline: &str) -> Option<String> {
+    target
+        .query_opt(
+            "SELECT applied_lsn::text FROM walshuttle.progress WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|row| row.get(0))
+}
+
+/// Whether the target's applied LSN of a pipeline is past `lsn` (any row at all
+/// when `lsn` is `None`).
+pub async fn applied_beyond(target: &Client, pipeline: &str, lsn: Option<&str>) -> bool {
+    let lsn = lsn.unwrap_or("0/0");
+    target
+        .query_opt(
+            "SELECT applied_lsn > $2::text::pg_lsn FROM walshuttle.progress WHERE pipeline = $1",
+            &[&pipeline, &lsn],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|row| row.get::<_, bool>(0))
+        .unwrap_or(false)
+}
+
+/// Whether a replication slot exists on the source and a WAL sender is attached to it.
+pub async fn slot_active(source: &Client, slot: &str) -> bool {
+    source
+        .query_opt(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .ok()
+        .flatten()
+        .map(|row| row.get::<_, bool>(0))
+        .unwrap_or(false)
+}
+
+/// Connects to a URL, `None` on failure (for writers that ride through restarts).
+pub async fn try_connect(url: &str) -> Option<Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(client)
+}

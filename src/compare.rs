@@ -1,0 +1,346 @@
+//! Comparing one table between source and target by key ranges: row counts and an
+//! order-independent hash per range, narrowed down to the differing keys where a
+//! range does not match. Shared by `verify` (whole rows) and `catch-up` (keys only,
+//! to find rows deleted on the source).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use tokio_postgres::Client;
+
+use crate::catalog::Table;
+use crate::pg::{quote_ident, quote_literal, PgResultExt};
+
+/// Session settings that make `::text` of every value identical on both sides.
+pub const CANONICAL_TEXT: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
+     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'";
+
+/// Rows per range aimed for when a table is split by an integer key.
+const ROWS_PER_RANGE: i64 = 200_000;
+
+/// Which part of each row is compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compared {
+    /// Every copied column: finds changed, missing and extra rows.
+    WholeRows,
+    /// Only the key: finds missing and extra rows (deletes), cheaply.
+    KeysOnly,
+}
+
+/// A slice of a table by key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyRange {
+    /// The whole table (composite or non-integer keys, keyless tables).
+    All,
+    /// `lo <= key < hi` on a single integer key column.
+    Int {
+        /// Inclusive lower bound.
+        lo: i64,
+        /// Exclusive upper bound.
+        hi: i64,
+    },
+}
+
+impl KeyRange {
+    /// The WHERE clause for this range on `table`.
+    pub fn predicate(&self, table: &Table) -> String {
+        match (self, table.key.first()) {
+            (KeyRange::Int { lo, hi }, Some(k)) => {
+                let k = quote_ident(k);
+                format!("{k} >= {lo} AND {k} < {hi}")
+            }
+            _ => "true".into(),
+        }
+    }
+
+    /// Human form for reports.
+    pub fn describe(&self, table: &Table) -> String {
+        match (self, table.key.first()) {
+            (KeyRange::Int { lo, hi }, Some(k)) => format!("{k} in [{lo}, {hi})"),
+            _ => "whole table".into(),
+        }
+    }
+}
+
+/// Count and hash of one range on one side.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Digest {
+    /// Rows in the range.
+    pub rows: i64,
+    /// Sum of the rows' 64-bit hashes, as text (a numeric).
+    pub hash: String,
+}
+
+/// The row expression hashed for `compared`, in the source's column order.
+fn row_expr(table: &Table, compared: Compared) -> String {
+    let cols: Vec<String> = match compared {
+        Compared::WholeRows => table
+            .copied_columns()
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect(),
+        Compared::KeysOnly if !table.key.is_empty() => {
+            table.key.iter().map(|k| quote_ident(k)).collect()
+        }
+        Compared::KeysOnly => table
+            .copied_columns()
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect(),
+    };
+    format!("ROW({})::text", cols.join(", "))
+}
+
+/// The key expression identifying rows (the whole row for keyless tables).
+pub fn key_expr(table: &Table) -> String {
+    if table.key.is_empty() {
+        row_expr(table, Compared::WholeRows)
+    } else {
+        format!(
+            "ROW({})::text",
+            table
+                .key
+                .iter()
+                .map(|k| quote_ident(k))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+}
+
+/// Splits a table into ranges: by value of a single integer key, spanning the key
+/// values present on either side, else one range for the whole table.
+pub async fn plan_ranges(
+    source: &Client,
+    target: &Client,
+    table: &Table,
+    jobs: usize,
+) -> Result<Vec<KeyRange>> {
+    let int_key = table.key.len() == 1
+        && table
+            .columns
+            .iter()
+            .find(|c| c.name == table.key[0])
+            .is_some_and(|c| matches!(c.type_sql.as_str(), "smallint" | "integer" | "bigint"));
+    if !int_key {
+        return Ok(vec![KeyRange::All]);
+    }
+    let k = quote_ident(&table.key[0]);
+    let sql = format!(
+        "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM {}",
+        table.name.quoted()
+    );
+    let mut lo = i64::MAX;
+    let mut hi = i64::MIN;
+    let mut rows = 0i64;
+    for (client, side) in [(source, "source"), (target, "target")] {
+        let r = client
+            .query_one(&sql, &[])
+            .await
+            .pg_context(|| format!("reading the key span of {} on the {side}", table.name))?;
+        if let (Some(a), Some(b)) = (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1)) {
+            lo = lo.min(a);
+            hi = hi.max(b);
+        }
+        rows = rows.max(r.get::<_, i64>(2));
+    }
+    if lo > hi {
+        return Ok(vec![KeyRange::All]);
+    }
+    let count = ((rows / ROWS_PER_RANGE) + 1)
+        .max(jobs as i64 * 2)
+        .clamp(1, 4096);
+    let span = (i128::from(hi) - i128::from(lo) + 1) as u128;
+    let step = span.div_ceil(count as u128).max(1);
+    let mut ranges = Vec::new();
+    let mut start = i128::from(lo);
+    let end = i128::from(hi) + 1;
+    while start < end {
+        let stop = (start + step as i128).min(end);
+        // i64 bounds: the exclusive end of the last range may be i64::MAX + 1.
+        let hi_bound = i64::try_from(stop).unwrap_or(i64::MAX);
+        let lo_bound = i64::try_from(start).unwrap_or(i64::MAX);
+        ranges.push(KeyRange::Int {
+            lo: lo_bound,
+            hi: hi_bound,
+        });
+        start = stop;
+    }
+    if let Some(KeyRange::Int { hi, .. }) = ranges.last() {
+        if *hi == i64::MAX {
+            // Cover a row whose key is i64::MAX itself.
+            let last = ranges.len() - 1;
+            if let KeyRange::Int { lo, .. } = ranges[last] {
+                ranges[last] = KeyRange::Int { lo, hi: i64::MAX };
+                ranges.push(KeyRange::Int {
+                    lo: i64::MAX - 1,
+                    hi: i64::MAX,
+                });
+            }
+        }
+    }
+    Ok(ranges)
+}
+
+/// Count and hash of a range on one side.
+pub async fn digest(
+    client: &Client,
+    table: &Table,
+    range: &KeyRange,
+    compared: Compared,
+) -> Result<Digest> {
+    let sql = format!(
+        "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM {} WHERE {}",
+        row_expr(table, compared),
+        table.name.quoted(),
+        range.predicate(table)
+    );
+    let r = client
+        .query_one(&sql, &[])
+        .await
+        .pg_context(|| format!("hashing {} ({})", table.name, range.describe(table)))?;
+    Ok(Digest {
+        rows: r.get(0),
+        hash: r.get(1),
+    })
+}
+
+/// Row hashes by key within a range on one side (for keyless tables the key is the
+/// row and the value counts its copies).
+pub async fn row_hashes(
+    client: &Client,
+    table: &Table,
+    range: &KeyRange,
+    compared: Compared,
+) -> Result<HashMap<String, i64>> {
+    let sql = if table.key.is_empty() {
+        format!(
+            "SELECT {}, count(*) FROM {} WHERE {} GROUP BY 1",
+            key_expr(table),
+            table.name.quoted(),
+            range.predicate(table)
+        )
+    } else {
+        format!(
+            "SELECT {}, hashtextextended({}, 0) FROM {} WHERE {}",
+            key_expr(table),
+            row_expr(table, compared),
+            table.name.quoted(),
+            range.predicate(table)
+        )
+    };
+    let rows = client.query(&sql, &[]).await.pg_context(|| {
+        format!(
+            "reading the rows of {} ({})",
+            table.name,
+            range.describe(table)
+        )
+    })?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect())
+}
+
+/// Keys that differ within a range: on the source only or changed (to copy), and on
+/// the target only (to delete).
+#[derive(Clone, Debug, Default)]
+pub struct KeyDiff {
+    /// Keys whose source row is missing or different on the target.
+    pub to_copy: Vec<String>,
+    /// Keys present only on the target.
+    pub to_delete: Vec<String>,
+}
+
+impl KeyDiff {
+    /// Whether nothing differs.
+    pub fn is_empty(&self) -> bool {
+        self.to_copy.is_empty() && self.to_delete.is_empty()
+    }
+}
+
+/// Narrows a mismatching range down to its keys.
+pub async fn diff_keys(
+    source: &Client,
+    target: &Client,
+    table: &Table,
+    range: &KeyRange,
+    compared: Compared,
+) -> Result<KeyDiff> {
+    let (s, t) = tokio::try_join!(
+        row_hashes(source, table, range, compared),
+        row_hashes(target, table, range, compared)
+    )?;
+    let mut diff = KeyDiff::default();
+    for (k, h) in &s {
+        if t.get(k) != Some(h) {
+            diff.to_copy.push(k.clone());
+        }
+    }
+    for (k, h) in &t {
+        match s.get(k) {
+            None => diff.to_delete.push(k.clone()),
+            // Keyless: more copies on the target than on the source.
+            Some(sh) if table.key.is_empty() && h > sh => diff.to_delete.push(k.clone()),
+            _ => {}
+        }
+    }
+    diff.to_copy.sort();
+    diff.to_delete.sort();
+    Ok(diff)
+}
+
+/// Makes the target's rows for `keys` (within `range`) equal to the source's: deletes
+/// them on the target, then copies the source's rows, in one target transaction.
+/// Returns (rows deleted, rows copied).
+pub async fn repair_keys(
+    source: &Client,
+    target: &mut Client,
+    table: &Table,
+    range: &KeyRange,
+    keys: &[String],
+) -> Result<(u64, u64)> {
+    use futures_util::{SinkExt, StreamExt};
+    if keys.is_empty() {
+        return Ok((0, 0));
+    }
+    let list = keys
+        .iter()
+        .map(|k| quote_literal(k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let filter = format!(
+        "{} AND {} IN ({list})",
+        range.predicate(table),
+        key_expr(table)
+    );
+    let ctx = || format!("repairing {} rows of {}", keys.len(), table.name);
+    let tx = target.transaction().await.pg_context(ctx)?;
+    let deleted = tx
+        .execute(
+            &format!("DELETE FROM {} WHERE {filter}", table.name.quoted()),
+            &[],
+        )
+        .await
+        .pg_context(ctx)?;
+    let cols = table.copied_column_list();
+    let reader = source
+        .copy_out(&format!(
+            "COPY (SELECT {cols} FROM {} WHERE {filter}) TO STDOUT",
+            table.name.quoted()
+        ))
+        .await
+        .pg_context(ctx)?;
+    let writer = tx
+        .copy_in::<_, bytes::Bytes>(&format!("COPY {} ({cols}) FROM STDIN", table.name.quoted()))
+        .await
+        .pg_context(ctx)?;
+    futures_util::pin_mut!(reader);
+    futures_util::pin_mut!(writer);
+    while let Some(chunk) = reader.next().await {
+        writer.feed(chunk.pg_context(ctx)?).await.pg_context(ctx)?;
+    }
+    let copied = writer.finish().await.pg_context(ctx)?;
+    tx.commit().await.pg_context(ctx)?;
+    Ok((deleted, copied))
+}

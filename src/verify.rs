@@ -1,0 +1,357 @@
+//! `walshuttle verify`: proves source and target hold the same rows, by key ranges
+//! hashed on both sides in parallel, narrowed down to the differing keys, and
+//! optionally repairs them. While `run` streams, a differing range is checked again
+//! after the target has applied past the source's position at the first check, so
+//! changes in flight are not reported as differences.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use tokio_postgres::Client;
+
+use crate::catalog::{self, Table};
+use crate::compare::{self, Compared, KeyRange, CANONICAL_TEXT};
+use crate::config::Endpoint;
+use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
+use crate::state::StateStore;
+
+/// Settings of `verify`.
+#[derive(Clone, Debug)]
+pub struct VerifyOptions {
+    /// Tables to compare; `None`: the pipeline's tables, or every source table.
+    pub tables: Option<Vec<QualifiedName>>,
+    /// Pipeline (slot) whose tables and stream position to use.
+    pub slot: String,
+    /// State schema on the target.
+    pub state_schema: String,
+    /// Parallel workers.
+    pub jobs: usize,
+    /// Fix differing rows on the target.
+    pub repair: bool,
+}
+
+/// One range that differs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RangeReport {
+    /// Which keys the range spans.
+    pub range: String,
+    /// Rows missing or different on the target.
+    pub missing_or_changed: usize,
+    /// Rows only on the target.
+    pub extra: usize,
+    /// A few differing keys.
+    pub sample_keys: Vec<String>,
+}
+
+/// The outcome for one table.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TableReport {
+    /// The table.
+    pub table: QualifiedName,
+    /// Rows on the source.
+    pub source_rows: i64,
+    /// Rows on the target.
+    pub target_rows: i64,
+    /// Ranges compared.
+    pub ranges: usize,
+    /// Ranges that differ (after any repair, those that still differ).
+    pub differences: Vec<RangeReport>,
+    /// Rows deleted and copied by `--repair`.
+    pub repaired: (u64, u64),
+    /// Set when the table is missing on the target.
+    pub missing_on_target: bool,
+}
+
+/// The outcome of a verify run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct VerifyReport {
+    /// Per table.
+    pub tables: Vec<TableReport>,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Rows read on the source side.
+    pub rows_read: i64,
+}
+
+impl VerifyReport {
+    /// Whether every table is equal.
+    pub fn equal(&self) -> bool {
+        self.tables
+            .iter()
+            .all(|t| t.differences.is_empty() && !t.missing_on_target)
+    }
+
+    /// Lines for a person.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for t in &self.tables {
+            if t.missing_on_target {
+                out.push_str(&format!("{}: DIFFERENT: missing on the target\n", t.table));
+                continue;
+            }
+            if t.repaired != (0, 0) {
+                out.push_str(&format!(
+                    "{}: repaired: {} rows deleted, {} rows copied on the target\n",
+                    t.table, t.repaired.0, t.repaired.1
+                ));
+            }
+            if t.differences.is_empty() {
+                out.push_str(&format!("{}: equal ({} rows)\n", t.table, t.source_rows));
+            } else {
+                out.push_str(&format!(
+                    "{}: DIFFERENT: {} source rows, {} target rows, {} of {} ranges differ\n",
+                    t.table,
+                    t.source_rows,
+                    t.target_rows,
+                    t.differences.len(),
+                    t.ranges
+                ));
+                for d in t.differences.iter().take(10) {
+                    out.push_str(&format!(
+                        "  {}: {} missing or changed on the target, {} extra; keys {}\n",
+                        d.range,
+                        d.missing_or_changed,
+                        d.extra,
+                        d.sample_keys.join(" ")
+                    ));
+                }
+            }
+        }
+        let equal = self
+            .tables
+            .iter()
+            .filter(|t| t.differences.is_empty() && !t.missing_on_target)
+            .count();
+        out.push_str(&format!(
+            "verify: {equal} of {} tables equal; {} rows per side in {:.1} s ({:.0} rows/s)",
+            self.tables.len(),
+            self.rows_read,
+            self.seconds,
+            self.rows_read as f64 / self.seconds.max(0.001)
+        ));
+        out
+    }
+}
+
+/// Opens a session with deterministic value text, for hashing.
+pub async fn hashing_session(endpoint: &Endpoint, purpose: &str) -> Result<Client> {
+    let client = connect(endpoint, purpose).await?;
+    client
+        .batch_execute(CANONICAL_TEXT)
+        .await
+        .pg_context(|| "preparing a comparison session".into())?;
+    Ok(client)
+}
+
+/// The tables a command works on: given, else the pipeline's, else every table.
+pub async fn resolve_tables(
+    src: &Client,
+    tgt: &Client,
+    state: &StateStore,
+    slot: &str,
+    given: Option<&[QualifiedName]>,
+) -> Result<Vec<Table>> {
+    let from_state = match (given, state.installed_version(tgt).await?) {
+        (None, Some(_)) => state.pipeline(tgt, slot).await?.map(|p| p.tables),
+        _ => None,
+    };
+    let selection = given.map(|g| g.to_vec()).or(from_state);
+    catalog::list_tables(src, selection.as_deref(), state.schema()).await
+}
+
+/// Runs the comparison (and repair).
+pub async fn verify(
+    source: &Endpoint,
+    target: &Endpoint,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport> {
+    let started = Instant::now();
+    let src = hashing_session(source, "verify").await?;
+    let tgt = hashing_session(target, "verify").await?;
+    let state = StateStore::new(&opts.state_schema);
+    let tables = resolve_tables(&src, &tgt, &state, &opts.slot, opts.tables.as_deref()).await?;
+    if tables.is_empty() {
+        bail!("no tables to verify: name them with --tables");
+    }
+    let mut reports = Vec::with_capacity(tables.len());
+    let mut work = VecDeque::new();
+    for (i, table) in tables.iter().enumerate() {
+        let missing = catalog::load_table(&tgt, &table.name).await?.is_none();
+        reports.push(TableReport {
+            table: table.name.clone(),
+            source_rows: 0,
+            target_rows: 0,
+            ranges: 0,
+            differences: Vec::new(),
+            repaired: (0, 0),
+            missing_on_target: missing,
+        });
+        if missing {
+            continue;
+        }
+        let ranges = compare::plan_ranges(&src, &tgt, table, opts.jobs).await?;
+        reports[i].ranges = ranges.len();
+        work.extend(ranges.into_iter().map(|r| (i, r)));
+    }
+    let tables = Arc::new(tables);
+    let mismatched = compare_all(source, target, &tables, work, opts.jobs, &mut reports).await?;
+
+    // Changes in flight: wait until the target has applied past where the source is
+    // now, then look again at what differed.
+    let mismatched = if mismatched.is_empty() {
+        mismatched
+    } else {
+        wait_for_stream(&src, &opts.slot).await?;
+        let mut still = Vec::new();
+        for (i, range) in mismatched {
+            let table = &tables[i];
+            let (s, t) = tokio::try_join!(
+                compare::digest(&src, table, &range, Compared::WholeRows),
+                compare::digest(&tgt, table, &range, Compared::WholeRows)
+            )?;
+            if s != t {
+                still.push((i, range));
+            }
+        }
+        still
+    };
+
+    let mut tgt_repair = hashing_session(target, "verify repair").await?;
+    for (i, range) in mismatched {
+        let table = &tables[i];
+        let diff = compare::diff_keys(&src, &tgt, table, &range, Compared::WholeRows).await?;
+        if diff.is_empty() {
+            continue;
+        }
+        if opts.repair {
+            let keys: Vec<String> = diff
+                .to_copy
+                .iter()
+                .chain(&diff.to_delete)
+                .cloned()
+                .collect();
+            let (deleted, copied) =
+                compare::repair_keys(&src, &mut tgt_repair, table, &range, &keys).await?;
+            reports[i].repaired.0 += deleted;
+            reports[i].repaired.1 += copied;
+            let (s, t) = tokio::try_join!(
+                compare::digest(&src, table, &range, Compared::WholeRows),
+                compare::digest(&tgt, table, &range, Compared::WholeRows)
+            )?;
+            if s == t {
+                continue;
+            }
+        }
+        let sample: Vec<String> = diff
+            .to_copy
+            .iter()
+            .chain(&diff.to_delete)
+            .take(5)
+            .cloned()
+            .collect();
+        reports[i].differences.push(RangeReport {
+            range: range.describe(table),
+            missing_or_changed: diff.to_copy.len(),
+            extra: diff.to_delete.len(),
+            sample_keys: sample,
+        });
+    }
+    let rows_read = reports.iter().map(|r| r.source_rows).sum();
+    Ok(VerifyReport {
+        tables: reports,
+        seconds: started.elapsed().as_secs_f64(),
+        rows_read,
+    })
+}
+
+/// Hashes every (table, range) on both sides with `jobs` workers; returns the ranges
+/// that differ and fills in row counts.
+async fn compare_all(
+    source: &Endpoint,
+    target: &Endpoint,
+    tables: &Arc<Vec<Table>>,
+    work: VecDeque<(usize, KeyRange)>,
+    jobs: usize,
+    reports: &mut [TableReport],
+) -> Result<Vec<(usize, KeyRange)>> {
+    let queue = Arc::new(Mutex::new(work));
+    let mut handles = Vec::new();
+    for _ in 0..jobs.max(1) {
+        let (src, tgt) = (
+            hashing_session(source, "verify").await?,
+            hashing_session(target, "verify").await?,
+        );
+        let queue = Arc::clone(&queue);
+        let tables = Arc::clone(tables);
+        handles.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop_front());
+                let Some((i, range)) = next else { break };
+                let table = &tables[i];
+                let (s, t) = tokio::try_join!(
+                    compare::digest(&src, table, &range, Compared::WholeRows),
+                    compare::digest(&tgt, table, &range, Compared::WholeRows)
+                )?;
+                results.push((i, range, s, t));
+            }
+            Ok::<_, anyhow::Error>(results)
+        }));
+    }
+    let mut mismatched = Vec::new();
+    for h in handles {
+        let results = h
+            .await
+            .map_err(|e| anyhow::anyhow!("a verify worker stopped: {e}"))??;
+        for (i, range, s, t) in results {
+            reports[i].source_rows += s.rows;
+            reports[i].target_rows += t.rows;
+            if s != t {
+                mismatched.push((i, range));
+            }
+        }
+    }
+    Ok(mismatched)
+}
+
+/// When the pipeline's slot is being consumed, waits (up to 30 s) until it has
+/// confirmed the source's current position.
+async fn wait_for_stream(src: &Client, slot: &str) -> Result<()> {
+    let row = src
+        .query_opt(
+            "SELECT active, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .pg_context(|| "reading the slot position".into())?;
+    let Some(row) = row else { return Ok(()) };
+    if !row.get::<_, bool>(0) {
+        return Ok(());
+    }
+    let wanted: Lsn = row.get::<_, String>(1).parse().unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let confirmed: Option<String> = src
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .pg_context(|| "reading the slot position".into())?
+            .get(0);
+        if confirmed
+            .and_then(|c| c.parse::<Lsn>().ok())
+            .is_some_and(|c| c >= wanted)
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::warn!(
+        slot,
+        "the stream did not reach the source's position within 30 s; reporting what differs now"
+    );
+    Ok(())
+}
