@@ -420,7 +420,7 @@ async fn repair_table(
         if s == t {
             continue;
         }
-        let diff = compare::diff_keys(src, tgt, table, &range, Compared::KeysOnly).await?;
+        let diff = compare::diff_keys(src, tgt, table, &range, Compared::KeysOnly, None).await?;
         let keys: Vec<String> = diff
             .to_copy
             .iter()

@@ -212,21 +212,25 @@ pub async fn row_hashes(
     table: &Table,
     range: &KeyRange,
     compared: Compared,
+    only: Option<&[String]>,
 ) -> Result<HashMap<String, i64>> {
+    let mut filter = range.predicate(table);
+    if let Some(keys) = only {
+        let list = keys.iter().map(|k| quote_literal(k)).collect::<Vec<_>>().join(", ");
+        filter = format!("{filter} AND {} IN ({list})", key_expr(table));
+    }
     let sql = if table.key.is_empty() {
         format!(
-            "SELECT {}, count(*) FROM {} WHERE {} GROUP BY 1",
+            "SELECT {}, count(*) FROM {} WHERE {filter} GROUP BY 1",
             key_expr(table),
             table.name.quoted(),
-            range.predicate(table)
         )
     } else {
         format!(
-            "SELECT {}, hashtextextended({}, 0) FROM {} WHERE {}",
+            "SELECT {}, hashtextextended({}, 0) FROM {} WHERE {filter}",
             key_expr(table),
             row_expr(table, compared),
             table.name.quoted(),
-            range.predicate(table)
         )
     };
     let rows = client.query(&sql, &[]).await.pg_context(|| {
@@ -259,17 +263,22 @@ impl KeyDiff {
     }
 }
 
-/// Narrows a mismatching range down to its keys.
+/// Narrows a mismatching range down to its keys (only among `only`, when given:
+/// to look again at keys that differed before).
 pub async fn diff_keys(
     source: &Client,
     target: &Client,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
+    only: Option<&[String]>,
 ) -> Result<KeyDiff> {
+    if only.is_some_and(|k| k.is_empty()) {
+        return Ok(KeyDiff::default());
+    }
     let (s, t) = tokio::try_join!(
-        row_hashes(source, table, range, compared),
-        row_hashes(target, table, range, compared)
+        row_hashes(source, table, range, compared, only),
+        row_hashes(target, table, range, compared, only)
     )?;
     let mut diff = KeyDiff::default();
     for (k, h) in &s {

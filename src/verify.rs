@@ -200,10 +200,14 @@ pub async fn verify(
 
     // Changes in flight: wait until the target has applied past where the source is
     // now, then look again at what differed.
-    let mismatched = if mismatched.is_empty() {
-        mismatched
-    } else {
-        wait_for_stream(&src, &opts.slot).await?;
+    // Changes in flight: while the pipeline streams, wait until the target has
+    // applied past where the source is now, then look again at what differed (a few
+    // rounds, since writes may go on meanwhile).
+    let mut mismatched = mismatched;
+    for _ in 0..5 {
+        if mismatched.is_empty() || !wait_for_stream(&src, &opts.slot).await? {
+            break;
+        }
         let mut still = Vec::new();
         for (i, range) in mismatched {
             let table = &tables[i];
@@ -215,13 +219,24 @@ pub async fn verify(
                 still.push((i, range));
             }
         }
-        still
-    };
+        mismatched = still;
+    }
 
     let mut tgt_repair = hashing_session(target, "verify repair").await?;
     for (i, range) in mismatched {
         let table = &tables[i];
-        let diff = compare::diff_keys(&src, &tgt, table, &range, Compared::WholeRows).await?;
+        let mut diff =
+            compare::diff_keys(&src, &tgt, table, &range, Compared::WholeRows, None).await?;
+        // Keys written again since the digests: look at just those once the stream
+        // has caught up, until they settle.
+        for _ in 0..5 {
+            if diff.is_empty() || !wait_for_stream(&src, &opts.slot).await? {
+                break;
+            }
+            let keys: Vec<String> = diff.to_copy.iter().chain(&diff.to_delete).cloned().collect();
+            diff = compare::diff_keys(&src, &tgt, table, &range, Compared::WholeRows, Some(&keys))
+                .await?;
+        }
         if diff.is_empty() {
             continue;
         }
@@ -317,8 +332,8 @@ async fn compare_all(
 }
 
 /// When the pipeline's slot is being consumed, waits (up to 30 s) until it has
-/// confirmed the source's current position.
-async fn wait_for_stream(src: &Client, slot: &str) -> Result<()> {
+/// confirmed the source's current position; returns whether a stream is active.
+async fn wait_for_stream(src: &Client, slot: &str) -> Result<bool> {
     let row = src
         .query_opt(
             "SELECT active, pg_current_wal_lsn()::text FROM pg_replication_slots WHERE slot_name = $1",
@@ -326,9 +341,9 @@ async fn wait_for_stream(src: &Client, slot: &str) -> Result<()> {
         )
         .await
         .pg_context(|| "reading the slot position".into())?;
-    let Some(row) = row else { return Ok(()) };
+    let Some(row) = row else { return Ok(false) };
     if !row.get::<_, bool>(0) {
-        return Ok(());
+        return Ok(false);
     }
     let wanted: Lsn = row.get::<_, String>(1).parse().unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -345,7 +360,7 @@ async fn wait_for_stream(src: &Client, slot: &str) -> Result<()> {
             .and_then(|c| c.parse::<Lsn>().ok())
             .is_some_and(|c| c >= wanted)
         {
-            return Ok(());
+            return Ok(true);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -353,5 +368,5 @@ async fn wait_for_stream(src: &Client, slot: &str) -> Result<()> {
         slot,
         "the stream did not reach the source's position within 30 s; reporting what differs now"
     );
-    Ok(())
+    Ok(true)
 }
