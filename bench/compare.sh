@@ -11,6 +11,10 @@
 
 set -euo pipefail
 
+# The whole script is one block, parsed before it runs: editing the file while a run
+# is in progress cannot change the run.
+{
+
 # ---------------------------------------------------------------- options ----
 SCALE=20
 JOBS=2
@@ -45,7 +49,8 @@ usage: bench/compare.sh [options]
                         PostgreSQL's default)
   -h, --help            this text
 
-Environment: WALSHUTTLE_BIN (default target/release/walshuttle), PGBIN (default
+Environment: WALSHUTTLE_BIN (default target/release/walshuttle), WALSHUTTLE_RUN_ARGS
+(extra flags for `walshuttle run`, e.g. "--status-interval 0.2"), PGBIN (default
 /usr/lib/postgresql/15/bin, else `pg_config --bindir`).
 EOF
 }
@@ -92,6 +97,10 @@ now() { date +%s.%N; }
 # seconds between two `now` stamps, 3 decimals
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 
+# the 1-minute load average before anything of ours runs: other work on the machine
+# (builds, test suites) skews every figure
+LOAD_START=$(cut -d' ' -f1 /proc/loadavg)
+
 # ---------------------------------------------------------------- binary -----
 if [ "$BUILD" = 1 ]; then
     log "building walshuttle (cargo build --release)"
@@ -115,6 +124,8 @@ PIDS="$WORK/pids"                # background processes to end on exit
 # snapshot of the binary: a rebuild during the run must not swap it under us
 WS="$WORK/walshuttle"
 cp "$WS_SRC_BIN" "$WS"
+WS_BUILT=$(date -u -r "$WS_SRC_BIN" +%Y-%m-%dT%H:%M:%SZ)
+WS_SHA=$(sha256sum "$WS" | cut -c1-16)
 
 IS_ROOT=0; [ "$(id -u)" = 0 ] && IS_ROOT=1
 as_pg() { if [ "$IS_ROOT" = 1 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
@@ -144,8 +155,8 @@ cleanup() {
     done
     if [ -d "$WORK/logs" ]; then
         mkdir -p "$RESULTS/logs"
-        rm -f "$RESULTS"/logs/*.log
-        cp "$WORK"/logs/*.log "$RESULTS/logs/" 2>/dev/null
+        rm -f "$RESULTS"/logs/*.log "$RESULTS"/logs/*.txt
+        cp "$WORK"/logs/*.log "$WORK"/logs/*.txt "$RESULTS/logs/" 2>/dev/null
         for d in source target; do
             [ -f "$WORK/$d.log" ] && tail -n 400 "$WORK/$d.log" >"$RESULTS/logs/postgres-$d.log"
         done
@@ -405,6 +416,26 @@ backlog_write() {
     checkpoint_both
 }
 
+# idle_latency TOOL: 10 single-row transactions on an idle source, 0.5 s apart; time
+# from each COMMIT returning until the target shows it
+idle_latency() {
+    local tool=$1 i seq t0 seen
+    local f="$WORK/idle-latency-$tool.txt"
+    : >"$f"
+    log "$tool: idle latency: 10 single-row transactions, 0.5 s apart"
+    for i in $(seq 1 10); do
+        sleep 0.5
+        seq=$(source_marker); t0=$(now)
+        seen=$(wait_marker "$seq" 60)
+        [ -n "$seen" ] || { broke "$tool: idle latency: transaction $i not visible on the target within 60 s"; return 1; }
+        elapsed "$t0" "$seen" >>"$f"; echo >>"$f"
+    done
+    record idle_txn_latency_p50_s "$tool" "$(percentile 0.50 "$f")"
+    record idle_txn_latency_max_s "$tool" "$(sort -g "$f" | tail -n 1)"
+    cp "$f" "$WORK/logs/" 2>/dev/null || true
+    log "$tool: idle latency p50 $(percentile 0.50 "$f") s, max $(sort -g "$f" | tail -n 1) s"
+}
+
 # steady_state TOOL SLOT: pgbench -R at a fixed rate; lag sampled every second
 steady_state() {
     local tool=$1 slot=$2 hbpid pbpid i next b s tps seq seen t_end
@@ -453,7 +484,8 @@ steady_state() {
 # ------------------------------------------------------ walshuttle process ---
 WS_PID=""
 ws_start_run() {   # logname
-    "$WS" --source "$SRC_URL" --target "$TGT_URL" run >"$WORK/logs/walshuttle-$1.log" 2>&1 &
+    # shellcheck disable=SC2086  # WALSHUTTLE_RUN_ARGS: extra flags, split on spaces
+    "$WS" --source "$SRC_URL" --target "$TGT_URL" run ${WALSHUTTLE_RUN_ARGS:-} >"$WORK/logs/walshuttle-$1.log" 2>&1 &
     WS_PID=$!; track "$WS_PID"
 }
 # waits until the walshuttle slot has an active consumer
@@ -599,6 +631,7 @@ run_walshuttle() {
     ws_wait_streaming run-steady
     seen=$(wait_marker "$(source_marker)" 120)
     [ -n "$seen" ] || { broke "walshuttle: not caught up before the steady-state load"; return 1; }
+    idle_latency walshuttle
     steady_state walshuttle walshuttle
     ws_stop steady_state run-steady
 }
@@ -643,6 +676,7 @@ run_native() {
     check_consistent native backlog_drain
 
     set_step "native: steady state"
+    idle_latency native
     steady_state native bench_sub
     local wrss
     wrss=$(qt "SELECT pid FROM pg_stat_subscription WHERE subname = 'bench_sub' AND relid IS NULL" || true)
@@ -654,7 +688,9 @@ run_native() {
 # run each part in a subshell so that one failing does not stop the others;
 # set -e holds inside it (it is not run as a condition)
 part() {
-    local rc=0
+    local rc=0 load
+    load=$(cut -d' ' -f1 /proc/loadavg)
+    record load_avg_1m_at_start "$1" "$load"
     set +e
     ( set -e; "$@" )
     rc=$?
@@ -665,6 +701,9 @@ part() {
     fi
 }
 
+if awk -v l="$LOAD_START" 'BEGIN { exit !(l > 0.5) }'; then
+    note "the machine was not idle when the benchmark started (1-minute load average $LOAD_START): other work skews the figures"
+fi
 T_ALL0=$(now)
 part run_pgcopydb
 part run_psql_pipe
@@ -694,6 +733,8 @@ ROWDEFS=(
     "bulk_apply_from_commit_s|Bulk apply ${BULK_ROWS} rows, from COMMIT|s"
     "bulk_apply_from_start_s|Bulk apply ${BULK_ROWS} rows, from BEGIN|s"
     "backlog_drain_s|Backlog drain, ${BACKLOG_TXNS} txns|s"
+    "idle_txn_latency_p50_s|Single-row txn on idle source, p50 of 10|s"
+    "idle_txn_latency_max_s|Single-row txn on idle source, max of 10|s"
     "steady_lag_seconds_p50|Steady lag p50 (heartbeat)|s"
     "steady_lag_seconds_p99|Steady lag p99 (heartbeat)|s"
     "steady_lag_bytes_p50|Steady lag p50 (slot)|bytes"
@@ -714,9 +755,11 @@ MD="$RESULTS/latest.md"
     echo
     echo "- machine: $NPROC CPUs ($CPU_MODEL), $RAM_GIB GiB RAM"
     echo "- PostgreSQL $PG_VERSION (source and target clusters on this machine, fsync $([ "$FAST" = 1 ] && echo off || echo on))"
-    echo "- walshuttle $WS_VERSION (git $GIT_REV$([ "$GIT_DIRTY" = true ] && echo ", uncommitted changes in src")), pgcopydb ${PGCOPYDB_VERSION:-not installed}"
+    echo "- walshuttle $WS_VERSION: binary sha256 $WS_SHA… built $WS_BUILT; repository HEAD $GIT_REV$([ "$GIT_DIRTY" = true ] && echo " with uncommitted changes in src (the binary may predate them)")"
+    echo "- pgcopydb ${PGCOPYDB_VERSION:-not installed}"
     echo "- data: scale $SCALE = $SRC_ROWS recommendation rows, source database $DB_PRETTY; --jobs $JOBS"
-    echo "- total measurement time $(elapsed "$T_ALL0" "$T_ALL1") s"
+    [ -n "${WALSHUTTLE_RUN_ARGS:-}" ] && echo "- extra \`walshuttle run\` flags: ${WALSHUTTLE_RUN_ARGS}"
+    echo "- total measurement time $(elapsed "$T_ALL0" "$T_ALL1") s; 1-minute load average before the run $LOAD_START, at the start of each part: $(awk -F'\t' '$1 == "load_avg_1m_at_start" { printf "%s%s %s", sep, $2, $3; sep = ", " }' "$METRICS")"
     echo
     echo "Times and lag: lower is better; a ratio is walshuttle / peer (below 1 = walshuttle better)."
     echo
@@ -759,9 +802,9 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\
     echo "  \"date\": $(json_str "$DATE"),"
     echo "  \"machine\": {\"nproc\": $NPROC, \"ram_gib\": $RAM_GIB, \"cpu\": $(json_str "$CPU_MODEL")},"
     echo "  \"postgresql\": $(json_str "$PG_VERSION"),"
-    echo "  \"walshuttle\": {\"version\": $(json_str "$WS_VERSION"), \"git\": $(json_str "$GIT_REV"), \"src_dirty\": $GIT_DIRTY},"
+    echo "  \"walshuttle\": {\"version\": $(json_str "$WS_VERSION"), \"binary_sha256_prefix\": $(json_str "$WS_SHA"), \"binary_built\": $(json_str "$WS_BUILT"), \"repo_head\": $(json_str "$GIT_REV"), \"src_dirty\": $GIT_DIRTY},"
     echo "  \"pgcopydb\": $(json_str "${PGCOPYDB_VERSION:-}"),"
-    echo "  \"params\": {\"scale\": $SCALE, \"jobs\": $JOBS, \"fsync\": $([ "$FAST" = 1 ] && echo false || echo true), \"rows\": $SRC_ROWS, \"source_db_bytes\": $DB_BYTES, \"bulk_rows\": $BULK_ROWS, \"backlog_txns\": $BACKLOG_TXNS, \"steady_rate\": $STEADY_RATE, \"steady_seconds\": $STEADY_SECONDS, \"pgcopydb_split\": $(json_str "$SPLIT_THRESHOLD"), \"native_streaming\": $(json_str "$NATIVE_STREAMING")},"
+    echo "  \"params\": {\"scale\": $SCALE, \"jobs\": $JOBS, \"fsync\": $([ "$FAST" = 1 ] && echo false || echo true), \"rows\": $SRC_ROWS, \"load_avg_1m_before\": $LOAD_START, \"source_db_bytes\": $DB_BYTES, \"bulk_rows\": $BULK_ROWS, \"backlog_txns\": $BACKLOG_TXNS, \"steady_rate\": $STEADY_RATE, \"steady_seconds\": $STEADY_SECONDS, \"pgcopydb_split\": $(json_str "$SPLIT_THRESHOLD"), \"native_streaming\": $(json_str "$NATIVE_STREAMING"), \"walshuttle_run_args\": $(json_str "${WALSHUTTLE_RUN_ARGS:-}")},"
     echo "  \"ratio_definition\": \"walshuttle / peer; lower is better for every measurement\","
     echo "  \"measurements\": ["
     n=${#ROWDEFS[@]}; i=0
@@ -782,6 +825,19 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\
     echo "  \"all_figures\": ["
     awk -F'\t' 'NR > 1 { printf ",\n" } { v = $3; if (v !~ /^-?[0-9.]+(e[-+]?[0-9]+)?$/ && v != "true" && v != "false" && v != "null") v = "\"" v "\""; printf "    {\"name\": \"%s\", \"tool\": \"%s\", \"value\": %s}", $1, $2, v } END { printf "\n" }' "$METRICS"
     echo "  ],"
+    echo "  \"samples\": {"
+    sep=""
+    for tool in walshuttle native; do
+        printf '%s    "%s": {' "$sep" "$tool"; sep=$',\n'
+        isep=""
+        for kind in lag-seconds lag-bytes idle-latency; do
+            f="$WORK/$kind-$tool.txt"
+            printf '%s"%s": [%s]' "$isep" "${kind//-/_}" "$( [ -f "$f" ] && grep -E '^-?[0-9.]+$' "$f" | paste -sd, - )"
+            isep=", "
+        done
+        printf '}'
+    done
+    printf '\n  },\n'
     echo "  \"notes\": ["
     awk 'NR > 1 { printf ",\n" } { gsub(/\\/, "\\\\"); gsub(/"/, "\\\""); gsub(/\t/, " "); printf "    \"%s\"", $0 } END { printf "\n" }' "$NOTES"
     echo "  ],"
@@ -810,3 +866,4 @@ if [ -f "$FAILED" ]; then
     exit 1
 fi
 exit 0
+}

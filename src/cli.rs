@@ -35,6 +35,17 @@ pub struct Connections {
     /// Log format: `text` for people, `json` for log pipelines.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// TOML file with any of the settings the flags take (see README); flags and
+    /// environment variables override it.
+    #[arg(
+        long,
+        env = "WALSHUTTLE_CONFIG",
+        global = true,
+        hide_env_values = true,
+        value_name = "FILE"
+    )]
+    pub config: Option<std::path::PathBuf>,
 }
 
 /// The subcommands.
@@ -55,6 +66,146 @@ pub enum Command {
     /// Compare source and target by key-range hashes. Exit 0 equal, 1 different,
     /// 2 error. --repair fixes the differing rows on the target.
     Verify(VerifyArgs),
+    /// Show every pipeline on the target: phase, positions and lag, the slot on the
+    /// source, copy progress, watermarks. Read-only.
+    Status(StatusArgs),
+    /// Retire a pipeline: drop its slot and publication on the source and its state
+    /// on the target. Replicated tables are left alone. Asks first unless --yes.
+    Teardown(TeardownArgs),
+    /// Work with the configuration file.
+    Config(ConfigArgs),
+    /// See it work: start two throwaway local PostgreSQL clusters, load the demo
+    /// schema, bootstrap, stream while a live writer runs (throughput and lag as it
+    /// goes), then verify. Ctrl-C or --seconds ends it and removes the clusters.
+    Demo(DemoArgs),
+}
+
+/// Options of `demo`.
+#[derive(Debug, Args, Clone)]
+pub struct DemoArgs {
+    /// Stop after this many seconds of streaming (default: at Ctrl-C).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+
+    /// Demo data scale: 100,000 recommendation rows per unit.
+    #[arg(long, default_value_t = 1)]
+    pub scale: u32,
+
+    /// Parallel copy workers (default: number of CPUs).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+}
+
+/// Options of `status`.
+#[derive(Debug, Args, Clone)]
+pub struct StatusArgs {
+    /// Schema on the target holding walshuttle's state.
+    #[arg(long, default_value = "walshuttle")]
+    pub state_schema: String,
+
+    /// Print the report as JSON (every key always present; null when unknown).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Warn when a slot retains more WAL than this on the source (bytes, or with a
+    /// unit as in postgresql.conf: 512MB, 2GB).
+    #[arg(long, default_value = "1GB", value_parser = parse_bytes, value_name = "BYTES")]
+    pub warn_retained_bytes: u64,
+
+    /// Creation-time column for the watermarks: `column` for every table, or
+    /// `schema.table=column` (repeatable; default created_at).
+    #[arg(long = "created-column", value_name = "[TABLE=]COLUMN")]
+    pub created_column: Vec<String>,
+
+    /// Last-update-time column for the watermarks (default updated_at).
+    #[arg(long = "updated-column", value_name = "[TABLE=]COLUMN")]
+    pub updated_column: Vec<String>,
+}
+
+impl StatusArgs {
+    /// Resolves the options.
+    pub fn options(&self) -> anyhow::Result<crate::status::StatusOptions> {
+        Ok(crate::status::StatusOptions {
+            state_schema: self.state_schema.clone(),
+            warn_retained_bytes: self.warn_retained_bytes,
+            created_columns: WatermarkArgs::columns(&self.created_column)?,
+            updated_columns: WatermarkArgs::columns(&self.updated_column)?,
+        })
+    }
+}
+
+/// Options of `teardown`.
+#[derive(Debug, Args, Clone)]
+pub struct TeardownArgs {
+    /// Replication slot (= pipeline) to tear down.
+    #[arg(long, default_value = "walshuttle")]
+    pub slot: String,
+
+    /// Publication to drop (default: the one recorded for the pipeline, else
+    /// walshuttle).
+    #[arg(long)]
+    pub publication: Option<String>,
+
+    /// Schema on the target holding walshuttle's state.
+    #[arg(long, default_value = "walshuttle")]
+    pub state_schema: String,
+
+    /// Do not ask for confirmation (needed when stdin is not a terminal).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+impl TeardownArgs {
+    /// Resolves the options.
+    pub fn options(&self) -> crate::teardown::TeardownOptions {
+        crate::teardown::TeardownOptions {
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            state_schema: self.state_schema.clone(),
+        }
+    }
+}
+
+/// `config` subcommands.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigArgs {
+    /// What to do with the file.
+    #[command(subcommand)]
+    pub action: ConfigAction,
+}
+
+/// What `config` does.
+#[derive(Debug, Subcommand, Clone)]
+pub enum ConfigAction {
+    /// Validate the --config file (unknown keys, URLs, durations, addresses) and
+    /// print the resolved settings, passwords redacted. Exit 0 valid, 1 not.
+    Check,
+}
+
+/// Parses `1073741824`, `512MB`, `2GB` into bytes. Units count in 1024s, as in
+/// `postgresql.conf` (`kB`, `MB`, `GB`, `TB`; `KiB`, `MiB`, `GiB`, `TiB` too).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let bad = || format!("`{text}` is not a size: use e.g. 1073741824, 512MB, 2GB");
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    let power = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "kb" | "kib" => 1,
+        "mb" | "mib" => 2,
+        "gb" | "gib" => 3,
+        "tb" | "tib" => 4,
+        _ => return Err(bad()),
+    };
+    let factor = 1024f64.powi(power);
+    let bytes = value * factor;
+    if !(0.0..=9.0e18).contains(&bytes) {
+        return Err(format!("`{text}` is out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Which columns carry a row's creation and last-update times.
@@ -221,6 +372,15 @@ pub struct RunArgs {
     /// Seconds between standby status updates sent to the source.
     #[arg(long, default_value_t = 1.0)]
     pub status_interval: f64,
+
+    /// Serve Prometheus metrics on /metrics and a health check on /healthz at this
+    /// address, e.g. 127.0.0.1:9187.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
+    /// Lag above which /healthz answers 503 (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
+    pub healthz_max_lag: std::time::Duration,
 }
 
 impl RunArgs {
@@ -234,6 +394,8 @@ impl RunArgs {
             catch_up: self.watermarks.catch_up_options(&bootstrap, false)?,
             bootstrap,
             status_interval: std::time::Duration::from_secs_f64(self.status_interval),
+            metrics_addr: self.metrics_addr,
+            healthz_max_lag: self.healthz_max_lag,
         })
     }
 }

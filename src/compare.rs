@@ -216,7 +216,11 @@ pub async fn row_hashes(
 ) -> Result<HashMap<String, i64>> {
     let mut filter = range.predicate(table);
     if let Some(keys) = only {
-        let list = keys.iter().map(|k| quote_literal(k)).collect::<Vec<_>>().join(", ");
+        let list = keys
+            .iter()
+            .map(|k| quote_literal(k))
+            .collect::<Vec<_>>()
+            .join(", ");
         filter = format!("{filter} AND {} IN ({list})", key_expr(table));
     }
     let sql = if table.key.is_empty() {

@@ -5,6 +5,8 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 
+use crate::pg::tls::{self, TlsSettings};
+
 /// Which side of the pipeline a connection belongs to; named in every error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -38,8 +40,11 @@ impl std::fmt::Display for Side {
 pub struct Endpoint {
     /// Which side this is.
     pub side: Side,
-    /// Parsed settings, as tokio-postgres understands them.
+    /// Parsed settings, as tokio-postgres understands them (its `ssl_mode` is the
+    /// closest it knows to `tls.mode`).
     pub config: tokio_postgres::Config,
+    /// `sslmode` and `sslrootcert`, which tokio-postgres does not fully understand.
+    pub tls: TlsSettings,
     /// The connection string with any password replaced by `***`: the only form
     /// that may appear in logs, errors and `status`.
     pub redacted: String,
@@ -63,7 +68,10 @@ impl Endpoint {
                 side.flag()
             );
         }
-        let config = tokio_postgres::Config::from_str(text).map_err(|e| {
+        let (rest, tls) = tls::extract_settings(text).map_err(|e| {
+            anyhow::anyhow!("the {side} connection string `{redacted}` is not usable: {e}")
+        })?;
+        let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| {
             anyhow::anyhow!(
                 "the {side} connection string `{redacted}` does not parse ({e}): use the form postgresql://user:password@host:5432/dbname"
             )
@@ -73,9 +81,11 @@ impl Endpoint {
                 "the {side} connection string `{redacted}` names no host: add one, e.g. postgresql://user@localhost:5432/dbname"
             );
         }
+        config.ssl_mode(tls.mode.driver_mode());
         Ok(Endpoint {
             side,
             config,
+            tls,
             redacted,
         })
     }
@@ -204,6 +214,63 @@ mod tests {
             "host=db password = *** user=a"
         );
         assert_eq!(redact("host=db passwordless=1"), "host=db passwordless=1");
+    }
+
+    #[test]
+    fn tls_settings_come_from_the_connection_string() {
+        use crate::pg::tls::SslMode;
+        let e = Endpoint::parse(
+            Side::Source,
+            "postgresql://u:pw@localhost:5433/app?sslmode=verify-full&sslrootcert=/etc/ca.pem",
+        )
+        .unwrap();
+        assert_eq!(e.tls.mode, SslMode::VerifyFull);
+        assert_eq!(
+            e.tls.root_cert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
+        assert_eq!(
+            e.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        assert_eq!(e.dbname(), "app");
+        assert_eq!(e.config.get_ports(), &[5433]);
+        assert_eq!(
+            e.redacted,
+            "postgresql://u:***@localhost:5433/app?sslmode=verify-full&sslrootcert=/etc/ca.pem"
+        );
+
+        let e = Endpoint::parse(Side::Target, "host=db dbname=app sslmode=verify-ca").unwrap();
+        assert_eq!(e.tls.mode, SslMode::VerifyCa);
+        assert_eq!(e.tls.root_cert, None);
+
+        let e = Endpoint::parse(Side::Target, "postgresql://db/app").unwrap();
+        assert_eq!(e.tls.mode, SslMode::Prefer);
+        assert_eq!(
+            e.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Prefer
+        );
+        let e = Endpoint::parse(Side::Target, "postgresql://db/app?sslmode=disable").unwrap();
+        assert_eq!(
+            e.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Disable
+        );
+    }
+
+    #[test]
+    fn bad_sslmode_is_one_clear_line_without_the_password() {
+        let err = Endpoint::parse(
+            Side::Source,
+            "postgresql://u:topsecret@db/app?sslmode=verfy-full",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("topsecret"), "{err}");
+        assert!(
+            err.contains("sslmode `verfy-full` is not supported"),
+            "{err}"
+        );
+        assert!(err.contains("verify-full"), "{err}");
     }
 
     #[test]

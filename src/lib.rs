@@ -13,6 +13,10 @@
 //! - [`compare`]: key-range hashing shared by verify and catch-up.
 //! - [`verify`]: proves both sides equal, optionally repairs.
 //! - [`catchup`]: gap repair from watermarks when the WAL is gone.
+//! - [`observe`]: metrics, `/metrics` and `/healthz` for `run --metrics-addr`.
+//! - [`status`]: where every pipeline stands (`walshuttle status`).
+//! - [`teardown`]: retiring a pipeline (`walshuttle teardown`).
+//! - [`settings`]: the `--config` file and its precedence under env and flags.
 //! - [`cli`]: the command-line contract users script against.
 
 pub mod bootstrap;
@@ -21,8 +25,14 @@ pub mod catchup;
 pub mod cli;
 pub mod compare;
 pub mod config;
+pub mod demo;
+pub mod localpg;
+pub mod observe;
 pub mod pg;
 pub mod run;
+pub mod settings;
 pub mod state;
+pub mod status;
 pub mod stream;
+pub mod teardown;
 pub mod verify;

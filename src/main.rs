@@ -3,12 +3,35 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use walshuttle::cli::{Cli, Command};
+use clap::{CommandFactory, FromArgMatches};
+use walshuttle::cli::{Cli, Command, ConfigAction};
 use walshuttle::config::{endpoint, Side};
+use walshuttle::settings::{FileConfig, Resolved};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    // verify reserves 1 for "different"; its errors exit 2.
+    let error_code = if matches!(cli.command, Command::Verify(_)) {
+        2
+    } else {
+        1
+    };
+    // The config file fills what neither a flag nor the environment set.
+    let file = match cli.connections.config.as_deref().map(FileConfig::load) {
+        None => None,
+        Some(Ok(resolved)) => {
+            resolved.apply(&mut cli, &matches);
+            Some(resolved)
+        }
+        Some(Err(e)) => {
+            eprintln!("error: {}", one_line(&e));
+            return ExitCode::from(error_code);
+        }
+    };
     init_logging(&cli.connections.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -20,13 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // verify reserves 1 for "different"; its errors exit 2.
-    let error_code = if matches!(cli.command, Command::Verify(_)) {
-        2
-    } else {
-        1
-    };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(dispatch(cli, file, matches)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
@@ -35,9 +52,71 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn dispatch(
+    cli: Cli,
+    file: Option<Resolved>,
+    matches: clap::ArgMatches,
+) -> anyhow::Result<ExitCode> {
     let conns = &cli.connections;
     match &cli.command {
+        Command::Status(args) => {
+            let opts = args.options()?;
+            let target = endpoint(Side::Target, conns.target.as_deref())?;
+            let source = match conns.source.as_deref() {
+                Some(url) => Some(endpoint(Side::Source, Some(url))?),
+                None => None,
+            };
+            let report = walshuttle::status::status(source.as_ref(), &target, &opts).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(args) => {
+            let jobs = args.jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            });
+            let opts = walshuttle::demo::DemoOptions {
+                seconds: args.seconds,
+                scale: args.scale.max(1),
+                jobs: jobs.max(1),
+            };
+            let equal = walshuttle::demo::demo(&opts, shutdown_signal()).await?;
+            Ok(if equal {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Teardown(args) => {
+            let opts = args.options();
+            let source = endpoint(Side::Source, conns.source.as_deref())?;
+            let target = endpoint(Side::Target, conns.target.as_deref())?;
+            let summary = walshuttle::teardown::teardown(&source, &target, &opts, args.yes).await?;
+            for line in &summary.lines {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(args) => match args.action {
+            ConfigAction::Check => {
+                let Some(file) = file else {
+                    anyhow::bail!(
+                        "config check needs a file: pass --config walshuttle.toml (or set WALSHUTTLE_CONFIG)"
+                    );
+                };
+                let report = file.report(&cli, &matches)?;
+                if let Some(path) = &conns.config {
+                    println!("config file {}: valid", path.display());
+                }
+                println!("{report}");
+                Ok(ExitCode::SUCCESS)
+            }
+        },
         Command::Bootstrap(args) => {
             let opts = args.options()?;
             let source = endpoint(Side::Source, conns.source.as_deref())?;

@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use crate::bootstrap::{self, BootstrapOptions};
 use crate::config::Endpoint;
+use crate::observe::{self, RunPhase};
 use crate::pg::connect;
 use crate::state::{Phase, StateStore};
 use crate::stream::relations::Fatal;
@@ -23,6 +24,33 @@ pub struct RunOptions {
     pub catch_up: crate::catchup::CatchUpOptions,
     /// Interval of standby status updates to the source.
     pub status_interval: Duration,
+    /// Where to serve `/metrics` and `/healthz`, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Lag above which `/healthz` answers 503.
+    pub healthz_max_lag: Duration,
+}
+
+impl RunOptions {
+    /// Defaults for a pipeline (what `run` uses without flags): demo and tests.
+    pub fn for_pipeline(bootstrap: BootstrapOptions) -> Self {
+        RunOptions {
+            catch_up: crate::catchup::CatchUpOptions {
+                slot: bootstrap.slot.clone(),
+                publication: bootstrap.publication.clone(),
+                state_schema: bootstrap.state_schema.clone(),
+                tables: bootstrap.tables.clone(),
+                jobs: bootstrap.jobs,
+                margin: Duration::from_secs(300),
+                created_columns: Default::default(),
+                updated_columns: Default::default(),
+                without_slot: false,
+            },
+            bootstrap,
+            status_interval: Duration::from_secs(1),
+            metrics_addr: None,
+            healthz_max_lag: Duration::from_secs(60),
+        }
+    }
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -36,6 +64,29 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let state = StateStore::new(&opts.bootstrap.state_schema);
+    if let Some(addr) = opts.metrics_addr {
+        observe::serve(addr, &opts.bootstrap.slot, opts.healthz_max_lag).await?;
+    }
+    observe::set_phase(RunPhase::Starting, None);
+    let result = run_pipeline(source, target, opts, state, &mut shutdown).await;
+    let reason = match &result {
+        Ok(()) => "stopped on request".to_string(),
+        Err(e) => {
+            observe::error("fatal");
+            format!("stopped: {e:#}")
+        }
+    };
+    observe::set_phase(RunPhase::Stopped, Some(reason));
+    result
+}
+
+async fn run_pipeline(
+    source: &Endpoint,
+    target: &Endpoint,
+    opts: &RunOptions,
+    state: StateStore,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<()> {
     ensure_bootstrapped(source, target, &opts.bootstrap, &state).await?;
     let cfg = StreamConfig {
         slot: opts.bootstrap.slot.clone(),
@@ -51,7 +102,7 @@ pub async fn run(
             return Ok(());
         }
         let started = Instant::now();
-        match session::stream(source, target, &cfg, &mut shutdown).await {
+        match session::stream(source, target, &cfg, shutdown).await {
             Ok(()) => return Ok(()),
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             Err(e) if e.downcast_ref::<crate::catchup::SlotGone>().is_some() => {
@@ -65,6 +116,10 @@ pub async fn run(
                     .into());
                 }
                 tracing::warn!(slot = %cfg.slot, ?reason, "the replication slot is gone and its WAL with it: repairing the gap from watermarks instead of recopying");
+                observe::set_phase(
+                    RunPhase::CatchingUp,
+                    Some("the replication slot is gone: repairing the gap from watermarks".into()),
+                );
                 let summary = crate::catchup::catch_up(source, target, &opts.catch_up).await?;
                 tracing::warn!(
                     rows_upserted = summary.rows_upserted,
@@ -76,7 +131,13 @@ pub async fn run(
             }
             Err(e) => {
                 let text = format!("{e:#}");
+                observe::set_phase(
+                    RunPhase::Reconnecting,
+                    Some(format!("replication interrupted, retrying: {text}")),
+                );
+                observe::reconnect();
                 if let Some(holder) = slot_held_by_other(source, &cfg.slot, &e).await {
+                    observe::error("slot_busy");
                     let since = *slot_busy_since.get_or_insert_with(Instant::now);
                     if since.elapsed() > Duration::from_secs(90) {
                         return Err(Fatal(format!(
@@ -91,6 +152,7 @@ pub async fn run(
                     }
                 } else {
                     slot_busy_since = None;
+                    observe::error("stream");
                     if last_error.as_deref() != Some(text.as_str()) {
                         tracing::warn!(error = %text, "replication interrupted; retrying with backoff");
                         last_error = Some(text);
@@ -131,6 +193,10 @@ async fn ensure_bootstrapped(
         return Ok(());
     }
     tracing::info!(slot = %opts.slot, "no finished bootstrap: bootstrapping first");
+    observe::set_phase(
+        RunPhase::Bootstrapping,
+        Some("bootstrapping: copying the tables".into()),
+    );
     let summary = bootstrap::bootstrap(source, target, opts).await?;
     eprintln!("{}", summary.render());
     Ok(())

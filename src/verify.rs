@@ -233,7 +233,12 @@ pub async fn verify(
             if diff.is_empty() || !wait_for_stream(&src, &opts.slot).await? {
                 break;
             }
-            let keys: Vec<String> = diff.to_copy.iter().chain(&diff.to_delete).cloned().collect();
+            let keys: Vec<String> = diff
+                .to_copy
+                .iter()
+                .chain(&diff.to_delete)
+                .cloned()
+                .collect();
             diff = compare::diff_keys(&src, &tgt, table, &range, Compared::WholeRows, Some(&keys))
                 .await?;
         }

@@ -86,18 +86,26 @@ async fn dropped_slot_is_repaired_from_watermarks_in_proportion_to_the_change() 
     // second: 300) were upserted; 11 rows deleted.
     let upserted = parse_count(&stdout, "rows upserted");
     let deleted = parse_count(&stdout, "rows deleted");
-    assert!((51..=400).contains(&upserted), "upserted {upserted}: {stdout}");
+    assert!(
+        (51..=400).contains(&upserted),
+        "upserted {upserted}: {stdout}"
+    );
     assert_eq!(deleted, 11, "{stdout}");
-    assert!(stdout.contains("public.tags has no created/updated columns"), "{stdout}");
+    assert!(
+        stdout.contains("public.tags has no created/updated columns"),
+        "{stdout}"
+    );
 
     // `run` streams from the new slot.
     let mut logs = RunLogs::new();
     let mut cmd = walshuttle(&source, &target);
     cmd.arg("run");
     let mut child = logs.spawn(cmd);
-    src.batch_execute("UPDATE items SET name = 'after' WHERE id = 1; DELETE FROM tags WHERE id = 8")
-        .await
-        .unwrap();
+    src.batch_execute(
+        "UPDATE items SET name = 'after' WHERE id = 1; DELETE FROM tags WHERE id = 8",
+    )
+    .await
+    .unwrap();
     wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
 
     let mut cmd = walshuttle(&source, &target);
@@ -130,7 +138,10 @@ async fn run_notices_the_lost_slot_and_repairs_by_itself() {
         .unwrap();
     wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
     let log = child.log();
-    assert!(log.contains("slot is gone"), "no warning about the lost slot:\n{log}");
+    assert!(
+        log.contains("slot is gone"),
+        "no warning about the lost slot:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,11 +160,9 @@ async fn a_transaction_straddling_the_watermark_is_not_missed() {
 
     // A long transaction starts: its rows carry its start time.
     let long = source.client().await;
-    long.batch_execute(
-        "BEGIN; INSERT INTO items VALUES (777777, 'long', 1, now(), now())",
-    )
-    .await
-    .unwrap();
+    long.batch_execute("BEGIN; INSERT INTO items VALUES (777777, 'long', 1, now(), now())")
+        .await
+        .unwrap();
     let started: String = long
         .query_one(
             "SELECT xact_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
@@ -181,7 +190,10 @@ async fn a_transaction_straddling_the_watermark_is_not_missed() {
     .unwrap();
     wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
     child.sigterm();
-    assert!(child.wait_exit(Duration::from_secs(20)).await.is_some(), "run did not stop");
+    assert!(
+        child.wait_exit(Duration::from_secs(20)).await.is_some(),
+        "run did not stop"
+    );
 
     // The slot is lost, then the long transaction commits.
     src.batch_execute("SELECT pg_drop_replication_slot('walshuttle')")
@@ -222,7 +234,10 @@ async fn polling_keeps_a_source_without_logical_decoding_in_step() {
     wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
     child.sigterm();
     let status = child.wait_exit(Duration::from_secs(20)).await;
-    assert!(status.is_some_and(|s| s.success()), "poll did not stop cleanly: {status:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "poll did not stop cleanly: {status:?}"
+    );
 
     // `run` cannot stream from such a source, and says what to do.
     let mut cmd = walshuttle(&source, &target);
@@ -270,7 +285,10 @@ async fn verify_reports_differences_and_repairs_them() {
     let (code, stdout, _) = verify(&[]);
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("public.items: DIFFERENT"), "{stdout}");
-    assert!(stdout.contains("(42)") && stdout.contains("(43)") && stdout.contains("(-1)"), "{stdout}");
+    assert!(
+        stdout.contains("(42)") && stdout.contains("(43)") && stdout.contains("(-1)"),
+        "{stdout}"
+    );
     assert!(stdout.contains("public.bag: DIFFERENT"), "{stdout}");
     assert!(stdout.contains("public.tags: equal"), "{stdout}");
 
@@ -326,6 +344,9 @@ async fn verify_while_streaming_does_not_report_changes_in_flight() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = handle.await.unwrap();
     assert!(writes > 5, "the writer did not run");
-    assert_eq!(code, 0, "changes in flight reported as differences: {stdout}{stderr}");
+    assert_eq!(
+        code, 0,
+        "changes in flight reported as differences: {stdout}{stderr}"
+    );
     wait_for_convergence(&src, &tgt, TABLES, Duration::from_secs(60)).await;
 }

@@ -146,6 +146,7 @@ async fn copy_chunk(
     .pg_context(ctx)?;
     tx.commit().await.pg_context(ctx)?;
     job.progress.add_rows(table, rows);
+    crate::observe::rows_copied(table, rows);
     tracing::debug!(table = %table, chunk = chunk.chunk_no, rows, bytes, worker, "chunk copied");
     Ok(())
 }

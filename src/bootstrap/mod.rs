@@ -522,7 +522,7 @@ async fn finish(
                     .batch_execute(&sql)
                     .await
                     .pg_context(|| format!("building on the target: {sql}"))?;
-                tracing::info!(statement = %sql, "built index on the target");
+                tracing::debug!(statement = %sql, "built index on the target");
             }
             Ok::<(), anyhow::Error>(())
         }));

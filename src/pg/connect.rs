@@ -1,22 +1,32 @@
 //! Ordinary (non-replication) connections, with errors a user can act on.
 
 use anyhow::Result;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::Endpoint;
+use crate::pg::tls::{self, MakeRustlsConnect, SslMode};
 
 /// Opens a normal SQL session to one side and drives its connection on a task.
 ///
 /// `purpose` becomes the session's `application_name` suffix, so `pg_stat_activity`
 /// on either server shows which part of walshuttle a connection belongs to.
+///
+/// TLS follows the endpoint's `sslmode`/`sslrootcert` (see [`crate::pg::tls`]).
 pub async fn connect(endpoint: &Endpoint, purpose: &str) -> Result<Client> {
     let mut config = endpoint.config.clone();
     config.application_name(format!("walshuttle {purpose}"));
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }
+    let tls_config = endpoint.tls.client_config().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the {} database {}: {e}",
+            endpoint.side,
+            endpoint.redacted
+        )
+    })?;
     let (client, connection) = config
-        .connect(NoTls)
+        .connect(MakeRustlsConnect::new(tls_config))
         .await
         .map_err(|e| connect_error(endpoint, &e))?;
     let side = endpoint.side;
@@ -31,8 +41,24 @@ pub async fn connect(endpoint: &Endpoint, purpose: &str) -> Result<Client> {
 /// Builds the one-line message for a failed connection attempt, naming the side,
 /// the redacted URL and what to check.
 pub fn connect_error(endpoint: &Endpoint, e: &tokio_postgres::Error) -> anyhow::Error {
+    if let Some(problem) = tls_problem(endpoint, e) {
+        return anyhow::anyhow!(
+            "cannot connect to the {} database {}: {problem}",
+            endpoint.side,
+            endpoint.redacted
+        );
+    }
     let what = describe(e);
     let hint = match e.code().map(|c| c.code()) {
+        Some("28000")
+            if e.as_db_error()
+                .is_some_and(|db| db.message().contains("no encryption")) =>
+        {
+            format!(
+                "the server accepts this connection only over TLS: use sslmode=require, or verify-full with sslrootcert, in {}",
+                endpoint.side.flag()
+            )
+        }
         Some("28P01") | Some("28000") => {
             format!("check the user and password in {}", endpoint.side.flag())
         }
@@ -51,6 +77,30 @@ pub fn connect_error(endpoint: &Endpoint, e: &tokio_postgres::Error) -> anyhow::
         endpoint.side,
         endpoint.redacted
     )
+}
+
+/// The one-line TLS part of a failed connection, when TLS is what failed.
+fn tls_problem(endpoint: &Endpoint, e: &tokio_postgres::Error) -> Option<String> {
+    if tls::find_rustls_error(e).is_some() {
+        return Some(tls::handshake_failure(e, &endpoint.tls));
+    }
+    // tokio-postgres's own TLS failures ("error performing TLS handshake: …").
+    if e.as_db_error().is_some() || !e.to_string().contains("TLS") {
+        return None;
+    }
+    let cause = std::error::Error::source(e)
+        .map(|s| s.to_string())
+        .unwrap_or_default();
+    if cause.contains("server does not support TLS") {
+        return Some(tls::refused_message(endpoint.tls.mode));
+    }
+    if cause.contains("no hostname") && endpoint.tls.mode != SslMode::Disable {
+        return Some(format!(
+            "TLS is not available over a Unix-domain socket but sslmode={} requires it; use a TCP host name, or sslmode=prefer",
+            endpoint.tls.mode
+        ));
+    }
+    Some(format!("TLS handshake failed: {cause}"))
 }
 
 /// Renders a driver error as one line: the server's own message (with detail and

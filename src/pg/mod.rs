@@ -5,6 +5,7 @@ pub mod connect;
 pub mod ident;
 pub mod lsn;
 pub mod replication;
+pub mod tls;
 
 pub use connect::{connect, PgResultExt};
 pub use ident::{quote_ident, quote_literal, QualifiedName};

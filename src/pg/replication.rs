@@ -21,6 +21,7 @@ use tokio_postgres::error::SqlState;
 use crate::config::Endpoint;
 use crate::pg::ident::quote_ident;
 use crate::pg::lsn::Lsn;
+use crate::pg::tls::{self, NegotiateError, Negotiated, TlsSettings};
 
 /// What went wrong on a replication connection; callers branch on the kind
 /// (a slot in use is waited for, a lost connection is retried).
@@ -46,6 +47,10 @@ pub enum ReplicationError {
     /// no password was given where one is needed.
     #[error("{0}")]
     Auth(String),
+    /// TLS was required but refused, could not be set up, or its handshake failed
+    /// (a certificate that does not verify, for one).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl ReplicationError {
@@ -60,8 +65,8 @@ impl ReplicationError {
 
 type Result<T> = std::result::Result<T, ReplicationError>;
 
-trait Transport: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Transport for T {}
+trait Transport: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Transport for T {}
 
 /// One row of a simple-query result: text values by column position.
 #[derive(Debug, Clone)]
@@ -112,7 +117,7 @@ impl ReplicationClient {
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(10));
-        let io = tokio::time::timeout(timeout, open_transport(config))
+        let io = tokio::time::timeout(timeout, open_transport(config, &endpoint.tls))
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out")
@@ -521,25 +526,51 @@ fn pg_now_micros() -> i64 {
     i64::try_from(micros).unwrap_or(i64::MAX)
 }
 
-async fn open_transport(config: &tokio_postgres::Config) -> std::io::Result<Box<dyn Transport>> {
+/// Connects to the first reachable host and negotiates TLS per `sslmode`
+/// (SSLRequest, then a rustls handshake when the server answers `S`). Unix-domain
+/// sockets never use TLS, as with libpq and the server itself.
+async fn open_transport(
+    config: &tokio_postgres::Config,
+    tls: &TlsSettings,
+) -> Result<Box<dyn Transport>> {
     let hosts = config.get_hosts();
+    let hostaddrs = config.get_hostaddrs();
     let ports = config.get_ports();
     let mut last_err = None;
     for (i, host) in hosts.iter().enumerate() {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let attempt: std::io::Result<Box<dyn Transport>> = match host {
-            Host::Tcp(name) => match tokio::net::TcpStream::connect((name.as_str(), port)).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    Ok(Box::new(s))
+        let attempt: Result<Box<dyn Transport>> = match host {
+            Host::Tcp(name) => {
+                let connected = match hostaddrs.get(i) {
+                    Some(addr) => tokio::net::TcpStream::connect((*addr, port)).await,
+                    None => tokio::net::TcpStream::connect((name.as_str(), port)).await,
+                };
+                match connected {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        match tls::negotiate(s, tls, name).await {
+                            Ok(Negotiated::Plain(s)) => Ok(Box::new(s) as Box<dyn Transport>),
+                            Ok(Negotiated::Tls(s)) => Ok(s as Box<dyn Transport>),
+                            Err(NegotiateError::Io(e)) => Err(ReplicationError::Io(e)),
+                            Err(NegotiateError::Tls(m)) => Err(ReplicationError::Tls(m)),
+                        }
+                    }
+                    Err(e) => Err(ReplicationError::Io(e)),
                 }
-                Err(e) => Err(e),
-            },
+            }
             Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                tokio::net::UnixStream::connect(path)
-                    .await
-                    .map(|s| Box::new(s) as Box<dyn Transport>)
+                if tls.mode.tls_required() {
+                    Err(ReplicationError::Tls(format!(
+                        "TLS is not available over a Unix-domain socket but sslmode={} requires it; use a TCP host name, or sslmode=prefer",
+                        tls.mode
+                    )))
+                } else {
+                    let path = dir.join(format!(".s.PGSQL.{port}"));
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(|s| Box::new(s) as Box<dyn Transport>)
+                        .map_err(ReplicationError::Io)
+                }
             }
         };
         match attempt {
@@ -547,7 +578,8 @@ async fn open_transport(config: &tokio_postgres::Config) -> std::io::Result<Box<
             Err(e) => last_err = Some(e),
         }
     }
-    Err(last_err.unwrap_or_else(|| std::io::Error::other("no host to connect to")))
+    Err(last_err
+        .unwrap_or_else(|| ReplicationError::Io(std::io::Error::other("no host to connect to"))))
 }
 
 fn missing_password() -> ReplicationError {

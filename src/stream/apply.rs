@@ -20,6 +20,7 @@ use tokio_postgres::{Client, Statement};
 use super::decoder::{OldTuple, TupleData, TupleValue};
 use super::relations::{Relations, TableShape};
 use super::values::{CopyEncoder, RawArray, RawValue, TEXT_OID};
+use crate::observe::{self, RowOp};
 use crate::pg::{PgResultExt, QualifiedName};
 
 /// Buffered bytes after which a session flushes its ops to the target.
@@ -123,7 +124,25 @@ pub struct TargetSession {
     statements: HashMap<String, Statement>,
     /// Totals since the session started.
     pub counts: ApplyCounts,
+    /// Rows per table and operation in the open transaction, reported to metrics
+    /// when it commits.
+    uncommitted: HashMap<(QualifiedName, RowOp), u64>,
+    /// A COPY left open while inserts into one table keep arriving with nothing
+    /// else buffered: rows stream to the target as they are decoded, overlapping
+    /// the target's work with the source's.
+    open_copy: Option<OpenCopy>,
 }
+
+/// An open `COPY … FROM STDIN` fed row by row.
+struct OpenCopy {
+    rel: u32,
+    table: QualifiedName,
+    sink: std::pin::Pin<Box<tokio_postgres::CopyInSink<Bytes>>>,
+    encoder: CopyEncoder,
+}
+
+/// Encoded bytes gathered before they are handed to the connection.
+const COPY_CHUNK: usize = 128 * 1024;
 
 impl TargetSession {
     /// Wraps a connection, configuring it for apply.
@@ -150,6 +169,8 @@ impl TargetSession {
             bytes: 0,
             statements: HashMap::new(),
             counts: ApplyCounts::default(),
+            uncommitted: HashMap::new(),
+            open_copy: None,
         })
     }
 
@@ -186,6 +207,82 @@ impl TargetSession {
         self.ops.push(op);
     }
 
+    /// Applies a change: in strict mode, an insert with nothing buffered before it
+    /// streams straight into an open COPY (returns true: it is in the target
+    /// transaction now); anything else is buffered for the next flush (false).
+    pub async fn push_or_stream(
+        &mut self,
+        op: Op,
+        relations: &Relations,
+        mode: Mode,
+    ) -> Result<bool> {
+        // Only while one table's inserts run uninterrupted: interleaved tables go to
+        // the buffer, which groups them per table at the next flush.
+        let fast = mode == Mode::Strict
+            && self.ops.is_empty()
+            && matches!(&op, Op::Insert { rel, .. } if self.open_copy.as_ref().is_none_or(|c| c.rel == *rel));
+        let Op::Insert { rel, new } = op else {
+            self.push(op);
+            return Ok(false);
+        };
+        if !fast {
+            self.push(Op::Insert { rel, new });
+            return Ok(false);
+        }
+        if self.open_copy.is_none() {
+            self.begin().await?;
+            let shape = relations.get(rel)?;
+            let format = if shape.binary { " (FORMAT binary)" } else { "" };
+            let sql = format!(
+                "COPY {} ({}) FROM STDIN{format}",
+                shape.name.quoted(),
+                shape.column_list()
+            );
+            let stmt = self.statement(sql).await?;
+            let sink = self
+                .client
+                .copy_in::<_, Bytes>(&stmt)
+                .await
+                .pg_context(|| format!("inserting into {} on the target", shape.name))?;
+            self.open_copy = Some(OpenCopy {
+                rel,
+                table: shape.name.clone(),
+                sink: Box::pin(sink),
+                encoder: CopyEncoder::new(shape.binary),
+            });
+        }
+        if let Some(copy) = self.open_copy.as_mut() {
+            copy.encoder.push_row(new.columns.iter());
+            if copy.encoder.len() >= COPY_CHUNK {
+                let chunk = copy.encoder.take();
+                copy.sink
+                    .as_mut()
+                    .feed(chunk)
+                    .await
+                    .pg_context(|| format!("inserting into {} on the target", copy.table))?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Ends the open COPY, if any, so other statements can run.
+    async fn finish_copy(&mut self) -> Result<()> {
+        let Some(mut copy) = self.open_copy.take() else {
+            return Ok(());
+        };
+        let rows = copy.encoder.rows() as u64;
+        let ctx = || format!("inserting {rows} rows into {} on the target", copy.table);
+        copy.sink
+            .as_mut()
+            .send(copy.encoder.finish())
+            .await
+            .pg_context(ctx)?;
+        copy.sink.as_mut().finish().await.pg_context(ctx)?;
+        self.counts.inserted += rows;
+        self.note_applied(&copy.table, RowOp::Insert, rows);
+        Ok(())
+    }
+
     /// Splits off the ops buffered after position `at` (to commit what came before).
     pub fn split_off(&mut self, at: usize) -> Vec<Op> {
         let tail = self.ops.split_off(at.min(self.ops.len()));
@@ -208,6 +305,7 @@ impl TargetSession {
     /// Runs SQL inside the open transaction (opening one if needed).
     pub async fn execute_in_txn(&mut self, sql: &str) -> Result<()> {
         self.begin().await?;
+        self.finish_copy().await?;
         self.client
             .batch_execute(sql)
             .await
@@ -216,6 +314,7 @@ impl TargetSession {
 
     /// Sends every buffered op to the target, inside the open transaction.
     pub async fn flush(&mut self, relations: &Relations, mode: Mode) -> Result<()> {
+        self.finish_copy().await?;
         if self.ops.is_empty() {
             return Ok(());
         }
@@ -268,13 +367,20 @@ impl TargetSession {
         if !self.in_txn {
             return Ok(None);
         }
+        self.finish_copy().await?;
         let sql = format!("{extra_sql}; COMMIT; SELECT pg_current_wal_insert_lsn()::text");
         self.in_txn = false;
+        let rows = std::mem::take(&mut self.uncommitted);
+        let started = std::time::Instant::now();
         let messages = self
             .client
             .simple_query(&sql)
             .await
             .pg_context(|| "committing an apply transaction on the target".into())?;
+        observe::apply_commit_duration(started.elapsed());
+        for ((table, op), n) in rows {
+            observe::rows_applied(&table, op, n);
+        }
         let lsn = messages.iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|s| s.parse().ok()),
             _ => None,
@@ -284,8 +390,11 @@ impl TargetSession {
 
     /// Rolls the open transaction back and drops buffered ops.
     pub async fn rollback(&mut self) -> Result<()> {
+        // Dropping an unfinished COPY makes the connection abandon it.
+        self.open_copy = None;
         self.ops.clear();
         self.bytes = 0;
+        self.uncommitted.clear();
         if self.in_txn {
             self.in_txn = false;
             self.client
@@ -324,15 +433,17 @@ impl TargetSession {
             shape.column_list()
         );
         let ctx = || format!("inserting {rows} rows into {} on the target", shape.name);
+        let stmt = self.statement(sql).await?;
         let sink = self
             .client
-            .copy_in::<_, Bytes>(&sql)
+            .copy_in::<_, Bytes>(&stmt)
             .await
             .pg_context(ctx)?;
         futures_util::pin_mut!(sink);
         sink.send(enc.finish()).await.pg_context(ctx)?;
         sink.finish().await.pg_context(ctx)?;
         self.counts.inserted += rows;
+        self.note_applied(&shape.name, RowOp::Insert, rows);
         Ok(())
     }
 
@@ -341,6 +452,7 @@ impl TargetSession {
             if let Op::Insert { new, .. } = op {
                 self.upsert_row(shape, new, true).await?;
                 self.counts.inserted += 1;
+                self.note_applied(&shape.name, RowOp::Insert, 1);
             }
         }
         Ok(())
@@ -420,6 +532,7 @@ impl TargetSession {
         for ((op, n), _) in run.iter().zip(&affected).zip(&prepared) {
             if *n > 0 {
                 self.counts.updated += 1;
+                self.note_applied(&shape.name, RowOp::Update, 1);
                 continue;
             }
             let Op::Update { new, .. } = op else { continue };
@@ -428,6 +541,7 @@ impl TargetSession {
                     // The copy did not have the row: the update's new image is it.
                     self.upsert_row(shape, new, false).await?;
                     self.counts.inserted += 1;
+                    self.note_applied(&shape.name, RowOp::Insert, 1);
                 }
                 Mode::Strict => self.note_missing(shape, "update"),
             }
@@ -451,6 +565,7 @@ impl TargetSession {
             for n in affected {
                 if n > 0 {
                     self.counts.deleted += 1;
+                    self.note_applied(&shape.name, RowOp::Delete, 1);
                 }
             }
             return Ok(());
@@ -525,6 +640,7 @@ impl TargetSession {
             )
         })?;
         self.counts.deleted += n;
+        self.note_applied(&shape.name, RowOp::Delete, n);
         Ok(())
     }
 
@@ -546,6 +662,13 @@ impl TargetSession {
             affected.extend(results);
         }
         Ok(affected)
+    }
+
+    /// Counts rows of the open transaction for the metrics reported at commit.
+    fn note_applied(&mut self, table: &QualifiedName, op: RowOp, rows: u64) {
+        if rows > 0 {
+            *self.uncommitted.entry((table.clone(), op)).or_insert(0) += rows;
+        }
     }
 
     fn note_missing(&mut self, shape: &TableShape, what: &str) {

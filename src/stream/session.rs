@@ -84,6 +84,10 @@ struct Session<'a> {
     idle_wal_end: Lsn,
     consistent: bool,
     snapshot_lsn: Lsn,
+    /// A second target connection for position checks and flags.
+    monitor: Client,
+    /// `SELECT pg_current_wal_flush_lsn()`, prepared once on `monitor`.
+    flush_lsn_query: tokio_postgres::Statement,
 }
 
 /// Streams changes from the slot into the target until `shutdown` turns true (Ok)
@@ -153,8 +157,18 @@ pub async fn stream(
         state.save_pipeline(&target_client, &p).await?;
     }
     tracing::info!(slot = %cfg.slot, start = %applied, binary, consistent = pipeline.consistent, "streaming changes");
+    crate::observe::set_phase(crate::observe::RunPhase::Streaming, None);
 
+    // Position checks and flags go through their own connection: the apply
+    // connection may be in the middle of a COPY.
+    let monitor = connect(target, "apply monitor").await?;
+    let flush_lsn_query = monitor
+        .prepare("SELECT pg_current_wal_flush_lsn()::text")
+        .await
+        .pg_context(|| "preparing on the target".into())?;
     let mut session = Session {
+        monitor,
+        flush_lsn_query,
         cfg,
         target,
         source_sql,
@@ -205,6 +219,8 @@ async fn binary_capable(
         match crate::catalog::check_target(target, &table).await {
             Ok(fit) if fit.binary() => {}
             Ok(_) => return Ok(false),
+            // A lost connection is retried; an incompatible table is not.
+            Err(e) if source.is_closed() || target.is_closed() => return Err(e),
             Err(e) => return Err(Fatal(e.to_string()).into()),
         }
     }
@@ -241,6 +257,8 @@ impl Session<'_> {
                                 self.idle_wal_end = self.idle_wal_end.max(wal_end);
                                 self.maybe_become_consistent(wal_end).await?;
                             }
+                            let applied = self.flush_position().max(self.applied);
+                            crate::observe::stream_position(wal_end, applied, self.is_idle());
                             if reply_requested {
                                 self.send_status(replication, false).await?;
                             }
@@ -256,12 +274,23 @@ impl Session<'_> {
                     }
                     self.check_durable().await?;
                     self.send_status(replication, true).await?;
+                    let applied = self.flush_position().max(self.applied);
+                    crate::observe::stream_position(self.received, applied, self.is_idle());
                     if last_oldest_record.elapsed() >= Duration::from_secs(10) && !self.main.in_txn() {
                         self.record_oldest_xact().await?;
                         last_oldest_record = Instant::now();
                     }
                 }
                 _ = shutdown.changed() => {}
+            }
+            // Coalesce while more is already buffered; commit as soon as the stream
+            // goes quiet, whatever message came last.
+            if self.batch_txns > 0
+                && self.current.is_none()
+                && self.in_stream.is_none()
+                && !replication.has_buffered_message()
+            {
+                self.commit_batch(replication).await?;
             }
         }
     }
@@ -280,7 +309,7 @@ impl Session<'_> {
             .get(0);
         self.cfg
             .state
-            .set_oldest_xact(&self.main.client, &self.cfg.slot, &at)
+            .set_oldest_xact(&self.monitor, &self.cfg.slot, &at)
             .await
     }
 
@@ -435,6 +464,7 @@ impl Session<'_> {
                 let sql = self.progress_sql(c.end_lsn, c.commit_time);
                 let target_lsn = st.session.commit(&sql).await?;
                 self.committed(c.end_lsn, target_lsn);
+                crate::observe::transactions_applied(1, c.commit_time);
                 self.send_status(replication, false).await?;
             }
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
@@ -471,7 +501,7 @@ impl Session<'_> {
                 }
                 st.current_sub = sub;
             }
-            st.session.push(op);
+            st.session.push_or_stream(op, &self.relations, mode).await?;
             if st.session.buffered_bytes() >= FLUSH_BYTES {
                 st.session.flush(&self.relations, mode).await?;
             }
@@ -484,7 +514,12 @@ impl Session<'_> {
             return Ok(());
         }
         let mode = txn.mode;
-        self.main.push(op);
+        if self.main.push_or_stream(op, &self.relations, mode).await? {
+            // Rows of this unfinished transaction are in the target transaction now.
+            self.main_mark = 0;
+            self.main_has_partial = true;
+            return Ok(());
+        }
         if self.main.buffered_bytes() >= FLUSH_BYTES {
             // A large transaction: commit the complete ones before it, then let it
             // have the target transaction to itself.
@@ -568,8 +603,11 @@ impl Session<'_> {
         } else {
             Mode::Reconcile
         };
-        if self.main.buffered() > 0 {
-            self.main.flush(&self.relations, mode).await?;
+        // Flushing also ends an open COPY, which must not be left open while the
+        // catalog is read on this connection.
+        let had_work = self.main.buffered() > 0;
+        self.main.flush(&self.relations, mode).await?;
+        if had_work {
             self.main_mark = 0;
             if self.current.is_some() {
                 self.main_has_partial = true;
@@ -616,6 +654,7 @@ impl Session<'_> {
         let sql = self.progress_sql(end_lsn, commit_time);
         let target_lsn = self.main.commit(&sql).await?;
         self.committed(end_lsn, target_lsn);
+        crate::observe::transactions_applied(self.batch_txns, commit_time);
         self.batch_txns = 0;
         self.main_mark = 0;
         self.main_has_partial = false;
@@ -659,8 +698,7 @@ impl Session<'_> {
         if self.consistent || wal_end < self.snapshot_lsn {
             return Ok(());
         }
-        self.main
-            .client
+        self.monitor
             .execute(
                 &format!(
                     "UPDATE {} SET consistent = true, updated_at = now() WHERE pipeline = $1",
@@ -681,9 +719,8 @@ impl Session<'_> {
             return Ok(());
         }
         let flushed: String = self
-            .main
-            .client
-            .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+            .monitor
+            .query_one(&self.flush_lsn_query, &[])
             .await
             .pg_context(|| "reading the target's flushed WAL position".into())?
             .get(0);
@@ -756,7 +793,17 @@ impl Session<'_> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.send_status(replication, false).await?;
+        // Ask for a reply, and wait for it: the walsender answers after it has taken
+        // in the final position, so the slot shows it once this process is gone.
+        self.send_status(replication, true).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while let Ok(Ok(message)) =
+            tokio::time::timeout_at(deadline, replication.next_message()).await
+        {
+            if matches!(message, ReplicationMessage::Keepalive { .. }) {
+                break;
+            }
+        }
         tracing::info!(applied = %self.applied, flushed = %self.flush_position(), "stopped cleanly");
         Ok(())
     }

@@ -24,6 +24,12 @@ pub struct ClusterOptions {
     pub wal_level: &'static str,
     /// Further `postgresql.conf` lines.
     pub extra_conf: Vec<String>,
+    /// When set, the server runs with `ssl = on` and this certificate and key.
+    pub tls: Option<ServerTls>,
+    /// When not empty, `pg_hba.conf` is replaced by these lines (after `local` trust
+    /// lines for normal and replication connections), e.g.
+    /// `hostssl all all 127.0.0.1/32 scram-sha-256`.
+    pub hba: Vec<String>,
 }
 
 impl Default for ClusterOptions {
@@ -31,8 +37,19 @@ impl Default for ClusterOptions {
         ClusterOptions {
             wal_level: "logical",
             extra_conf: Vec::new(),
+            tls: None,
+            hba: Vec::new(),
         }
     }
+}
+
+/// A server certificate and its private key, both PEM.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The server certificate (followed by any intermediates).
+    pub cert_pem: String,
+    /// The certificate's private key (PKCS#8 or traditional PEM).
+    pub key_pem: String,
 }
 
 /// A running throwaway PostgreSQL server.
@@ -150,6 +167,31 @@ impl Cluster {
             "logging_collector = off".into(),
         ];
         conf.extend(options.extra_conf);
+        if let Some(tls) = &options.tls {
+            // The server refuses a key readable by others; as root it must also be
+            // owned by the server user.
+            let cert = data.join("server.crt");
+            let key = data.join("server.key");
+            std::fs::write(&cert, &tls.cert_pem).expect("write server.crt");
+            std::fs::write(&key, &tls.key_pem).expect("write server.key");
+            set_mode(&key, 0o600);
+            if as_postgres {
+                chown_postgres(&cert);
+                chown_postgres(&key);
+            }
+            conf.push("ssl = on".into());
+            conf.push("ssl_cert_file = 'server.crt'".into());
+            conf.push("ssl_key_file = 'server.key'".into());
+        }
+        if !options.hba.is_empty() {
+            let mut hba = vec![
+                "local all all trust".to_string(),
+                "local replication all trust".to_string(),
+            ];
+            hba.extend(options.hba.iter().cloned());
+            hba.push(String::new());
+            std::fs::write(data.join("pg_hba.conf"), hba.join("\n")).expect("write pg_hba.conf");
+        }
         let conf_path = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
         text.push('\n');
@@ -725,4 +767,45 @@ pub async fn try_connect(url: &str) -> Option<Client> {
         let _ = conn.await;
     });
     Some(client)
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for TLS tests.
+// ---------------------------------------------------------------------------
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+impl Cluster {
+    /// URL for a database through a given host name (e.g. `localhost`, to match a
+    /// certificate) with extra query parameters (e.g. `sslmode=verify-full&sslrootcert=…`).
+    pub fn url_via(&self, host: &str, db: &str, query: &str) -> String {
+        let mut url = format!("postgresql://postgres:{PASSWORD}@{host}:{}/{db}", self.port);
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(query);
+        }
+        url
+    }
+
+    /// A client for a database over the cluster's Unix-domain socket (trusted, no
+    /// TLS): works whatever `pg_hba.conf` demands of TCP connections.
+    pub async fn local_client_for(&self, db: &str) -> Client {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host_path(self.dir.path())
+            .port(self.port)
+            .user("postgres")
+            .dbname(db);
+        let (client, conn) = config.connect(NoTls).await.unwrap_or_else(|e| {
+            panic!("connect to test cluster {} over its socket: {e}", self.port)
+        });
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
 }

@@ -1,0 +1,523 @@
+//! The configuration file (`--config walshuttle.toml`): every setting the flags
+//! take, in one TOML file. Precedence, lowest first: built-in defaults, the file,
+//! environment variables, command-line flags. Unknown keys are errors, so a typo
+//! never silently falls back to a default.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::parser::ValueSource;
+use clap::ArgMatches;
+
+use crate::cli::{parse_bytes, parse_duration, BootstrapArgs, Cli, Command, WatermarkArgs};
+use crate::config::{redact, Endpoint, Side};
+use crate::pg::QualifiedName;
+
+/// A list given as a TOML array or as one comma-separated string.
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum List {
+    /// `["a", "b"]`
+    Items(Vec<String>),
+    /// `"a, b"`
+    Text(String),
+}
+
+impl List {
+    fn items(&self) -> Vec<String> {
+        match self {
+            List::Items(v) => v.clone(),
+            List::Text(t) => t
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }
+    }
+}
+
+/// A number, or text with a unit (`"30s"`, `"1GB"`).
+#[derive(Clone, Debug, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Quantity {
+    /// A bare number: seconds, or bytes.
+    Number(f64),
+    /// Text with a unit.
+    Text(String),
+}
+
+/// The file, as written. Every key is optional.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Source database URL.
+    pub source: Option<String>,
+    /// Target database URL.
+    pub target: Option<String>,
+    /// `text` or `json`.
+    pub log_format: Option<String>,
+    /// Slot (= pipeline) name.
+    pub slot: Option<String>,
+    /// Publication name.
+    pub publication: Option<String>,
+    /// State schema on the target.
+    pub state_schema: Option<String>,
+    /// Parallel workers.
+    pub jobs: Option<usize>,
+    /// Tables, `[schema.]table`.
+    pub tables: Option<List>,
+    /// Empty target tables that hold rows before copying.
+    pub truncate_target: Option<bool>,
+    /// Creation-time columns (`column` or `schema.table=column`).
+    pub created_column: Option<List>,
+    /// Update-time columns.
+    pub updated_column: Option<List>,
+    /// Catch-up safety margin (`5m`).
+    pub margin: Option<Quantity>,
+    /// Catch-up polling interval (`30s`).
+    pub poll: Option<Quantity>,
+    /// Standby status interval of `run` (`1s`, or seconds).
+    pub status_interval: Option<Quantity>,
+    /// Where `run` serves `/metrics` and `/healthz` (`127.0.0.1:9187`).
+    pub metrics_addr: Option<String>,
+    /// Lag above which `/healthz` is 503 (`60s`).
+    pub healthz_max_lag: Option<Quantity>,
+    /// Retained WAL above which `status` warns (`1GB`, or bytes).
+    pub warn_retained_bytes: Option<Quantity>,
+}
+
+/// The file's values, parsed and checked.
+#[derive(Clone, Debug, Default)]
+pub struct Resolved {
+    /// The file, as written.
+    pub file: FileConfig,
+    /// Parsed `tables`.
+    pub tables: Option<Vec<String>>,
+    /// Parsed `margin`.
+    pub margin: Option<Duration>,
+    /// Parsed `poll`.
+    pub poll: Option<Duration>,
+    /// Parsed `status_interval`, seconds.
+    pub status_interval: Option<f64>,
+    /// Parsed `metrics_addr`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Parsed `healthz_max_lag`.
+    pub healthz_max_lag: Option<Duration>,
+    /// Parsed `warn_retained_bytes`.
+    pub warn_retained_bytes: Option<u64>,
+}
+
+fn duration(key: &str, q: &Option<Quantity>) -> Result<Option<Duration>> {
+    let Some(q) = q else { return Ok(None) };
+    let text = match q {
+        Quantity::Number(n) => n.to_string(),
+        Quantity::Text(t) => t.clone(),
+    };
+    parse_duration(&text)
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("`{key}`: {e}"))
+}
+
+/// The line (1-based) of a byte offset in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+impl FileConfig {
+    /// Reads and checks a file. Every error is one line naming the file.
+    pub fn load(path: &Path) -> Result<Resolved> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read the config file {shown}: {e}"))?;
+        let file: FileConfig = toml::from_str(&text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|s| format!(" (line {})", line_of(&text, s.start)))
+                .unwrap_or_default();
+            anyhow::anyhow!(
+                "config file {shown}{at}: {}",
+                e.message().trim().replace('\n', " ")
+            )
+        })?;
+        file.resolve()
+            .map_err(|e| anyhow::anyhow!("config file {shown}: {e:#}"))
+    }
+
+    /// Parses and checks every value.
+    pub fn resolve(self) -> Result<Resolved> {
+        for (key, url, side) in [
+            ("source", &self.source, Side::Source),
+            ("target", &self.target, Side::Target),
+        ] {
+            if let Some(url) = url {
+                Endpoint::parse(side, url).map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?;
+            }
+        }
+        if let Some(f) = &self.log_format {
+            if f != "text" && f != "json" {
+                bail!("`log_format` is `{f}`: use \"text\" or \"json\"");
+            }
+        }
+        if self.jobs == Some(0) {
+            bail!("`jobs` must be at least 1");
+        }
+        let tables = self.tables.as_ref().map(List::items);
+        for t in tables.iter().flatten() {
+            QualifiedName::parse(t).map_err(|e| anyhow::anyhow!("`tables`: {e}"))?;
+        }
+        for (key, list) in [
+            ("created_column", &self.created_column),
+            ("updated_column", &self.updated_column),
+        ] {
+            if let Some(list) = list {
+                WatermarkArgs::columns(&list.items())
+                    .map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?;
+            }
+        }
+        let status_interval =
+            duration("status_interval", &self.status_interval)?.map(|d| d.as_secs_f64());
+        if let Some(s) = status_interval {
+            if !(s > 0.0 && s <= 3600.0) {
+                bail!("`status_interval` must be between 0 and 3600 seconds");
+            }
+        }
+        let metrics_addr = match &self.metrics_addr {
+            None => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!(
+                    "`metrics_addr` is `{a}`: use an address and port, e.g. \"127.0.0.1:9187\""
+                )
+            })?),
+        };
+        let warn_retained_bytes = match &self.warn_retained_bytes {
+            None => None,
+            Some(Quantity::Number(n)) if *n >= 0.0 && n.fract() == 0.0 => Some(*n as u64),
+            Some(Quantity::Number(n)) => {
+                bail!("`warn_retained_bytes` is {n}: use a whole number of bytes or e.g. \"1GB\"")
+            }
+            Some(Quantity::Text(t)) => {
+                Some(parse_bytes(t).map_err(|e| anyhow::anyhow!("`warn_retained_bytes`: {e}"))?)
+            }
+        };
+        Ok(Resolved {
+            tables,
+            margin: duration("margin", &self.margin)?,
+            poll: duration("poll", &self.poll)?,
+            status_interval,
+            metrics_addr,
+            healthz_max_lag: duration("healthz_max_lag", &self.healthz_max_lag)?,
+            warn_retained_bytes,
+            file: self,
+        })
+    }
+}
+
+/// Whether the user set `id` on the command line or through its environment
+/// variable (rather than leaving clap's default, or nothing).
+fn given_in(m: &ArgMatches, id: &str) -> bool {
+    m.ids().any(|i| i.as_str() == id)
+        && matches!(
+            m.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+}
+
+/// Where a setting came from, for `config check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A command-line flag.
+    Flag,
+    /// An environment variable.
+    Env,
+    /// The config file.
+    File,
+    /// The built-in default.
+    Default,
+}
+
+impl Origin {
+    /// How `config check` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Flag => "command line",
+            Origin::Env => "environment",
+            Origin::File => "config file",
+            Origin::Default => "default",
+        }
+    }
+}
+
+fn origin(m: &ArgMatches, id: &str, in_file: bool) -> Origin {
+    let source = if m.ids().any(|i| i.as_str() == id) {
+        m.value_source(id)
+    } else {
+        None
+    };
+    match source {
+        Some(ValueSource::CommandLine) => Origin::Flag,
+        Some(ValueSource::EnvVariable) => Origin::Env,
+        _ if in_file => Origin::File,
+        _ => Origin::Default,
+    }
+}
+
+impl Resolved {
+    /// Fills every setting the user did not give on the command line or in the
+    /// environment from the file.
+    pub fn apply(&self, cli: &mut Cli, top: &ArgMatches) {
+        let f = &self.file;
+        let sub = top.subcommand().map(|(_, m)| m);
+        let given = |id: &str| given_in(top, id) || sub.is_some_and(|m| given_in(m, id));
+        let conns = &mut cli.connections;
+        if !given("source") && f.source.is_some() {
+            conns.source = f.source.clone();
+        }
+        if !given("target") && f.target.is_some() {
+            conns.target = f.target.clone();
+        }
+        if let Some(v) = f.log_format.as_ref().filter(|_| !given("log_format")) {
+            conns.log_format = v.clone();
+        }
+        let bootstrap = |b: &mut BootstrapArgs| {
+            if let Some(v) = f.jobs.filter(|_| !given("jobs")) {
+                b.jobs = Some(v);
+            }
+            if let Some(v) = self.tables.as_ref().filter(|_| !given("tables")) {
+                b.tables = Some(v.clone());
+            }
+            if let Some(v) = f.slot.as_ref().filter(|_| !given("slot")) {
+                b.slot = v.clone();
+            }
+            if let Some(v) = f.publication.as_ref().filter(|_| !given("publication")) {
+                b.publication = v.clone();
+            }
+            if let Some(v) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
+                b.state_schema = v.clone();
+            }
+            if let Some(v) = f.truncate_target.filter(|_| !given("truncate_target")) {
+                b.truncate_target = v;
+            }
+        };
+        let watermarks = |w: &mut WatermarkArgs| {
+            if let Some(v) = f
+                .created_column
+                .as_ref()
+                .filter(|_| !given("created_column"))
+            {
+                w.created_column = v.items();
+            }
+            if let Some(v) = f
+                .updated_column
+                .as_ref()
+                .filter(|_| !given("updated_column"))
+            {
+                w.updated_column = v.items();
+            }
+            if let Some(v) = self.margin.filter(|_| !given("margin")) {
+                w.margin = v;
+            }
+        };
+        match &mut cli.command {
+            Command::Bootstrap(b) => bootstrap(b),
+            Command::Run(r) => {
+                bootstrap(&mut r.bootstrap);
+                watermarks(&mut r.watermarks);
+                if let Some(v) = self.status_interval.filter(|_| !given("status_interval")) {
+                    r.status_interval = v;
+                }
+                if let Some(v) = self.metrics_addr.filter(|_| !given("metrics_addr")) {
+                    r.metrics_addr = Some(v);
+                }
+                if let Some(v) = self.healthz_max_lag.filter(|_| !given("healthz_max_lag")) {
+                    r.healthz_max_lag = v;
+                }
+            }
+            Command::CatchUp(c) => {
+                bootstrap(&mut c.bootstrap);
+                watermarks(&mut c.watermarks);
+                if let Some(v) = self.poll.filter(|_| !given("poll")) {
+                    c.poll = Some(v);
+                }
+            }
+            Command::Verify(v) => {
+                if let Some(x) = f.jobs.filter(|_| !given("jobs")) {
+                    v.jobs = Some(x);
+                }
+                if let Some(x) = self.tables.as_ref().filter(|_| !given("tables")) {
+                    v.tables = Some(x.clone());
+                }
+                if let Some(x) = f.slot.as_ref().filter(|_| !given("slot")) {
+                    v.slot = x.clone();
+                }
+                if let Some(x) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
+                    v.state_schema = x.clone();
+                }
+            }
+            Command::Status(s) => {
+                if let Some(x) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
+                    s.state_schema = x.clone();
+                }
+                if let Some(x) = self
+                    .warn_retained_bytes
+                    .filter(|_| !given("warn_retained_bytes"))
+                {
+                    s.warn_retained_bytes = x;
+                }
+                if let Some(v) = f
+                    .created_column
+                    .as_ref()
+                    .filter(|_| !given("created_column"))
+                {
+                    s.created_column = v.items();
+                }
+                if let Some(v) = f
+                    .updated_column
+                    .as_ref()
+                    .filter(|_| !given("updated_column"))
+                {
+                    s.updated_column = v.items();
+                }
+            }
+            Command::Teardown(t) => {
+                if let Some(x) = f.slot.as_ref().filter(|_| !given("slot")) {
+                    t.slot = x.clone();
+                }
+                if let Some(x) = f.publication.as_ref().filter(|_| !given("publication")) {
+                    t.publication = Some(x.clone());
+                }
+                if let Some(x) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
+                    t.state_schema = x.clone();
+                }
+            }
+            Command::Config(_) | Command::Demo(_) => {}
+        }
+    }
+
+    /// The settings `config check` prints: every key with its effective value
+    /// (passwords redacted) and where it came from. Checks that the effective
+    /// source and target URLs parse, wherever they came from.
+    pub fn report(&self, cli: &Cli, top: &ArgMatches) -> Result<String> {
+        let f = &self.file;
+        let mut lines: Vec<(String, String, Origin)> = Vec::new();
+        for (key, value, side, in_file) in [
+            (
+                "source",
+                &cli.connections.source,
+                Side::Source,
+                f.source.is_some(),
+            ),
+            (
+                "target",
+                &cli.connections.target,
+                Side::Target,
+                f.target.is_some(),
+            ),
+        ] {
+            let shown = match value {
+                Some(url) => {
+                    Endpoint::parse(side, url)?;
+                    redact(url)
+                }
+                None => "(not set)".to_string(),
+            };
+            lines.push((key.to_string(), shown, origin(top, key, in_file)));
+        }
+        lines.push((
+            "log_format".into(),
+            cli.connections.log_format.clone(),
+            origin(top, "log_format", f.log_format.is_some()),
+        ));
+        let mut plain = |key: &str, value: Option<String>, default: &str| {
+            let o = if value.is_some() {
+                Origin::File
+            } else {
+                Origin::Default
+            };
+            lines.push((
+                key.to_string(),
+                value.unwrap_or_else(|| default.to_string()),
+                o,
+            ));
+        };
+        plain("slot", f.slot.clone(), "walshuttle");
+        plain("publication", f.publication.clone(), "walshuttle");
+        plain("state_schema", f.state_schema.clone(), "walshuttle");
+        plain("jobs", f.jobs.map(|j| j.to_string()), "number of CPUs");
+        plain(
+            "tables",
+            self.tables.as_ref().map(|t| t.join(", ")),
+            "every ordinary table outside system schemas",
+        );
+        plain(
+            "truncate_target",
+            f.truncate_target.map(|b| b.to_string()),
+            "false",
+        );
+        plain(
+            "created_column",
+            f.created_column.as_ref().map(|l| l.items().join(", ")),
+            "created_at",
+        );
+        plain(
+            "updated_column",
+            f.updated_column.as_ref().map(|l| l.items().join(", ")),
+            "updated_at",
+        );
+        plain("margin", self.margin.map(|d| format!("{d:?}")), "300s");
+        plain("poll", self.poll.map(|d| format!("{d:?}")), "(off)");
+        plain(
+            "status_interval",
+            self.status_interval.map(|s| format!("{s}s")),
+            "1s",
+        );
+        plain(
+            "metrics_addr",
+            self.metrics_addr.map(|a| a.to_string()),
+            "(off)",
+        );
+        plain(
+            "healthz_max_lag",
+            self.healthz_max_lag.map(|d| format!("{d:?}")),
+            "60s",
+        );
+        plain(
+            "warn_retained_bytes",
+            self.warn_retained_bytes.map(|b| b.to_string()),
+            "1073741824",
+        );
+        let width = lines.iter().map(|(k, _, _)| k.len()).max().unwrap_or(0);
+        let mut out = String::new();
+        for (k, v, o) in lines {
+            out.push_str(&format!("{k:<width$} = {v}  ({})\n", o.as_str()));
+        }
+        Ok(out.trim_end().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        let bad: std::result::Result<FileConfig, _> = toml::from_str("slott = \"x\"");
+        assert!(bad.is_err());
+        let file: FileConfig = toml::from_str(
+            "margin = \"5m\"\nstatus_interval = 2\nwarn_retained_bytes = \"2GiB\"\ntables = \"a, b.c\"",
+        )
+        .unwrap();
+        let r = file.resolve().unwrap();
+        assert_eq!(r.margin, Some(Duration::from_secs(300)));
+        assert_eq!(r.status_interval, Some(2.0));
+        assert_eq!(r.warn_retained_bytes, Some(2 << 30));
+        assert_eq!(r.tables, Some(vec!["a".to_string(), "b.c".to_string()]));
+        let file: FileConfig = toml::from_str("margin = \"5 fortnights\"").unwrap();
+        assert!(file.resolve().is_err());
+        let file: FileConfig =
+            toml::from_str("source = \"postgresql://u:pw@h:notaport/db\"").unwrap();
+        let err = file.resolve().unwrap_err().to_string();
+        assert!(err.contains("source") && !err.contains("pw@"), "{err}");
+    }
+}

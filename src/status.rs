@@ -1,0 +1,598 @@
+//! `walshuttle status`: where every pipeline recorded on the target stands: phase,
+//! positions and lag, the slot on the source, copy progress and watermarks.
+//!
+//! Read-only on both sides. The JSON form is schema-stable: every key is always
+//! present, `null` when unknown (e.g. the source is unreachable).
+
+use std::collections::HashMap;
+
+use anyhow::{bail, Result};
+use tokio_postgres::Client;
+
+use crate::config::Endpoint;
+use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
+use crate::state::{Phase, StateStore};
+
+/// Settings of `status`.
+#[derive(Clone, Debug)]
+pub struct StatusOptions {
+    /// State schema on the target.
+    pub state_schema: String,
+    /// WAL retained by a slot above which a warning is printed.
+    pub warn_retained_bytes: u64,
+    /// Creation-time columns per table (`None` key: the default), else `created_at`.
+    pub created_columns: HashMap<Option<QualifiedName>, String>,
+    /// Update-time columns per table (`None` key: the default), else `updated_at`.
+    pub updated_columns: HashMap<Option<QualifiedName>, String>,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StatusReport {
+    /// The source URL, password redacted; null when none was given.
+    pub source: Option<String>,
+    /// The target URL, password redacted.
+    pub target: String,
+    /// The state schema read.
+    pub state_schema: String,
+    /// The retained-WAL warning threshold in bytes.
+    pub warn_retained_bytes: u64,
+    /// Every pipeline recorded on the target, by name.
+    pub pipelines: Vec<PipelineStatus>,
+    /// Every warning, each naming its pipeline.
+    pub warnings: Vec<String>,
+}
+
+/// One pipeline.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PipelineStatus {
+    /// Pipeline (= slot) name.
+    pub pipeline: String,
+    /// Publication on the source.
+    pub publication: String,
+    /// What the pipeline is doing: the recorded phase, or `reconciling` (copied or
+    /// streaming but not yet consistent), or `stopped` (streaming recorded but no
+    /// consumer on the slot).
+    pub phase: String,
+    /// The phase as recorded in the state schema.
+    pub recorded_phase: String,
+    /// Whether the target is a consistent copy (not still reconciling).
+    pub consistent: bool,
+    /// `pg_current_wal_lsn()` on the source.
+    pub source_current_lsn: Option<Lsn>,
+    /// The slot's `confirmed_flush_lsn`.
+    pub confirmed_flush_lsn: Option<Lsn>,
+    /// The slot's `restart_lsn`.
+    pub restart_lsn: Option<Lsn>,
+    /// `progress.applied_lsn` on the target.
+    pub applied_lsn: Option<Lsn>,
+    /// Source current LSN minus the confirmed flush LSN.
+    pub lag_confirmed_bytes: Option<u64>,
+    /// Source current LSN minus the applied LSN.
+    pub lag_applied_bytes: Option<u64>,
+    /// Seconds since the source commit of the last applied transaction; 0 when the
+    /// applied or confirmed position has reached the source's current LSN.
+    pub lag_seconds: Option<f64>,
+    /// Source commit time of the last applied transaction.
+    pub last_commit_time: Option<String>,
+    /// WAL the slot keeps on the source: current LSN minus `restart_lsn`.
+    pub retained_wal_bytes: Option<u64>,
+    /// Whether the slot exists on the source (null when the source is unknown).
+    pub slot_exists: Option<bool>,
+    /// The slot's `wal_status` (`reserved`, `extended`, `unreserved`, `lost`).
+    pub wal_status: Option<String>,
+    /// Whether a consumer is attached to the slot.
+    pub slot_active: Option<bool>,
+    /// Process id of the walsender serving the consumer.
+    pub slot_active_pid: Option<i32>,
+    /// Rows copied by the bootstrap, over every table.
+    pub rows_copied: i64,
+    /// Chunks copied.
+    pub chunks_done: i64,
+    /// Chunks planned.
+    pub chunks_total: i64,
+    /// Per table.
+    pub tables: Vec<TableStatus>,
+    /// Warnings about this pipeline.
+    pub warnings: Vec<String>,
+}
+
+/// One table of a pipeline.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TableStatus {
+    /// `schema.table`.
+    pub table: String,
+    /// Rows copied by the bootstrap (sum of `chunks.rows_copied`).
+    pub rows_copied: i64,
+    /// Chunks copied.
+    pub chunks_done: i64,
+    /// Chunks planned.
+    pub chunks_total: i64,
+    /// `max(created_at)` on the target, as text; null without such a column.
+    pub created_max: Option<String>,
+    /// `max(updated_at)` on the target, as text; null without such a column.
+    pub updated_max: Option<String>,
+}
+
+/// Facts about one slot from the source.
+struct SlotFacts {
+    current: Option<Lsn>,
+    exists: bool,
+    confirmed: Option<Lsn>,
+    restart: Option<Lsn>,
+    wal_status: Option<String>,
+    active: Option<bool>,
+    active_pid: Option<i32>,
+    retained: Option<u64>,
+}
+
+fn parse_lsn(text: Option<String>) -> Option<Lsn> {
+    text.and_then(|t| t.parse().ok())
+}
+
+/// Gathers the report. Fails only when the target cannot be read or holds no
+/// walshuttle state; an unreachable source becomes a warning and nulls.
+pub async fn status(
+    source: Option<&Endpoint>,
+    target: &Endpoint,
+    opts: &StatusOptions,
+) -> Result<StatusReport> {
+    let tgt = connect(target, "status").await?;
+    let state = StateStore::new(&opts.state_schema);
+    if state.installed_version(&tgt).await?.is_none() {
+        bail!("no walshuttle pipeline on the target: run bootstrap");
+    }
+    state.check_version(&tgt).await?;
+    let names: Vec<String> = tgt
+        .query(
+            &format!(
+                "SELECT pipeline FROM {} ORDER BY pipeline",
+                state.table("pipelines")
+            ),
+            &[],
+        )
+        .await
+        .pg_context(|| "listing the pipelines on the target".into())?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if names.is_empty() {
+        bail!("no walshuttle pipeline on the target: run bootstrap");
+    }
+    let mut warnings = Vec::new();
+    let src = match source {
+        None => {
+            warnings.push(
+                "no source given (--source or WALSHUTTLE_SOURCE): source positions, lag and the slot are unknown"
+                    .to_string(),
+            );
+            None
+        }
+        Some(endpoint) => match connect(endpoint, "status").await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warnings.push(format!(
+                    "{e:#}: source positions, lag and the slot are unknown"
+                ));
+                None
+            }
+        },
+    };
+    let mut pipelines = Vec::with_capacity(names.len());
+    for name in names {
+        let p = pipeline_status(src.as_ref(), &tgt, &state, &name, opts).await?;
+        warnings.extend(p.warnings.iter().cloned());
+        pipelines.push(p);
+    }
+    Ok(StatusReport {
+        source: source.map(|s| s.redacted.clone()),
+        target: target.redacted.clone(),
+        state_schema: opts.state_schema.clone(),
+        warn_retained_bytes: opts.warn_retained_bytes,
+        pipelines,
+        warnings,
+    })
+}
+
+async fn slot_facts(src: &Client, slot: &str) -> Result<SlotFacts> {
+    let row = src
+        .query_one(
+            "SELECT pg_current_wal_lsn()::text, s.slot_name IS NOT NULL, s.confirmed_flush_lsn::text, \
+                    s.restart_lsn::text, s.wal_status, s.active, s.active_pid, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint \
+             FROM (VALUES (1)) v LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .pg_context(|| format!("reading replication slot {slot} on the source"))?;
+    let exists: bool = row.get(1);
+    Ok(SlotFacts {
+        current: parse_lsn(row.get(0)),
+        exists,
+        confirmed: parse_lsn(row.get(2)),
+        restart: parse_lsn(row.get(3)),
+        wal_status: row.get(4),
+        active: if exists { row.get(5) } else { Some(false) },
+        active_pid: row.get(6),
+        retained: row.get::<_, Option<i64>>(7).map(|v| v.max(0) as u64),
+    })
+}
+
+async fn pipeline_status(
+    src: Option<&Client>,
+    tgt: &Client,
+    state: &StateStore,
+    name: &str,
+    opts: &StatusOptions,
+) -> Result<PipelineStatus> {
+    let mut warnings = Vec::new();
+    let Some(pipeline) = state.pipeline(tgt, name).await? else {
+        bail!("pipeline {name} disappeared from the target while reading it: run status again");
+    };
+    // The source first, so the applied position read next is at least as new.
+    let slot = match src {
+        None => None,
+        Some(src) => match slot_facts(src, name).await {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warnings.push(format!("pipeline {name}: {e:#}"));
+                None
+            }
+        },
+    };
+    let progress = tgt
+        .query_opt(
+            &format!(
+                "SELECT applied_lsn::text, commit_time::text, \
+                        extract(epoch FROM clock_timestamp() - commit_time)::float8 \
+                 FROM {} WHERE pipeline = $1",
+                state.table("progress")
+            ),
+            &[&name],
+        )
+        .await
+        .pg_context(|| format!("reading the progress of pipeline {name}"))?;
+    let (applied, commit_time, since_commit) = match progress {
+        Some(r) => (
+            parse_lsn(r.get(0)),
+            r.get::<_, Option<String>>(1),
+            r.get::<_, Option<f64>>(2),
+        ),
+        None => (None, None, None),
+    };
+
+    let current = slot.as_ref().and_then(|s| s.current);
+    let confirmed = slot.as_ref().and_then(|s| s.confirmed);
+    let lag = |pos: Option<Lsn>| match (current, pos) {
+        (Some(c), Some(p)) => Some(c.bytes_since(p)),
+        _ => None,
+    };
+    let caught_up = current
+        .is_some_and(|c| applied.is_some_and(|a| a >= c) || confirmed.is_some_and(|f| f >= c));
+    let lag_seconds = if caught_up {
+        Some(0.0)
+    } else {
+        since_commit.map(|s| s.max(0.0))
+    };
+
+    let active = slot.as_ref().and_then(|s| s.active);
+    let recorded = pipeline.phase;
+    let phase = if recorded == Phase::Streaming
+        && slot.as_ref().is_some_and(|s| s.exists)
+        && active == Some(false)
+    {
+        "stopped".to_string()
+    } else if matches!(recorded, Phase::Streaming | Phase::Copied) && !pipeline.consistent {
+        "reconciling".to_string()
+    } else {
+        recorded.as_str().to_string()
+    };
+
+    if let Some(s) = &slot {
+        if !s.exists {
+            if recorded != Phase::CreatingSlot {
+                warnings.push(format!(
+                    "pipeline {name}: replication slot {name} does not exist on the source: `walshuttle run` repairs the gap with catch-up, or run `walshuttle teardown` if the pipeline is retired"
+                ));
+            }
+        } else {
+            match s.wal_status.as_deref() {
+                Some("lost") => warnings.push(format!(
+                    "pipeline {name}: replication slot {name} lost the WAL it needed (wal_status lost): `walshuttle run` repairs the gap with catch-up"
+                )),
+                Some("unreserved") => warnings.push(format!(
+                    "pipeline {name}: replication slot {name} is about to lose its WAL (wal_status unreserved, past max_wal_size): start `walshuttle run` or raise max_slot_wal_keep_size"
+                )),
+                _ => {}
+            }
+            if let Some(retained) = s.retained {
+                if retained > opts.warn_retained_bytes {
+                    warnings.push(format!(
+                        "pipeline {name}: replication slot {name} retains {} of WAL on the source (more than --warn-retained-bytes {}){}",
+                        human_bytes(retained),
+                        human_bytes(opts.warn_retained_bytes),
+                        if s.active == Some(true) {
+                            ": the consumer is falling behind"
+                        } else {
+                            ": no consumer is attached; start `walshuttle run`, or `walshuttle teardown` a retired pipeline"
+                        }
+                    ));
+                }
+            }
+        }
+    }
+
+    let tables = table_status(tgt, state, &pipeline.tables, name, opts).await?;
+    Ok(PipelineStatus {
+        pipeline: name.to_string(),
+        publication: pipeline.publication.clone(),
+        phase,
+        recorded_phase: recorded.as_str().to_string(),
+        consistent: pipeline.consistent,
+        source_current_lsn: current,
+        confirmed_flush_lsn: confirmed,
+        restart_lsn: slot.as_ref().and_then(|s| s.restart),
+        applied_lsn: applied,
+        lag_confirmed_bytes: lag(confirmed),
+        lag_applied_bytes: lag(applied),
+        lag_seconds,
+        last_commit_time: commit_time,
+        retained_wal_bytes: slot.as_ref().and_then(|s| s.retained),
+        slot_exists: slot.as_ref().map(|s| s.exists),
+        wal_status: slot.as_ref().and_then(|s| s.wal_status.clone()),
+        slot_active: active,
+        slot_active_pid: slot.as_ref().and_then(|s| s.active_pid),
+        rows_copied: tables.iter().map(|t| t.rows_copied).sum(),
+        chunks_done: tables.iter().map(|t| t.chunks_done).sum(),
+        chunks_total: tables.iter().map(|t| t.chunks_total).sum(),
+        tables,
+        warnings,
+    })
+}
+
+async fn table_status(
+    tgt: &Client,
+    state: &StateStore,
+    tables: &[QualifiedName],
+    pipeline: &str,
+    opts: &StatusOptions,
+) -> Result<Vec<TableStatus>> {
+    let rows = tgt
+        .query(
+            &format!(
+                "SELECT schema_name, table_name, coalesce(sum(rows_copied), 0)::bigint, \
+                        count(*) FILTER (WHERE done_at IS NOT NULL), count(*) \
+                 FROM {} WHERE pipeline = $1 GROUP BY schema_name, table_name",
+                state.table("chunks")
+            ),
+            &[&pipeline],
+        )
+        .await
+        .pg_context(|| format!("reading the copy progress of pipeline {pipeline}"))?;
+    let mut chunks: HashMap<QualifiedName, (i64, i64, i64)> = HashMap::new();
+    for r in &rows {
+        chunks.insert(
+            QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+            (r.get(2), r.get(3), r.get(4)),
+        );
+    }
+    let mut out = Vec::with_capacity(tables.len());
+    for table in tables {
+        let (rows_copied, chunks_done, chunks_total) =
+            chunks.get(table).copied().unwrap_or_default();
+        let created = column_for(&opts.created_columns, table, "created_at");
+        let updated = column_for(&opts.updated_columns, table, "updated_at");
+        let (created_max, updated_max) = watermarks(tgt, table, &created, &updated).await?;
+        out.push(TableStatus {
+            table: table.to_string(),
+            rows_copied,
+            chunks_done,
+            chunks_total,
+            created_max,
+            updated_max,
+        });
+    }
+    Ok(out)
+}
+
+fn column_for(
+    map: &HashMap<Option<QualifiedName>, String>,
+    table: &QualifiedName,
+    default: &str,
+) -> String {
+    map.get(&Some(table.clone()))
+        .or_else(|| map.get(&None))
+        .cloned()
+        .unwrap_or_else(|| default.to_string())
+}
+
+/// `max()` of the watermark columns on the target, each `None` when the table or
+/// the column does not exist there.
+async fn watermarks(
+    tgt: &Client,
+    table: &QualifiedName,
+    created: &str,
+    updated: &str,
+) -> Result<(Option<String>, Option<String>)> {
+    let present: Vec<String> = tgt
+        .query(
+            "SELECT a.attname::text FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped \
+               AND a.attname::text = ANY($2)",
+            &[
+                &table.quoted(),
+                &vec![created.to_string(), updated.to_string()],
+            ],
+        )
+        .await
+        .pg_context(|| format!("reading the columns of {table} on the target"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expr = |col: &str| {
+        if present.iter().any(|p| p == col) {
+            format!("max({})::text", crate::pg::quote_ident(col))
+        } else {
+            "NULL::text".to_string()
+        }
+    };
+    if present.is_empty() {
+        return Ok((None, None));
+    }
+    // A column type without ordering (say json) has no watermark: show none.
+    match tgt
+        .query_one(
+            &format!(
+                "SELECT {}, {} FROM {}",
+                expr(created),
+                expr(updated),
+                table.quoted()
+            ),
+            &[],
+        )
+        .await
+    {
+        Ok(row) => Ok((row.get(0), row.get(1))),
+        Err(e) => {
+            tracing::debug!(table = %table, error = %crate::pg::connect::describe(&e), "no watermark");
+            Ok((None, None))
+        }
+    }
+}
+
+/// Bytes for people: `512 B`, `3.4 MiB`, `1.0 GiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn or_unknown<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map(|x| x.to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+impl StatusReport {
+    /// The report for people: a block per pipeline, then one `WARNING:` line each.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        for p in &self.pipelines {
+            out.push_str(&format!(
+                "pipeline {} (publication {})\n",
+                p.pipeline, p.publication
+            ));
+            out.push_str(&format!(
+                "  phase            {}{}\n",
+                p.phase,
+                if p.phase != p.recorded_phase {
+                    format!(" (recorded: {})", p.recorded_phase)
+                } else {
+                    String::new()
+                }
+            ));
+            out.push_str(&format!(
+                "  consistent       {}\n",
+                if p.consistent { "yes" } else { "no" }
+            ));
+            out.push_str(&format!(
+                "  source LSN       {}\n",
+                or_unknown(&p.source_current_lsn)
+            ));
+            out.push_str(&format!(
+                "  confirmed flush  {} (lag {})\n",
+                or_unknown(&p.confirmed_flush_lsn),
+                p.lag_confirmed_bytes
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "unknown".into())
+            ));
+            out.push_str(&format!(
+                "  applied          {} (lag {}, {})\n",
+                or_unknown(&p.applied_lsn),
+                p.lag_applied_bytes
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "unknown".into()),
+                p.lag_seconds
+                    .map(|s| format!("{s:.1} s"))
+                    .unwrap_or_else(|| "time unknown".into())
+            ));
+            out.push_str(&format!(
+                "  last commit      {}\n",
+                p.last_commit_time.as_deref().unwrap_or("none yet")
+            ));
+            let slot = match (p.slot_exists, p.slot_active) {
+                (None, _) => "unknown (source not read)".to_string(),
+                (Some(false), _) => "missing on the source".to_string(),
+                (Some(true), active) => format!(
+                    "{}, wal_status {}, retains {}",
+                    if active == Some(true) {
+                        format!(
+                            "active (pid {})",
+                            p.slot_active_pid
+                                .map(|x| x.to_string())
+                                .unwrap_or_else(|| "?".into())
+                        )
+                    } else {
+                        "inactive".to_string()
+                    },
+                    p.wal_status.as_deref().unwrap_or("unknown"),
+                    p.retained_wal_bytes
+                        .map(human_bytes)
+                        .unwrap_or_else(|| "unknown".into())
+                ),
+            };
+            out.push_str(&format!("  slot             {slot}\n"));
+            out.push_str(&format!(
+                "  copied           {} rows, {}/{} chunks\n",
+                p.rows_copied, p.chunks_done, p.chunks_total
+            ));
+            let width = p
+                .tables
+                .iter()
+                .map(|t| t.table.len())
+                .max()
+                .unwrap_or(5)
+                .max(5);
+            out.push_str(&format!(
+                "  {:<width$}  {:>12}  {:>9}  {:<32}  {}\n",
+                "table", "rows copied", "chunks", "created max", "updated max"
+            ));
+            for t in &p.tables {
+                out.push_str(&format!(
+                    "  {:<width$}  {:>12}  {:>9}  {:<32}  {}\n",
+                    t.table,
+                    t.rows_copied,
+                    format!("{}/{}", t.chunks_done, t.chunks_total),
+                    t.created_max.as_deref().unwrap_or("-"),
+                    t.updated_max.as_deref().unwrap_or("-")
+                ));
+            }
+        }
+        for w in &self.warnings {
+            out.push_str(&format!("WARNING: {w}\n"));
+        }
+        out.trim_end().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_bytes_picks_a_unit() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+    }
+}
