@@ -518,6 +518,137 @@ impl TargetSession {
     }
 
     async fn updates(&mut self, shape: &TableShape, run: &[Op], mode: Mode) -> Result<()> {
+        // In strict mode, consecutive updates that set the same columns without
+        // changing the key become one set-based statement; the rest go one by one.
+        let set_based = mode == Mode::Strict && !shape.match_full_row && !shape.has_array_column();
+        let mut start = 0;
+        while start < run.len() {
+            let mask = if set_based {
+                same_key_mask(shape, &run[start])
+            } else {
+                None
+            };
+            let mut end = start + 1;
+            if mask.is_some() {
+                while end < run.len() && same_key_mask(shape, &run[end]) == mask {
+                    end += 1;
+                }
+            }
+            match mask {
+                Some(mask) if end - start >= SET_BASED_MIN => {
+                    self.set_based_updates(shape, &run[start..end], &mask)
+                        .await?
+                }
+                _ => self.row_updates(shape, &run[start..end], mode).await?,
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// One `UPDATE … FROM unnest(…)` for updates setting the same columns; the last
+    /// image of each key wins, as it would applied one by one.
+    async fn set_based_updates(
+        &mut self,
+        shape: &TableShape,
+        run: &[Op],
+        mask: &[bool],
+    ) -> Result<()> {
+        let mut last_by_key: HashMap<Vec<Bytes>, usize> = HashMap::with_capacity(run.len());
+        for (i, op) in run.iter().enumerate() {
+            let Op::Update { new, .. } = op else { continue };
+            let key: Vec<Bytes> = shape
+                .key
+                .iter()
+                .map(|&k| value_bytes(new.columns.get(k)))
+                .collect();
+            last_by_key.insert(key, i);
+        }
+        let mut rows: Vec<usize> = last_by_key.into_values().collect();
+        rows.sort_unstable();
+        let cols: Vec<usize> = (0..shape.columns.len()).filter(|&i| mask[i]).collect();
+        let arrays = cols
+            .iter()
+            .enumerate()
+            .map(|(n, &c)| {
+                if shape.binary {
+                    format!("${}::{}[]", n + 1, shape.columns[c].type_sql)
+                } else {
+                    format!("${}::text[]", n + 1)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let value = |n: usize, c: usize| {
+            if shape.binary {
+                format!("u.c{n}")
+            } else {
+                format!("u.c{n}::{}", shape.columns[c].type_sql)
+            }
+        };
+        let sets = cols
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !shape.key.contains(c))
+            .map(|(n, &c)| format!("{} = {}", shape.columns[c].quoted, value(n, c)))
+            .collect::<Vec<_>>();
+        if sets.is_empty() {
+            return self.row_updates(shape, run, Mode::Strict).await;
+        }
+        let conds = shape
+            .key
+            .iter()
+            .filter_map(|k| cols.iter().position(|c| c == k).map(|n| (n, *k)))
+            .map(|(n, k)| format!("t.{} = {}", shape.columns[k].quoted, value(n, k)))
+            .collect::<Vec<_>>();
+        let aliases = (0..cols.len())
+            .map(|n| format!("c{n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "UPDATE {} AS t SET {} FROM unnest({arrays}) AS u({aliases}) WHERE {}",
+            shape.name.quoted(),
+            sets.join(", "),
+            conds.join(" AND ")
+        );
+        let stmt = self.statement(sql).await?;
+        let params: Vec<RawArray> = cols
+            .iter()
+            .enumerate()
+            .map(|(n, &c)| RawArray {
+                element_oid: element_oid(&stmt, n).unwrap_or(TEXT_OID),
+                elements: rows
+                    .iter()
+                    .map(|&i| match &run[i] {
+                        Op::Update { new, .. } => match new.columns.get(c) {
+                            Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => {
+                                Some(b.clone())
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let refs: Vec<&(dyn ToSql + Sync)> =
+            params.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
+        let n = self.client.execute(&stmt, &refs).await.pg_context(|| {
+            format!(
+                "updating {} rows of {} on the target",
+                rows.len(),
+                shape.name
+            )
+        })?;
+        self.counts.updated += n;
+        self.note_applied(&shape.name, RowOp::Update, n);
+        for _ in n..rows.len() as u64 {
+            self.note_missing(shape, "update");
+        }
+        Ok(())
+    }
+
+    async fn row_updates(&mut self, shape: &TableShape, run: &[Op], mode: Mode) -> Result<()> {
         // Build every statement first (prepared once, cached), then pipeline them.
         let mut prepared: Vec<(Statement, Vec<RawValue>)> = Vec::with_capacity(run.len());
         for op in run {
@@ -680,6 +811,39 @@ impl TargetSession {
                 "row to {what} not found on the target: the target was changed outside walshuttle (verify --repair fixes it)"
             );
         }
+    }
+}
+
+/// Fewest consecutive updates worth one set-based statement.
+const SET_BASED_MIN: usize = 8;
+
+/// For an update that keeps its key, which columns it sets (unchanged TOAST values
+/// are not set); `None` when the key changes, which needs the old key.
+fn same_key_mask(shape: &TableShape, op: &Op) -> Option<Vec<bool>> {
+    let Op::Update { old, new, .. } = op else {
+        return None;
+    };
+    if let Some(old) = old {
+        let changed = shape
+            .key
+            .iter()
+            .any(|&k| value_bytes(old.tuple().columns.get(k)) != value_bytes(new.columns.get(k)));
+        if changed {
+            return None;
+        }
+    }
+    let mask: Vec<bool> = (0..shape.columns.len())
+        .map(|i| !matches!(new.columns.get(i), Some(TupleValue::UnchangedToast) | None))
+        .collect();
+    // The key must be among the values sent.
+    shape.key.iter().all(|&k| mask[k]).then_some(mask)
+}
+
+/// A value's bytes (empty for NULL and unchanged TOAST), for comparing keys.
+fn value_bytes(v: Option<&TupleValue>) -> Bytes {
+    match v {
+        Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => b.clone(),
+        _ => Bytes::new(),
     }
 }
 

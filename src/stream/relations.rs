@@ -65,6 +65,12 @@ impl TableShape {
         }
     }
 
+    /// Whether any column is an array, which `unnest` would flatten: such tables
+    /// are changed row by row rather than set-based.
+    pub fn has_array_column(&self) -> bool {
+        self.columns.iter().any(|c| c.type_sql.ends_with(']'))
+    }
+
     /// Quoted column list in tuple order.
     pub fn column_list(&self) -> String {
         self.columns

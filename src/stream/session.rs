@@ -29,8 +29,23 @@ use crate::state::{Phase, StateStore};
 const MAX_BATCH_TXNS: usize = 20_000;
 /// Oldest a coalesced batch may get before it is committed.
 const MAX_BATCH_AGE: Duration = Duration::from_millis(500);
-/// Silence after which the source connection is considered dead.
-const RECEIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest any one step (applying a message, a commit, a status update) may take
+/// before the connections are considered stalled and rebuilt.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a clean stop waits for the target.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What woke the session loop.
+enum Event {
+    Message(ReplicationMessage),
+    Tick,
+}
+
+/// Times the loop keeps across events.
+struct Clocks {
+    last_received: Instant,
+    last_oldest_record: Instant,
+}
 
 /// Settings of a replication session.
 #[derive(Clone, Debug)]
@@ -86,6 +101,10 @@ struct Session<'a> {
     snapshot_lsn: Lsn,
     /// A second target connection for position checks and flags.
     monitor: Client,
+    /// Silence from the source after which its connection is considered dead: the
+    /// source's own `wal_sender_timeout`, within [5 s, 60 s]. walshuttle asks for a
+    /// reply every status interval, so a live source is never silent that long.
+    receive_timeout: Duration,
     /// `SELECT pg_current_wal_flush_lsn()`, prepared once on `monitor`.
     flush_lsn_query: tokio_postgres::Statement,
 }
@@ -166,7 +185,28 @@ pub async fn stream(
         .prepare("SELECT pg_current_wal_flush_lsn()::text")
         .await
         .pg_context(|| "preparing on the target".into())?;
+    // If this process vanishes behind a stalled network, the server ends the
+    // abandoned apply transaction and frees its locks for the next session.
+    target_client
+        .batch_execute("SET idle_in_transaction_session_timeout = '5min'")
+        .await
+        .pg_context(|| "configuring the apply session on the target".into())?;
+    let wal_sender_timeout_ms: i64 = source_sql
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+            &[],
+        )
+        .await
+        .pg_context(|| "reading wal_sender_timeout on the source".into())?
+        .get(0);
+    let receive_timeout = if wal_sender_timeout_ms <= 0 {
+        Duration::from_secs(30)
+    } else {
+        Duration::from_millis(wal_sender_timeout_ms as u64)
+            .clamp(Duration::from_secs(5), Duration::from_secs(60))
+    };
     let mut session = Session {
+        receive_timeout,
         monitor,
         flush_lsn_query,
         cfg,
@@ -235,64 +275,112 @@ impl Session<'_> {
     ) -> Result<()> {
         let mut tick = tokio::time::interval(self.cfg.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_received = Instant::now();
-        let mut last_oldest_record = Instant::now() - Duration::from_secs(3600);
+        let mut clocks = Clocks {
+            last_received: Instant::now(),
+            last_oldest_record: Instant::now() - Duration::from_secs(3600),
+        };
         loop {
             if *shutdown.borrow() {
-                return self.stop(replication).await;
+                // A stalled target must not keep a stop from finishing: what was
+                // not confirmed is simply streamed again next time.
+                return match tokio::time::timeout(STOP_TIMEOUT, self.stop(replication)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        tracing::warn!("the target did not answer while stopping; stopping anyway (nothing is lost: unconfirmed changes are sent again)");
+                        Ok(())
+                    }
+                };
             }
-            tokio::select! {
-                message = replication.next_message() => {
-                    last_received = Instant::now();
-                    match message? {
-                        ReplicationMessage::XLogData { wal_start, data, .. } => {
-                            self.received = self.received.max(wal_start);
-                            let message = decoder::decode_bytes(&data, self.in_stream.is_some())
-                                .map_err(|e| anyhow::anyhow!("malformed replication message at {wal_start}: {e}"))?;
-                            self.handle(message, replication).await?;
+            let event = tokio::select! {
+                message = replication.next_message() => Event::Message(message?),
+                _ = tick.tick() => Event::Tick,
+                _ = shutdown.changed() => continue,
+            };
+            // Every step has a deadline, so a stalled connection is noticed by
+            // walshuttle itself rather than after minutes of TCP retries.
+            tokio::time::timeout(
+                OPERATION_TIMEOUT,
+                self.on_event(event, replication, &mut clocks),
+            )
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "a step took longer than {} s (stalled connection?): reconnecting",
+                    OPERATION_TIMEOUT.as_secs()
+                )
+            })??;
+        }
+    }
+
+    async fn on_event(
+        &mut self,
+        event: Event,
+        replication: &mut ReplicationStream,
+        clocks: &mut Clocks,
+    ) -> Result<()> {
+        match event {
+            Event::Message(message) => {
+                clocks.last_received = Instant::now();
+                match message {
+                    ReplicationMessage::XLogData {
+                        wal_start, data, ..
+                    } => {
+                        self.received = self.received.max(wal_start);
+                        let message = decoder::decode_bytes(&data, self.in_stream.is_some())
+                            .map_err(|e| {
+                                anyhow::anyhow!("malformed replication message at {wal_start}: {e}")
+                            })?;
+                        self.handle(message, replication).await?;
+                    }
+                    ReplicationMessage::Keepalive {
+                        wal_end,
+                        reply_requested,
+                    } => {
+                        self.received = self.received.max(wal_end);
+                        if self.is_idle() {
+                            self.idle_wal_end = self.idle_wal_end.max(wal_end);
+                            self.maybe_become_consistent(wal_end).await?;
                         }
-                        ReplicationMessage::Keepalive { wal_end, reply_requested } => {
-                            self.received = self.received.max(wal_end);
-                            if self.is_idle() {
-                                self.idle_wal_end = self.idle_wal_end.max(wal_end);
-                                self.maybe_become_consistent(wal_end).await?;
-                            }
-                            let applied = self.flush_position().max(self.applied);
-                            crate::observe::stream_position(wal_end, applied, self.is_idle());
-                            if reply_requested {
-                                self.send_status(replication, false).await?;
-                            }
+                        let applied = self.flush_position().max(self.applied);
+                        crate::observe::stream_position(wal_end, applied, self.is_idle());
+                        if reply_requested {
+                            self.send_status(replication, false).await?;
                         }
                     }
                 }
-                _ = tick.tick() => {
-                    if last_received.elapsed() > RECEIVE_TIMEOUT {
-                        anyhow::bail!("the source sent nothing for {} s: reconnecting", RECEIVE_TIMEOUT.as_secs());
-                    }
-                    if self.batch_txns > 0 && self.current.is_none() {
-                        self.commit_batch(replication).await?;
-                    }
-                    self.check_durable().await?;
-                    self.send_status(replication, true).await?;
-                    let applied = self.flush_position().max(self.applied);
-                    crate::observe::stream_position(self.received, applied, self.is_idle());
-                    if last_oldest_record.elapsed() >= Duration::from_secs(10) && !self.main.in_txn() {
-                        self.record_oldest_xact().await?;
-                        last_oldest_record = Instant::now();
-                    }
-                }
-                _ = shutdown.changed() => {}
             }
-            // Coalesce while more is already buffered; commit as soon as the stream
-            // goes quiet, whatever message came last.
-            if self.batch_txns > 0
-                && self.current.is_none()
-                && self.in_stream.is_none()
-                && !replication.has_buffered_message()
-            {
-                self.commit_batch(replication).await?;
+            Event::Tick => {
+                if clocks.last_received.elapsed() > self.receive_timeout {
+                    anyhow::bail!(
+                        "the source sent nothing for {} s (stalled or dead connection): reconnecting",
+                        self.receive_timeout.as_secs()
+                    );
+                }
+                if self.batch_txns > 0 && self.current.is_none() {
+                    self.commit_batch(replication).await?;
+                }
+                self.check_durable().await?;
+                self.send_status(replication, true).await?;
+                let applied = self.flush_position().max(self.applied);
+                crate::observe::stream_position(self.received, applied, self.is_idle());
+                if clocks.last_oldest_record.elapsed() >= Duration::from_secs(10)
+                    && !self.main.in_txn()
+                {
+                    self.record_oldest_xact().await?;
+                    clocks.last_oldest_record = Instant::now();
+                }
             }
         }
+        // Coalesce while more is already buffered; commit as soon as the stream
+        // goes quiet, whatever message came last.
+        if self.batch_txns > 0
+            && self.current.is_none()
+            && self.in_stream.is_none()
+            && !replication.has_buffered_message()
+        {
+            self.commit_batch(replication).await?;
+        }
+        Ok(())
     }
 
     /// Records the start of the oldest write transaction open on the source, which
