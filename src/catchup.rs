@@ -169,10 +169,7 @@ pub async fn catch_up(
     let tgt = connect(target, "catch-up").await?;
     let state = StateStore::new(&opts.state_schema);
     state.check_version(&tgt).await?;
-    let pipeline = match state.installed_version(&tgt).await? {
-        Some(_) => state.pipeline(&tgt, &opts.slot).await?,
-        None => None,
-    };
+    let pipeline = state.existing_pipeline(&tgt, &opts.slot).await?;
     let detected = gap_reason(&src, &opts.slot).await?;
     let reason = match (&detected, &pipeline) {
         _ if opts.without_slot => GapReason::Polling,

@@ -182,10 +182,10 @@ async fn ensure_bootstrapped(
 ) -> Result<()> {
     let client = connect(target, "run").await?;
     state.check_version(&client).await?;
-    let phase = match state.installed_version(&client).await? {
-        Some(_) => state.pipeline(&client, &opts.slot).await?.map(|p| p.phase),
-        None => None,
-    };
+    let phase = state
+        .existing_pipeline(&client, &opts.slot)
+        .await?
+        .map(|p| p.phase);
     if matches!(
         phase,
         Some(Phase::Copied | Phase::Streaming | Phase::CatchingUp)

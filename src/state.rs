@@ -245,6 +245,15 @@ impl StateStore {
         }))
     }
 
+    /// A pipeline's row when the state schema exists and holds one; `None` otherwise
+    /// (a target walshuttle never wrote to).
+    pub async fn existing_pipeline(&self, client: &Client, name: &str) -> Result<Option<Pipeline>> {
+        match self.installed_version(client).await? {
+            Some(_) => self.pipeline(client, name).await,
+            None => Ok(None),
+        }
+    }
+
     /// Inserts or replaces a pipeline's row and table list.
     pub async fn save_pipeline(&self, client: &impl GenericClient, p: &Pipeline) -> Result<()> {
         let ctx = || format!("saving pipeline {} in the state schema", p.name);

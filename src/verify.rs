@@ -153,9 +153,9 @@ pub async fn resolve_tables(
     slot: &str,
     given: Option<&[QualifiedName]>,
 ) -> Result<Vec<Table>> {
-    let from_state = match (given, state.installed_version(tgt).await?) {
-        (None, Some(_)) => state.pipeline(tgt, slot).await?.map(|p| p.tables),
-        _ => None,
+    let from_state = match given {
+        None => state.existing_pipeline(tgt, slot).await?.map(|p| p.tables),
+        Some(_) => None,
     };
     let selection = given.map(|g| g.to_vec()).or(from_state);
     catalog::list_tables(src, selection.as_deref(), state.schema()).await

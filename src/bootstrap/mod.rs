@@ -128,10 +128,7 @@ pub async fn bootstrap(
     let tgt = connect(target, "bootstrap").await?;
     let state = StateStore::new(&opts.state_schema);
     state.check_version(&tgt).await?;
-    let existing = match state.installed_version(&tgt).await? {
-        Some(_) => state.pipeline(&tgt, &opts.slot).await?,
-        None => None,
-    };
+    let existing = state.existing_pipeline(&tgt, &opts.slot).await?;
     match existing {
         Some(p)
             if matches!(
@@ -311,27 +308,10 @@ async fn fresh(
         chunk_blocks = size,
         "planned the copy"
     );
-    let copied = copy_chunks(source, target, snapshot, &checked, chunks, opts, state).await?;
-    finish(
-        source,
-        target,
-        src,
-        tgt,
-        state,
-        opts,
-        &checked.tables,
-        &mut pipeline,
+    copy_and_finish(
+        source, target, src, tgt, state, opts, snapshot, &checked, chunks, pipeline, false, started,
     )
-    .await?;
-    Ok(BootstrapSummary {
-        already_done: false,
-        resumed: false,
-        chunks_copied: copied,
-        tables: table_totals(tgt, state, &opts.slot).await?,
-        seconds: started.elapsed().as_secs_f64(),
-        consistent_lsn: pipeline.consistent_lsn,
-        consistent: pipeline.consistent,
-    })
+    .await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -390,9 +370,31 @@ async fn resume(
         snapshot_lsn = %snapshot.lsn,
         "resuming an interrupted bootstrap under a new snapshot; streaming reconciles until it passes the snapshot"
     );
-    let copied = copy_chunks(source, target, snapshot, &checked, chunks, opts, state).await?;
+    copy_and_finish(
+        source, target, src, tgt, state, opts, snapshot, &checked, chunks, pipeline, true, started,
+    )
+    .await
+}
+
+/// The steps every bootstrap ends with, fresh or resumed: copy the chunks, build keys
+/// and indexes, record the finish, and sum up.
+#[allow(clippy::too_many_arguments)]
+async fn copy_and_finish(
+    source: &Endpoint,
+    target: &Endpoint,
+    src: &Client,
+    tgt: &Client,
+    state: &StateStore,
+    opts: &BootstrapOptions,
+    snapshot: ExportedSnapshot,
+    checked: &preflight::Checked,
+    chunks: Vec<Chunk>,
+    mut pipeline: Pipeline,
+    resumed: bool,
+    started: Instant,
+) -> Result<BootstrapSummary> {
+    let copied = copy_chunks(source, target, snapshot, checked, chunks, opts, state).await?;
     finish(
-        source,
         target,
         src,
         tgt,
@@ -404,7 +406,7 @@ async fn resume(
     .await?;
     Ok(BootstrapSummary {
         already_done: false,
-        resumed: true,
+        resumed,
         chunks_copied: copied,
         tables: table_totals(tgt, state, &opts.slot).await?,
         seconds: started.elapsed().as_secs_f64(),
@@ -491,7 +493,6 @@ async fn copy_chunks(
 
 #[allow(clippy::too_many_arguments)]
 async fn finish(
-    source: &Endpoint,
     target: &Endpoint,
     src: &Client,
     tgt: &Client,
@@ -500,7 +501,6 @@ async fn finish(
     tables: &[Table],
     pipeline: &mut Pipeline,
 ) -> Result<()> {
-    let _ = source;
     let mut statements = Vec::new();
     for t in tables {
         statements.extend(catalog::index_sql(src, tgt, t).await?);
