@@ -106,19 +106,23 @@ pub async fn list_tables(
     selected: Option<&[QualifiedName]>,
     exclude_schema: &str,
 ) -> Result<Vec<Table>> {
+    // Every permanent ordinary table, partitions included (each is replicated as a
+    // table of its own), but not tables that belong to an extension.
     let rows = client
         .query(
             "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind = 'r' AND NOT c.relispartition AND n.nspname <> ALL($1) \
+             WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname <> ALL($1) \
                AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
                AND n.nspname <> $2 \
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                               AND d.objid = c.oid AND d.deptype = 'e') \
              ORDER BY 1, 2",
             &[&SYSTEM_SCHEMAS, &exclude_schema],
         )
         .await
         .pg_context(|| "listing tables on the source".into())?;
     let names: Vec<QualifiedName> = match selected {
-        Some(list) => list.to_vec(),
+        Some(list) => expand_selection(client, list).await?,
         None => rows
             .iter()
             .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
@@ -138,6 +142,42 @@ pub async fn list_tables(
         }
     }
     Ok(tables)
+}
+
+/// Resolves named tables: a partitioned table stands for its leaf partitions, and an
+/// unlogged table (which logical replication cannot carry) is refused.
+async fn expand_selection(client: &Client, list: &[QualifiedName]) -> Result<Vec<QualifiedName>> {
+    let mut out = Vec::with_capacity(list.len());
+    for name in list {
+        let row = client
+            .query_opt(
+                "SELECT c.relkind::text, c.relpersistence::text FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                &[&name.schema, &name.name],
+            )
+            .await
+            .pg_context(|| format!("looking up {name} on the source"))?;
+        match row.map(|r| (r.get::<_, String>(0), r.get::<_, String>(1))) {
+            Some((kind, _)) if kind == "p" => {
+                let leaves = client
+                    .query(
+                        "SELECT n.nspname, c.relname FROM pg_partition_tree($1::text::regclass) t \
+                         JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+                         WHERE t.isleaf ORDER BY 1, 2",
+                        &[&name.quoted()],
+                    )
+                    .await
+                    .pg_context(|| format!("listing the partitions of {name}"))?;
+                out.extend(leaves.iter().map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1))));
+            }
+            Some((_, persistence)) if persistence != "p" => bail!(
+                "table {name} is unlogged or temporary, and logical replication cannot carry it: run ALTER TABLE {} SET LOGGED on the source, or leave it out of --tables",
+                name.quoted()
+            ),
+            _ => out.push(name.clone()),
+        }
+    }
+    Ok(out)
 }
 
 /// Reads one table's definition, or `None` when it does not exist.
