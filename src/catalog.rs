@@ -377,6 +377,30 @@ pub async fn check_target(target: &Client, table: &Table) -> Result<TargetFit> {
 /// Creates on the target the enum and domain types `table` uses that are missing.
 pub async fn create_missing_types(source: &Client, target: &Client, table: &Table) -> Result<()> {
     let oids: Vec<u32> = table.columns.iter().map(|c| c.type_oid).collect();
+    // Types that come from an extension (hstore, citext, …): the extension first.
+    let extensions = source
+        .query(
+            "SELECT DISTINCT e.extname FROM pg_type t \
+             JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.deptype = 'e' \
+               AND d.objid = CASE WHEN t.typelem <> 0 AND t.typcategory = 'A' THEN t.typelem ELSE t.oid END \
+             JOIN pg_extension e ON e.oid = d.refobjid WHERE t.oid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .pg_context(|| format!("reading the extensions {} needs", table.name))?;
+    for row in extensions {
+        let ext: String = row.get(0);
+        target
+            .batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(&ext)))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "table {} needs extension {ext} on the target, which cannot be created: {}; install it on the target (CREATE EXTENSION {ext})",
+                    table.name,
+                    crate::pg::connect::describe(&e)
+                )
+            })?;
+    }
     // User-defined enums and domains the columns use, directly or as array elements,
     // with domains' base types first (ordered by oid, which follows creation order).
     let rows = source

@@ -1,5 +1,6 @@
-//! Partitioned tables replicate as their leaf partitions; unlogged tables, which
-//! logical replication cannot carry, are left out by default and refused by name.
+//! Table kinds beyond plain tables: partitioned tables replicate as their leaf
+//! partitions; unlogged tables, which logical replication cannot carry, are left out
+//! by default and refused by name; extension types bring their extension along.
 
 mod support;
 
@@ -57,4 +58,52 @@ async fn partitions_replicate_and_unlogged_tables_are_left_out() {
         .unwrap()
         .get(0);
     assert_eq!(scratch, 0, "the unlogged table was created on the target");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_types_bring_their_extension_to_the_target() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(
+        "CREATE EXTENSION citext;
+         CREATE TABLE people (id int PRIMARY KEY, email citext NOT NULL, aliases citext[]);
+         INSERT INTO people VALUES (1, 'Ann@Example.com', ARRAY['A@x.org', NULL]), (2, 'bob@example.com', NULL);",
+    )
+    .await
+    .unwrap();
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("run");
+    let mut child = logs.spawn(cmd);
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["public.people"],
+        Duration::from_secs(60),
+    )
+    .await;
+    src.batch_execute("UPDATE people SET email = 'ANN@example.com' WHERE id = 1; INSERT INTO people VALUES (3, 'c@d.e', '{}')")
+        .await
+        .unwrap();
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["public.people"],
+        Duration::from_secs(60),
+    )
+    .await;
+    // The type is the extension's on the target too: comparisons ignore case.
+    let found: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM people WHERE email = 'ann@EXAMPLE.com'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(found, 1);
 }
