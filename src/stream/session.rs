@@ -101,6 +101,8 @@ struct Session<'a> {
     snapshot_lsn: Lsn,
     /// A second target connection for position checks and flags.
     monitor: Client,
+    /// When the target's flushed position was last read.
+    last_durable_check: Instant,
     /// Silence from the source after which its connection is considered dead: the
     /// source's own `wal_sender_timeout`, within [5 s, 60 s]. walshuttle asks for a
     /// reply every status interval, so a live source is never silent that long.
@@ -206,6 +208,7 @@ pub async fn stream(
             .clamp(Duration::from_secs(5), Duration::from_secs(60))
     };
     let mut session = Session {
+        last_durable_check: Instant::now(),
         receive_timeout,
         monitor,
         flush_lsn_query,
@@ -553,7 +556,7 @@ impl Session<'_> {
                 let target_lsn = st.session.commit(&sql).await?;
                 self.committed(c.end_lsn, target_lsn);
                 crate::observe::transactions_applied(1, c.commit_time);
-                self.send_status(replication, false).await?;
+                self.report_after_commit(replication).await?;
             }
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
         }
@@ -748,6 +751,15 @@ impl Session<'_> {
         self.main_has_partial = false;
         self.batch_mode = Mode::Strict;
         self.batch_last = None;
+        self.report_after_commit(replication).await
+    }
+
+    /// After a commit: learn what has become durable (at most every 100 ms, since the
+    /// target flushes asynchronous commits in the background) and tell the source.
+    async fn report_after_commit(&mut self, replication: &mut ReplicationStream) -> Result<()> {
+        if self.last_durable_check.elapsed() >= Duration::from_millis(100) {
+            self.check_durable().await?;
+        }
         self.send_status(replication, false).await
     }
 
@@ -803,6 +815,7 @@ impl Session<'_> {
 
     /// Moves `durable` forward over commits the target has flushed.
     async fn check_durable(&mut self) -> Result<()> {
+        self.last_durable_check = Instant::now();
         if self.pending_durable.is_empty() {
             return Ok(());
         }
