@@ -123,8 +123,42 @@ pub fn redact(text: &str) -> String {
                 out.replace_range(start..end, "***");
             }
         }
+        // Query parameters: keys may be percent-encoded (`pass%77ord=`), which the
+        // driver decodes, so decode them before deciding.
+        if let Some(q) = out.find('?') {
+            let query: Vec<String> = out[q + 1..]
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if percent_decode(key).eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => param.to_string(),
+                })
+                .collect();
+            out = format!("{}?{}", &out[..q], query.join("&"));
+        }
     }
     redact_key_values(&out)
+}
+
+/// Decodes `%XX` escapes (lossily), for comparing URL query keys.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn redact_key_values(text: &str) -> String {
@@ -201,6 +235,19 @@ mod tests {
             "postgres://alice@db/app?password=***&sslmode=require"
         );
         assert_eq!(redact("postgres://db/app"), "postgres://db/app");
+    }
+
+    #[test]
+    fn redacts_percent_encoded_password_keys() {
+        assert_eq!(
+            redact("postgres://u@h/db?pass%77ord=hunter2&x=1"),
+            "postgres://u@h/db?pass%77ord=***&x=1"
+        );
+        assert_eq!(
+            redact("postgres://u@h/db?%50ASSWORD=s"),
+            "postgres://u@h/db?%50ASSWORD=***"
+        );
+        assert_eq!(redact("postgres://u@h/db?x=%"), "postgres://u@h/db?x=%");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! forever, riding through restarts and dropped connections with capped exponential
 //! backoff, until SIGTERM/SIGINT.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -53,6 +54,20 @@ impl RunOptions {
     }
 }
 
+/// How long a stop may take before walshuttle exits without finishing it (a server
+/// that stopped answering must not keep SIGTERM from working).
+const STOP_GRACE: Duration = Duration::from_secs(8);
+
+/// Resolves `STOP_GRACE` after a stop was requested.
+async fn stop_deadline(watcher: &mut watch::Receiver<bool>) {
+    while !*watcher.borrow() {
+        if watcher.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+    tokio::time::sleep(STOP_GRACE).await;
+}
+
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -101,8 +116,20 @@ async fn run_pipeline(
         if *shutdown.borrow() {
             return Ok(());
         }
-        let started = Instant::now();
-        match session::stream(source, target, &cfg, shutdown).await {
+        let streamed = AtomicBool::new(false);
+        let mut watcher = shutdown.clone();
+        let outcome = tokio::select! {
+            outcome = session::stream(source, target, &cfg, shutdown, &streamed) => outcome,
+            _ = stop_deadline(&mut watcher) => {
+                tracing::warn!("the stop did not finish within {} s (a server is not answering): exiting anyway; nothing is lost, unconfirmed changes are sent again", STOP_GRACE.as_secs());
+                return Ok(());
+            }
+        };
+        if streamed.load(Ordering::Relaxed) {
+            // It got as far as streaming: the next fault starts the backoff afresh.
+            backoff = BACKOFF_START;
+        }
+        match outcome {
             Ok(()) => return Ok(()),
             Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             Err(e) if e.downcast_ref::<crate::catchup::SlotGone>().is_some() => {
@@ -159,9 +186,6 @@ async fn run_pipeline(
                     } else {
                         tracing::debug!(error = %text, "still failing");
                     }
-                }
-                if started.elapsed() > Duration::from_secs(60) {
-                    backoff = BACKOFF_START;
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

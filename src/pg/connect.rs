@@ -6,6 +6,9 @@ use tokio_postgres::Client;
 use crate::config::Endpoint;
 use crate::pg::tls::{self, MakeRustlsConnect, SslMode};
 
+/// Longest a connection attempt (socket, TLS and login) may take.
+pub const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Opens a normal SQL session to one side and drives its connection on a task.
 ///
 /// `purpose` becomes the session's `application_name` suffix, so `pg_stat_activity`
@@ -29,9 +32,19 @@ pub async fn connect(endpoint: &Endpoint, purpose: &str) -> Result<Client> {
             endpoint.redacted
         )
     })?;
-    let (client, connection) = config
-        .connect(MakeRustlsConnect::new(tls_config))
+    // The driver's connect timeout covers opening the socket; a server that accepts
+    // and then never answers the login must not hang us either.
+    let (client, connection) = tokio::time::timeout(LOGIN_TIMEOUT, config.connect(MakeRustlsConnect::new(tls_config)))
         .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "cannot connect to the {} database {}: the server accepted the connection but did not complete the login within {} s; check the host and port in {}",
+                endpoint.side,
+                endpoint.redacted,
+                LOGIN_TIMEOUT.as_secs(),
+                endpoint.side.flag()
+            )
+        })?
         .map_err(|e| connect_error(endpoint, &e))?;
     let side = endpoint.side;
     tokio::spawn(async move {

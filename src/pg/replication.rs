@@ -128,7 +128,14 @@ impl ReplicationClient {
             write_buf: BytesMut::with_capacity(1024),
             backend_pid: 0,
         };
-        client.startup(endpoint, options).await?;
+        tokio::time::timeout(crate::pg::connect::LOGIN_TIMEOUT, client.startup(endpoint, options))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the server accepted the replication connection but did not complete the login within 30 s",
+                )
+            })??;
         Ok(client)
     }
 

@@ -73,9 +73,14 @@ impl SslMode {
             "require" => Ok(SslMode::Require),
             "verify-ca" => Ok(SslMode::VerifyCa),
             "verify-full" => Ok(SslMode::VerifyFull),
-            other => Err(format!(
+            // Echo the value only when it is a plain word: a malformed string could
+            // carry the rest of the connection string, password included.
+            other if other.len() <= 24 && other.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => Err(format!(
                 "sslmode `{other}` is not supported: use disable, prefer, require, verify-ca or verify-full"
             )),
+            _ => Err(
+                "this sslmode is not supported: use disable, prefer, require, verify-ca or verify-full".to_string(),
+            ),
         }
     }
 
@@ -336,7 +341,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
         out.push(bytes[i]);
         i += 1;
     }
-    String::from_utf8(out).map_err(|_| format!("`{s}` is not valid UTF-8 once decoded"))
+    String::from_utf8(out).map_err(|_| {
+        "a connection-string value is not valid UTF-8 once percent-decoded".to_string()
+    })
 }
 
 fn extract_from_key_values(text: &str, settings: &mut TlsSettings) -> Result<String, String> {

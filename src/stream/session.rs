@@ -33,7 +33,7 @@ const MAX_BATCH_AGE: Duration = Duration::from_millis(500);
 /// before the connections are considered stalled and rebuilt.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a clean stop waits for the target.
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What woke the session loop.
 enum Event {
@@ -118,6 +118,7 @@ pub async fn stream(
     target: &Endpoint,
     cfg: &StreamConfig,
     shutdown: &mut watch::Receiver<bool>,
+    streamed: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     let target_client = connect(target, "apply").await?;
     let state = &cfg.state;
@@ -235,13 +236,18 @@ pub async fn stream(
         consistent: pipeline.consistent,
         snapshot_lsn: pipeline.snapshot_lsn.unwrap_or_default(),
     };
+    streamed.store(true, std::sync::atomic::Ordering::Relaxed);
     let result = session.run(&mut replication, shutdown).await;
-    if result.is_err() {
-        for (_, mut st) in session.streams.drain() {
-            let _ = st.session.rollback().await;
+    // Best effort, and bounded: a server that stopped answering must not hold us.
+    let cleanup = async {
+        if result.is_err() {
+            for (_, mut st) in session.streams.drain() {
+                let _ = st.session.rollback().await;
+            }
         }
-    }
-    replication.close().await;
+        replication.close().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), cleanup).await;
     result
 }
 
@@ -359,19 +365,17 @@ impl Session<'_> {
                         self.receive_timeout.as_secs()
                     );
                 }
-                if self.batch_txns > 0 && self.current.is_none() {
-                    self.commit_batch(replication).await?;
-                }
-                self.check_durable().await?;
-                self.send_status(replication, true).await?;
-                let applied = self.flush_position().max(self.applied);
-                crate::observe::stream_position(self.received, applied, self.is_idle());
-                if clocks.last_oldest_record.elapsed() >= Duration::from_secs(10)
-                    && !self.main.in_txn()
-                {
-                    self.record_oldest_xact().await?;
-                    clocks.last_oldest_record = Instant::now();
-                }
+                // Housekeeping is quick when both sides answer: give it no longer
+                // than the source may stay silent.
+                let limit = self.receive_timeout;
+                tokio::time::timeout(limit, self.on_tick(replication, clocks))
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "a server did not answer within {} s (stalled connection?): reconnecting",
+                            limit.as_secs()
+                        )
+                    })??;
             }
         }
         // Coalesce while more is already buffered; commit as soon as the stream
@@ -382,6 +386,27 @@ impl Session<'_> {
             && !replication.has_buffered_message()
         {
             self.commit_batch(replication).await?;
+        }
+        Ok(())
+    }
+
+    /// The periodic work: commit a waiting batch, learn what is durable, report to
+    /// the source, record the oldest open source transaction.
+    async fn on_tick(
+        &mut self,
+        replication: &mut ReplicationStream,
+        clocks: &mut Clocks,
+    ) -> Result<()> {
+        if self.batch_txns > 0 && self.current.is_none() {
+            self.commit_batch(replication).await?;
+        }
+        self.check_durable().await?;
+        self.send_status(replication, true).await?;
+        let applied = self.flush_position().max(self.applied);
+        crate::observe::stream_position(self.received, applied, self.is_idle());
+        if clocks.last_oldest_record.elapsed() >= Duration::from_secs(10) && !self.main.in_txn() {
+            self.record_oldest_xact().await?;
+            clocks.last_oldest_record = Instant::now();
         }
         Ok(())
     }

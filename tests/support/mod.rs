@@ -809,3 +809,22 @@ impl Cluster {
         client
     }
 }
+
+// ---------------------------------------------------------------------------
+// Network faults: a TCP proxy between walshuttle and a cluster.
+// ---------------------------------------------------------------------------
+
+pub mod proxy;
+
+/// The walshuttle binary with explicit source and target URLs (e.g. through a
+/// [`proxy::Proxy`]).
+pub fn walshuttle_urls(source_url: &str, target_url: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_walshuttle"));
+    cmd.env("WALSHUTTLE_SOURCE", source_url)
+        .env("WALSHUTTLE_TARGET", target_url)
+        .env_remove("WALSHUTTLE_LOG")
+        .stdin(Stdio::null());
+    cmd
+}
+
+pub mod workload;
