@@ -617,7 +617,10 @@ impl Session<'_> {
                 }
                 st.current_sub = sub;
             }
-            st.session.push_or_stream(op, &self.relations, mode).await?;
+            // Streamed (large) transactions buffer and flush in 8 MiB batches: measured
+            // faster than feeding an open COPY row by row when both servers share the
+            // CPU with walshuttle.
+            st.session.push(op);
             if st.session.buffered_bytes() >= FLUSH_BYTES {
                 st.session.flush(&self.relations, mode).await?;
             }
