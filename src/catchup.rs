@@ -167,8 +167,7 @@ pub async fn catch_up(
     let started = Instant::now();
     let src = connect(source, "catch-up").await?;
     let tgt = connect(target, "catch-up").await?;
-    let state = StateStore::new(&opts.state_schema);
-    state.check_version(&tgt).await?;
+    let state = StateStore::open(&tgt, &opts.state_schema).await?;
     let pipeline = state.existing_pipeline(&tgt, &opts.slot).await?;
     let detected = gap_reason(&src, &opts.slot).await?;
     let reason = match (&detected, &pipeline) {

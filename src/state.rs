@@ -87,6 +87,14 @@ impl StateStore {
         }
     }
 
+    /// A store in `schema` on the target behind `client`, refusing a state schema
+    /// written by a newer walshuttle before anything reads or writes it.
+    pub async fn open(client: &Client, schema: &str) -> Result<Self> {
+        let store = StateStore::new(schema);
+        store.check_version(client).await?;
+        Ok(store)
+    }
+
     /// The schema name, unquoted.
     pub fn schema(&self) -> &str {
         &self.schema

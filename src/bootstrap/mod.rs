@@ -126,8 +126,7 @@ pub async fn bootstrap(
     let started = Instant::now();
     let src = connect(source, "bootstrap").await?;
     let tgt = connect(target, "bootstrap").await?;
-    let state = StateStore::new(&opts.state_schema);
-    state.check_version(&tgt).await?;
+    let state = StateStore::open(&tgt, &opts.state_schema).await?;
     let existing = state.existing_pipeline(&tgt, &opts.slot).await?;
     match existing {
         Some(p)
