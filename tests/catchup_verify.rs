@@ -350,3 +350,35 @@ async fn verify_while_streaming_does_not_report_changes_in_flight() {
     );
     wait_for_convergence(&src, &tgt, TABLES, Duration::from_secs(60)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_catch_up_is_finished_before_streaming() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    seed(&src, 10_000).await;
+    bootstrap(&source, &target).await;
+    src.batch_execute("SELECT pg_drop_replication_slot('walshuttle')")
+        .await
+        .unwrap();
+    change_while_down(&src).await;
+    // What a catch-up killed after creating its new slot leaves behind: a healthy
+    // slot past the changes, and the pipeline still catching up.
+    src.batch_execute("SELECT pg_create_logical_replication_slot('walshuttle', 'pgoutput')")
+        .await
+        .unwrap();
+    tgt.batch_execute("UPDATE walshuttle.pipelines SET phase = 'catching_up'")
+        .await
+        .unwrap();
+
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("run");
+    let mut child = logs.spawn(cmd);
+    wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
+    src.batch_execute("UPDATE items SET name = 'streamed' WHERE id = 2")
+        .await
+        .unwrap();
+    wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
+}

@@ -144,6 +144,15 @@ pub async fn stream(
         }
         .into());
     }
+    if pipeline.phase == Phase::CatchingUp {
+        // A catch-up was interrupted: its new slot is healthy but the repair is not
+        // done, so finish it before streaming from that slot.
+        return Err(crate::catchup::SlotGone {
+            slot: cfg.slot.clone(),
+            reason: crate::catchup::GapReason::Resumed,
+        }
+        .into());
+    }
     let binary = binary_capable(&source_sql, &target_client, &pipeline.tables).await?;
 
     let mut repl = ReplicationClient::connect(source, None)
