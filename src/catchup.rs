@@ -1,35 +1,39 @@
 //! `walshuttle catch-up`: repairs a gap without a full recopy when the WAL is gone
 //! (slot dropped or invalidated) or was never available (`wal_level = replica`).
 //!
-//! Under one consistent source snapshot (a new slot's exported snapshot where logical
-//! decoding exists, a REPEATABLE READ snapshot otherwise) it upserts every row whose
-//! `created_at`/`updated_at` is at or after the table's watermark minus a margin
-//! (inclusive: millions of rows share one timestamp), finds rows deleted on the
-//! source by comparing key hashes by range, deletes them on the target, and records
-//! the new slot's position for `run` to stream from.
+//! Under one source snapshot (a new slot's exported snapshot where logical decoding
+//! exists, a plain `REPEATABLE READ` snapshot otherwise) every table is made equal to
+//! the source as of that snapshot, and this is proven, not hoped:
 //!
-//! Watermarks are derived from the target itself (`max(created_at)`,
-//! `max(updated_at)` of the applied rows) rather than maintained per row on the
-//! apply path; the margin is widened to the oldest source transaction that was open
-//! while `run` last streamed, so a long transaction that began before the watermark
-//! and committed after it is not missed.
+//! 1. **Fast path.** Rows whose `created_at`/`updated_at` is at or after the table's
+//!    watermark minus a margin (inclusive: millions of rows share one timestamp) are
+//!    rewritten in bulk. Watermarks are derived from the target's own rows.
+//! 2. **Proof.** Every row is compared by key range (count and hash of whole rows)
+//!    under the same snapshot; whatever the window missed (an application that does
+//!    not advance `updated_at`, a long transaction that stamped an old time, clock
+//!    skew) is found and rewritten, with all of a table's differing keys in one
+//!    transaction, deletes first, so no UNIQUE constraint can trip.
+//!
+//! Under the new slot's own snapshot the stream starts exactly after what was read,
+//! so nothing more is needed. A catch-up interrupted after its slot was created
+//! finishes under a plain snapshot, whose visibility becomes each repaired table's
+//! copy position (see [`crate::positions`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
+use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
-use crate::bootstrap::snapshot::{ExportedSnapshot, SnapshotSession};
-use crate::bootstrap::{self, drop_slot_if_exists, ensure_publication, slot_info};
+use crate::bootstrap::{self, create_slot_with_snapshot, drop_slot_if_exists, ensure_publication, slot_info};
 use crate::catalog::{self, Table, TargetFit};
-use crate::compare::{self, Compared, CANONICAL_TEXT};
+use crate::compare::{self, Compared, Key};
 use crate::config::Endpoint;
-use crate::pg::replication::ReplicationClient;
-use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
-use crate::state::{Phase, Pipeline, StateStore};
+use crate::pg::{connect, quote_ident, quote_literal, Lsn, PgResultExt, QualifiedName};
+use crate::rewrite::{self, Rows};
+use crate::snapshot::{SnapshotSession, SourceSnapshot};
+use crate::state::{Phase, Pipeline, StateStore, StoredScope, TableEntry, TableState};
 
 /// Settings of `catch-up`.
 #[derive(Clone, Debug)]
@@ -90,12 +94,14 @@ pub struct CatchUpSummary {
     pub reason: GapReason,
     /// Tables looked at.
     pub tables: usize,
-    /// Rows read from the source and upserted on the target (watermark window and
-    /// rows found missing).
+    /// Rows copied from the source to the target (window and proof).
     pub rows_upserted: u64,
     /// Rows deleted on the target (deleted on the source).
     pub rows_deleted: u64,
-    /// Tables without watermark columns: only `verify --repair` repairs them.
+    /// Rows found different by the proof after the fast path (what the watermark
+    /// window alone would have missed).
+    pub rows_missed_by_window: u64,
+    /// Tables without watermark columns: repaired by the comparison alone.
     pub tables_without_watermarks: Vec<QualifiedName>,
     /// The new slot's position, where `run` streams from.
     pub resume_lsn: Option<Lsn>,
@@ -104,20 +110,21 @@ pub struct CatchUpSummary {
 }
 
 impl CatchUpSummary {
-    /// One line for a person (plus a line per table that could not be repaired).
+    /// One line for a person (plus a line per table without watermark columns).
     pub fn render(&self) -> String {
         let mut out = String::new();
         for t in &self.tables_without_watermarks {
             out.push_str(&format!(
-                "warning: {t} has no created/updated columns: catch-up repaired only its deletes and missing rows; run `walshuttle verify --repair` for changed rows\n"
+                "note: {t} has no created/updated columns: catch-up repaired it by comparing every row\n"
             ));
         }
         out.push_str(&format!(
-            "catch-up finished ({:?}): {} tables, {} rows upserted, {} rows deleted in {:.1} s{}",
+            "catch-up finished ({:?}): {} tables, {} rows upserted, {} rows deleted ({} found only by the row comparison) in {:.1} s{}",
             self.reason,
             self.tables,
             self.rows_upserted,
             self.rows_deleted,
+            self.rows_missed_by_window,
             self.seconds,
             self.resume_lsn
                 .map(|l| format!("; streaming resumes at {l}"))
@@ -168,6 +175,9 @@ pub async fn catch_up(
     let src = connect(source, "catch-up").await?;
     let tgt = connect(target, "catch-up").await?;
     let state = StateStore::open(&tgt, &opts.state_schema).await?;
+    if state.installed_version(&tgt).await?.is_some() {
+        state.migrate(&tgt).await?;
+    }
     let pipeline = state.existing_pipeline(&tgt, &opts.slot).await?;
     let detected = gap_reason(&src, &opts.slot).await?;
     let reason = match (&detected, &pipeline) {
@@ -191,26 +201,22 @@ pub async fn catch_up(
     if tables.is_empty() {
         bail!("no tables to catch up: name them with --tables");
     }
-    for t in &tables {
-        if let Some(problem) = t.replicability_problem() {
-            if use_slot {
+    if use_slot {
+        for t in &tables {
+            if let Some(problem) = t.replicability_problem() {
                 bail!(problem);
             }
         }
     }
-    let oldest_xact = match &pipeline {
-        Some(_) => read_oldest_xact(&tgt, &state, &opts.slot).await?,
-        None => None,
-    };
     state.migrate(&tgt).await?;
+    let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
     let mut pipeline = pipeline.unwrap_or(Pipeline {
         name: opts.slot.clone(),
         publication: opts.publication.clone(),
         phase: Phase::CatchingUp,
-        consistent_lsn: None,
-        snapshot_lsn: None,
-        consistent: false,
-        tables: tables.iter().map(|t| t.name.clone()).collect(),
+        stream_start_lsn: None,
+        tables: names.clone(),
+        stop_reason: None,
     });
 
     // Missing target tables are created, as bootstrap would.
@@ -231,50 +237,69 @@ pub async fn catch_up(
         fits.push(fit);
     }
 
-    // The snapshot, and where streaming continues.
-    let snapshot = if use_slot && reason != GapReason::Resumed {
-        pipeline.phase = Phase::CatchingUp;
-        state.save_pipeline(&tgt, &pipeline).await?;
-        let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
-        ensure_publication(&src, &opts.publication, &names).await?;
-        drop_slot_if_exists(&src, &opts.slot).await?;
-        let mut repl = ReplicationClient::connect(source, None)
-            .await
-            .with_context(|| format!("opening a replication connection to {}", source.redacted))?;
-        let slot = repl
-            .create_slot_exporting_snapshot(&opts.slot)
-            .await
-            .with_context(|| format!("creating replication slot {} on the source", opts.slot))?;
-        tracing::info!(slot = %opts.slot, lsn = %slot.consistent_point, ?reason, "created a new slot for catch-up");
-        pipeline.consistent_lsn = Some(slot.consistent_point);
-        pipeline.snapshot_lsn = Some(slot.consistent_point);
-        pipeline.consistent = true;
-        ExportedSnapshot::from_slot(repl, slot)
-    } else {
-        let snapshot = ExportedSnapshot::export_new(source).await?;
-        if reason == GapReason::Resumed {
-            // The slot's snapshot died with the interrupted run: changes between the
-            // slot and this snapshot are applied in reconcile mode.
-            pipeline.snapshot_lsn = Some(snapshot.lsn);
-            pipeline.consistent = false;
+    // Which tables to repair, under which snapshot.
+    let mut todo: Vec<usize> = (0..tables.len()).collect();
+    let (snapshot, snapshot_id) = match reason {
+        GapReason::Resumed => {
+            // Tables the interrupted run finished are equal as of the slot's own
+            // snapshot; the rest are repaired under a new one.
+            let entries = state.table_entries(&tgt, &opts.slot).await?;
+            todo.retain(|&i| {
+                entries
+                    .iter()
+                    .find(|e| e.name == tables[i].name)
+                    .is_none_or(|e| e.state != TableState::Ready)
+            });
+            let lock: Vec<QualifiedName> = todo.iter().map(|&i| tables[i].name.clone()).collect();
+            let snapshot = SourceSnapshot::take(source, &lock).await?;
+            let id = match &snapshot.view {
+                Some(view) => Some(
+                    state
+                        .record_snapshot(&tgt, &opts.slot, view, "catch-up resume")
+                        .await?,
+                ),
+                None => None,
+            };
+            (snapshot, id)
         }
-        snapshot
+        _ if use_slot => {
+            pipeline.phase = Phase::CatchingUp;
+            pipeline.publication = pipeline.publication.clone();
+            state.save_pipeline(&tgt, &pipeline).await?;
+            let entries: Vec<TableEntry> = names
+                .iter()
+                .map(|t| TableEntry {
+                    name: t.clone(),
+                    state: TableState::Repairing,
+                    chunk_column: None,
+                })
+                .collect();
+            state.set_tables(&tgt, &opts.slot, &entries).await?;
+            ensure_publication(&src, &pipeline.publication, &names).await?;
+            drop_slot_if_exists(&src, &opts.slot).await?;
+            let snapshot = create_slot_with_snapshot(source, &src, &opts.slot, &names).await?;
+            tracing::info!(slot = %opts.slot, lsn = %snapshot.lsn, ?reason, "created a new slot for catch-up");
+            // The new slot streams everything after its snapshot: older positions
+            // describe nothing it will send.
+            pipeline.stream_start_lsn = Some(snapshot.lsn);
+            state.clear_positions(&tgt, &opts.slot, None).await?;
+            state.save_pipeline(&tgt, &pipeline).await?;
+            (snapshot, None)
+        }
+        _ => (SourceSnapshot::take(source, &names).await?, None),
     };
-    if use_slot {
-        state.save_pipeline(&tgt, &pipeline).await?;
-    }
 
-    let work: VecDeque<usize> = (0..tables.len()).collect();
-    let tables = Arc::new(tables);
     let results = repair_tables(
         source,
         target,
         snapshot,
         &tables,
         &fits,
-        work,
+        todo.into_iter().collect(),
         opts,
-        oldest_xact,
+        &state,
+        if use_slot { Some(opts.slot.as_str()) } else { None },
+        snapshot_id,
     )
     .await?;
     let mut summary = CatchUpSummary {
@@ -282,13 +307,15 @@ pub async fn catch_up(
         tables: tables.len(),
         rows_upserted: 0,
         rows_deleted: 0,
+        rows_missed_by_window: 0,
         tables_without_watermarks: Vec::new(),
         resume_lsn: None,
         seconds: 0.0,
     };
     for r in results {
-        summary.rows_upserted += r.upserted;
+        summary.rows_upserted += r.copied;
         summary.rows_deleted += r.deleted;
+        summary.rows_missed_by_window += r.missed_by_window;
         if r.no_watermarks {
             summary.tables_without_watermarks.push(r.table);
         }
@@ -301,13 +328,16 @@ pub async fn catch_up(
             .await
             .pg_context(|| "finishing the catch-up".into())?;
         state.save_pipeline(&tx, &pipeline).await?;
-        if let Some(lsn) = pipeline.consistent_lsn {
+        state
+            .set_table_state(&tx, &opts.slot, None, TableState::Ready)
+            .await?;
+        if let Some(lsn) = pipeline.stream_start_lsn {
             state.set_progress(&tx, &pipeline.name, lsn).await?;
         }
         tx.commit()
             .await
             .pg_context(|| "finishing the catch-up".into())?;
-        summary.resume_lsn = pipeline.consistent_lsn;
+        summary.resume_lsn = pipeline.stream_start_lsn;
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
@@ -315,58 +345,69 @@ pub async fn catch_up(
 
 struct TableResult {
     table: QualifiedName,
-    upserted: u64,
+    copied: u64,
     deleted: u64,
+    missed_by_window: u64,
     no_watermarks: bool,
+}
+
+/// Where a repaired table's copy position goes, if it needs one.
+struct PositionTarget<'a> {
+    state: &'a StateStore,
+    pipeline: Option<&'a str>,
+    snapshot_id: Option<i64>,
 }
 
 #[allow(clippy::too_many_arguments)]
 async fn repair_tables(
     source: &Endpoint,
     target: &Endpoint,
-    snapshot: ExportedSnapshot,
-    tables: &Arc<Vec<Table>>,
+    mut snapshot: SourceSnapshot,
+    tables: &[Table],
     fits: &[TargetFit],
     work: VecDeque<usize>,
     opts: &CatchUpOptions,
-    oldest_xact: Option<String>,
+    state: &StateStore,
+    pipeline: Option<&str>,
+    snapshot_id: Option<i64>,
 ) -> Result<Vec<TableResult>> {
     let workers = opts.jobs.max(1).min(work.len().max(1));
     let mut sessions = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        let s = snapshot.import(source, "catch-up").await?;
-        s.client
-            .batch_execute(CANONICAL_TEXT)
-            .await
-            .pg_context(|| "preparing a catch-up session".into())?;
-        sessions.push(s);
+    if !work.is_empty() {
+        for _ in 0..workers {
+            sessions.push(snapshot.import(source, "catch-up").await?);
+        }
     }
-    snapshot.release().await;
+    snapshot.imported().await;
     let queue = Arc::new(Mutex::new(work));
+    let tables = Arc::new(tables.to_vec());
     let fits = Arc::new(fits.to_vec());
     let mut handles = Vec::new();
     for session in sessions {
         let queue = Arc::clone(&queue);
-        let tables = Arc::clone(tables);
+        let tables = Arc::clone(&tables);
         let fits = Arc::clone(&fits);
         let opts = opts.clone();
-        let oldest_xact = oldest_xact.clone();
+        let state = state.clone();
+        let pipeline = pipeline.map(str::to_string);
         let mut tgt = connect(target, "catch-up").await?;
-        tgt.batch_execute(CANONICAL_TEXT)
-            .await
-            .pg_context(|| "preparing a catch-up session".into())?;
         handles.push(tokio::spawn(async move {
             let mut results = Vec::new();
             loop {
                 let next = queue.lock().ok().and_then(|mut q| q.pop_front());
                 let Some(i) = next else { break };
+                let position = PositionTarget {
+                    state: &state,
+                    pipeline: pipeline.as_deref(),
+                    snapshot_id,
+                };
                 let r = repair_table(
                     &session,
                     &mut tgt,
                     &tables[i],
                     fits[i].binary(),
                     &opts,
-                    oldest_xact.as_deref(),
+                    &position,
                 )
                 .await?;
                 results.push(r);
@@ -376,82 +417,142 @@ async fn repair_tables(
         }));
     }
     let mut all = Vec::new();
+    let mut first_error = None;
     for h in handles {
-        all.extend(
-            h.await
-                .map_err(|e| anyhow::anyhow!("a catch-up worker stopped: {e}"))??,
-        );
+        match h
+            .await
+            .map_err(|e| anyhow::anyhow!("a catch-up worker stopped: {e}"))
+            .and_then(|r| r)
+        {
+            Ok(r) => all.extend(r),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
     }
-    Ok(all)
+    snapshot.release().await;
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(all),
+    }
 }
 
+/// Makes one table equal to the source as of the session's snapshot, in one target
+/// transaction: the watermark window first, then the proof by row comparison.
 async fn repair_table(
     source: &SnapshotSession,
     tgt: &mut Client,
     table: &Table,
     binary: bool,
     opts: &CatchUpOptions,
-    oldest_xact: Option<&str>,
+    position: &PositionTarget<'_>,
 ) -> Result<TableResult> {
     let src = &source.client;
     let created = CatchUpOptions::column(&opts.created_columns, &table.name, "created_at");
     let updated = CatchUpOptions::column(&opts.updated_columns, &table.name, "updated_at");
     let has = |c: &str| table.columns.iter().any(|col| col.name == c);
     let watermark_cols: Vec<String> = [created, updated].into_iter().filter(|c| has(c)).collect();
-    let mut upserted = 0u64;
-    if !watermark_cols.is_empty() && !table.key.is_empty() {
-        let condition =
-            watermark_condition(tgt, table, &watermark_cols, opts.margin, oldest_xact).await?;
-        upserted += upsert_where(src, tgt, table, binary, &condition).await?;
-        tracing::info!(table = %table.name, rows = upserted, window = %condition, "upserted rows changed since the watermark");
+    let ctx = || format!("repairing {} on the target", table.name);
+    let tx = tgt.transaction().await.pg_context(ctx)?;
+    let mut copied = 0u64;
+    let windowed = !watermark_cols.is_empty() && !table.key.is_empty();
+    if windowed {
+        let (condition, marks) =
+            watermark_condition(&tx, table, &watermark_cols, opts.margin).await?;
+        let window = rewrite::unless_conflict(
+            &tx,
+            "walshuttle_window",
+            rewrite::rewrite(src, &tx, table, &Rows::Where(condition.clone()), binary),
+        )
+        .await?;
+        match window {
+            Some((_, c)) => {
+                copied += c;
+                tracing::info!(table = %table.name, rows = c, window = %condition, "rewrote rows changed since the watermark");
+            }
+            None => {
+                tracing::info!(table = %table.name, "the watermark window collides with rows changed outside it: leaving it to the row comparison");
+            }
+        }
+        if let Some(pipeline) = position.pipeline {
+            position
+                .state
+                .set_watermark(&tx, pipeline, &table.name, marks.0.as_deref(), marks.1.as_deref())
+                .await?;
+        }
     }
-    // Deletes (and rows missing on the target): compare keys by range.
-    let mut deleted = 0u64;
-    let ranges = compare::plan_ranges(src, tgt, table, 1).await?;
+
+    // The proof: every row compared under the same snapshot.
+    let mut to_rewrite: Vec<Key> = Vec::new();
+    let mut extra = 0u64;
+    let mut keyless_differs = false;
+    let ranges = compare::plan_ranges(src, &tx, table, 1).await?;
     for range in ranges {
-        let (s, t) = tokio::try_join!(
-            compare::digest(src, table, &range, Compared::KeysOnly),
-            compare::digest(tgt, table, &range, Compared::KeysOnly)
-        )?;
+        let s = compare::digest(src, table, &range, Compared::WholeRows).await?;
+        let t = compare::digest(&tx, table, &range, Compared::WholeRows).await?;
         if s == t {
             continue;
         }
-        let diff = compare::diff_keys(src, tgt, table, &range, Compared::KeysOnly, None).await?;
-        let keys: Vec<String> = diff
-            .to_copy
-            .iter()
-            .chain(&diff.to_delete)
-            .cloned()
-            .collect();
-        let (d, c) = compare::repair_keys(src, tgt, table, &range, &keys).await?;
-        // Keys to copy are absent on the target, so every deleted row was extra.
-        deleted += d;
-        upserted += c;
+        if table.key.is_empty() {
+            keyless_differs = true;
+            break;
+        }
+        let diff = compare::diff_keys(src, &tx, table, &range, Compared::WholeRows, None).await?;
+        extra += diff.to_delete.len() as u64;
+        to_rewrite.extend(diff.keys());
+    }
+    let missed = to_rewrite.len() as u64;
+    let mut deleted = 0u64;
+    if keyless_differs {
+        let before = rewrite::count_rows(&tx, &table.name).await?;
+        let (_, c) = rewrite::rewrite(src, &tx, table, &Rows::All, binary).await?;
+        copied += c;
+        deleted += (before as u64).saturating_sub(c);
+    } else if !to_rewrite.is_empty() {
+        let (_, c) = rewrite::rewrite(src, &tx, table, &Rows::Keys(to_rewrite), binary).await?;
+        copied += c;
+        deleted += extra;
+    }
+    if let (Some(pipeline), Some(id)) = (position.pipeline, position.snapshot_id) {
+        position
+            .state
+            .add_position(&tx, pipeline, &table.name, &StoredScope::Table, id)
+            .await?;
+    }
+    if let Some(pipeline) = position.pipeline {
+        position
+            .state
+            .set_table_state(&tx, pipeline, Some(&table.name), TableState::Ready)
+            .await?;
+    }
+    tx.commit().await.pg_context(ctx)?;
+    if missed > 0 {
+        tracing::info!(table = %table.name, rows = missed, "the row comparison found rows the watermark window missed");
     }
     Ok(TableResult {
         table: table.name.clone(),
-        upserted,
+        copied,
         deleted,
-        no_watermarks: watermark_cols.is_empty() || table.key.is_empty(),
+        missed_by_window: if windowed || keyless_differs { missed } else { 0 },
+        no_watermarks: !windowed,
     })
 }
 
 /// `col >= watermark - margin OR …` for each watermark column, with the watermark
-/// read from the target's applied rows and widened to the oldest source transaction
-/// open while streaming last ran.
+/// read from the target's applied rows; also returns the watermarks.
 async fn watermark_condition(
-    tgt: &Client,
+    tgt: &impl tokio_postgres::GenericClient,
     table: &Table,
     cols: &[String],
     margin: Duration,
-    oldest_xact: Option<&str>,
-) -> Result<String> {
+) -> Result<(String, (Option<String>, Option<String>))> {
     let mut conds = Vec::new();
+    let mut marks = Vec::new();
     for c in cols {
         let q = quote_ident(c);
         let wm: Option<String> = tgt
             .query_one(
-                &format!("SELECT max({q})::text FROM {}", table.name.quoted()),
+                &format!("SELECT max({q})::text FROM ONLY {}", table.name.quoted()),
                 &[],
             )
             .await
@@ -459,103 +560,18 @@ async fn watermark_condition(
             .get(0);
         let Some(wm) = wm else {
             // Nothing applied yet: every row is in the window.
-            return Ok("true".into());
+            return Ok(("true".into(), (None, None)));
         };
-        let bound = match oldest_xact {
-            Some(o) => format!(
-                "least({}::timestamptz, {}::timestamptz) - interval '{} microseconds'",
-                crate::pg::quote_literal(&wm),
-                crate::pg::quote_literal(o),
-                margin.as_micros()
-            ),
-            None => format!(
-                "{}::timestamptz - interval '{} microseconds'",
-                crate::pg::quote_literal(&wm),
-                margin.as_micros()
-            ),
-        };
-        conds.push(format!("{q} >= {bound}"));
+        conds.push(format!(
+            "{q} >= {}::timestamptz - interval '{} microseconds'",
+            quote_literal(&wm),
+            margin.as_micros()
+        ));
+        marks.push(Some(wm));
     }
-    Ok(conds.join(" OR "))
-}
-
-/// Copies the source rows matching `condition` into a temporary table on the target
-/// and upserts them by key, in one target transaction.
-async fn upsert_where(
-    src: &Client,
-    tgt: &mut Client,
-    table: &Table,
-    binary: bool,
-    condition: &str,
-) -> Result<u64> {
-    let cols = table.copied_column_list();
-    let ctx = || format!("upserting changed rows of {}", table.name);
-    let tx = tgt.transaction().await.pg_context(ctx)?;
-    tx.batch_execute(&format!(
-        "CREATE TEMP TABLE walshuttle_catchup ON COMMIT DROP AS SELECT {cols} FROM {} WITH NO DATA",
-        table.name.quoted()
+    let mut marks = marks.into_iter();
+    Ok((
+        conds.join(" OR "),
+        (marks.next().flatten(), marks.next().flatten()),
     ))
-    .await
-    .pg_context(ctx)?;
-    let format = if binary { " (FORMAT binary)" } else { "" };
-    let reader = src
-        .copy_out(&format!(
-            "COPY (SELECT {cols} FROM {} WHERE {condition}) TO STDOUT{format}",
-            table.name.quoted()
-        ))
-        .await
-        .pg_context(ctx)?;
-    let writer = tx
-        .copy_in::<_, bytes::Bytes>(&format!(
-            "COPY walshuttle_catchup ({cols}) FROM STDIN{format}"
-        ))
-        .await
-        .pg_context(ctx)?;
-    futures_util::pin_mut!(reader);
-    futures_util::pin_mut!(writer);
-    while let Some(chunk) = reader.next().await {
-        writer.feed(chunk.pg_context(ctx)?).await.pg_context(ctx)?;
-    }
-    let rows = writer.finish().await.pg_context(ctx)?;
-    let keys = table
-        .key
-        .iter()
-        .map(|k| quote_ident(k))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sets: Vec<String> = table
-        .copied_columns()
-        .iter()
-        .filter(|c| !table.key.contains(&c.name))
-        .map(|c| format!("{0} = EXCLUDED.{0}", quote_ident(&c.name)))
-        .collect();
-    let action = if sets.is_empty() {
-        "DO NOTHING".to_string()
-    } else {
-        format!("DO UPDATE SET {}", sets.join(", "))
-    };
-    tx.batch_execute(&format!(
-        "INSERT INTO {} ({cols}) SELECT {cols} FROM walshuttle_catchup ON CONFLICT ({keys}) {action}",
-        table.name.quoted()
-    ))
-    .await
-    .pg_context(ctx)?;
-    tx.commit().await.pg_context(ctx)?;
-    Ok(rows)
-}
-
-async fn read_oldest_xact(tgt: &Client, state: &StateStore, slot: &str) -> Result<Option<String>> {
-    let row = tgt
-        .query_opt(
-            &format!(
-                "SELECT oldest_xact_at::text FROM {} WHERE pipeline = $1",
-                state.table("pipelines")
-            ),
-            &[&slot],
-        )
-        .await
-        .pg_context(|| {
-            "reading the oldest open source transaction recorded while streaming".into()
-        })?;
-    Ok(row.and_then(|r| r.get(0)))
 }

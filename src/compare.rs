@@ -6,10 +6,20 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use tokio_postgres::Client;
+use tokio_postgres::GenericClient;
 
 use crate::catalog::Table;
-use crate::pg::{quote_ident, quote_literal, PgResultExt};
+use crate::pg::{quote_ident, PgResultExt};
+use crate::rewrite::{keys_predicate, text_array};
+
+/// A row's identity: its key columns' text (or, for a keyless table, the row's
+/// text as one element).
+pub type Key = Vec<String>;
+
+/// Renders a key for people: `(42)`, `(a,b)`.
+pub fn show_key(key: &Key) -> String {
+    format!("({})", key.join(","))
+}
 
 /// Session settings that make `::text` of every value identical on both sides.
 pub const CANONICAL_TEXT: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
@@ -111,8 +121,8 @@ pub fn key_expr(table: &Table) -> String {
 /// Splits a table into ranges: by value of a single integer key, spanning the key
 /// values present on either side, else one range for the whole table.
 pub async fn plan_ranges(
-    source: &Client,
-    target: &Client,
+    source: &impl GenericClient,
+    target: &impl GenericClient,
     table: &Table,
     jobs: usize,
 ) -> Result<Vec<KeyRange>> {
@@ -133,11 +143,17 @@ pub async fn plan_ranges(
     let mut lo = i64::MAX;
     let mut hi = i64::MIN;
     let mut rows = 0i64;
-    for (client, side) in [(source, "source"), (target, "target")] {
-        let r = client
+    let spans = [
+        source
             .query_one(&sql, &[])
             .await
-            .pg_context(|| format!("reading the key span of {} on the {side}", table.name))?;
+            .pg_context(|| format!("reading the key span of {} on the source", table.name))?,
+        target
+            .query_one(&sql, &[])
+            .await
+            .pg_context(|| format!("reading the key span of {} on the target", table.name))?,
+    ];
+    for r in spans {
         if let (Some(a), Some(b)) = (r.get::<_, Option<i64>>(0), r.get::<_, Option<i64>>(1)) {
             lo = lo.min(a);
             hi = hi.max(b);
@@ -184,7 +200,7 @@ pub async fn plan_ranges(
 
 /// Count and hash of a range on one side.
 pub async fn digest(
-    client: &Client,
+    client: &impl GenericClient,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
@@ -208,46 +224,62 @@ pub async fn digest(
 /// Row hashes by key within a range on one side (for keyless tables the key is the
 /// row and the value counts its copies).
 pub async fn row_hashes(
-    client: &Client,
+    client: &impl GenericClient,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
-    only: Option<&[String]>,
-) -> Result<HashMap<String, i64>> {
+    only: Option<&[Key]>,
+) -> Result<HashMap<Key, i64>> {
     let mut filter = range.predicate(table);
     if let Some(keys) = only {
-        let list = keys
+        if table.key.is_empty() {
+            filter = format!(
+                "{filter} AND {} = ANY({})",
+                key_expr(table),
+                text_array(keys.iter().map(|k| k.join(",")))
+            );
+        } else {
+            filter = format!("{filter} AND {}", keys_predicate(table, keys));
+        }
+    }
+    let rows = if table.key.is_empty() {
+        let sql = format!(
+            "SELECT {}, count(*) FROM ONLY {} WHERE {filter} GROUP BY 1",
+            key_expr(table),
+            table.name.quoted(),
+        );
+        client
+            .query(&sql, &[])
+            .await
+            .pg_context(|| format!("reading the rows of {} ({})", table.name, range.describe(table)))?
             .iter()
-            .map(|k| quote_literal(k))
+            .map(|r| (vec![r.get::<_, String>(0)], r.get::<_, i64>(1)))
+            .collect()
+    } else {
+        let keys = table
+            .key
+            .iter()
+            .map(|k| format!("{}::text", quote_ident(k)))
             .collect::<Vec<_>>()
             .join(", ");
-        filter = format!("{filter} AND {} IN ({list})", key_expr(table));
-    }
-    let sql = if table.key.is_empty() {
-        format!(
-            "SELECT {}, count(*) FROM {} WHERE {filter} GROUP BY 1",
-            key_expr(table),
-            table.name.quoted(),
-        )
-    } else {
-        format!(
-            "SELECT {}, hashtextextended({}, 0) FROM {} WHERE {filter}",
-            key_expr(table),
+        let sql = format!(
+            "SELECT hashtextextended({}, 0), {keys} FROM ONLY {} WHERE {filter}",
             row_expr(table, compared),
             table.name.quoted(),
-        )
+        );
+        let n = table.key.len();
+        client
+            .query(&sql, &[])
+            .await
+            .pg_context(|| format!("reading the rows of {} ({})", table.name, range.describe(table)))?
+            .iter()
+            .map(|r| {
+                let key: Key = (1..=n).map(|i| r.get::<_, String>(i)).collect();
+                (key, r.get::<_, i64>(0))
+            })
+            .collect()
     };
-    let rows = client.query(&sql, &[]).await.pg_context(|| {
-        format!(
-            "reading the rows of {} ({})",
-            table.name,
-            range.describe(table)
-        )
-    })?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
-        .collect())
+    Ok(rows)
 }
 
 /// Keys that differ within a range: on the source only or changed (to copy), and on
@@ -255,9 +287,9 @@ pub async fn row_hashes(
 #[derive(Clone, Debug, Default)]
 pub struct KeyDiff {
     /// Keys whose source row is missing or different on the target.
-    pub to_copy: Vec<String>,
+    pub to_copy: Vec<Key>,
     /// Keys present only on the target.
-    pub to_delete: Vec<String>,
+    pub to_delete: Vec<Key>,
 }
 
 impl KeyDiff {
@@ -265,17 +297,25 @@ impl KeyDiff {
     pub fn is_empty(&self) -> bool {
         self.to_copy.is_empty() && self.to_delete.is_empty()
     }
+
+    /// Every differing key, once.
+    pub fn keys(&self) -> Vec<Key> {
+        let mut all: Vec<Key> = self.to_copy.iter().chain(&self.to_delete).cloned().collect();
+        all.sort();
+        all.dedup();
+        all
+    }
 }
 
 /// Narrows a mismatching range down to its keys (only among `only`, when given:
 /// to look again at keys that differed before).
 pub async fn diff_keys(
-    source: &Client,
-    target: &Client,
+    source: &impl GenericClient,
+    target: &impl GenericClient,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
-    only: Option<&[String]>,
+    only: Option<&[Key]>,
 ) -> Result<KeyDiff> {
     if only.is_some_and(|k| k.is_empty()) {
         return Ok(KeyDiff::default());
@@ -301,59 +341,4 @@ pub async fn diff_keys(
     diff.to_copy.sort();
     diff.to_delete.sort();
     Ok(diff)
-}
-
-/// Makes the target's rows for `keys` (within `range`) equal to the source's: deletes
-/// them on the target, then copies the source's rows, in one target transaction.
-/// Returns (rows deleted, rows copied).
-pub async fn repair_keys(
-    source: &Client,
-    target: &mut Client,
-    table: &Table,
-    range: &KeyRange,
-    keys: &[String],
-) -> Result<(u64, u64)> {
-    use futures_util::{SinkExt, StreamExt};
-    if keys.is_empty() {
-        return Ok((0, 0));
-    }
-    let list = keys
-        .iter()
-        .map(|k| quote_literal(k))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let filter = format!(
-        "{} AND {} IN ({list})",
-        range.predicate(table),
-        key_expr(table)
-    );
-    let ctx = || format!("repairing {} rows of {}", keys.len(), table.name);
-    let tx = target.transaction().await.pg_context(ctx)?;
-    let deleted = tx
-        .execute(
-            &format!("DELETE FROM {} WHERE {filter}", table.name.quoted()),
-            &[],
-        )
-        .await
-        .pg_context(ctx)?;
-    let cols = table.copied_column_list();
-    let reader = source
-        .copy_out(&format!(
-            "COPY (SELECT {cols} FROM {} WHERE {filter}) TO STDOUT",
-            table.name.quoted()
-        ))
-        .await
-        .pg_context(ctx)?;
-    let writer = tx
-        .copy_in::<_, bytes::Bytes>(&format!("COPY {} ({cols}) FROM STDIN", table.name.quoted()))
-        .await
-        .pg_context(ctx)?;
-    futures_util::pin_mut!(reader);
-    futures_util::pin_mut!(writer);
-    while let Some(chunk) = reader.next().await {
-        writer.feed(chunk.pg_context(ctx)?).await.pg_context(ctx)?;
-    }
-    let copied = writer.finish().await.pg_context(ctx)?;
-    tx.commit().await.pg_context(ctx)?;
-    Ok((deleted, copied))
 }

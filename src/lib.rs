@@ -7,10 +7,13 @@
 //! - [`pg`]: connections, the replication-protocol client, [`pg::Lsn`], quoting.
 //! - [`catalog`]: table metadata from `pg_catalog`, compatibility checks, target DDL.
 //! - [`state`]: the `walshuttle.*` schema on the target that makes every step resumable.
+//! - [`snapshot`]: source snapshots that copies read under, and the locks that keep them valid.
+//! - [`positions`]: which source transactions a range of target rows already reflects.
 //! - [`bootstrap`]: preflight, slot + exported snapshot, chunk plan, parallel binary COPY.
 //! - [`stream`]: pgoutput decoding and the exactly-once apply of changes.
 //! - [`run`]: the sidecar loop: bootstrap if needed, stream, retry with backoff.
 //! - [`compare`]: key-range hashing shared by verify and catch-up.
+//! - [`rewrite`]: the one range copier behind bootstrap chunks, catch-up, repair and resync.
 //! - [`verify`]: proves both sides equal, optionally repairs.
 //! - [`catchup`]: gap repair from watermarks when the WAL is gone.
 //! - [`observe`]: metrics, `/metrics` and `/healthz` for `run --metrics-addr`.
@@ -29,8 +32,11 @@ pub mod demo;
 pub mod localpg;
 pub mod observe;
 pub mod pg;
+pub mod positions;
+pub mod rewrite;
 pub mod run;
 pub mod settings;
+pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod stream;

@@ -143,19 +143,7 @@ pub async fn status(
         bail!("no walshuttle pipeline on the target: run bootstrap");
     }
     state.check_version(&tgt).await?;
-    let names: Vec<String> = tgt
-        .query(
-            &format!(
-                "SELECT pipeline FROM {} ORDER BY pipeline",
-                state.table("pipelines")
-            ),
-            &[],
-        )
-        .await
-        .pg_context(|| "listing the pipelines on the target".into())?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let names: Vec<String> = state.pipeline_names(&tgt).await?;
     if names.is_empty() {
         bail!("no walshuttle pipeline on the target: run bootstrap");
     }
@@ -240,26 +228,16 @@ async fn pipeline_status(
             }
         },
     };
-    let progress = tgt
-        .query_opt(
-            &format!(
-                "SELECT applied_lsn::text, commit_time::text, \
-                        extract(epoch FROM clock_timestamp() - commit_time)::float8 \
-                 FROM {} WHERE pipeline = $1",
-                state.table("progress")
-            ),
-            &[&name],
-        )
-        .await
-        .pg_context(|| format!("reading the progress of pipeline {name}"))?;
-    let (applied, commit_time, since_commit) = match progress {
-        Some(r) => (
-            parse_lsn(r.get(0)),
-            r.get::<_, Option<String>>(1),
-            r.get::<_, Option<f64>>(2),
-        ),
+    let (applied, commit_time, since_commit) = match state.progress_detail(tgt, name).await? {
+        Some((applied, commit_time, since)) => (parse_lsn(applied), commit_time, since),
         None => (None, None, None),
     };
+    // Ranges written outside the stream whose snapshot the stream has not passed.
+    let pending_positions = state
+        .live_positions(tgt, name, applied.unwrap_or_default())
+        .await?
+        .len();
+    let consistent = pending_positions == 0 && pipeline.phase != Phase::CatchingUp;
 
     let current = slot.as_ref().and_then(|s| s.current);
     let confirmed = slot.as_ref().and_then(|s| s.confirmed);
@@ -282,7 +260,7 @@ async fn pipeline_status(
         && active == Some(false)
     {
         "stopped".to_string()
-    } else if matches!(recorded, Phase::Streaming | Phase::Copied) && !pipeline.consistent {
+    } else if matches!(recorded, Phase::Streaming | Phase::Copied) && !consistent {
         "reconciling".to_string()
     } else {
         recorded.as_str().to_string()
@@ -328,7 +306,7 @@ async fn pipeline_status(
         publication: pipeline.publication.clone(),
         phase,
         recorded_phase: recorded.as_str().to_string(),
-        consistent: pipeline.consistent,
+        consistent,
         source_current_lsn: current,
         confirmed_flush_lsn: confirmed,
         restart_lsn: slot.as_ref().and_then(|s| s.restart),
@@ -357,24 +335,9 @@ async fn table_status(
     pipeline: &str,
     opts: &StatusOptions,
 ) -> Result<Vec<TableStatus>> {
-    let rows = tgt
-        .query(
-            &format!(
-                "SELECT schema_name, table_name, coalesce(sum(rows_copied), 0)::bigint, \
-                        count(*) FILTER (WHERE done_at IS NOT NULL), count(*) \
-                 FROM {} WHERE pipeline = $1 GROUP BY schema_name, table_name",
-                state.table("chunks")
-            ),
-            &[&pipeline],
-        )
-        .await
-        .pg_context(|| format!("reading the copy progress of pipeline {pipeline}"))?;
     let mut chunks: HashMap<QualifiedName, (i64, i64, i64)> = HashMap::new();
-    for r in &rows {
-        chunks.insert(
-            QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-            (r.get(2), r.get(3), r.get(4)),
-        );
+    for (table, rows, done, total) in state.chunk_progress(tgt, pipeline).await? {
+        chunks.insert(table, (rows, done, total));
     }
     let mut out = Vec::with_capacity(tables.len());
     for table in tables {

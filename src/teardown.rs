@@ -26,14 +26,7 @@ pub struct TeardownOptions {
 }
 
 /// The state tables walshuttle creates in its schema.
-const STATE_TABLES: [&str; 6] = [
-    "pipeline_tables",
-    "chunks",
-    "progress",
-    "watermarks",
-    "pipelines",
-    "schema_version",
-];
+use crate::state::STATE_TABLES;
 
 /// What exists and would be removed.
 #[derive(Clone, Debug, Default)]

@@ -12,10 +12,12 @@ use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
 use crate::catalog::{self, Table};
-use crate::compare::{self, Compared, KeyRange, CANONICAL_TEXT};
+use crate::compare::{self, Compared, Key, KeyRange, CANONICAL_TEXT};
 use crate::config::Endpoint;
 use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
-use crate::state::StateStore;
+use crate::rewrite::{self, Rows};
+use crate::snapshot::SourceSnapshot;
+use crate::state::{StateStore, StoredScope};
 
 /// Settings of `verify`.
 #[derive(Clone, Debug)]
@@ -222,7 +224,7 @@ pub async fn verify(
         mismatched = still;
     }
 
-    let mut tgt_repair = hashing_session(target, "verify repair").await?;
+    let mut to_repair: Vec<(usize, Vec<Key>)> = Vec::new();
     for (i, range) in mismatched {
         let table = &tables[i];
         let mut diff =
@@ -233,12 +235,7 @@ pub async fn verify(
             if diff.is_empty() || !wait_for_stream(&src, &opts.slot).await? {
                 break;
             }
-            let keys: Vec<String> = diff
-                .to_copy
-                .iter()
-                .chain(&diff.to_delete)
-                .cloned()
-                .collect();
+            let keys = diff.keys();
             diff = compare::diff_keys(&src, &tgt, table, &range, Compared::WholeRows, Some(&keys))
                 .await?;
         }
@@ -246,22 +243,9 @@ pub async fn verify(
             continue;
         }
         if opts.repair {
-            let keys: Vec<String> = diff
-                .to_copy
-                .iter()
-                .chain(&diff.to_delete)
-                .cloned()
-                .collect();
-            let (deleted, copied) =
-                compare::repair_keys(&src, &mut tgt_repair, table, &range, &keys).await?;
-            reports[i].repaired.0 += deleted;
-            reports[i].repaired.1 += copied;
-            let (s, t) = tokio::try_join!(
-                compare::digest(&src, table, &range, Compared::WholeRows),
-                compare::digest(&tgt, table, &range, Compared::WholeRows)
-            )?;
-            if s == t {
-                continue;
+            match to_repair.iter_mut().find(|(t, _)| *t == i) {
+                Some((_, keys)) => keys.extend(diff.keys()),
+                None => to_repair.push((i, diff.keys())),
             }
         }
         let sample: Vec<String> = diff
@@ -269,7 +253,7 @@ pub async fn verify(
             .iter()
             .chain(&diff.to_delete)
             .take(5)
-            .cloned()
+            .map(compare::show_key)
             .collect();
         reports[i].differences.push(RangeReport {
             range: range.describe(table),
@@ -278,12 +262,112 @@ pub async fn verify(
             sample_keys: sample,
         });
     }
+    for (i, keys) in to_repair {
+        let table = &tables[i];
+        let (deleted, copied) = repair(source, target, &state, &opts.slot, table, keys).await?;
+        reports[i].repaired.0 += deleted;
+        reports[i].repaired.1 += copied;
+        // Whatever still differs after the repair is reported; the rest was fixed.
+        let equal = table_equal(&src, &tgt, table, opts.jobs).await?
+            || (wait_for_stream(&src, &opts.slot).await?
+                && table_equal(&src, &tgt, table, opts.jobs).await?);
+        if equal {
+            reports[i].differences.clear();
+        }
+    }
     let rows_read = reports.iter().map(|r| r.source_rows).sum();
     Ok(VerifyReport {
         tables: reports,
         seconds: started.elapsed().as_secs_f64(),
         rows_read,
     })
+}
+
+/// How long `verify --repair` waits for a moment between two apply transactions of
+/// a running pipeline.
+const REPAIR_LOCK_WAIT: Duration = Duration::from_secs(120);
+
+/// Rewrites `keys` of `table` on the target from the source, safely whether `run`
+/// is stopped, lagging or streaming: it waits for a moment when no apply
+/// transaction is open (holding the pipeline's positions lock until it commits),
+/// then reads the source under a new snapshot, rewrites the keys (a keyless table
+/// whole) and records that snapshot as their copy position, so the stream later
+/// skips exactly the changes the rewrite already holds. Returns (deleted, copied).
+async fn repair(
+    source: &Endpoint,
+    target: &Endpoint,
+    state: &StateStore,
+    pipeline: &str,
+    table: &Table,
+    keys: Vec<Key>,
+) -> Result<(u64, u64)> {
+    let mut client = hashing_session(target, "verify repair").await?;
+    let has_pipeline = state.existing_pipeline(&client, pipeline).await?.is_some();
+    let binary = catalog::check_target(&client, table).await?.binary();
+    let ctx = || format!("repairing {} on the target", table.name);
+    let deadline = Instant::now() + REPAIR_LOCK_WAIT;
+    let mut warned = false;
+    loop {
+        let tx = client.transaction().await.pg_context(ctx)?;
+        if has_pipeline && !state.try_lock_positions(&tx, pipeline).await? {
+            tx.rollback().await.pg_context(ctx)?;
+            if Instant::now() > deadline {
+                bail!(
+                    "pipeline {pipeline} kept an apply transaction open for {} s, so the repair of {} could not start: run verify --repair again",
+                    REPAIR_LOCK_WAIT.as_secs(),
+                    table.name
+                );
+            }
+            if !warned {
+                tracing::info!(table = %table.name, "waiting for the running pipeline to finish its apply transaction");
+                warned = true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        // The snapshot is taken after the lock: everything already applied is in it.
+        let snapshot = SourceSnapshot::take(source, std::slice::from_ref(&table.name)).await?;
+        let session = snapshot.import(source, "verify repair").await?;
+        let rows = if table.key.is_empty() {
+            Rows::All
+        } else {
+            Rows::Keys(keys.clone())
+        };
+        let (deleted, copied) =
+            rewrite::rewrite(&session.client, &tx, table, &rows, binary).await?;
+        if has_pipeline {
+            if let Some(view) = &snapshot.view {
+                let id = state
+                    .record_snapshot(&tx, pipeline, view, "verify --repair")
+                    .await?;
+                let scope = match rows {
+                    Rows::Keys(keys) => StoredScope::Keys(keys),
+                    _ => StoredScope::Table,
+                };
+                state
+                    .add_position(&tx, pipeline, &table.name, &scope, id)
+                    .await?;
+            }
+        }
+        tx.commit().await.pg_context(ctx)?;
+        let _ = session.client.batch_execute("COMMIT").await;
+        snapshot.release().await;
+        return Ok((deleted, copied));
+    }
+}
+
+/// Whether every range of a table hashes the same on both sides.
+async fn table_equal(src: &Client, tgt: &Client, table: &Table, jobs: usize) -> Result<bool> {
+    for range in compare::plan_ranges(src, tgt, table, jobs).await? {
+        let (s, t) = tokio::try_join!(
+            compare::digest(src, table, &range, Compared::WholeRows),
+            compare::digest(tgt, table, &range, Compared::WholeRows)
+        )?;
+        if s != t {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Hashes every (table, range) on both sides with `jobs` workers; returns the ranges

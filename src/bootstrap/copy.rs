@@ -1,7 +1,7 @@
-//! Copy workers: each reads chunks under the exported snapshot and streams COPY
-//! bytes from source to target without decoding rows. A chunk's rows and its `done`
-//! mark commit in one target transaction: the saga step, whose rollback is its
-//! compensation.
+//! Copy workers: each reads chunks under the copy's snapshot and streams COPY bytes
+//! from source to target without decoding rows. A chunk's rows, its `done` mark and
+//! (under a snapshot other than the slot's own) its copy position commit in one
+//! target transaction: the saga step, whose rollback is its compensation.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,11 +11,11 @@ use anyhow::Result;
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
-use super::plan::Chunk;
+use super::plan;
 use super::progress::Progress;
-use super::snapshot::SnapshotSession;
 use crate::pg::{Lsn, PgResultExt, QualifiedName};
-use crate::state::StateStore;
+use crate::snapshot::SnapshotSession;
+use crate::state::{ChunkRange, ChunkRow, StateStore, StoredScope};
 
 /// How one table's rows travel: the column list and the COPY format.
 #[derive(Clone, Debug)]
@@ -24,13 +24,15 @@ pub struct CopySpec {
     pub columns: String,
     /// Binary COPY when both sides have identical, portable types; text otherwise.
     pub binary: bool,
+    /// The integer column key chunks are ranges of.
+    pub chunk_column: Option<String>,
 }
 
 /// Work shared by all workers: the queue of chunks, and a flag that stops everyone
 /// once one worker fails.
 pub struct CopyJob {
     /// Chunks not yet taken.
-    pub queue: Mutex<VecDeque<Chunk>>,
+    pub queue: Mutex<VecDeque<ChunkRow>>,
     /// Per-table copy settings.
     pub specs: HashMap<QualifiedName, CopySpec>,
     /// State store on the target.
@@ -39,6 +41,9 @@ pub struct CopyJob {
     pub pipeline: String,
     /// LSN of the snapshot the chunks are read under, recorded with each chunk.
     pub snapshot_lsn: Lsn,
+    /// The recorded snapshot (a plain one, whose visibility becomes each chunk's
+    /// copy position); `None` for the slot's own snapshot.
+    pub snapshot_id: Option<i64>,
     /// Set when any worker failed: the others stop taking chunks.
     pub failed: AtomicBool,
     /// Progress counters.
@@ -46,7 +51,7 @@ pub struct CopyJob {
 }
 
 impl CopyJob {
-    fn next(&self) -> Option<Chunk> {
+    fn next(&self) -> Option<ChunkRow> {
         if self.failed.load(Ordering::Relaxed) {
             return None;
         }
@@ -81,7 +86,7 @@ async fn copy_chunk(
     worker: i32,
     source: &Client,
     target: &mut Client,
-    chunk: &Chunk,
+    chunk: &ChunkRow,
 ) -> Result<()> {
     let table = &chunk.table;
     let Some(spec) = job.specs.get(table) else {
@@ -95,7 +100,7 @@ async fn copy_chunk(
         "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT{format}",
         spec.columns,
         table.quoted(),
-        chunk.ctid_predicate()
+        plan::predicate(&chunk.range, spec.chunk_column.as_deref())
     );
     let copy_in = format!(
         "COPY {} ({}) FROM STDIN{format}",
@@ -124,26 +129,32 @@ async fn copy_chunk(
         writer.feed(data).await.pg_context(ctx)?;
     }
     let rows = writer.finish().await.pg_context(ctx)?;
-    tx.execute(
-        &format!(
-            "UPDATE {} SET rows_copied = $5, bytes_copied = $6, worker = $7, snapshot_lsn = $8::text::pg_lsn, \
-               started_at = now(), done_at = clock_timestamp() \
-             WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 AND chunk_no = $4",
-            job.state.table("chunks")
-        ),
-        &[
+    job.state
+        .mark_chunk_done(
+            &tx,
             &job.pipeline,
-            &table.schema,
-            &table.name,
-            &chunk.chunk_no,
-            &(rows as i64),
-            &(bytes as i64),
-            &worker,
-            &job.snapshot_lsn.to_string(),
-        ],
-    )
-    .await
-    .pg_context(ctx)?;
+            chunk,
+            rows as i64,
+            bytes as i64,
+            worker,
+            job.snapshot_id,
+            job.snapshot_lsn,
+        )
+        .await?;
+    if let Some(snapshot_id) = job.snapshot_id {
+        let scope = match (&chunk.range, &spec.chunk_column) {
+            (ChunkRange::Keys { lo, hi }, Some(column)) => StoredScope::Range {
+                column: column.clone(),
+                lo: *lo,
+                hi: *hi,
+            },
+            // Block chunks of one table are all copied under one snapshot.
+            _ => StoredScope::Table,
+        };
+        job.state
+            .add_position(&tx, &job.pipeline, table, &scope, snapshot_id)
+            .await?;
+    }
     tx.commit().await.pg_context(ctx)?;
     job.progress.add_rows(table, rows);
     crate::observe::rows_copied(table, rows);

@@ -2,16 +2,16 @@
 //! on the target, and the slot position streaming continues from.
 //!
 //! Steps: preflight (nothing written until it passes) → publication and slot with an
-//! exported snapshot → missing target tables created → chunk plan recorded → workers
-//! copy chunks under the snapshot → keys and indexes built → consistent LSN recorded.
-//! A rerun after a crash copies only the chunks not marked done, under a fresh
-//! snapshot, and records the reconcile window (see `docs/design.md`).
+//! exported snapshot, every table locked under it → missing target tables created →
+//! chunk plan recorded → workers copy chunks under the snapshot → keys and indexes
+//! built → the pipeline is `copied`. A rerun after a crash copies only what is
+//! missing under a new snapshot, whose visibility becomes the copy position of every
+//! range it copies (see [`crate::positions`]).
 
 pub mod copy;
 pub mod plan;
 pub mod preflight;
 pub mod progress;
-pub mod snapshot;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicBool;
@@ -25,11 +25,10 @@ use crate::catalog::{self, Table, TargetFit};
 use crate::config::Endpoint;
 use crate::pg::replication::ReplicationClient;
 use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
-use crate::state::{Phase, Pipeline, StateStore};
+use crate::snapshot::{self, SourceSnapshot};
+use crate::state::{ChunkRange, ChunkRow, Phase, Pipeline, StateStore, TableEntry, TableState};
 use copy::{CopyJob, CopySpec};
-use plan::Chunk;
 use progress::Progress;
-use snapshot::ExportedSnapshot;
 
 /// Settings of a bootstrap, from the command line.
 #[derive(Clone, Debug)]
@@ -72,11 +71,11 @@ pub struct BootstrapSummary {
     pub tables: Vec<TableSummary>,
     /// Wall-clock seconds of this run.
     pub seconds: f64,
-    /// The slot's consistent point, where streaming starts.
-    pub consistent_lsn: Option<Lsn>,
-    /// Whether the target is already consistent (false after a resumed bootstrap
-    /// until streaming passes the resume snapshot).
-    pub consistent: bool,
+    /// Where streaming starts: the slot's consistent point.
+    pub stream_start_lsn: Option<Lsn>,
+    /// Ranges copied under a later snapshot than the slot's (a resumed bootstrap):
+    /// the stream skips what their snapshot already saw.
+    pub copy_positions: usize,
 }
 
 impl BootstrapSummary {
@@ -84,8 +83,8 @@ impl BootstrapSummary {
     pub fn render(&self) -> String {
         if self.already_done {
             return format!(
-                "bootstrap already finished (consistent LSN {}); nothing copied",
-                self.consistent_lsn
+                "bootstrap already finished (streaming starts at {}); nothing copied",
+                self.stream_start_lsn
                     .map(|l| l.to_string())
                     .unwrap_or_default()
             );
@@ -110,8 +109,15 @@ impl BootstrapSummary {
             bytes as f64 / 1e6,
             self.seconds,
             bytes as f64 / 1e6 / secs,
-            self.consistent_lsn.map(|l| l.to_string()).unwrap_or_default(),
-            if self.consistent { "" } else { " (reconciling until the stream passes the resume snapshot)" }
+            self.stream_start_lsn.map(|l| l.to_string()).unwrap_or_default(),
+            if self.copy_positions == 0 {
+                String::new()
+            } else {
+                format!(
+                    " ({} ranges copied under a later snapshot: the stream skips what they already hold)",
+                    self.copy_positions
+                )
+            }
         ));
         out
     }
@@ -127,24 +133,21 @@ pub async fn bootstrap(
     let src = connect(source, "bootstrap").await?;
     let tgt = connect(target, "bootstrap").await?;
     let state = StateStore::open(&tgt, &opts.state_schema).await?;
+    if state.installed_version(&tgt).await?.is_some() {
+        // A state schema of an older release is upgraded before it is read.
+        state.migrate(&tgt).await?;
+    }
     let existing = state.existing_pipeline(&tgt, &opts.slot).await?;
     match existing {
-        Some(p)
-            if matches!(
-                p.phase,
-                Phase::Copied | Phase::Streaming | Phase::CatchingUp
-            ) =>
-        {
-            Ok(BootstrapSummary {
-                already_done: true,
-                resumed: false,
-                chunks_copied: 0,
-                tables: table_totals(&tgt, &state, &opts.slot).await?,
-                seconds: started.elapsed().as_secs_f64(),
-                consistent_lsn: p.consistent_lsn,
-                consistent: p.consistent,
-            })
-        }
+        Some(p) if p.phase.copied() => Ok(BootstrapSummary {
+            already_done: true,
+            resumed: false,
+            chunks_copied: 0,
+            tables: table_totals(&tgt, &state, &opts.slot).await?,
+            seconds: started.elapsed().as_secs_f64(),
+            stream_start_lsn: p.stream_start_lsn,
+            copy_positions: 0,
+        }),
         Some(p) if p.phase == Phase::Bootstrapping => {
             resume(source, target, &src, &tgt, &state, opts, p, started).await
         }
@@ -194,6 +197,45 @@ pub async fn slot_info(src: &Client, slot: &str) -> Result<Option<SlotInfo>> {
     }))
 }
 
+/// How many times a new slot is created when a table was rewritten between the
+/// slot's snapshot and the lock on it.
+const SLOT_ATTEMPTS: usize = 5;
+
+/// Creates the pipeline's slot with an exported snapshot and locks `tables` under
+/// it, taking a new slot while a table turns out rewritten in between (its rows
+/// would be invisible to the snapshot).
+pub async fn create_slot_with_snapshot(
+    source: &Endpoint,
+    src: &Client,
+    slot_name: &str,
+    tables: &[QualifiedName],
+) -> Result<SourceSnapshot> {
+    for attempt in 1..=SLOT_ATTEMPTS {
+        let before = snapshot::file_nodes(src, tables).await?;
+        let mut repl = ReplicationClient::connect(source, None)
+            .await
+            .with_context(|| format!("opening a replication connection to {}", source.redacted))?;
+        let slot = repl
+            .create_slot_exporting_snapshot(slot_name)
+            .await
+            .with_context(|| format!("creating replication slot {slot_name} on the source"))?;
+        let lsn = slot.consistent_point;
+        match SourceSnapshot::from_slot(source, repl, slot, tables, &before).await? {
+            Ok(snapshot) => {
+                tracing::info!(slot = %slot_name, %lsn, "created replication slot");
+                return Ok(snapshot);
+            }
+            Err(rewritten) => {
+                tracing::warn!(slot = %slot_name, table = %rewritten, attempt, "a table was rewritten on the source while the slot was created: taking a new slot");
+                drop_slot_if_exists(src, slot_name).await?;
+            }
+        }
+    }
+    bail!(
+        "tables on the source were rewritten (ALTER TABLE, VACUUM FULL, CLUSTER) every time a slot was created, {SLOT_ATTEMPTS} times: run walshuttle again when no DDL runs on the source"
+    )
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn fresh(
     source: &Endpoint,
@@ -238,25 +280,16 @@ async fn fresh(
         name: opts.slot.clone(),
         publication: opts.publication.clone(),
         phase: Phase::CreatingSlot,
-        consistent_lsn: None,
-        snapshot_lsn: None,
-        consistent: false,
+        stream_start_lsn: None,
         tables: table_names.clone(),
+        stop_reason: None,
     };
     state.save_pipeline(tgt, &pipeline).await?;
     ensure_publication(src, &opts.publication, &table_names).await?;
     if half_created {
         drop_slot_if_exists(src, &opts.slot).await?;
     }
-    let mut repl = ReplicationClient::connect(source, None)
-        .await
-        .with_context(|| format!("opening a replication connection to {}", source.redacted))?;
-    let slot = repl
-        .create_slot_exporting_snapshot(&opts.slot)
-        .await
-        .with_context(|| format!("creating replication slot {} on the source", opts.slot))?;
-    tracing::info!(slot = %opts.slot, lsn = %slot.consistent_point, "created replication slot");
-    let snapshot = ExportedSnapshot::from_slot(repl, slot);
+    let snapshot = create_slot_with_snapshot(source, src, &opts.slot, &table_names).await?;
 
     for (table, fit) in checked.tables.iter().zip(&checked.fits) {
         match fit {
@@ -281,14 +314,24 @@ async fn fresh(
     let size = plan::chunk_blocks(total_blocks, opts.jobs);
     let mut by_size: Vec<&Table> = checked.tables.iter().collect();
     by_size.sort_by_key(|t| std::cmp::Reverse(t.blocks));
-    let chunks: Vec<Chunk> = by_size
+    let mut chunks = Vec::new();
+    let mut columns: HashMap<QualifiedName, Option<String>> = HashMap::new();
+    for t in by_size {
+        let (c, column) = plan::plan_table(snapshot.holder(), t, size).await?;
+        chunks.extend(c);
+        columns.insert(t.name.clone(), column);
+    }
+    let entries: Vec<TableEntry> = table_names
         .iter()
-        .flat_map(|t| plan::split_table(&t.name, t.blocks, size))
+        .map(|t| TableEntry {
+            name: t.clone(),
+            state: TableState::Copying,
+            chunk_column: columns.get(t).cloned().flatten(),
+        })
         .collect();
 
     pipeline.phase = Phase::Bootstrapping;
-    pipeline.consistent_lsn = Some(snapshot.lsn);
-    pipeline.snapshot_lsn = Some(snapshot.lsn);
+    pipeline.stream_start_lsn = Some(snapshot.lsn);
     {
         let mut tgt_tx = connect(target, "bootstrap plan").await?;
         let tx = tgt_tx
@@ -296,7 +339,8 @@ async fn fresh(
             .await
             .pg_context(|| "recording the plan".into())?;
         state.save_pipeline(&tx, &pipeline).await?;
-        plan::record(&tx, state, &opts.slot, &chunks).await?;
+        state.set_tables(&tx, &pipeline.name, &entries).await?;
+        state.record_plan(&tx, &opts.slot, &chunks).await?;
         tx.commit()
             .await
             .pg_context(|| "recording the plan".into())?;
@@ -308,7 +352,8 @@ async fn fresh(
         "planned the copy"
     );
     copy_and_finish(
-        source, target, src, tgt, state, opts, snapshot, &checked, chunks, pipeline, false, started,
+        source, target, src, tgt, state, opts, snapshot, None, &checked, &entries, chunks,
+        pipeline, false, started,
     )
     .await
 }
@@ -321,7 +366,7 @@ async fn resume(
     tgt: &Client,
     state: &StateStore,
     opts: &BootstrapOptions,
-    mut pipeline: Pipeline,
+    pipeline: Pipeline,
     started: Instant,
 ) -> Result<BootstrapSummary> {
     if let Some(wanted) = &opts.tables {
@@ -354,23 +399,96 @@ async fn resume(
             opts.slot
         );
     }
-    let snapshot = ExportedSnapshot::export_new(source).await?;
-    let consistent = pipeline.consistent_lsn.unwrap_or(snapshot.lsn);
-    pipeline.snapshot_lsn = Some(
-        snapshot
-            .lsn
-            .max(pipeline.snapshot_lsn.unwrap_or(consistent)),
-    );
-    state.save_pipeline(tgt, &pipeline).await?;
-    let chunks = plan::remaining(tgt, state, &opts.slot).await?;
+    let all_chunks = state.chunks(tgt, &opts.slot).await?;
+    let mut entries = state.table_entries(tgt, &opts.slot).await?;
+
+    // Per table: keep what stays valid, plan again what does not.
+    let mut remaining = Vec::new();
+    let mut restart: Vec<&Table> = Vec::new();
+    for table in &checked.tables {
+        let mine: Vec<&ChunkRow> = all_chunks.iter().filter(|c| c.table == table.name).collect();
+        let any_done = mine.iter().any(|c| c.done);
+        let all_done = !mine.is_empty() && mine.iter().all(|c| c.done);
+        let exact = mine.iter().all(|c| !c.inexact);
+        let by_key = !mine.is_empty() && mine.iter().all(|c| matches!(c.range, ChunkRange::Keys { .. }));
+        if all_done && exact {
+            continue;
+        }
+        if by_key && exact {
+            // A key range copied under any snapshot stays valid: copy only the rest.
+            remaining.extend(mine.into_iter().filter(|c| !c.done).cloned());
+        } else if any_done || !exact || mine.is_empty() {
+            // Block ranges are valid only within the snapshot that is gone.
+            restart.push(table);
+        } else {
+            remaining.extend(mine.into_iter().cloned());
+        }
+    }
+    let mut to_lock: Vec<QualifiedName> = remaining.iter().map(|c| c.table.clone()).collect();
+    to_lock.extend(restart.iter().map(|t| t.name.clone()));
+    to_lock.sort();
+    to_lock.dedup();
+    let snapshot = SourceSnapshot::take(source, &to_lock).await?;
+
+    if !restart.is_empty() {
+        let total_blocks: i64 = restart.iter().map(|t| t.blocks).sum();
+        let size = plan::chunk_blocks(total_blocks, opts.jobs);
+        let mut client = connect(target, "bootstrap plan").await?;
+        let tx = client
+            .transaction()
+            .await
+            .pg_context(|| "planning the tables to copy again".into())?;
+        for table in &restart {
+            let (chunks, column) = plan::plan_table(snapshot.holder(), table, size).await?;
+            tx.batch_execute(&format!("TRUNCATE {}", table.name.quoted()))
+                .await
+                .pg_context(|| format!("emptying {} on the target to copy it again", table.name))?;
+            state
+                .replace_table_plan(&tx, &opts.slot, &table.name, &chunks)
+                .await?;
+            state
+                .clear_positions(&tx, &opts.slot, Some(&table.name))
+                .await?;
+            if let Some(e) = entries.iter_mut().find(|e| e.name == table.name) {
+                e.chunk_column = column;
+                e.state = TableState::Copying;
+            }
+            tracing::info!(table = %table.name, "the table was partly copied under a snapshot that is gone: copying it again whole");
+            remaining.extend(chunks);
+        }
+        state.set_tables(&tx, &opts.slot, &entries).await?;
+        tx.commit()
+            .await
+            .pg_context(|| "planning the tables to copy again".into())?;
+    }
+    let view = snapshot
+        .view
+        .clone()
+        .context("a resumed copy needs a snapshot with recorded visibility")?;
+    let snapshot_id = state
+        .record_snapshot(tgt, &opts.slot, &view, "bootstrap resume")
+        .await?;
     tracing::info!(
-        remaining_chunks = chunks.len(),
-        consistent_lsn = %consistent,
-        snapshot_lsn = %snapshot.lsn,
-        "resuming an interrupted bootstrap under a new snapshot; streaming reconciles until it passes the snapshot"
+        remaining_chunks = remaining.len(),
+        stream_start = %pipeline.stream_start_lsn.unwrap_or_default(),
+        snapshot = %snapshot.lsn,
+        "resuming an interrupted bootstrap under a new snapshot; the stream skips what it already holds"
     );
     copy_and_finish(
-        source, target, src, tgt, state, opts, snapshot, &checked, chunks, pipeline, true, started,
+        source,
+        target,
+        src,
+        tgt,
+        state,
+        opts,
+        snapshot,
+        Some(snapshot_id),
+        &checked,
+        &entries,
+        remaining,
+        pipeline,
+        true,
+        started,
     )
     .await
 }
@@ -385,41 +503,53 @@ async fn copy_and_finish(
     tgt: &Client,
     state: &StateStore,
     opts: &BootstrapOptions,
-    snapshot: ExportedSnapshot,
+    snapshot: SourceSnapshot,
+    snapshot_id: Option<i64>,
     checked: &preflight::Checked,
-    chunks: Vec<Chunk>,
+    entries: &[TableEntry],
+    chunks: Vec<ChunkRow>,
     mut pipeline: Pipeline,
     resumed: bool,
     started: Instant,
 ) -> Result<BootstrapSummary> {
-    let copied = copy_chunks(source, target, snapshot, checked, chunks, opts, state).await?;
-    finish(
+    let positions = if snapshot_id.is_some() {
+        chunks.len()
+    } else {
+        0
+    };
+    let copied = copy_chunks(
+        source,
         target,
-        src,
-        tgt,
-        state,
+        snapshot,
+        snapshot_id,
+        checked,
+        entries,
+        chunks,
         opts,
-        &checked.tables,
-        &mut pipeline,
+        state,
     )
     .await?;
+    finish(target, src, tgt, state, opts, &checked.tables, &mut pipeline).await?;
     Ok(BootstrapSummary {
         already_done: false,
         resumed,
         chunks_copied: copied,
         tables: table_totals(tgt, state, &opts.slot).await?,
         seconds: started.elapsed().as_secs_f64(),
-        consistent_lsn: pipeline.consistent_lsn,
-        consistent: pipeline.consistent,
+        stream_start_lsn: pipeline.stream_start_lsn,
+        copy_positions: positions,
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn copy_chunks(
     source: &Endpoint,
     target: &Endpoint,
-    snapshot: ExportedSnapshot,
+    mut snapshot: SourceSnapshot,
+    snapshot_id: Option<i64>,
     checked: &preflight::Checked,
-    chunks: Vec<Chunk>,
+    entries: &[TableEntry],
+    chunks: Vec<ChunkRow>,
     opts: &BootstrapOptions,
     state: &StateStore,
 ) -> Result<usize> {
@@ -427,12 +557,18 @@ async fn copy_chunks(
     let workers = opts.jobs.max(1).min(count.max(1));
     // Every worker imports the snapshot before the exporting session is released.
     let mut sessions = Vec::with_capacity(workers);
-    for _ in 0..workers {
-        sessions.push(snapshot.import(source, "copy").await?);
+    if count > 0 {
+        for _ in 0..workers {
+            sessions.push(snapshot.import(source, "copy").await?);
+        }
     }
+    snapshot.imported().await;
     let snapshot_lsn = snapshot.lsn;
-    snapshot.release().await;
 
+    let columns: HashMap<&QualifiedName, Option<String>> = entries
+        .iter()
+        .map(|e| (&e.name, e.chunk_column.clone()))
+        .collect();
     let specs: HashMap<QualifiedName, CopySpec> = checked
         .tables
         .iter()
@@ -443,6 +579,7 @@ async fn copy_chunks(
                 CopySpec {
                     columns: t.copied_column_list(),
                     binary: fit.binary(),
+                    chunk_column: columns.get(&t.name).cloned().flatten(),
                 },
             )
         })
@@ -460,6 +597,7 @@ async fn copy_chunks(
         state: state.clone(),
         pipeline: opts.slot.clone(),
         snapshot_lsn,
+        snapshot_id,
         failed: AtomicBool::new(false),
         progress: Arc::clone(&progress),
     });
@@ -484,6 +622,8 @@ async fn copy_chunks(
         }
     }
     display.abort();
+    // The copy is over: the tables may be altered on the source again.
+    snapshot.release().await;
     match first_error {
         Some(e) => Err(e),
         None => Ok(count),
@@ -532,19 +672,21 @@ async fn finish(
     }
 
     pipeline.phase = Phase::Copied;
-    pipeline.consistent = pipeline.snapshot_lsn <= pipeline.consistent_lsn;
     let mut client = connect(target, "bootstrap finish").await?;
     let tx = client
         .transaction()
         .await
         .pg_context(|| "finishing the bootstrap".into())?;
     state.save_pipeline(&tx, pipeline).await?;
+    state
+        .set_table_state(&tx, &pipeline.name, None, TableState::Ready)
+        .await?;
     if state.progress(&tx, &pipeline.name).await?.is_none() {
         state
             .set_progress(
                 &tx,
                 &pipeline.name,
-                pipeline.consistent_lsn.unwrap_or_default(),
+                pipeline.stream_start_lsn.unwrap_or_default(),
             )
             .await?;
     }
@@ -559,26 +701,11 @@ async fn table_totals(
     state: &StateStore,
     pipeline: &str,
 ) -> Result<Vec<TableSummary>> {
-    let rows = tgt
-        .query(
-            &format!(
-                "SELECT t.schema_name, t.table_name, coalesce(sum(c.rows_copied), 0)::bigint, coalesce(sum(c.bytes_copied), 0)::bigint \
-                 FROM {} t LEFT JOIN {} c USING (pipeline, schema_name, table_name) \
-                 WHERE t.pipeline = $1 GROUP BY t.schema_name, t.table_name, t.position ORDER BY t.position",
-                state.table("pipeline_tables"),
-                state.table("chunks")
-            ),
-            &[&pipeline],
-        )
-        .await
-        .pg_context(|| "summing the copy".into())?;
-    Ok(rows
-        .iter()
-        .map(|r| TableSummary {
-            table: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-            rows: r.get(2),
-            bytes: r.get(3),
-        })
+    Ok(state
+        .table_totals(tgt, pipeline)
+        .await?
+        .into_iter()
+        .map(|(table, rows, bytes)| TableSummary { table, rows, bytes })
         .collect())
 }
 

@@ -1,11 +1,21 @@
-//! The chunk plan: every table cut into ctid block ranges, so one large table keeps
-//! every worker busy, recorded on the target so a rerun copies only what is left.
+//! The chunk plan: every table cut into ranges so one large table keeps every worker
+//! busy, recorded on the target so a rerun copies only what is left.
+//!
+//! A table with a single integer identity key (or, for `REPLICA IDENTITY FULL`, a
+//! single integer primary key) is cut into ranges of that key: a row never moves
+//! between key ranges (a key change is a delete and an insert in the log), so a copied
+//! chunk stays valid under any later snapshot, with the stream applying to it only
+//! what its snapshot did not see. Any other table is cut into heap block ranges, read
+//! with TID range scans: the fastest plan, but a row can move between block ranges
+//! (a non-HOT update), so block chunks are only consistent within one snapshot, and a
+//! table partly copied under a snapshot that is gone is copied again whole.
 
 use anyhow::Result;
-use tokio_postgres::GenericClient;
+use tokio_postgres::Client;
 
-use crate::pg::{PgResultExt, QualifiedName};
-use crate::state::StateStore;
+use crate::catalog::Table;
+use crate::pg::{quote_ident, PgResultExt, QualifiedName};
+use crate::state::{ChunkRange, ChunkRow};
 
 /// Smallest chunk: 1 MiB of heap (8 KiB blocks). Smaller chunks cost more in
 /// per-statement overhead than they gain in balance.
@@ -13,29 +23,21 @@ const MIN_CHUNK_BLOCKS: i64 = 128;
 /// Largest chunk: 64 MiB of heap, so a crash loses little finished work.
 const MAX_CHUNK_BLOCKS: i64 = 8192;
 
-/// One block range of one table.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Chunk {
-    /// Table the range belongs to.
-    pub table: QualifiedName,
-    /// Position of the chunk within its table.
-    pub chunk_no: i32,
-    /// First heap block, inclusive.
-    pub start_block: i64,
-    /// Last heap block, exclusive; `None` for the final, open-ended chunk, which also
-    /// takes whatever the table grew by after planning.
-    pub end_block: Option<i64>,
-}
-
-impl Chunk {
-    /// The WHERE clause selecting this chunk's rows with a TID range scan.
-    pub fn ctid_predicate(&self) -> String {
-        match self.end_block {
-            Some(end) => format!(
-                "ctid >= '({},0)'::tid AND ctid < '({end},0)'::tid",
-                self.start_block
-            ),
-            None => format!("ctid >= '({},0)'::tid", self.start_block),
+/// The WHERE clause selecting a chunk's rows (`column` for key chunks).
+pub fn predicate(range: &ChunkRange, column: Option<&str>) -> String {
+    match range {
+        ChunkRange::Blocks { start, end } => match end {
+            Some(end) => format!("ctid >= '({start},0)'::tid AND ctid < '({end},0)'::tid"),
+            None => format!("ctid >= '({start},0)'::tid"),
+        },
+        ChunkRange::Keys { lo, hi } => {
+            let c = quote_ident(column.unwrap_or_default());
+            match (lo, hi) {
+                (Some(lo), Some(hi)) => format!("{c} >= {lo} AND {c} < {hi}"),
+                (Some(lo), None) => format!("{c} >= {lo}"),
+                (None, Some(hi)) => format!("{c} < {hi}"),
+                (None, None) => "true".to_string(),
+            }
         }
     }
 }
@@ -47,75 +49,112 @@ pub fn chunk_blocks(total_blocks: i64, jobs: usize) -> i64 {
     per.clamp(MIN_CHUNK_BLOCKS, MAX_CHUNK_BLOCKS)
 }
 
-/// Cuts one table of `blocks` heap blocks into chunks of `size` blocks.
-pub fn split_table(table: &QualifiedName, blocks: i64, size: i64) -> Vec<Chunk> {
+/// The integer column a table's chunks are key ranges of, if it has one: its single
+/// identity key column, or its single primary-key column under `REPLICA IDENTITY
+/// FULL` (full row images carry every column).
+pub fn chunk_column(table: &Table) -> Option<String> {
+    if table.key.len() != 1 {
+        return None;
+    }
+    let name = &table.key[0];
+    let col = table.columns.iter().find(|c| &c.name == name)?;
+    matches!(col.type_sql.as_str(), "smallint" | "integer" | "bigint").then(|| name.clone())
+}
+
+/// Cuts one table of `blocks` heap blocks into block chunks of `size` blocks.
+pub fn split_blocks(table: &QualifiedName, blocks: i64, size: i64) -> Vec<ChunkRow> {
     let size = size.max(1);
     let count = ((blocks + size - 1) / size).max(1);
     (0..count)
-        .map(|i| Chunk {
+        .map(|i| ChunkRow {
             table: table.clone(),
             chunk_no: i as i32,
-            start_block: i * size,
-            end_block: if i + 1 == count {
-                None
-            } else {
-                Some((i + 1) * size)
+            range: ChunkRange::Blocks {
+                start: i * size,
+                end: if i + 1 == count {
+                    None
+                } else {
+                    Some((i + 1) * size)
+                },
             },
+            done: false,
+            snapshot_id: None,
+            inexact: false,
         })
         .collect()
 }
 
-/// Writes the plan into `chunks` (inside the caller's transaction).
-pub async fn record(
-    client: &impl GenericClient,
-    state: &StateStore,
-    pipeline: &str,
-    chunks: &[Chunk],
-) -> Result<()> {
-    let sql = format!(
-        "INSERT INTO {} (pipeline, schema_name, table_name, chunk_no, start_block, end_block) \
-         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[]) \
-         ON CONFLICT DO NOTHING",
-        state.table("chunks")
-    );
-    let schemas: Vec<&str> = chunks.iter().map(|c| c.table.schema.as_str()).collect();
-    let names: Vec<&str> = chunks.iter().map(|c| c.table.name.as_str()).collect();
-    let nos: Vec<i32> = chunks.iter().map(|c| c.chunk_no).collect();
-    let starts: Vec<i64> = chunks.iter().map(|c| c.start_block).collect();
-    let ends: Vec<Option<i64>> = chunks.iter().map(|c| c.end_block).collect();
-    client
-        .execute(&sql, &[&pipeline, &schemas, &names, &nos, &starts, &ends])
-        .await
-        .pg_context(|| "recording the chunk plan on the target".into())?;
-    Ok(())
+/// Cuts a table into key chunks at `bounds` (sorted, distinct): the first chunk is
+/// open below, the last open above, so every row is in exactly one chunk whatever
+/// its key.
+pub fn split_keys(table: &QualifiedName, bounds: &[i64]) -> Vec<ChunkRow> {
+    let mut edges: Vec<Option<i64>> = vec![None];
+    edges.extend(bounds.iter().map(|b| Some(*b)));
+    edges.push(None);
+    edges
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| ChunkRow {
+            table: table.clone(),
+            chunk_no: i as i32,
+            range: ChunkRange::Keys { lo: w[0], hi: w[1] },
+            done: false,
+            snapshot_id: None,
+            inexact: false,
+        })
+        .collect()
 }
 
-/// The chunks of a pipeline not yet marked done, in plan order.
-pub async fn remaining(
-    client: &impl GenericClient,
-    state: &StateStore,
-    pipeline: &str,
-) -> Result<Vec<Chunk>> {
-    let rows = client
-        .query(
+/// Inner boundaries cutting `[min, max]` of an integer column into `count` chunks of
+/// about equal key span.
+pub fn even_bounds(min: i64, max: i64, count: i64) -> Vec<i64> {
+    if count <= 1 || max <= min {
+        return Vec::new();
+    }
+    let span = i128::from(max) - i128::from(min) + 1;
+    let step = (span / i128::from(count)).max(1);
+    let mut out = Vec::new();
+    for i in 1..count {
+        let b = i128::from(min) + step * i128::from(i);
+        if b > i128::from(max) {
+            break;
+        }
+        if let Ok(b) = i64::try_from(b) {
+            if out.last().is_none_or(|l| *l < b) {
+                out.push(b);
+            }
+        }
+    }
+    out
+}
+
+/// Plans one table: key chunks when it has a chunk column (boundaries from the
+/// column's span as `client` sees it), block chunks otherwise.
+pub async fn plan_table(
+    client: &Client,
+    table: &Table,
+    chunk_size_blocks: i64,
+) -> Result<(Vec<ChunkRow>, Option<String>)> {
+    let count = ((table.blocks + chunk_size_blocks - 1) / chunk_size_blocks.max(1)).max(1);
+    let Some(column) = chunk_column(table) else {
+        return Ok((split_blocks(&table.name, table.blocks, chunk_size_blocks), None));
+    };
+    let c = quote_ident(&column);
+    let row = client
+        .query_one(
             &format!(
-                "SELECT schema_name, table_name, chunk_no, start_block, end_block FROM {} \
-                 WHERE pipeline = $1 AND done_at IS NULL ORDER BY schema_name, table_name, chunk_no",
-                state.table("chunks")
+                "SELECT min({c})::bigint, max({c})::bigint FROM ONLY {}",
+                table.name.quoted()
             ),
-            &[&pipeline],
+            &[],
         )
         .await
-        .pg_context(|| "reading the chunk plan from the target".into())?;
-    Ok(rows
-        .iter()
-        .map(|r| Chunk {
-            table: QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
-            chunk_no: r.get(2),
-            start_block: r.get(3),
-            end_block: r.get(4),
-        })
-        .collect())
+        .pg_context(|| format!("reading the key span of {} on the source", table.name))?;
+    let bounds = match (row.get::<_, Option<i64>>(0), row.get::<_, Option<i64>>(1)) {
+        (Some(min), Some(max)) => even_bounds(min, max, count),
+        _ => Vec::new(),
+    };
+    Ok((split_keys(&table.name, &bounds), Some(column)))
 }
 
 #[cfg(test)]
@@ -123,26 +162,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn splits_cover_the_table_with_an_open_end() {
+    fn block_splits_cover_the_table_with_an_open_end() {
         let t = QualifiedName::new("public", "t");
-        let chunks = split_table(&t, 1000, 300);
+        let chunks = split_blocks(&t, 1000, 300);
         assert_eq!(chunks.len(), 4);
-        assert_eq!(chunks[0].start_block, 0);
-        assert_eq!(chunks[0].end_block, Some(300));
-        assert_eq!(chunks[3].start_block, 900);
-        assert_eq!(chunks[3].end_block, None);
-        for pair in chunks.windows(2) {
-            assert_eq!(pair[0].end_block, Some(pair[1].start_block));
-        }
+        assert_eq!(
+            chunks[0].range,
+            ChunkRange::Blocks {
+                start: 0,
+                end: Some(300)
+            }
+        );
+        assert_eq!(
+            chunks[3].range,
+            ChunkRange::Blocks {
+                start: 900,
+                end: None
+            }
+        );
     }
 
     #[test]
     fn empty_table_gets_one_open_chunk() {
         let t = QualifiedName::new("public", "t");
-        let chunks = split_table(&t, 0, 128);
+        let chunks = split_blocks(&t, 0, 128);
         assert_eq!(chunks.len(), 1);
-        assert_eq!(chunks[0].end_block, None);
-        assert_eq!(chunks[0].ctid_predicate(), "ctid >= '(0,0)'::tid");
+        assert_eq!(predicate(&chunks[0].range, None), "ctid >= '(0,0)'::tid");
+        let keys = split_keys(&t, &[]);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(predicate(&keys[0].range, Some("id")), "true");
+    }
+
+    #[test]
+    fn key_splits_are_open_at_both_ends_and_contiguous() {
+        let t = QualifiedName::new("public", "t");
+        let chunks = split_keys(&t, &even_bounds(1, 1000, 4));
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(predicate(&chunks[0].range, Some("id")), "\"id\" < 251");
+        assert_eq!(
+            predicate(&chunks[1].range, Some("id")),
+            "\"id\" >= 251 AND \"id\" < 501"
+        );
+        assert_eq!(predicate(&chunks[3].range, Some("id")), "\"id\" >= 751");
+        assert_eq!(even_bounds(i64::MIN, i64::MAX, 3).len(), 2);
+        assert!(even_bounds(5, 5, 10).is_empty());
+        assert_eq!(even_bounds(1, 3, 10), vec![2, 3]);
     }
 
     #[test]

@@ -146,8 +146,31 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     text
 }
 
+/// A failed statement or connection: what walshuttle was doing, the server's (or
+/// driver's) one-line message, and the SQLSTATE, kept so that callers can tell a
+/// fault worth retrying from an error that retrying cannot fix.
+#[derive(Debug)]
+pub struct PgError {
+    /// What walshuttle was doing.
+    pub what: String,
+    /// The one-line message of [`describe`].
+    pub message: String,
+    /// The server's SQLSTATE, when the server answered with an error.
+    pub code: Option<tokio_postgres::error::SqlState>,
+    /// Whether the connection is closed (a fault of the connection, not the SQL).
+    pub closed: bool,
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.message)
+    }
+}
+
+impl std::error::Error for PgError {}
+
 /// Extension for query results: wraps driver errors with what walshuttle was doing,
-/// in the one-line form of [`describe`].
+/// in the one-line form of [`describe`], as a [`PgError`].
 pub trait PgResultExt<T> {
     /// Adds `what` (e.g. "reading columns of public.users on the source") to the error.
     fn pg_context(self, what: impl FnOnce() -> String) -> Result<T>;
@@ -155,6 +178,14 @@ pub trait PgResultExt<T> {
 
 impl<T> PgResultExt<T> for std::result::Result<T, tokio_postgres::Error> {
     fn pg_context(self, what: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|e| anyhow::anyhow!("{}: {}", what(), describe(&e)))
+        self.map_err(|e| {
+            PgError {
+                what: what(),
+                message: describe(&e),
+                code: e.code().cloned(),
+                closed: e.is_closed(),
+            }
+            .into()
+        })
     }
 }

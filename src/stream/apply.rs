@@ -5,9 +5,12 @@
 //! order within the table (tables are independent on the target: walshuttle creates
 //! no foreign keys), runs of inserts go through one COPY, runs of deletes through one
 //! set-based `DELETE … IN (unnest(…))`, and updates through prepared statements
-//! pipelined on the connection. In *reconcile* mode (the window after a resumed
-//! bootstrap) an insert is an upsert, an update of a missing row inserts it, and a
-//! delete of a missing row does nothing.
+//! pipelined on the connection.
+//!
+//! Every apply transaction begins by taking the shared side of the pipeline's
+//! positions lock and reading the positions version (see
+//! [`crate::state::StateStore::apply_begin_sql`]), so no rewrite outside the stream
+//! can commit while the session decides which changes its copies already hold.
 
 use std::collections::HashMap;
 
@@ -57,7 +60,8 @@ pub enum Op {
 }
 
 impl Op {
-    fn rel(&self) -> u32 {
+    /// The relation the change belongs to.
+    pub fn rel(&self) -> u32 {
         match self {
             Op::Insert { rel, .. } | Op::Update { rel, .. } | Op::Delete { rel, .. } => *rel,
         }
@@ -92,15 +96,6 @@ impl Op {
     }
 }
 
-/// How changes are applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Normal: every change applies to the state the previous change left.
-    Strict,
-    /// After a resumed bootstrap: changes may already be in the copied data.
-    Reconcile,
-}
-
 /// Rows applied, by operation, for logs and metrics.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ApplyCounts {
@@ -118,6 +113,8 @@ pub struct ApplyCounts {
 pub struct TargetSession {
     /// The connection.
     pub client: Client,
+    /// SQL that opens a transaction (BEGIN, the positions lock, the version).
+    begin_sql: String,
     in_txn: bool,
     ops: Vec<Op>,
     bytes: usize,
@@ -145,8 +142,9 @@ struct OpenCopy {
 const COPY_CHUNK: usize = 128 * 1024;
 
 impl TargetSession {
-    /// Wraps a connection, configuring it for apply.
-    pub async fn new(client: Client) -> Result<Self> {
+    /// Wraps a connection, configuring it for apply; `begin_sql` opens each
+    /// transaction and returns the positions version as its one row.
+    pub async fn new(client: Client, begin_sql: String) -> Result<Self> {
         // Durability is tracked separately: the flush position reported to the source
         // only covers commits the target has flushed (see `session.rs`).
         client
@@ -164,6 +162,7 @@ impl TargetSession {
         }
         Ok(TargetSession {
             client,
+            begin_sql,
             in_txn: false,
             ops: Vec::new(),
             bytes: 0,
@@ -189,16 +188,23 @@ impl TargetSession {
         self.bytes
     }
 
-    /// Opens the target transaction if none is open.
-    pub async fn begin(&mut self) -> Result<()> {
-        if !self.in_txn {
-            self.client
-                .batch_execute("BEGIN")
-                .await
-                .pg_context(|| "beginning an apply transaction on the target".into())?;
-            self.in_txn = true;
+    /// Opens the target transaction if none is open; returns the positions version
+    /// read inside it when it opened one.
+    pub async fn begin(&mut self) -> Result<Option<i64>> {
+        if self.in_txn {
+            return Ok(None);
         }
-        Ok(())
+        let messages = self
+            .client
+            .simple_query(&self.begin_sql)
+            .await
+            .pg_context(|| "beginning an apply transaction on the target".into())?;
+        self.in_txn = true;
+        let version = messages.iter().rev().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+            _ => None,
+        });
+        Ok(Some(version.unwrap_or(0)))
     }
 
     /// Buffers one change.
@@ -210,16 +216,10 @@ impl TargetSession {
     /// Applies a change: in strict mode, an insert with nothing buffered before it
     /// streams straight into an open COPY (returns true: it is in the target
     /// transaction now); anything else is buffered for the next flush (false).
-    pub async fn push_or_stream(
-        &mut self,
-        op: Op,
-        relations: &Relations,
-        mode: Mode,
-    ) -> Result<bool> {
+    pub async fn push_or_stream(&mut self, op: Op, relations: &Relations) -> Result<bool> {
         // Only while one table's inserts run uninterrupted: interleaved tables go to
         // the buffer, which groups them per table at the next flush.
-        let fast = mode == Mode::Strict
-            && self.ops.is_empty()
+        let fast = self.ops.is_empty()
             && matches!(&op, Op::Insert { rel, .. } if self.open_copy.as_ref().is_none_or(|c| c.rel == *rel));
         let Op::Insert { rel, new } = op else {
             self.push(op);
@@ -313,7 +313,7 @@ impl TargetSession {
     }
 
     /// Sends every buffered op to the target, inside the open transaction.
-    pub async fn flush(&mut self, relations: &Relations, mode: Mode) -> Result<()> {
+    pub async fn flush(&mut self, relations: &Relations) -> Result<()> {
         self.finish_copy().await?;
         if self.ops.is_empty() {
             return Ok(());
@@ -348,10 +348,9 @@ impl TargetSession {
                     .map(|p| start + p)
                     .unwrap_or(ops.len());
                 let run = &ops[start..end];
-                match (kind, mode) {
-                    (0, Mode::Strict) => self.copy_inserts(shape, run).await?,
-                    (0, Mode::Reconcile) => self.upserts(shape, run).await?,
-                    (1, _) => self.updates(shape, run, mode).await?,
+                match kind {
+                    0 => self.copy_inserts(shape, run).await?,
+                    1 => self.updates(shape, run).await?,
                     _ => self.deletes(shape, run).await?,
                 }
                 start = end;
@@ -447,80 +446,10 @@ impl TargetSession {
         Ok(())
     }
 
-    async fn upserts(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
-        for op in run {
-            if let Op::Insert { new, .. } = op {
-                self.upsert_row(shape, new, true).await?;
-                self.counts.inserted += 1;
-                self.note_applied(&shape.name, RowOp::Insert, 1);
-            }
-        }
-        Ok(())
-    }
-
-    /// INSERT … ON CONFLICT for one row; `overwrite` decides DO UPDATE vs DO NOTHING.
-    async fn upsert_row(
-        &mut self,
-        shape: &TableShape,
-        new: &TupleData,
-        overwrite: bool,
-    ) -> Result<()> {
-        let present: Vec<usize> = (0..shape.columns.len())
-            .filter(|&i| !matches!(new.columns.get(i), Some(TupleValue::UnchangedToast) | None))
-            .collect();
-        let cols = present
-            .iter()
-            .map(|&i| shape.columns[i].quoted.clone())
-            .collect::<Vec<_>>()
-            .join(", ");
-        let params = present
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| shape.param(n + 1, i))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let conflict = if shape.unique_key {
-            let keys = shape
-                .key
-                .iter()
-                .map(|&k| shape.columns[k].quoted.clone())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let sets: Vec<String> = present
-                .iter()
-                .filter(|i| !shape.key.contains(i))
-                .map(|&i| format!("{0} = EXCLUDED.{0}", shape.columns[i].quoted))
-                .collect();
-            if overwrite && !sets.is_empty() {
-                format!(" ON CONFLICT ({keys}) DO UPDATE SET {}", sets.join(", "))
-            } else {
-                format!(" ON CONFLICT ({keys}) DO NOTHING")
-            }
-        } else {
-            String::new()
-        };
-        let sql = format!(
-            "INSERT INTO {} ({cols}) VALUES ({params}){conflict}",
-            shape.name.quoted()
-        );
-        let stmt = self.statement(sql).await?;
-        let values: Vec<RawValue> = present
-            .iter()
-            .filter_map(|&i| new.columns.get(i).and_then(RawValue::from_tuple))
-            .collect();
-        let refs: Vec<&(dyn ToSql + Sync)> =
-            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        self.client
-            .execute(&stmt, &refs)
-            .await
-            .pg_context(|| format!("upserting a row into {} on the target", shape.name))?;
-        Ok(())
-    }
-
-    async fn updates(&mut self, shape: &TableShape, run: &[Op], mode: Mode) -> Result<()> {
-        // In strict mode, consecutive updates that set the same columns without
-        // changing the key become one set-based statement; the rest go one by one.
-        let set_based = mode == Mode::Strict && !shape.match_full_row && !shape.has_array_column();
+    async fn updates(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
+        // Consecutive updates that set the same columns without changing the key
+        // become one set-based statement; the rest go one by one.
+        let set_based = !shape.match_full_row && !shape.has_array_column();
         let mut start = 0;
         while start < run.len() {
             let mask = if set_based {
@@ -539,7 +468,7 @@ impl TargetSession {
                     self.set_based_updates(shape, &run[start..end], &mask)
                         .await?
                 }
-                _ => self.row_updates(shape, &run[start..end], mode).await?,
+                _ => self.row_updates(shape, &run[start..end]).await?,
             }
             start = end;
         }
@@ -593,7 +522,7 @@ impl TargetSession {
             .map(|(n, &c)| format!("{} = {}", shape.columns[c].quoted, value(n, c)))
             .collect::<Vec<_>>();
         if sets.is_empty() {
-            return self.row_updates(shape, run, Mode::Strict).await;
+            return self.row_updates(shape, run).await;
         }
         let conds = shape
             .key
@@ -648,7 +577,7 @@ impl TargetSession {
         Ok(())
     }
 
-    async fn row_updates(&mut self, shape: &TableShape, run: &[Op], mode: Mode) -> Result<()> {
+    async fn row_updates(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
         // Build every statement first (prepared once, cached), then pipeline them.
         let mut prepared: Vec<(Statement, Vec<RawValue>)> = Vec::with_capacity(run.len());
         for op in run {
@@ -660,21 +589,12 @@ impl TargetSession {
             prepared.push((stmt, values));
         }
         let affected = self.pipeline(&prepared, &shape.name, "updating").await?;
-        for ((op, n), _) in run.iter().zip(&affected).zip(&prepared) {
-            if *n > 0 {
+        for n in affected {
+            if n > 0 {
                 self.counts.updated += 1;
                 self.note_applied(&shape.name, RowOp::Update, 1);
-                continue;
-            }
-            let Op::Update { new, .. } = op else { continue };
-            match mode {
-                Mode::Reconcile => {
-                    // The copy did not have the row: the update's new image is it.
-                    self.upsert_row(shape, new, false).await?;
-                    self.counts.inserted += 1;
-                    self.note_applied(&shape.name, RowOp::Insert, 1);
-                }
-                Mode::Strict => self.note_missing(shape, "update"),
+            } else {
+                self.note_missing(shape, "update");
             }
         }
         Ok(())

@@ -5,9 +5,11 @@
 //! - [`relations`]: Relation messages matched against the target; schema drift.
 //! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
 //! - [`apply`]: batching changes into target transactions.
+//! - [`copy_positions`]: which changes the ranges copied outside the stream already hold.
 //! - [`session`]: one replication session, transaction boundaries and feedback.
 
 pub mod apply;
+pub mod copy_positions;
 pub mod decoder;
 pub mod relations;
 pub mod session;

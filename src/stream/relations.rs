@@ -42,6 +42,8 @@ pub struct TableShape {
     pub name: QualifiedName,
     /// Columns in tuple order.
     pub columns: Vec<ShapeColumn>,
+    /// Column names (unquoted) in tuple order.
+    pub column_names: Vec<String>,
     /// Positions (in `columns`) of the columns that identify a row.
     pub key: Vec<usize>,
     /// Whether `key` is unique on the target (primary key), so `ON CONFLICT` works.
@@ -253,6 +255,7 @@ impl Relations {
         };
         let shape = TableShape {
             name,
+            column_names: rel.columns.iter().map(|c| c.name.clone()).collect(),
             columns,
             key,
             unique_key,

@@ -17,12 +17,13 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio_postgres::Client;
 
-use super::apply::{Mode, Op, TargetSession, FLUSH_BYTES};
+use super::apply::{Op, TargetSession, FLUSH_BYTES};
+use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
 use super::relations::{Fatal, Relations};
 use crate::config::Endpoint;
 use crate::pg::replication::{ReplicationClient, ReplicationMessage, ReplicationStream};
-use crate::pg::{connect, quote_ident, quote_literal, Lsn, PgResultExt, QualifiedName};
+use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
 use crate::state::{Phase, StateStore};
 
 /// Most source transactions coalesced into one target transaction.
@@ -44,7 +45,7 @@ enum Event {
 /// Times the loop keeps across events.
 struct Clocks {
     last_received: Instant,
-    last_oldest_record: Instant,
+    last_expiry: Instant,
 }
 
 /// Settings of a replication session.
@@ -62,8 +63,10 @@ pub struct StreamConfig {
 
 /// The transaction being received (between Begin and Commit).
 struct CurrentTxn {
+    /// Already applied before this session (its end is not past the progress row).
     skip: bool,
-    mode: Mode,
+    /// Its transaction id, for the copy positions.
+    xid: u32,
 }
 
 /// An in-progress streamed transaction and its target connection.
@@ -89,7 +92,6 @@ struct Session<'a> {
     /// source transaction (so it cannot be committed before that one ends).
     main_has_partial: bool,
     batch_txns: usize,
-    batch_mode: Mode,
     batch_last: Option<(Lsn, PgTimestamp)>,
     batch_started: Instant,
     applied: Lsn,
@@ -97,10 +99,12 @@ struct Session<'a> {
     pending_durable: VecDeque<(Lsn, Lsn)>,
     received: Lsn,
     idle_wal_end: Lsn,
-    consistent: bool,
-    snapshot_lsn: Lsn,
+    /// Ranges written outside the stream that it has not passed yet.
+    positions: StreamPositions,
     /// A second target connection for position checks and flags.
     monitor: Client,
+    /// Whether values arrive in binary format.
+    binary: bool,
     /// When the target's flushed position was last read.
     last_durable_check: Instant,
     /// Silence from the source after which its connection is considered dead: the
@@ -134,7 +138,7 @@ pub async fn stream(
     let applied = state
         .progress(&target_client, &cfg.slot)
         .await?
-        .or(pipeline.consistent_lsn)
+        .or(pipeline.stream_start_lsn)
         .unwrap_or_default();
     let source_sql = connect(source, "lookup").await?;
     if let Some(reason) = crate::catchup::gap_reason(&source_sql, &cfg.slot).await? {
@@ -187,7 +191,17 @@ pub async fn stream(
         p.phase = Phase::Streaming;
         state.save_pipeline(&target_client, &p).await?;
     }
-    tracing::info!(slot = %cfg.slot, start = %applied, binary, consistent = pipeline.consistent, "streaming changes");
+    let positions = StreamPositions::load(
+        state,
+        &target_client,
+        &source_sql,
+        &cfg.slot,
+        applied,
+        binary,
+    )
+    .await?;
+    state.expire_positions(&target_client, &cfg.slot, applied).await?;
+    tracing::info!(slot = %cfg.slot, start = %applied, binary, copy_positions = !positions.is_empty(), "streaming changes");
     crate::observe::set_phase(crate::observe::RunPhase::Streaming, None);
 
     // Position checks and flags go through their own connection: the apply
@@ -218,6 +232,7 @@ pub async fn stream(
             .clamp(Duration::from_secs(5), Duration::from_secs(60))
     };
     let mut session = Session {
+        binary,
         last_durable_check: Instant::now(),
         receive_timeout,
         monitor,
@@ -227,14 +242,13 @@ pub async fn stream(
         source_sql,
         relations: Relations::new(binary, pipeline.tables.clone()),
         relation_cache: HashMap::new(),
-        main: TargetSession::new(target_client).await?,
+        main: TargetSession::new(target_client, state.apply_begin_sql(&cfg.slot)).await?,
         streams: HashMap::new(),
         in_stream: None,
         current: None,
         main_mark: 0,
         main_has_partial: false,
         batch_txns: 0,
-        batch_mode: Mode::Strict,
         batch_last: None,
         batch_started: Instant::now(),
         applied,
@@ -242,8 +256,7 @@ pub async fn stream(
         pending_durable: VecDeque::new(),
         received: applied,
         idle_wal_end: Lsn::ZERO,
-        consistent: pipeline.consistent,
-        snapshot_lsn: pipeline.snapshot_lsn.unwrap_or_default(),
+        positions,
     };
     streamed.store(true, std::sync::atomic::Ordering::Relaxed);
     let result = session.run(&mut replication, shutdown).await;
@@ -295,7 +308,7 @@ impl Session<'_> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut clocks = Clocks {
             last_received: Instant::now(),
-            last_oldest_record: Instant::now() - Duration::from_secs(3600),
+            last_expiry: Instant::now(),
         };
         loop {
             if *shutdown.borrow() {
@@ -357,7 +370,6 @@ impl Session<'_> {
                         self.received = self.received.max(wal_end);
                         if self.is_idle() {
                             self.idle_wal_end = self.idle_wal_end.max(wal_end);
-                            self.maybe_become_consistent(wal_end).await?;
                         }
                         let applied = self.flush_position().max(self.applied);
                         crate::observe::stream_position(wal_end, applied, self.is_idle());
@@ -413,29 +425,15 @@ impl Session<'_> {
         self.send_status(replication, true).await?;
         let applied = self.flush_position().max(self.applied);
         crate::observe::stream_position(self.received, applied, self.is_idle());
-        if clocks.last_oldest_record.elapsed() >= Duration::from_secs(10) && !self.main.in_txn() {
-            self.record_oldest_xact().await?;
-            clocks.last_oldest_record = Instant::now();
+        if clocks.last_expiry.elapsed() >= Duration::from_secs(10) {
+            // Copy positions the stream has passed are forgotten on the target too.
+            self.cfg
+                .state
+                .expire_positions(&self.monitor, &self.cfg.slot, self.durable)
+                .await?;
+            clocks.last_expiry = Instant::now();
         }
         Ok(())
-    }
-
-    /// Records the start of the oldest write transaction open on the source, which
-    /// widens a later catch-up window (see `catchup.rs`).
-    async fn record_oldest_xact(&mut self) -> Result<()> {
-        let at: String = self
-            .source_sql
-            .query_one(
-                "SELECT coalesce(min(xact_start), now())::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
-                &[],
-            )
-            .await
-            .pg_context(|| "reading the oldest open transaction on the source".into())?
-            .get(0);
-        self.cfg
-            .state
-            .set_oldest_xact(&self.monitor, &self.cfg.slot, &at)
-            .await
     }
 
     fn is_idle(&self) -> bool {
@@ -457,12 +455,7 @@ impl Session<'_> {
                     self.batch_started = Instant::now();
                 }
                 let skip = b.final_lsn < self.applied;
-                let mode = if !self.consistent {
-                    Mode::Reconcile
-                } else {
-                    Mode::Strict
-                };
-                self.current = Some(CurrentTxn { skip, mode });
+                self.current = Some(CurrentTxn { skip, xid: b.xid });
             }
             LogicalMessage::Commit(c) => {
                 let Some(txn) = self.current.take() else {
@@ -474,9 +467,6 @@ impl Session<'_> {
                 self.main_mark = self.main.buffered();
                 self.main_has_partial = false;
                 self.batch_txns += 1;
-                if txn.mode == Mode::Reconcile {
-                    self.batch_mode = Mode::Reconcile;
-                }
                 self.batch_last = Some((c.end_lsn, c.commit_time));
                 if !replication.has_buffered_message()
                     || self.batch_txns >= MAX_BATCH_TXNS
@@ -537,8 +527,13 @@ impl Session<'_> {
                         );
                     }
                     let client = connect(self.target, "apply stream").await?;
-                    let mut session = TargetSession::new(client).await?;
-                    session.begin().await?;
+                    let mut session = TargetSession::new(
+                        client,
+                        self.cfg.state.apply_begin_sql(&self.cfg.slot),
+                    )
+                    .await?;
+                    let version = session.begin().await?;
+                    self.refresh_positions(version).await?;
                     self.streams.insert(
                         s.xid,
                         StreamedTxn {
@@ -551,22 +546,20 @@ impl Session<'_> {
                 self.in_stream = Some(s.xid);
             }
             LogicalMessage::StreamStop => {
-                let mode = self.stream_mode();
                 if let Some(xid) = self.in_stream.take() {
                     if let Some(st) = self.streams.get_mut(&xid) {
-                        st.session.flush(&self.relations, mode).await?;
+                        st.session.flush(&self.relations).await?;
                     }
                 }
             }
             LogicalMessage::StreamAbort(a) => {
-                let mode = self.stream_mode();
                 if a.subxid == a.xid {
                     if let Some(mut st) = self.streams.remove(&a.xid) {
                         st.session.rollback().await?;
                     }
                 } else if let Some(st) = self.streams.get_mut(&a.xid) {
                     if let Some(pos) = st.savepoints.iter().position(|s| *s == a.subxid) {
-                        st.session.flush(&self.relations, mode).await?;
+                        st.session.flush(&self.relations).await?;
                         st.session
                             .execute_in_txn(&format!("ROLLBACK TO SAVEPOINT s{}", a.subxid))
                             .await?;
@@ -583,9 +576,7 @@ impl Session<'_> {
                     st.session.rollback().await?;
                     return Ok(());
                 }
-                st.session
-                    .flush(&self.relations, self.stream_mode())
-                    .await?;
+                st.session.flush(&self.relations).await?;
                 let sql = self.progress_sql(c.end_lsn, c.commit_time);
                 let target_lsn = st.session.commit(&sql).await?;
                 self.committed(c.end_lsn, target_lsn);
@@ -597,11 +588,47 @@ impl Session<'_> {
         Ok(())
     }
 
-    fn stream_mode(&self) -> Mode {
-        if self.consistent {
-            Mode::Strict
-        } else {
-            Mode::Reconcile
+    /// Reloads the copy positions when a transaction just opened (`version` is
+    /// what it read under the positions lock) sees a newer version than the session
+    /// holds: a rewrite outside the stream committed meanwhile.
+    async fn refresh_positions(&mut self, version: Option<i64>) -> Result<()> {
+        let Some(version) = version else {
+            return Ok(());
+        };
+        if version == self.positions.version() {
+            return Ok(());
+        }
+        self.positions = StreamPositions::load(
+            &self.cfg.state,
+            &self.monitor,
+            &self.source_sql,
+            &self.cfg.slot,
+            self.applied,
+            self.binary,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Applies the copy positions to a change of transaction `xid`: `None` when the
+    /// copies holding its rows already reflect it.
+    fn filter(&self, xid: u32, op: Op) -> Result<Option<Op>> {
+        if self.positions.is_empty() {
+            return Ok(Some(op));
+        }
+        let shape = self.relations.get(op.rel())?;
+        match self
+            .positions
+            .decide(&shape.name, &shape.column_names, xid, op)
+        {
+            Decision::Apply(op) => Ok(Some(op)),
+            Decision::Skip => Ok(None),
+            Decision::Refetch => Err(Fatal(format!(
+                "a key change in {} moved a row with unchanged TOASTed values from a range copied later into one copied earlier, inside the window of a resumed copy: run `walshuttle verify --repair --tables {}` and then `walshuttle run` again",
+                shape.name,
+                shape.name.quoted()
+            ))
+            .into()),
         }
     }
 
@@ -612,13 +639,15 @@ impl Session<'_> {
         replication: &mut ReplicationStream,
     ) -> Result<()> {
         if let (Some(top), Some(sub)) = (self.in_stream, xid) {
-            let mode = self.stream_mode();
+            let Some(op) = self.filter(top, op)? else {
+                return Ok(());
+            };
             let Some(st) = self.streams.get_mut(&top) else {
                 anyhow::bail!("change for unknown streamed transaction {top}");
             };
             if sub != st.current_sub {
                 if sub != top && !st.savepoints.contains(&sub) {
-                    st.session.flush(&self.relations, mode).await?;
+                    st.session.flush(&self.relations).await?;
                     st.session
                         .execute_in_txn(&format!("SAVEPOINT s{sub}"))
                         .await?;
@@ -631,7 +660,7 @@ impl Session<'_> {
             // CPU with walshuttle.
             st.session.push(op);
             if st.session.buffered_bytes() >= FLUSH_BYTES {
-                st.session.flush(&self.relations, mode).await?;
+                st.session.flush(&self.relations).await?;
             }
             return Ok(());
         }
@@ -641,8 +670,15 @@ impl Session<'_> {
         if txn.skip {
             return Ok(());
         }
-        let mode = txn.mode;
-        if self.main.push_or_stream(op, &self.relations, mode).await? {
+        let xid = txn.xid;
+        // The target transaction opens (under the positions lock) before deciding
+        // what the copies already hold.
+        let version = self.main.begin().await?;
+        self.refresh_positions(version).await?;
+        let Some(op) = self.filter(xid, op)? else {
+            return Ok(());
+        };
+        if self.main.push_or_stream(op, &self.relations).await? {
             // Rows of this unfinished transaction are in the target transaction now.
             self.main_mark = 0;
             self.main_has_partial = true;
@@ -656,7 +692,7 @@ impl Session<'_> {
                 self.commit_batch(replication).await?;
                 self.main.restore(tail);
             }
-            self.main.flush(&self.relations, mode).await?;
+            self.main.flush(&self.relations).await?;
             self.main_mark = 0;
             self.main_has_partial = true;
         }
@@ -686,9 +722,8 @@ impl Session<'_> {
             }
         );
         if let (Some(top), Some(_)) = (self.in_stream, xid) {
-            let mode = self.stream_mode();
             if let Some(st) = self.streams.get_mut(&top) {
-                st.session.flush(&self.relations, mode).await?;
+                st.session.flush(&self.relations).await?;
                 st.session.execute_in_txn(&sql).await?;
             }
             return Ok(());
@@ -699,12 +734,7 @@ impl Session<'_> {
         if txn.skip {
             return Ok(());
         }
-        let mode = if txn.mode == Mode::Reconcile {
-            Mode::Reconcile
-        } else {
-            self.batch_mode
-        };
-        self.main.flush(&self.relations, mode).await?;
+        self.main.flush(&self.relations).await?;
         self.main.execute_in_txn(&sql).await?;
         self.main_mark = 0;
         self.main_has_partial = true;
@@ -726,15 +756,10 @@ impl Session<'_> {
             return Ok(());
         }
         // Ops buffered under the old shape go out before the shape changes.
-        let mode = if self.consistent {
-            self.batch_mode
-        } else {
-            Mode::Reconcile
-        };
         // Flushing also ends an open COPY, which must not be left open while the
         // catalog is read on this connection.
         let had_work = self.main.buffered() > 0;
-        self.main.flush(&self.relations, mode).await?;
+        self.main.flush(&self.relations).await?;
         if had_work {
             self.main_mark = 0;
             if self.current.is_some() {
@@ -742,7 +767,7 @@ impl Session<'_> {
             }
         }
         for st in self.streams.values_mut() {
-            st.session.flush(&self.relations, mode).await?;
+            st.session.flush(&self.relations).await?;
         }
         let apply = match (self.in_stream, rel.xid) {
             (Some(top), Some(_)) => match self.streams.get_mut(&top) {
@@ -777,7 +802,7 @@ impl Session<'_> {
         let Some((end_lsn, commit_time)) = self.batch_last else {
             return Ok(());
         };
-        self.main.flush(&self.relations, self.batch_mode).await?;
+        self.main.flush(&self.relations).await?;
         self.main.begin().await?;
         let sql = self.progress_sql(end_lsn, commit_time);
         let target_lsn = self.main.commit(&sql).await?;
@@ -786,7 +811,6 @@ impl Session<'_> {
         self.batch_txns = 0;
         self.main_mark = 0;
         self.main_has_partial = false;
-        self.batch_mode = Mode::Strict;
         self.batch_last = None;
         self.report_after_commit(replication).await
     }
@@ -802,52 +826,21 @@ impl Session<'_> {
 
     fn committed(&mut self, end_lsn: Lsn, target_lsn: Option<Lsn>) {
         self.applied = self.applied.max(end_lsn);
-        if !self.consistent && end_lsn >= self.snapshot_lsn {
-            self.consistent = true;
-            tracing::info!(lsn = %end_lsn, "reconcile window passed: the target is consistent");
+        if !self.positions.is_empty() {
+            self.positions.expire(self.applied);
+            if self.positions.is_empty() {
+                tracing::info!(lsn = %end_lsn, "the stream has passed every range copied outside it");
+            }
         }
         self.pending_durable
             .push_back((end_lsn, target_lsn.unwrap_or(Lsn(u64::MAX))));
     }
 
-    /// SQL run inside each apply transaction before COMMIT: the progress row, and the
-    /// consistent flag once the reconcile window is passed.
+    /// SQL run inside each apply transaction before COMMIT: the progress row.
     fn progress_sql(&self, end_lsn: Lsn, commit_time: PgTimestamp) -> String {
-        let secs = commit_time.unix_micros() as f64 / 1e6;
-        let pipeline = quote_literal(&self.cfg.slot);
-        let mut sql = format!(
-            "INSERT INTO {} AS p (pipeline, applied_lsn, commit_time, updated_at) \
-             VALUES ({pipeline}, '{end_lsn}', to_timestamp({secs:.6}), now()) \
-             ON CONFLICT (pipeline) DO UPDATE SET applied_lsn = greatest(p.applied_lsn, EXCLUDED.applied_lsn), \
-             commit_time = EXCLUDED.commit_time, updated_at = now()",
-            self.cfg.state.table("progress")
-        );
-        if !self.consistent && end_lsn >= self.snapshot_lsn {
-            sql.push_str(&format!(
-                "; UPDATE {} SET consistent = true, updated_at = now() WHERE pipeline = {pipeline}",
-                self.cfg.state.table("pipelines")
-            ));
-        }
-        sql
-    }
-
-    async fn maybe_become_consistent(&mut self, wal_end: Lsn) -> Result<()> {
-        if self.consistent || wal_end < self.snapshot_lsn {
-            return Ok(());
-        }
-        self.monitor
-            .execute(
-                &format!(
-                    "UPDATE {} SET consistent = true, updated_at = now() WHERE pipeline = $1",
-                    self.cfg.state.table("pipelines")
-                ),
-                &[&self.cfg.slot],
-            )
-            .await
-            .pg_context(|| "marking the pipeline consistent".into())?;
-        self.consistent = true;
-        tracing::info!(lsn = %wal_end, "reconcile window passed: the target is consistent");
-        Ok(())
+        self.cfg
+            .state
+            .progress_sql(&self.cfg.slot, end_lsn, commit_time.unix_micros())
     }
 
     /// Moves `durable` forward over commits the target has flushed.
@@ -914,9 +907,8 @@ impl Session<'_> {
         // past every asynchronous commit before it (a transaction that writes no WAL
         // commits asynchronously whatever the setting); then wait for it to show.
         let touch = format!(
-            "BEGIN; SET LOCAL synchronous_commit = on; UPDATE {} SET updated_at = now() WHERE pipeline = {}; COMMIT",
-            self.cfg.state.table("progress"),
-            quote_literal(&self.cfg.slot)
+            "BEGIN; SET LOCAL synchronous_commit = on; {}; COMMIT",
+            self.cfg.state.progress_touch_sql(&self.cfg.slot)
         );
         self.main
             .client

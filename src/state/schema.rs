@@ -1,0 +1,116 @@
+//! The state schema's migrations, one block per version, each upgrading the one
+//! before it in place inside one transaction.
+//!
+//! Version 1 is frozen exactly as the first release wrote it, so a target written by
+//! that release upgrades through the same steps as a fresh one.
+
+/// Version 1, as released: pipelines with a reconcile window, ctid chunks,
+/// progress, watermarks. `{s}` is the quoted schema name.
+pub const V1: &str = "
+CREATE SCHEMA IF NOT EXISTS {s};
+CREATE TABLE IF NOT EXISTS {s}.schema_version (version int NOT NULL, installed_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS {s}.pipelines (
+    pipeline text PRIMARY KEY,
+    publication text NOT NULL,
+    phase text NOT NULL,
+    consistent_lsn pg_lsn,
+    snapshot_lsn pg_lsn,
+    consistent boolean NOT NULL DEFAULT false,
+    tables text[] NOT NULL DEFAULT '{}',
+    oldest_xact_at timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS {s}.pipeline_tables (
+    pipeline text NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    position int NOT NULL,
+    PRIMARY KEY (pipeline, schema_name, table_name));
+CREATE TABLE IF NOT EXISTS {s}.chunks (
+    pipeline text NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    chunk_no int NOT NULL,
+    start_block bigint NOT NULL,
+    end_block bigint,
+    rows_copied bigint,
+    bytes_copied bigint,
+    worker int,
+    snapshot_lsn pg_lsn,
+    started_at timestamptz,
+    done_at timestamptz,
+    PRIMARY KEY (pipeline, schema_name, table_name, chunk_no));
+CREATE TABLE IF NOT EXISTS {s}.progress (
+    pipeline text PRIMARY KEY,
+    applied_lsn pg_lsn NOT NULL,
+    commit_time timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE IF NOT EXISTS {s}.watermarks (
+    pipeline text NOT NULL,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    created_max timestamptz,
+    updated_max timestamptz,
+    PRIMARY KEY (pipeline, schema_name, table_name));
+INSERT INTO {s}.schema_version (version) SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM {s}.schema_version WHERE version >= 1);
+";
+
+/// Version 2: copy positions replace the reconcile window.
+///
+/// - `pipelines.consistent_lsn` becomes `stream_start_lsn` (where a new slot's stream
+///   begins); `snapshot_lsn`, `consistent` and `oldest_xact_at` go. A pipeline that
+///   version 1 left inside its reconcile window cannot be made exact from what it
+///   recorded, so it is set to finish with a catch-up (which compares every row under
+///   a new snapshot and records copy positions) before it streams again.
+/// - `pipeline_tables` gains each table's state and its chunking column.
+/// - `chunks` gain key ranges and the snapshot each was copied under.
+/// - `snapshots`, `copy_positions` and `copy_position_keys` record, for every range
+///   written outside the stream, the snapshot its rows reflect.
+pub const V2: &str = "
+ALTER TABLE {s}.pipelines RENAME COLUMN consistent_lsn TO stream_start_lsn;
+ALTER TABLE {s}.pipelines ADD COLUMN positions_version bigint NOT NULL DEFAULT 0;
+ALTER TABLE {s}.pipelines ADD COLUMN stop_reason text;
+UPDATE {s}.pipelines SET phase = 'catching_up'
+ WHERE NOT consistent AND phase IN ('copied', 'streaming');
+ALTER TABLE {s}.pipelines DROP COLUMN snapshot_lsn, DROP COLUMN consistent, DROP COLUMN oldest_xact_at;
+ALTER TABLE {s}.pipeline_tables ADD COLUMN state text NOT NULL DEFAULT 'ready';
+ALTER TABLE {s}.pipeline_tables ADD COLUMN chunk_column text;
+ALTER TABLE {s}.pipeline_tables ADD COLUMN source_filenode bigint;
+UPDATE {s}.pipeline_tables t SET state = 'repairing' FROM {s}.pipelines p
+ WHERE p.pipeline = t.pipeline AND p.phase = 'catching_up';
+UPDATE {s}.pipeline_tables t SET state = 'copying' FROM {s}.pipelines p
+ WHERE p.pipeline = t.pipeline AND p.phase IN ('creating_slot', 'bootstrapping');
+ALTER TABLE {s}.chunks ALTER COLUMN start_block DROP NOT NULL;
+ALTER TABLE {s}.chunks ADD COLUMN key_lo bigint, ADD COLUMN key_hi bigint, ADD COLUMN snapshot_id bigint;
+CREATE TABLE {s}.snapshots (
+    pipeline text NOT NULL,
+    snapshot_id bigint GENERATED ALWAYS AS IDENTITY,
+    xmin bigint NOT NULL,
+    xmax bigint NOT NULL,
+    xip bigint[] NOT NULL,
+    lsn pg_lsn NOT NULL,
+    purpose text NOT NULL,
+    taken_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pipeline, snapshot_id));
+CREATE TABLE {s}.copy_positions (
+    pipeline text NOT NULL,
+    position_id bigint GENERATED ALWAYS AS IDENTITY,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    scope text NOT NULL CHECK (scope IN ('table', 'range', 'keys')),
+    key_column text,
+    key_lo bigint,
+    key_hi bigint,
+    snapshot_id bigint NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (pipeline, position_id));
+CREATE TABLE {s}.copy_position_keys (
+    pipeline text NOT NULL,
+    position_id bigint NOT NULL,
+    key text[] NOT NULL);
+CREATE INDEX ON {s}.copy_position_keys (pipeline, position_id);
+INSERT INTO {s}.schema_version (version) VALUES (2);
+";
+
+/// Every version's block, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
+pub const MIGRATIONS: &[&str] = &[V1, V2];

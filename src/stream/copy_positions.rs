@@ -1,0 +1,245 @@
+//! The apply path's side of copy positions: load them from the state schema in the
+//! stream's value format, and decide for each change whether the copy holding its
+//! row already reflects it (see [`crate::positions`] for the rule).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Result;
+use bytes::Bytes;
+use tokio_postgres::types::{FromSql, Type};
+use tokio_postgres::Client;
+
+use super::apply::Op;
+use super::decoder::TupleValue;
+use crate::pg::{Lsn, PgResultExt, QualifiedName};
+use crate::positions::{LivePositions, Position, Scope};
+use crate::rewrite::text_array;
+use crate::state::{StateStore, StoredScope};
+
+/// A column value exactly as the server sent it (binary result format).
+struct RawBytes(Vec<u8>);
+
+impl<'a> FromSql<'a> for RawBytes {
+    fn from_sql(
+        _ty: &Type,
+        raw: &'a [u8],
+    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(RawBytes(raw.to_vec()))
+    }
+
+    fn accepts(_ty: &Type) -> bool {
+        true
+    }
+}
+
+/// What to do with one change.
+#[derive(Debug)]
+pub enum Decision {
+    /// Apply it as it is.
+    Apply(Op),
+    /// The copies holding its rows already reflect it.
+    Skip,
+    /// A key change whose old row is in a copy that already reflects it and whose
+    /// new row is not, but the new row lacks unchanged TOASTed values: the row must
+    /// be read from the source again (by key).
+    Refetch,
+}
+
+/// The copy positions a session has not yet passed, with the version they were read
+/// at.
+pub struct StreamPositions {
+    live: LivePositions,
+    version: i64,
+}
+
+impl StreamPositions {
+    /// Reads the live positions of `pipeline` (those the stream has not passed at
+    /// `applied`), with identity keys converted to the stream's value format
+    /// (`binary` or text) through `target`; key column types come from `source`.
+    pub async fn load(
+        state: &StateStore,
+        target: &Client,
+        source: &Client,
+        pipeline: &str,
+        applied: Lsn,
+        binary: bool,
+    ) -> Result<StreamPositions> {
+        let version = state.positions_version(target, pipeline).await?;
+        let stored = state.live_positions(target, pipeline, applied).await?;
+        let mut positions = Vec::with_capacity(stored.len());
+        let mut tables: HashMap<QualifiedName, Option<crate::catalog::Table>> = HashMap::new();
+        for p in stored {
+            let scope = match p.scope {
+                StoredScope::Table => Scope::Table,
+                StoredScope::Range { column, lo, hi } => Scope::Range { column, lo, hi },
+                StoredScope::Keys(keys) => {
+                    if !tables.contains_key(&p.table) {
+                        let t = crate::catalog::load_table(source, &p.table).await?;
+                        tables.insert(p.table.clone(), t);
+                    }
+                    let Some(Some(table)) = tables.get(&p.table) else {
+                        continue;
+                    };
+                    Scope::Keys {
+                        columns: table.key.clone(),
+                        keys: convert_keys(target, table, &keys, binary).await?,
+                    }
+                }
+            };
+            positions.push(Position {
+                id: p.id,
+                table: p.table,
+                scope,
+                snapshot: Arc::new(p.snapshot),
+            });
+        }
+        if !positions.is_empty() {
+            tracing::info!(
+                positions = positions.len(),
+                "ranges copied outside the stream: changes they already hold are skipped until the stream passes them"
+            );
+        }
+        Ok(StreamPositions {
+            live: LivePositions::new(positions),
+            version,
+        })
+    }
+
+    /// The positions version these were read at.
+    pub fn version(&self) -> i64 {
+        self.version
+    }
+
+    /// Whether nothing is live.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+
+    /// Forgets positions the stream has passed.
+    pub fn expire(&mut self, applied: Lsn) {
+        self.live.expire(applied);
+    }
+
+    /// Decides what to do with `op` on `table` (columns `columns` in tuple order),
+    /// made by source transaction `xid`.
+    pub fn decide(&self, table: &QualifiedName, columns: &[String], xid: u32, op: Op) -> Decision {
+        if !self.live.covers_table(table) {
+            return Decision::Apply(op);
+        }
+        let held = |tuple: &[TupleValue]| {
+            self.live
+                .newest_copy(table, columns, tuple)
+                .is_some_and(|s| s.sees(xid))
+        };
+        match op {
+            Op::Insert { ref new, .. } => {
+                if held(&new.columns) {
+                    Decision::Skip
+                } else {
+                    Decision::Apply(op)
+                }
+            }
+            Op::Delete { ref old, .. } => {
+                if held(&old.tuple().columns) {
+                    Decision::Skip
+                } else {
+                    Decision::Apply(op)
+                }
+            }
+            Op::Update { rel, old, new } => {
+                let new_held = held(&new.columns);
+                let old_held = match &old {
+                    Some(o) => held(&o.tuple().columns),
+                    None => new_held,
+                };
+                match (old_held, new_held) {
+                    (true, true) => Decision::Skip,
+                    (false, false) => Decision::Apply(Op::Update { rel, old, new }),
+                    // The old row's copy already lacks it; the new row's copy does not
+                    // have it yet: the change is an insert of the new row.
+                    (true, false) => {
+                        if new
+                            .columns
+                            .iter()
+                            .any(|v| matches!(v, TupleValue::UnchangedToast))
+                        {
+                            Decision::Refetch
+                        } else {
+                            Decision::Apply(Op::Insert { rel, new })
+                        }
+                    }
+                    // The new row's copy has it already; the old row must go.
+                    (false, true) => match old {
+                        Some(old) => Decision::Apply(Op::Delete { rel, old }),
+                        None => Decision::Skip,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Converts stored key texts into the values the stream sends for those columns.
+async fn convert_keys(
+    target: &Client,
+    table: &crate::catalog::Table,
+    keys: &[Vec<String>],
+    binary: bool,
+) -> Result<Vec<Vec<Bytes>>> {
+    let n = table.key.len();
+    if n == 0 || keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let types: Vec<String> = table
+        .key
+        .iter()
+        .map(|k| {
+            table
+                .columns
+                .iter()
+                .find(|c| &c.name == k)
+                .map(|c| c.type_sql.clone())
+                .unwrap_or_else(|| "text".into())
+        })
+        .collect();
+    let arrays: Vec<String> = (0..n)
+        .map(|i| text_array(keys.iter().map(|k| k.get(i).map(String::as_str).unwrap_or(""))))
+        .collect();
+    let exprs: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            if binary {
+                format!("u.c{i}::{t}")
+            } else {
+                format!("(u.c{i}::{t})::text")
+            }
+        })
+        .collect();
+    let aliases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
+    let sql = format!(
+        "SELECT {} FROM unnest({}) AS u({})",
+        exprs.join(", "),
+        arrays.join(", "),
+        aliases.join(", ")
+    );
+    let rows = target
+        .query(&sql, &[])
+        .await
+        .pg_context(|| format!("reading the repaired keys of {}", table.name))?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let mut key = Vec::with_capacity(n);
+        for i in 0..n {
+            let value = if binary {
+                r.try_get::<_, RawBytes>(i).map(|v| Bytes::from(v.0))
+            } else {
+                r.try_get::<_, String>(i).map(|v| Bytes::from(v.into_bytes()))
+            };
+            key.push(value.pg_context(|| format!("reading the repaired keys of {}", table.name))?);
+        }
+        out.push(key);
+    }
+    Ok(out)
+}
