@@ -23,7 +23,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 use crate::bootstrap::snapshot::{ExportedSnapshot, SnapshotSession};
-use crate::bootstrap::{self, drop_slot_if_exists, ensure_publication, slot_info};
+use crate::bootstrap::{self, drop_slot_if_exists, slot_info};
 use crate::catalog::{self, Table, TargetFit};
 use crate::compare::{self, Compared, CANONICAL_TEXT};
 use crate::config::Endpoint;
@@ -36,8 +36,11 @@ use crate::state::{Phase, Pipeline, StateStore};
 pub struct CatchUpOptions {
     /// Slot (= pipeline) name.
     pub slot: String,
-    /// Publication name.
-    pub publication: String,
+    /// Publication name; `None`: the one the pipeline's state records, else the
+    /// slot's name.
+    pub publication: Option<String>,
+    /// Fire target foreign keys and triggers on repaired rows as for any writer.
+    pub allow_target_triggers: bool,
     /// State schema on the target.
     pub state_schema: String,
     /// Tables; `None`: the pipeline's, else every source table.
@@ -202,10 +205,16 @@ pub async fn catch_up(
         Some(_) => read_oldest_xact(&tgt, &state, &opts.slot).await?,
         None => None,
     };
+    let publication =
+        crate::publication::plan(&src, &tgt, &state, &opts.slot, opts.publication.as_deref())
+            .await?;
+    let names = tables.iter().map(|t| &t.name);
+    let target_setup =
+        crate::target_checks::decide(&tgt, names, opts.allow_target_triggers).await?;
     state.migrate(&tgt).await?;
     let mut pipeline = pipeline.unwrap_or(Pipeline {
         name: opts.slot.clone(),
-        publication: opts.publication.clone(),
+        publication: publication.name.clone(),
         phase: Phase::CatchingUp,
         consistent_lsn: None,
         snapshot_lsn: None,
@@ -236,7 +245,7 @@ pub async fn catch_up(
         pipeline.phase = Phase::CatchingUp;
         state.save_pipeline(&tgt, &pipeline).await?;
         let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
-        ensure_publication(&src, &opts.publication, &names).await?;
+        crate::publication::ensure(&src, &publication, &names).await?;
         drop_slot_if_exists(&src, &opts.slot).await?;
         let mut repl = ReplicationClient::connect(source, None)
             .await
@@ -275,6 +284,7 @@ pub async fn catch_up(
         work,
         opts,
         oldest_xact,
+        &target_setup,
     )
     .await?;
     let mut summary = CatchUpSummary {
@@ -330,6 +340,7 @@ async fn repair_tables(
     work: VecDeque<usize>,
     opts: &CatchUpOptions,
     oldest_xact: Option<String>,
+    target_setup: &crate::target_checks::TargetSetup,
 ) -> Result<Vec<TableResult>> {
     let workers = opts.jobs.max(1).min(work.len().max(1));
     let mut sessions = Vec::with_capacity(workers);
@@ -352,6 +363,7 @@ async fn repair_tables(
         let opts = opts.clone();
         let oldest_xact = oldest_xact.clone();
         let mut tgt = connect(target, "catch-up").await?;
+        crate::target_checks::prepare_session(&tgt, target_setup).await?;
         tgt.batch_execute(CANONICAL_TEXT)
             .await
             .pg_context(|| "preparing a catch-up session".into())?;

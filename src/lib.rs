@@ -16,6 +16,8 @@
 //! - [`observe`]: metrics, `/metrics` and `/healthz` for `run --metrics-addr`.
 //! - [`status`]: where every pipeline stands (`walshuttle status`).
 //! - [`teardown`]: retiring a pipeline (`walshuttle teardown`).
+//! - [`publication`]: each pipeline's own publication, never another's.
+//! - [`target_checks`]: foreign keys and triggers on existing target tables.
 //! - [`settings`]: the `--config` file and its precedence under env and flags.
 //! - [`cli`]: the command-line contract users script against.
 
@@ -29,10 +31,12 @@ pub mod demo;
 pub mod localpg;
 pub mod observe;
 pub mod pg;
+pub mod publication;
 pub mod run;
 pub mod settings;
 pub mod state;
 pub mod status;
 pub mod stream;
+pub mod target_checks;
 pub mod teardown;
 pub mod verify;

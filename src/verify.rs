@@ -30,6 +30,8 @@ pub struct VerifyOptions {
     pub jobs: usize,
     /// Fix differing rows on the target.
     pub repair: bool,
+    /// With `repair`: fire target foreign keys and triggers as for any writer.
+    pub allow_target_triggers: bool,
 }
 
 /// One range that differs.
@@ -175,6 +177,13 @@ pub async fn verify(
     if tables.is_empty() {
         bail!("no tables to verify: name them with --tables");
     }
+    let repair_setup = match opts.repair {
+        true => {
+            let names = tables.iter().map(|t| &t.name);
+            crate::target_checks::decide(&tgt, names, opts.allow_target_triggers).await?
+        }
+        false => Default::default(),
+    };
     let mut reports = Vec::with_capacity(tables.len());
     let mut work = VecDeque::new();
     for (i, table) in tables.iter().enumerate() {
@@ -223,6 +232,7 @@ pub async fn verify(
     }
 
     let mut tgt_repair = hashing_session(target, "verify repair").await?;
+    crate::target_checks::prepare_session(&tgt_repair, &repair_setup).await?;
     for (i, range) in mismatched {
         let table = &tables[i];
         let mut diff =

@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 use crate::catalog::{self, Table, TargetFit};
 use crate::config::Endpoint;
 use crate::pg::replication::ReplicationClient;
-use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
+use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
 use crate::state::{Phase, Pipeline, StateStore};
 use copy::{CopyJob, CopySpec};
 use plan::Chunk;
@@ -40,12 +40,16 @@ pub struct BootstrapOptions {
     pub tables: Option<Vec<QualifiedName>>,
     /// Replication slot name, also the pipeline's name.
     pub slot: String,
-    /// Publication name on the source.
-    pub publication: String,
+    /// Publication name on the source; `None`: the one the pipeline's state
+    /// records, else the slot's name.
+    pub publication: Option<String>,
     /// Schema on the target holding walshuttle's state.
     pub state_schema: String,
     /// Empty target tables that hold rows walshuttle did not copy.
     pub truncate_target: bool,
+    /// Fire foreign keys and triggers of existing target tables on replicated rows
+    /// as for any writer (see `target_checks`).
+    pub allow_target_triggers: bool,
 }
 
 /// Rows and bytes copied into one table.
@@ -209,7 +213,7 @@ async fn fresh(
         src,
         tgt,
         state,
-        &opts.slot,
+        opts,
         opts.tables.as_deref(),
         &[],
         opts.truncate_target,
@@ -236,7 +240,7 @@ async fn fresh(
     let table_names: Vec<QualifiedName> = checked.tables.iter().map(|t| t.name.clone()).collect();
     let mut pipeline = Pipeline {
         name: opts.slot.clone(),
-        publication: opts.publication.clone(),
+        publication: checked.publication.name.clone(),
         phase: Phase::CreatingSlot,
         consistent_lsn: None,
         snapshot_lsn: None,
@@ -244,7 +248,7 @@ async fn fresh(
         tables: table_names.clone(),
     };
     state.save_pipeline(tgt, &pipeline).await?;
-    ensure_publication(src, &opts.publication, &table_names).await?;
+    crate::publication::ensure(src, &checked.publication, &table_names).await?;
     if half_created {
         drop_slot_if_exists(src, &opts.slot).await?;
     }
@@ -341,7 +345,7 @@ async fn resume(
         src,
         tgt,
         state,
-        &opts.slot,
+        opts,
         Some(&pipeline.tables),
         &pipeline.tables,
         false,
@@ -467,6 +471,7 @@ async fn copy_chunks(
     let mut handles = Vec::with_capacity(workers);
     for (i, session) in sessions.into_iter().enumerate() {
         let target_client = connect(target, "copy").await?;
+        crate::target_checks::prepare_session(&target_client, &checked.target).await?;
         handles.push(tokio::spawn(copy::run_worker(
             Arc::clone(&job),
             i as i32,
@@ -580,33 +585,6 @@ async fn table_totals(
             bytes: r.get(3),
         })
         .collect())
-}
-
-/// Creates the publication for `tables`, or points an existing one at exactly them.
-pub async fn ensure_publication(src: &Client, name: &str, tables: &[QualifiedName]) -> Result<()> {
-    let list = tables
-        .iter()
-        .map(|t| t.quoted())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let exists = src
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
-        .await
-        .pg_context(|| format!("looking up publication {name} on the source"))?
-        .is_some();
-    let sql = if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(name))
-    } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {list}", quote_ident(name))
-    };
-    src.batch_execute(&sql).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot {} publication {name} on the source: {}; the source user must own the tables (or be superuser)",
-            if exists { "update" } else { "create" },
-            crate::pg::connect::describe(&e)
-        )
-    })?;
-    Ok(())
 }
 
 /// Drops a slot, waiting for a just-stopped consumer to release it.

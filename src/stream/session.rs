@@ -58,6 +58,8 @@ pub struct StreamConfig {
     pub state: StateStore,
     /// Interval of standby status updates.
     pub status_interval: Duration,
+    /// What apply sessions must do about target foreign keys and triggers.
+    pub target: crate::target_checks::TargetSetup,
 }
 
 /// The transaction being received (between Begin and Commit).
@@ -227,7 +229,7 @@ pub async fn stream(
         source_sql,
         relations: Relations::new(binary, pipeline.tables.clone()),
         relation_cache: HashMap::new(),
-        main: TargetSession::new(target_client).await?,
+        main: TargetSession::new(target_client, &cfg.target).await?,
         streams: HashMap::new(),
         in_stream: None,
         current: None,
@@ -537,7 +539,7 @@ impl Session<'_> {
                         );
                     }
                     let client = connect(self.target, "apply stream").await?;
-                    let mut session = TargetSession::new(client).await?;
+                    let mut session = TargetSession::new(client, &self.cfg.target).await?;
                     session.begin().await?;
                     self.streams.insert(
                         s.xid,
