@@ -187,6 +187,51 @@ async fn identity_index_that_is_the_primary_key_is_accepted() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_target_table_needs_a_unique_index_on_the_source_identity() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(
+        "CREATE TABLE k (id int PRIMARY KEY, v text);
+         INSERT INTO k SELECT g, 'v' || g FROM generate_series(1, 20) g;
+         CREATE TABLE f (id int, v text);
+         ALTER TABLE f REPLICA IDENTITY FULL;
+         INSERT INTO f VALUES (1, 'a'), (1, 'a'), (2, NULL);",
+    )
+    .await
+    .unwrap();
+    tgt.batch_execute(
+        "CREATE TABLE k (id int, v text); CREATE UNIQUE INDEX k_id ON k (id);
+         CREATE TABLE f (id int, v text);",
+    )
+    .await
+    .unwrap();
+    let before = target_tables(&tgt).await;
+    // A unique index on nullable columns does not identify rows.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--tables", "k,f"]);
+    expect_failure(
+        cmd,
+        &[
+            "public.k",
+            "no unique index",
+            "ALTER TABLE \"public\".\"k\" ADD PRIMARY KEY (\"id\")",
+        ],
+    );
+    assert_nothing_written(&src, &tgt, &before).await;
+    // With NOT NULL it does; the FULL table without any key is taken as keyless.
+    tgt.batch_execute("ALTER TABLE k ALTER COLUMN id SET NOT NULL")
+        .await
+        .unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--tables", "k,f"]);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "bootstrap failed: {out}{err}");
+    support::assert_tables_equal(&src, &tgt, &["k", "f"]).await;
+}
+
 // ---------------------------------------------------------------------------
 // Foreign keys and triggers on existing target tables.
 // ---------------------------------------------------------------------------
