@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use tokio_postgres::Client;
 
 use crate::pg::{quote_ident, quote_literal, PgResultExt, QualifiedName};
@@ -51,12 +51,18 @@ pub struct Table {
     pub name: QualifiedName,
     /// Columns in attribute order, dropped columns excluded.
     pub columns: Vec<Column>,
-    /// Primary-key (or replica-identity index) columns; empty for keyless tables.
+    /// Columns that identify a row: the replica identity's when it is a key, else
+    /// the primary key's when PostgreSQL could use it (immediate); empty otherwise.
     pub key: Vec<String>,
     /// `relreplident`: `d` default (primary key), `f` full, `i` index, `n` nothing.
     pub replica_identity: String,
     /// Whether the table has a primary key.
     pub has_primary_key: bool,
+    /// How updates and deletes identify their old row, as PostgreSQL decides it.
+    pub identity: Identity,
+    /// Why the identity is unusable, when it is (for the message).
+    #[serde(skip)]
+    identity_gap: IdentityGap,
     /// Heap size in blocks when read.
     pub blocks: i64,
     /// Planner's row estimate, for progress display.
@@ -78,25 +84,65 @@ impl Table {
             .join(", ")
     }
 
-    /// Why this table cannot be replicated, if it cannot: pgoutput sends no old
-    /// key for updates and deletes of a table without a key or replica identity.
+    /// Why this table cannot be replicated, if it cannot. Publishing a table whose
+    /// replica identity cannot carry an old key makes the *source* refuse its
+    /// UPDATEs and DELETEs (`... does not have a replica identity and publishes
+    /// updates`), so such a table must never reach the publication.
     pub fn replicability_problem(&self) -> Option<String> {
-        match self.replica_identity.as_str() {
-            "f" => None,
-            "i" if !self.key.is_empty() => None,
-            "d" if self.has_primary_key => None,
-            "n" => Some(format!(
-                "table {} has REPLICA IDENTITY NOTHING, so updates and deletes cannot be replicated: run ALTER TABLE {} REPLICA IDENTITY FULL (or DEFAULT with a primary key) on the source",
-                self.name,
-                self.name.quoted()
+        let (name, quoted) = (&self.name, self.name.quoted());
+        let fix = format!("run ALTER TABLE {quoted} REPLICA IDENTITY FULL on the source");
+        let harm = "the source would refuse its UPDATEs and DELETEs once it is published";
+        match (&self.identity, &self.identity_gap) {
+            (Identity::Key(_) | Identity::Full, _) => None,
+            (Identity::Unusable, IdentityGap::DeferrablePrimaryKey) => Some(format!(
+                "table {name} has a DEFERRABLE primary key, which PostgreSQL cannot use as replica identity, so {harm}: {fix} (or make the primary key NOT DEFERRABLE, or set REPLICA IDENTITY USING INDEX on a unique, immediate index of NOT NULL columns)"
             )),
-            _ => Some(format!(
-                "table {} has no primary key or replica identity: add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL on the source",
-                self.name,
-                self.name.quoted()
+            (Identity::Unusable, IdentityGap::Nothing) => Some(format!(
+                "table {name} has REPLICA IDENTITY NOTHING, so {harm}: {fix} (or ALTER TABLE {quoted} REPLICA IDENTITY DEFAULT when it has a primary key)"
+            )),
+            (Identity::Unusable, IdentityGap::IndexUnusable(index)) => Some(format!(
+                "table {name} has REPLICA IDENTITY USING INDEX {index}, which is missing, invalid, partial or deferrable, so {harm}: {fix} (or ALTER TABLE {quoted} REPLICA IDENTITY USING INDEX on a valid unique index)"
+            )),
+            (Identity::Unusable, IdentityGap::IndexMissing) => Some(format!(
+                "table {name} has REPLICA IDENTITY USING INDEX on an index that no longer exists, so {harm}: {fix} (or ALTER TABLE {quoted} REPLICA IDENTITY USING INDEX on a valid unique index)"
+            )),
+            (Identity::Unusable, _) => Some(format!(
+                "table {name} has no primary key or replica identity, so {harm}: add a primary key, or {fix}"
             )),
         }
     }
+}
+
+/// How updates and deletes of a table identify the old row on the source: its
+/// effective replica identity, decided by PostgreSQL's own rules (relcache): the
+/// primary key for `DEFAULT` only when it is immediate, the `USING INDEX` index only
+/// when it is valid, unique, immediate and not partial.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Identity {
+    /// The old key is these columns (primary key or identity index), in index order.
+    Key(Vec<String>),
+    /// `REPLICA IDENTITY FULL`: the whole old row.
+    Full,
+    /// No old key at all: publishing the table breaks the source's UPDATE and DELETE.
+    Unusable,
+}
+
+/// Why a table's identity is unusable, for the message.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+enum IdentityGap {
+    /// Nothing missing.
+    #[default]
+    None,
+    /// `DEFAULT` with no primary key.
+    NoPrimaryKey,
+    /// `DEFAULT` with a deferrable primary key.
+    DeferrablePrimaryKey,
+    /// `NOTHING`.
+    Nothing,
+    /// `USING INDEX` on an index that is invalid, partial or deferrable.
+    IndexUnusable(String),
+    /// `USING INDEX` on an index that was dropped.
+    IndexMissing,
 }
 
 /// Lists the tables to replicate: `selected` when given (each must exist), else every
@@ -226,46 +272,87 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
             }
         })
         .collect();
-    let key_rows = client
-        .query(
-            "SELECT a.attname, i.indisprimary FROM pg_index i \
-             JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) ON true \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) \
-             ORDER BY i.indisreplident DESC, k.ord",
-            &[&oid],
-        )
-        .await
-        .pg_context(ctx)?;
     let replica_identity: String = rel.get(1);
-    let has_primary_key = key_rows.iter().any(|r| r.get::<_, bool>(1));
-    // The key used to find rows: the replica-identity index when one is set, else the
-    // primary key. Rows are ordered so the identity index's columns come first.
-    let key: Vec<String> = if replica_identity == "i" {
-        key_rows
-            .iter()
-            .filter(|r| !r.get::<_, bool>(1) || !has_primary_key)
-            .map(|r| r.get(0))
-            .collect()
-    } else if has_primary_key {
-        key_rows
-            .iter()
-            .filter(|r| r.get::<_, bool>(1))
-            .map(|r| r.get(0))
-            .collect()
-    } else {
-        Vec::new()
-    };
+    let (identity, identity_gap, key, has_primary_key) =
+        load_identity(client, oid, &replica_identity)
+            .await
+            .with_context(ctx)?;
     Ok(Some(Table {
         oid,
         name: name.clone(),
         columns,
-        key: dedup(key),
+        key,
         replica_identity,
         has_primary_key,
+        identity,
+        identity_gap,
         blocks: rel.get(2),
         estimated_rows: rel.get(3),
     }))
+}
+
+/// The effective replica identity of table `oid` (PostgreSQL's relcache rules: an
+/// index serves as identity only when valid, unique, immediate and not partial), the
+/// key walshuttle uses to find rows, and whether a primary key exists.
+async fn load_identity(
+    client: &Client,
+    oid: u32,
+    replident: &str,
+) -> Result<(Identity, IdentityGap, Vec<String>, bool)> {
+    let rows = client
+        .query(
+            "SELECT i.indexrelid::regclass::text, i.indisprimary, i.indisreplident, \
+                    (i.indisvalid AND i.indisunique AND i.indimmediate AND i.indpred IS NULL), \
+                    ARRAY(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                          WHERE k.ord <= i.indnkeyatts ORDER BY k.ord) \
+             FROM pg_index i WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident)",
+            &[&oid],
+        )
+        .await
+        .pg_context(|| "reading the primary key and replica identity".into())?;
+    struct Ix {
+        name: String,
+        primary: bool,
+        replident: bool,
+        usable: bool,
+        columns: Vec<String>,
+    }
+    let indexes: Vec<Ix> = rows
+        .iter()
+        .map(|r| Ix {
+            name: r.get(0),
+            primary: r.get(1),
+            replident: r.get(2),
+            usable: r.get(3),
+            columns: r.get(4),
+        })
+        .collect();
+    let pk = indexes.iter().find(|i| i.primary);
+    let usable_pk = pk.filter(|i| i.usable).map(|i| dedup(i.columns.clone()));
+    let chosen = indexes.iter().find(|i| i.replident);
+    let (identity, gap) = match replident {
+        "f" => (Identity::Full, IdentityGap::None),
+        "d" => match (&usable_pk, pk) {
+            (Some(cols), _) => (Identity::Key(cols.clone()), IdentityGap::None),
+            (None, Some(_)) => (Identity::Unusable, IdentityGap::DeferrablePrimaryKey),
+            (None, None) => (Identity::Unusable, IdentityGap::NoPrimaryKey),
+        },
+        "i" => match chosen {
+            Some(ix) if ix.usable => (Identity::Key(dedup(ix.columns.clone())), IdentityGap::None),
+            Some(ix) => (
+                Identity::Unusable,
+                IdentityGap::IndexUnusable(ix.name.clone()),
+            ),
+            None => (Identity::Unusable, IdentityGap::IndexMissing),
+        },
+        _ => (Identity::Unusable, IdentityGap::Nothing),
+    };
+    let key = match &identity {
+        Identity::Key(cols) => cols.clone(),
+        Identity::Full | Identity::Unusable => usable_pk.unwrap_or_default(),
+    };
+    Ok((identity, gap, key, pk.is_some()))
 }
 
 fn dedup(v: Vec<String>) -> Vec<String> {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
-use crate::bootstrap::{self, create_slot_with_snapshot, drop_slot_if_exists, ensure_publication, slot_info};
+use crate::bootstrap::{self, create_slot_with_snapshot, drop_slot_if_exists, slot_info};
 use crate::catalog::{self, Table, TargetFit};
 use crate::compare::{self, Compared, Key};
 use crate::config::Endpoint;
@@ -40,8 +40,11 @@ use crate::state::{Phase, Pipeline, StateStore, StoredScope, TableEntry, TableSt
 pub struct CatchUpOptions {
     /// Slot (= pipeline) name.
     pub slot: String,
-    /// Publication name.
-    pub publication: String,
+    /// Publication name; `None`: the one the pipeline's state records, else the
+    /// slot's name.
+    pub publication: Option<String>,
+    /// Fire target foreign keys and triggers on repaired rows as for any writer.
+    pub allow_target_triggers: bool,
     /// State schema on the target.
     pub state_schema: String,
     /// Tables; `None`: the pipeline's, else every source table.
@@ -208,11 +211,20 @@ pub async fn catch_up(
             }
         }
     }
+    let publication =
+        crate::publication::plan(&src, &tgt, &state, &opts.slot, opts.publication.as_deref())
+            .await?;
+    let target_setup = crate::target_checks::decide(
+        &tgt,
+        tables.iter().map(|t| &t.name),
+        opts.allow_target_triggers,
+    )
+    .await?;
     state.migrate(&tgt).await?;
     let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
     let mut pipeline = pipeline.unwrap_or(Pipeline {
         name: opts.slot.clone(),
-        publication: opts.publication.clone(),
+        publication: publication.name.clone(),
         phase: Phase::CatchingUp,
         stream_start_lsn: None,
         tables: names.clone(),
@@ -264,7 +276,6 @@ pub async fn catch_up(
         }
         _ if use_slot => {
             pipeline.phase = Phase::CatchingUp;
-            pipeline.publication = pipeline.publication.clone();
             state.save_pipeline(&tgt, &pipeline).await?;
             let entries: Vec<TableEntry> = names
                 .iter()
@@ -275,7 +286,7 @@ pub async fn catch_up(
                 })
                 .collect();
             state.set_tables(&tgt, &opts.slot, &entries).await?;
-            ensure_publication(&src, &pipeline.publication, &names).await?;
+            crate::publication::ensure(&src, &publication, &names).await?;
             drop_slot_if_exists(&src, &opts.slot).await?;
             let snapshot = create_slot_with_snapshot(source, &src, &opts.slot, &names).await?;
             tracing::info!(slot = %opts.slot, lsn = %snapshot.lsn, ?reason, "created a new slot for catch-up");
@@ -298,8 +309,13 @@ pub async fn catch_up(
         todo.into_iter().collect(),
         opts,
         &state,
-        if use_slot { Some(opts.slot.as_str()) } else { None },
+        if use_slot {
+            Some(opts.slot.as_str())
+        } else {
+            None
+        },
         snapshot_id,
+        &target_setup,
     )
     .await?;
     let mut summary = CatchUpSummary {
@@ -362,7 +378,7 @@ struct PositionTarget<'a> {
 async fn repair_tables(
     source: &Endpoint,
     target: &Endpoint,
-    mut snapshot: SourceSnapshot,
+    snapshot: SourceSnapshot,
     tables: &[Table],
     fits: &[TargetFit],
     work: VecDeque<usize>,
@@ -370,15 +386,10 @@ async fn repair_tables(
     state: &StateStore,
     pipeline: Option<&str>,
     snapshot_id: Option<i64>,
+    target_setup: &crate::target_checks::TargetSetup,
 ) -> Result<Vec<TableResult>> {
     let workers = opts.jobs.max(1).min(work.len().max(1));
-    let mut sessions = Vec::with_capacity(workers);
-    if !work.is_empty() {
-        for _ in 0..workers {
-            sessions.push(snapshot.import(source, "catch-up").await?);
-        }
-    }
-    snapshot.imported().await;
+    let sessions = snapshot.into_sessions(source, "catch-up", workers).await?;
     let queue = Arc::new(Mutex::new(work));
     let tables = Arc::new(tables.to_vec());
     let fits = Arc::new(fits.to_vec());
@@ -391,6 +402,7 @@ async fn repair_tables(
         let state = state.clone();
         let pipeline = pipeline.map(str::to_string);
         let mut tgt = connect(target, "catch-up").await?;
+        crate::target_checks::prepare_session(&tgt, target_setup).await?;
         handles.push(tokio::spawn(async move {
             let mut results = Vec::new();
             loop {
@@ -430,7 +442,6 @@ async fn repair_tables(
             }
         }
     }
-    snapshot.release().await;
     match first_error {
         Some(e) => Err(e),
         None => Ok(all),
@@ -477,7 +488,13 @@ async fn repair_table(
         if let Some(pipeline) = position.pipeline {
             position
                 .state
-                .set_watermark(&tx, pipeline, &table.name, marks.0.as_deref(), marks.1.as_deref())
+                .set_watermark(
+                    &tx,
+                    pipeline,
+                    &table.name,
+                    marks.0.as_deref(),
+                    marks.1.as_deref(),
+                )
                 .await?;
         }
     }
@@ -533,7 +550,11 @@ async fn repair_table(
         table: table.name.clone(),
         copied,
         deleted,
-        missed_by_window: if windowed || keyless_differs { missed } else { 0 },
+        missed_by_window: if windowed || keyless_differs {
+            missed
+        } else {
+            0
+        },
         no_watermarks: !windowed,
     })
 }

@@ -141,8 +141,8 @@ pub struct TeardownArgs {
     #[arg(long, default_value = "walshuttle")]
     pub slot: String,
 
-    /// Publication to drop (default: the one recorded for the pipeline, else
-    /// walshuttle).
+    /// Publication to drop (default: the one recorded for the pipeline, else the
+    /// slot's name); only the pipeline's own is ever dropped.
     #[arg(long)]
     pub publication: Option<String>,
 
@@ -256,6 +256,7 @@ impl WatermarkArgs {
         Ok(crate::catchup::CatchUpOptions {
             slot: b.slot.clone(),
             publication: b.publication.clone(),
+            allow_target_triggers: b.allow_target_triggers,
             state_schema: b.state_schema.clone(),
             tables: b.tables.clone(),
             jobs: b.jobs,
@@ -334,6 +335,11 @@ pub struct VerifyArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// With --repair: fire foreign keys and triggers of the target tables on
+    /// repaired rows as for any writer, when the target role cannot use replica mode.
+    #[arg(long)]
+    pub allow_target_triggers: bool,
 }
 
 impl VerifyArgs {
@@ -343,9 +349,10 @@ impl VerifyArgs {
             jobs: self.jobs,
             tables: self.tables.clone(),
             slot: self.slot.clone(),
-            publication: "walshuttle".into(),
+            publication: None,
             state_schema: self.state_schema.clone(),
             truncate_target: false,
+            allow_target_triggers: self.allow_target_triggers,
         }
         .options()?;
         Ok(crate::verify::VerifyOptions {
@@ -354,6 +361,7 @@ impl VerifyArgs {
             state_schema: b.state_schema,
             jobs: b.jobs,
             repair: self.repair,
+            allow_target_triggers: b.allow_target_triggers,
         })
     }
 }
@@ -416,9 +424,10 @@ pub struct BootstrapArgs {
     #[arg(long, default_value = "walshuttle")]
     pub slot: String,
 
-    /// Publication name on the source.
-    #[arg(long, default_value = "walshuttle")]
-    pub publication: String,
+    /// Publication name on the source (default: the one recorded for the pipeline,
+    /// else the slot's name). Each pipeline needs its own.
+    #[arg(long)]
+    pub publication: Option<String>,
 
     /// Schema on the target for walshuttle's own state.
     #[arg(long, default_value = "walshuttle")]
@@ -427,6 +436,11 @@ pub struct BootstrapArgs {
     /// Empty target tables that already hold rows before copying into them.
     #[arg(long)]
     pub truncate_target: bool,
+
+    /// Fire foreign keys and triggers of existing target tables on replicated rows
+    /// as for any writer, when the target role cannot use replica mode.
+    #[arg(long)]
+    pub allow_target_triggers: bool,
 }
 
 impl BootstrapArgs {
@@ -456,6 +470,7 @@ impl BootstrapArgs {
             publication: self.publication.clone(),
             state_schema: self.state_schema.clone(),
             truncate_target: self.truncate_target,
+            allow_target_triggers: self.allow_target_triggers,
         })
     }
 }

@@ -251,7 +251,13 @@ pub async fn row_hashes(
         client
             .query(&sql, &[])
             .await
-            .pg_context(|| format!("reading the rows of {} ({})", table.name, range.describe(table)))?
+            .pg_context(|| {
+                format!(
+                    "reading the rows of {} ({})",
+                    table.name,
+                    range.describe(table)
+                )
+            })?
             .iter()
             .map(|r| (vec![r.get::<_, String>(0)], r.get::<_, i64>(1)))
             .collect()
@@ -271,7 +277,13 @@ pub async fn row_hashes(
         client
             .query(&sql, &[])
             .await
-            .pg_context(|| format!("reading the rows of {} ({})", table.name, range.describe(table)))?
+            .pg_context(|| {
+                format!(
+                    "reading the rows of {} ({})",
+                    table.name,
+                    range.describe(table)
+                )
+            })?
             .iter()
             .map(|r| {
                 let key: Key = (1..=n).map(|i| r.get::<_, String>(i)).collect();
@@ -300,7 +312,12 @@ impl KeyDiff {
 
     /// Every differing key, once.
     pub fn keys(&self) -> Vec<Key> {
-        let mut all: Vec<Key> = self.to_copy.iter().chain(&self.to_delete).cloned().collect();
+        let mut all: Vec<Key> = self
+            .to_copy
+            .iter()
+            .chain(&self.to_delete)
+            .cloned()
+            .collect();
         all.sort();
         all.dedup();
         all

@@ -77,9 +77,10 @@ pub async fn demo(opts: &DemoOptions, mut stop: watch::Receiver<bool>) -> Result
         jobs: opts.jobs,
         tables: None,
         slot: "walshuttle".into(),
-        publication: "walshuttle".into(),
+        publication: None,
         state_schema: "walshuttle".into(),
         truncate_target: false,
+        allow_target_triggers: false,
     };
     println!("bootstrapping the target");
     let summary = bootstrap::bootstrap(&source, &target, &boot).await?;
@@ -166,6 +167,7 @@ pub async fn demo(opts: &DemoOptions, mut stop: watch::Receiver<bool>) -> Result
             state_schema: "walshuttle".into(),
             jobs: opts.jobs,
             repair: false,
+            allow_target_triggers: false,
         },
     )
     .await?;

@@ -19,6 +19,8 @@
 //! - [`observe`]: metrics, `/metrics` and `/healthz` for `run --metrics-addr`.
 //! - [`status`]: where every pipeline stands (`walshuttle status`).
 //! - [`teardown`]: retiring a pipeline (`walshuttle teardown`).
+//! - [`publication`]: each pipeline's own publication, never another's.
+//! - [`target_checks`]: foreign keys and triggers on existing target tables.
 //! - [`settings`]: the `--config` file and its precedence under env and flags.
 //! - [`cli`]: the command-line contract users script against.
 
@@ -33,6 +35,7 @@ pub mod localpg;
 pub mod observe;
 pub mod pg;
 pub mod positions;
+pub mod publication;
 pub mod rewrite;
 pub mod run;
 pub mod settings;
@@ -40,5 +43,6 @@ pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod stream;
+pub mod target_checks;
 pub mod teardown;
 pub mod verify;

@@ -157,10 +157,13 @@ pub struct Position {
     pub snapshot: Arc<SnapshotView>,
 }
 
+/// A live key range: column, bounds, position id, snapshot.
+type LiveRange = (String, Option<i64>, Option<i64>, i64, Arc<SnapshotView>);
+
 #[derive(Default)]
 struct TablePositions {
     whole: Option<(i64, Arc<SnapshotView>)>,
-    ranges: Vec<(String, Option<i64>, Option<i64>, i64, Arc<SnapshotView>)>,
+    ranges: Vec<LiveRange>,
     key_columns: Vec<String>,
     keys: HashMap<Vec<Bytes>, (i64, Arc<SnapshotView>)>,
 }
@@ -255,10 +258,12 @@ impl LivePositions {
             let key: Option<Vec<Bytes>> = t
                 .key_columns
                 .iter()
-                .map(|name| match tuple.get(columns.iter().position(|c| c == name)?) {
-                    Some(TupleValue::Binary(b)) | Some(TupleValue::Text(b)) => Some(b.clone()),
-                    _ => None,
-                })
+                .map(
+                    |name| match tuple.get(columns.iter().position(|c| c == name)?) {
+                        Some(TupleValue::Binary(b)) | Some(TupleValue::Text(b)) => Some(b.clone()),
+                        _ => None,
+                    },
+                )
                 .collect();
             if let Some((id, snap)) = key.and_then(|k| t.keys.get(&k)) {
                 if best.is_none_or(|(b, _)| b < *id) {

@@ -78,7 +78,10 @@ pub fn text_array(values: impl IntoIterator<Item = impl AsRef<str>>) -> String {
             )
         })
         .collect();
-    format!("{}::text[]", quote_literal(&format!("{{{}}}", items.join(","))))
+    format!(
+        "{}::text[]",
+        quote_literal(&format!("{{{}}}", items.join(",")))
+    )
 }
 
 /// `(k1, k2) IN (SELECT …)`: rows whose identity key is among `keys`, with each key
@@ -98,7 +101,12 @@ pub fn keys_predicate(table: &Table, keys: &[Vec<String>]) -> String {
         })
         .collect();
     let arrays: Vec<String> = (0..cols.len())
-        .map(|i| text_array(keys.iter().map(|k| k.get(i).map(String::as_str).unwrap_or(""))))
+        .map(|i| {
+            text_array(
+                keys.iter()
+                    .map(|k| k.get(i).map(String::as_str).unwrap_or("")),
+            )
+        })
         .collect();
     let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
     let selected: Vec<String> = types
@@ -130,7 +138,10 @@ pub async fn rewrite(
     let (deleted, predicate) = match rows {
         Rows::All => {
             let n: i64 = tx
-                .query_one(&format!("SELECT count(*) FROM ONLY {}", table.name.quoted()), &[])
+                .query_one(
+                    &format!("SELECT count(*) FROM ONLY {}", table.name.quoted()),
+                    &[],
+                )
                 .await
                 .pg_context(ctx)?
                 .get(0);
@@ -199,8 +210,16 @@ pub async fn rewrite(
             return Ok((deleted, staged));
         }
     };
-    let (copied, _) =
-        copy_rows(source, tx, &table.name, &columns, &predicate, binary, &|_| {}).await?;
+    let (copied, _) = copy_rows(
+        source,
+        tx,
+        &table.name,
+        &columns,
+        &predicate,
+        binary,
+        &|_| {},
+    )
+    .await?;
     Ok((deleted, copied))
 }
 
@@ -232,7 +251,7 @@ async fn copy_into_staging(
     while let Some(chunk) = reader.next().await {
         writer.feed(chunk.pg_context(ctx)?).await.pg_context(ctx)?;
     }
-    Ok(writer.finish().await.pg_context(ctx)?)
+    writer.finish().await.pg_context(ctx)
 }
 
 /// Runs `sql` inside a savepoint of `tx`; on a unique or exclusion violation rolls
@@ -274,7 +293,10 @@ pub fn is_conflict(e: &anyhow::Error) -> bool {
 /// Rows of a table on one side (for reports).
 pub async fn count_rows(client: &impl GenericClient, table: &QualifiedName) -> Result<i64> {
     Ok(client
-        .query_one(&format!("SELECT count(*) FROM ONLY {}", table.quoted()), &[])
+        .query_one(
+            &format!("SELECT count(*) FROM ONLY {}", table.quoted()),
+            &[],
+        )
         .await
         .pg_context(|| format!("counting the rows of {table}"))?
         .get(0))

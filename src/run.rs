@@ -15,6 +15,7 @@ use crate::pg::connect;
 use crate::state::{Phase, StateStore};
 use crate::stream::relations::Fatal;
 use crate::stream::session::{self, StreamConfig};
+use crate::target_checks::{self, TargetSetup};
 
 /// Settings of `run`.
 #[derive(Clone, Debug)]
@@ -38,6 +39,7 @@ impl RunOptions {
             catch_up: crate::catchup::CatchUpOptions {
                 slot: bootstrap.slot.clone(),
                 publication: bootstrap.publication.clone(),
+                allow_target_triggers: bootstrap.allow_target_triggers,
                 state_schema: bootstrap.state_schema.clone(),
                 tables: bootstrap.tables.clone(),
                 jobs: bootstrap.jobs,
@@ -103,11 +105,13 @@ async fn run_pipeline(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
     ensure_bootstrapped(source, target, &opts.bootstrap, &state).await?;
+    let (publication, target_setup) = stream_preflight(target, &opts.bootstrap, &state).await?;
     let cfg = StreamConfig {
         slot: opts.bootstrap.slot.clone(),
-        publication: opts.bootstrap.publication.clone(),
+        publication,
         state,
         status_interval: opts.status_interval,
+        target: target_setup,
     };
     let mut backoff = BACKOFF_START;
     let mut last_error: Option<String> = None;
@@ -224,6 +228,24 @@ async fn ensure_bootstrapped(
     let summary = bootstrap::bootstrap(source, target, opts).await?;
     eprintln!("{}", summary.render());
     Ok(())
+}
+
+/// Checks before streaming: the pipeline's publication (the recorded one; an explicit
+/// `--publication` naming another is refused) and how apply sessions must treat
+/// foreign keys and triggers on the target tables.
+async fn stream_preflight(
+    target: &Endpoint,
+    opts: &BootstrapOptions,
+    state: &StateStore,
+) -> Result<(String, TargetSetup)> {
+    let client = connect(target, "run").await?;
+    let pipeline = state.existing_pipeline(&client, &opts.slot).await?;
+    let recorded = pipeline.as_ref().map(|p| p.publication.as_str());
+    let publication =
+        crate::publication::resolve(opts.publication.as_deref(), &opts.slot, recorded)?;
+    let tables = pipeline.iter().flat_map(|p| p.tables.iter());
+    let setup = target_checks::decide(&client, tables, opts.allow_target_triggers).await?;
+    Ok((publication, setup))
 }
 
 /// When `error` says the slot is active elsewhere, who holds it (pid and address).

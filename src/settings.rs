@@ -70,6 +70,8 @@ pub struct FileConfig {
     pub tables: Option<List>,
     /// Empty target tables that hold rows before copying.
     pub truncate_target: Option<bool>,
+    /// Fire target foreign keys and triggers on replicated rows as for any writer.
+    pub allow_target_triggers: Option<bool>,
     /// Creation-time columns (`column` or `schema.table=column`).
     pub created_column: Option<List>,
     /// Update-time columns.
@@ -291,13 +293,19 @@ impl Resolved {
                 b.slot = v.clone();
             }
             if let Some(v) = f.publication.as_ref().filter(|_| !given("publication")) {
-                b.publication = v.clone();
+                b.publication = Some(v.clone());
             }
             if let Some(v) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
                 b.state_schema = v.clone();
             }
             if let Some(v) = f.truncate_target.filter(|_| !given("truncate_target")) {
                 b.truncate_target = v;
+            }
+            if let Some(v) = f
+                .allow_target_triggers
+                .filter(|_| !given("allow_target_triggers"))
+            {
+                b.allow_target_triggers = v;
             }
         };
         let watermarks = |w: &mut WatermarkArgs| {
@@ -353,6 +361,12 @@ impl Resolved {
                 }
                 if let Some(x) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
                     v.state_schema = x.clone();
+                }
+                if let Some(x) = f
+                    .allow_target_triggers
+                    .filter(|_| !given("allow_target_triggers"))
+                {
+                    v.allow_target_triggers = x;
                 }
             }
             Command::Status(s) => {
@@ -442,7 +456,11 @@ impl Resolved {
             ));
         };
         plain("slot", f.slot.clone(), "walshuttle");
-        plain("publication", f.publication.clone(), "walshuttle");
+        plain(
+            "publication",
+            f.publication.clone(),
+            "recorded for the pipeline, else the slot's name",
+        );
         plain("state_schema", f.state_schema.clone(), "walshuttle");
         plain("jobs", f.jobs.map(|j| j.to_string()), "number of CPUs");
         plain(
@@ -453,6 +471,11 @@ impl Resolved {
         plain(
             "truncate_target",
             f.truncate_target.map(|b| b.to_string()),
+            "false",
+        );
+        plain(
+            "allow_target_triggers",
+            f.allow_target_triggers.map(|b| b.to_string()),
             "false",
         );
         plain(

@@ -20,9 +20,18 @@
 //! by comparing every table's file node before the slot and after the lock: a
 //! rewrite in between is detected and the caller takes a new slot.
 //!
+//! Every session that reads under the snapshot takes the same locks before it reads:
+//! a lock request queues behind a waiting `ACCESS EXCLUSIVE` request, so a reader
+//! asking for its first lock on a table after some DDL started waiting for the
+//! holder would wait for the DDL, which waits for the holder, which waits for the
+//! reader. A reader that cannot lock at once (DDL is already queued) does not take
+//! part; the holder itself reads too, so the copy always makes progress, and each
+//! reader keeps its locks until its own work is done.
+//!
 //! An exported snapshot is importable only while its exporting session is idle and
 //! open. [`SourceSnapshot`] owns that session, and the only way to get a source
-//! session reading under the snapshot is [`SourceSnapshot::import`].
+//! session reading under the snapshot is [`SourceSnapshot::import`] (or the holder
+//! itself, [`SourceSnapshot::into_session`]).
 
 use std::collections::HashMap;
 
@@ -37,6 +46,9 @@ use crate::positions::SnapshotView;
 /// How long walshuttle waits for the `ACCESS SHARE` locks before saying who holds
 /// the tables (another session's DDL).
 const LOCK_TIMEOUT: &str = "60s";
+/// How long an additional reader waits for its locks: they are granted at once
+/// unless DDL is queued behind the holder, and then waiting would never end.
+const READER_LOCK_TIMEOUT: &str = "2s";
 
 enum Exporter {
     /// The replication connection that created the slot.
@@ -49,6 +61,8 @@ enum Exporter {
 /// tables from being rewritten under it.
 pub struct SourceSnapshot {
     exporter: Exporter,
+    /// The tables every reader locks.
+    tables: Vec<QualifiedName>,
     /// Source session holding `ACCESS SHARE` on every table to copy, in a
     /// transaction under the snapshot, until [`SourceSnapshot::release`].
     holder: Client,
@@ -89,12 +103,12 @@ pub async fn file_nodes(client: &Client, tables: &[QualifiedName]) -> Result<Fil
     Ok(out)
 }
 
-fn lock_sql(tables: &[QualifiedName]) -> String {
+fn lock_sql(tables: &[QualifiedName], timeout: &str) -> String {
     if tables.is_empty() {
         return String::new();
     }
     format!(
-        "SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'; LOCK TABLE {} IN ACCESS SHARE MODE; SET LOCAL lock_timeout = 0;",
+        "SET LOCAL lock_timeout = '{timeout}'; LOCK TABLE {} IN ACCESS SHARE MODE; SET LOCAL lock_timeout = 0;",
         tables
             .iter()
             .map(|t| format!("ONLY {}", t.quoted()))
@@ -131,7 +145,7 @@ impl SourceSnapshot {
         holder
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {} SET TRANSACTION SNAPSHOT {}",
-                lock_sql(tables),
+                lock_sql(tables, LOCK_TIMEOUT),
                 quote_literal(&slot.snapshot_name)
             ))
             .await
@@ -144,6 +158,7 @@ impl SourceSnapshot {
         }
         Ok(Ok(SourceSnapshot {
             exporter: Exporter::Slot(client),
+            tables: tables.to_vec(),
             holder,
             name: slot.snapshot_name,
             view: None,
@@ -158,7 +173,7 @@ impl SourceSnapshot {
         holder
             .batch_execute(&format!(
                 "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {}",
-                lock_sql(tables)
+                lock_sql(tables, LOCK_TIMEOUT)
             ))
             .await
             .map_err(|e| lock_error(&e))?;
@@ -178,6 +193,7 @@ impl SourceSnapshot {
         let view = SnapshotView::parse(&row.get::<_, String>(1), lsn)?;
         Ok(SourceSnapshot {
             exporter: Exporter::None,
+            tables: tables.to_vec(),
             holder,
             name: row.get(0),
             view: Some(view),
@@ -185,17 +201,58 @@ impl SourceSnapshot {
         })
     }
 
-    /// Opens a source session reading under this snapshot.
-    pub async fn import(&self, source: &Endpoint, purpose: &str) -> Result<SnapshotSession> {
+    /// Opens another source session reading under this snapshot, holding the same
+    /// locks; `None` when the locks are not granted at once (DDL is queued behind
+    /// the holder): such a session would wait for the DDL, which waits for the
+    /// holder.
+    pub async fn import(
+        &self,
+        source: &Endpoint,
+        purpose: &str,
+    ) -> Result<Option<SnapshotSession>> {
         let client = connect(source, purpose).await?;
-        client
-            .batch_execute(&format!(
-                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-                quote_literal(&self.name)
-            ))
-            .await
-            .pg_context(|| format!("importing snapshot {} on the source", self.name))?;
-        Ok(SnapshotSession { client })
+        let sql = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {} SET TRANSACTION SNAPSHOT {}",
+            lock_sql(&self.tables, READER_LOCK_TIMEOUT),
+            quote_literal(&self.name)
+        );
+        match client.batch_execute(&sql).await {
+            Ok(()) => Ok(Some(SnapshotSession { client })),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) => {
+                tracing::info!(
+                    "DDL is waiting for a table being copied: one reader fewer until the copy ends"
+                );
+                Ok(None)
+            }
+            Err(e) => {
+                Err(e).pg_context(|| format!("importing snapshot {} on the source", self.name))
+            }
+        }
+    }
+
+    /// Opens up to `count` sessions reading under this snapshot: the holder and as
+    /// many others as get their locks at once. Closes the slot's exporting
+    /// connection afterwards; each session keeps its locks until it commits.
+    pub async fn into_sessions(
+        mut self,
+        source: &Endpoint,
+        purpose: &str,
+        count: usize,
+    ) -> Result<Vec<SnapshotSession>> {
+        let mut sessions = Vec::with_capacity(count);
+        for _ in 1..count.max(1) {
+            if let Some(s) = self.import(source, purpose).await? {
+                sessions.push(s);
+            }
+        }
+        self.imported().await;
+        sessions.insert(
+            0,
+            SnapshotSession {
+                client: self.holder,
+            },
+        );
+        Ok(sessions)
     }
 
     /// The session holding the locks, itself reading under the snapshot (for
@@ -206,7 +263,7 @@ impl SourceSnapshot {
 
     /// Closes the slot's exporting replication connection once every session that
     /// needs the snapshot has imported it; the locks stay.
-    pub async fn imported(&mut self) {
+    async fn imported(&mut self) {
         if let Exporter::Slot(client) = std::mem::replace(&mut self.exporter, Exporter::None) {
             client.close().await;
         }

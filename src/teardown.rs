@@ -19,7 +19,8 @@ use crate::state::StateStore;
 pub struct TeardownOptions {
     /// Slot (= pipeline) name.
     pub slot: String,
-    /// Publication; `None`: the one recorded for the pipeline, else `walshuttle`.
+    /// Publication; `None`: the one recorded for the pipeline, else the slot's name.
+    /// Only the pipeline's own is dropped (see `publication::droppable`).
     pub publication: Option<String>,
     /// State schema on the target.
     pub state_schema: String,
@@ -33,10 +34,10 @@ use crate::state::STATE_TABLES;
 pub struct Plan {
     /// The slot exists on the source (and whether a consumer holds it).
     pub slot: Option<bool>,
-    /// The publication to drop, if it exists and no other pipeline uses it.
+    /// The publication to drop: it exists and is this pipeline's own.
     pub publication: Option<String>,
-    /// A publication kept because another pipeline uses it.
-    pub publication_shared: Option<String>,
+    /// Why the publication is kept, when it exists but is not this pipeline's own.
+    pub publication_kept: Option<String>,
     /// The state schema holds rows of this pipeline.
     pub state_rows: bool,
     /// No other pipeline is left in the state schema (so the schema goes too).
@@ -87,7 +88,7 @@ pub async fn plan(src: &Client, tgt: &Client, opts: &TeardownOptions) -> Result<
     let state = StateStore::new(&opts.state_schema);
     let mut plan = Plan::default();
     let mut recorded_publication = None;
-    let mut other_publications: Vec<String> = Vec::new();
+    let mut other_publications: Vec<(String, String)> = Vec::new();
     if state.installed_version(tgt).await?.is_some() {
         state.check_version(tgt).await?;
         recorded_publication = state
@@ -97,14 +98,14 @@ pub async fn plan(src: &Client, tgt: &Client, opts: &TeardownOptions) -> Result<
         let others = tgt
             .query(
                 &format!(
-                    "SELECT publication FROM {} WHERE pipeline <> $1",
+                    "SELECT pipeline, publication FROM {} WHERE pipeline <> $1 ORDER BY 1",
                     state.table("pipelines")
                 ),
                 &[&opts.slot],
             )
             .await
             .pg_context(|| "listing the other pipelines on the target".into())?;
-        other_publications = others.iter().map(|r| r.get(0)).collect();
+        other_publications = others.iter().map(|r| (r.get(0), r.get(1))).collect();
         plan.state_rows = has_state_rows(tgt, &state, &opts.slot).await?;
         plan.drop_schema = others.is_empty();
     }
@@ -112,22 +113,25 @@ pub async fn plan(src: &Client, tgt: &Client, opts: &TeardownOptions) -> Result<
     let publication = opts
         .publication
         .clone()
-        .or(recorded_publication)
-        .unwrap_or_else(|| "walshuttle".to_string());
-    let exists = src
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .pg_context(|| format!("looking up publication {publication} on the source"))?
-        .is_some();
-    if exists {
-        if other_publications.contains(&publication) {
-            plan.publication_shared = Some(publication);
-        } else {
-            plan.publication = Some(publication);
-        }
+        .or(recorded_publication.clone())
+        .unwrap_or_else(|| opts.slot.clone());
+    let recorded_here = recorded_publication.as_deref() == Some(publication.as_str());
+    let recorded_by_other = other_publications
+        .iter()
+        .find(|(_, p)| *p == publication)
+        .map(|(pipeline, _)| pipeline.as_str());
+    match crate::publication::droppable(
+        src,
+        &publication,
+        &opts.slot,
+        recorded_here,
+        recorded_by_other,
+    )
+    .await?
+    {
+        Ok(true) => plan.publication = Some(publication),
+        Ok(false) => {}
+        Err(kept) => plan.publication_kept = Some(kept),
     }
     Ok(plan)
 }
@@ -215,11 +219,8 @@ pub async fn teardown(
     let mut tgt = connect(target, "teardown").await?;
     let plan = plan(&src, &tgt, opts).await?;
     let mut summary = TeardownSummary::default();
-    if let Some(p) = &plan.publication_shared {
-        summary.lines.push(format!(
-            "kept publication {p} on the source: another pipeline in {} uses it",
-            opts.state_schema
-        ));
+    if let Some(kept) = &plan.publication_kept {
+        summary.lines.push(kept.clone());
     }
     if plan.is_empty() {
         summary.nothing_left = true;

@@ -32,6 +32,8 @@ pub struct VerifyOptions {
     pub jobs: usize,
     /// Fix differing rows on the target.
     pub repair: bool,
+    /// With `repair`: fire target foreign keys and triggers as for any writer.
+    pub allow_target_triggers: bool,
 }
 
 /// One range that differs.
@@ -177,6 +179,13 @@ pub async fn verify(
     if tables.is_empty() {
         bail!("no tables to verify: name them with --tables");
     }
+    let repair_setup = match opts.repair {
+        true => {
+            let names = tables.iter().map(|t| &t.name);
+            crate::target_checks::decide(&tgt, names, opts.allow_target_triggers).await?
+        }
+        false => Default::default(),
+    };
     let mut reports = Vec::with_capacity(tables.len());
     let mut work = VecDeque::new();
     for (i, table) in tables.iter().enumerate() {
@@ -264,7 +273,16 @@ pub async fn verify(
     }
     for (i, keys) in to_repair {
         let table = &tables[i];
-        let (deleted, copied) = repair(source, target, &state, &opts.slot, table, keys).await?;
+        let (deleted, copied) = repair(
+            source,
+            target,
+            &state,
+            &opts.slot,
+            table,
+            keys,
+            &repair_setup,
+        )
+        .await?;
         reports[i].repaired.0 += deleted;
         reports[i].repaired.1 += copied;
         // Whatever still differs after the repair is reported; the rest was fixed.
@@ -300,8 +318,10 @@ async fn repair(
     pipeline: &str,
     table: &Table,
     keys: Vec<Key>,
+    setup: &crate::target_checks::TargetSetup,
 ) -> Result<(u64, u64)> {
     let mut client = hashing_session(target, "verify repair").await?;
+    crate::target_checks::prepare_session(&client, setup).await?;
     let has_pipeline = state.existing_pipeline(&client, pipeline).await?.is_some();
     let binary = catalog::check_target(&client, table).await?.binary();
     let ctx = || format!("repairing {} on the target", table.name);
@@ -327,7 +347,15 @@ async fn repair(
         }
         // The snapshot is taken after the lock: everything already applied is in it.
         let snapshot = SourceSnapshot::take(source, std::slice::from_ref(&table.name)).await?;
-        let session = snapshot.import(source, "verify repair").await?;
+        let view = snapshot.view.clone();
+        let Some(session) = snapshot
+            .into_sessions(source, "verify repair", 1)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            bail!("no session reads under the repair's snapshot");
+        };
         let rows = if table.key.is_empty() {
             Rows::All
         } else {
@@ -336,7 +364,7 @@ async fn repair(
         let (deleted, copied) =
             rewrite::rewrite(&session.client, &tx, table, &rows, binary).await?;
         if has_pipeline {
-            if let Some(view) = &snapshot.view {
+            if let Some(view) = &view {
                 let id = state
                     .record_snapshot(&tx, pipeline, view, "verify --repair")
                     .await?;
@@ -351,7 +379,6 @@ async fn repair(
         }
         tx.commit().await.pg_context(ctx)?;
         let _ = session.client.batch_execute("COMMIT").await;
-        snapshot.release().await;
         return Ok((deleted, copied));
     }
 }

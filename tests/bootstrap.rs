@@ -250,7 +250,11 @@ async fn killed_bootstrap_resumes_without_recopying_done_chunks() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(positions, resumed + 1, "one per resumed chunk of big, one for small");
+    assert_eq!(
+        positions,
+        resumed + 1,
+        "one per resumed chunk of big, one for small"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,7 +61,10 @@ async fn kill_bootstrap_after_first_chunk(source: &Cluster, target: &Cluster, ta
         ),
     )
     .await;
-    assert!(undone > 0, "the bootstrap finished before it could be killed");
+    assert!(
+        undone > 0,
+        "the bootstrap finished before it could be killed"
+    );
 }
 
 /// A 400,000-row table packed full (fillfactor 100), with a TOASTed column on some
@@ -182,14 +185,15 @@ async fn resumed_keyless_table_is_copied_again_whole() {
     cmd.args(["bootstrap", "--jobs", "1"]);
     let (code, stdout, stderr) = run(cmd);
     assert_eq!(code, 0, "resumed bootstrap failed:\n{stdout}{stderr}");
-    src.batch_execute("INSERT INTO bag VALUES (1, 'after'), (1, 'after'); DELETE FROM bag WHERE a = 8")
-        .await
-        .unwrap();
+    src.batch_execute(
+        "INSERT INTO bag VALUES (1, 'after'), (1, 'after'); DELETE FROM bag WHERE a = 8",
+    )
+    .await
+    .unwrap();
 
     let mut logs = RunLogs::new();
     let mut child = spawn_run(&mut logs, &source, &target, &[]);
-    wait_for_convergence_running(&mut child, &src, &tgt, &["bag"], Duration::from_secs(120))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["bag"], Duration::from_secs(120)).await;
     let (code, out) = verify_exit(&source, &target);
     assert_eq!(code, 0, "{out}");
 }
@@ -216,8 +220,7 @@ async fn verify_repair_with_run_stopped_then_started() {
     seed_items(&src).await;
     let mut logs = RunLogs::new();
     let mut child = spawn_run(&mut logs, &source, &target, &[]);
-    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60)).await;
     child.sigterm();
     assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
 
@@ -248,13 +251,11 @@ async fn verify_repair_with_run_stopped_then_started() {
     .unwrap();
 
     let mut child = spawn_run(&mut logs, &source, &target, &[]);
-    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60)).await;
     src.batch_execute("UPDATE items SET qty = 7 WHERE id = 30001")
         .await
         .unwrap();
-    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60)).await;
     let (code, out) = verify_exit(&source, &target);
     assert_eq!(code, 0, "{out}");
 }
@@ -268,8 +269,7 @@ async fn verify_repair_while_streaming_hot_rows() {
     seed_items(&src).await;
     let mut logs = RunLogs::new();
     let mut child = spawn_run(&mut logs, &source, &target, &[]);
-    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60)).await;
 
     // A writer on twenty hot rows, and the target damaged on those rows.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -298,17 +298,17 @@ async fn verify_repair_while_streaming_hot_rows() {
         .unwrap();
         let mut cmd = walshuttle(&source, &target);
         cmd.args(["verify", "--repair"]);
-        let (code, stdout, stderr) = tokio::task::spawn_blocking(move || run(cmd))
-            .await
-            .unwrap();
-        assert!(code == 0 || code == 1, "verify --repair failed: {stdout}{stderr}");
+        let (code, stdout, stderr) = tokio::task::spawn_blocking(move || run(cmd)).await.unwrap();
+        assert!(
+            code == 0 || code == 1,
+            "verify --repair failed: {stdout}{stderr}"
+        );
         child.assert_running("after verify --repair");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let writes = handle.await.unwrap();
     assert!(writes > 50, "the writer barely ran ({writes} updates)");
-    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60)).await;
     let (code, out) = verify_exit(&source, &target);
     assert_eq!(code, 0, "{out}");
 }
@@ -329,9 +329,7 @@ async fn catch_up_repairs_a_stale_update_from_a_long_transaction() {
     ))
     .await
     .unwrap();
-    let repl_url = source
-        .url()
-        .replacen("postgres:", "repl:", 1);
+    let repl_url = source.url().replacen("postgres:", "repl:", 1);
     let with_repl = |args: &[&str]| {
         let mut cmd = walshuttle(&source, &target);
         cmd.env("WALSHUTTLE_SOURCE", &repl_url).args(args);
@@ -339,13 +337,14 @@ async fn catch_up_repairs_a_stale_update_from_a_long_transaction() {
     };
     let mut logs = RunLogs::new();
     let mut child = logs.spawn(with_repl(&["run"]));
-    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60)).await;
 
     // A long transaction of another role: it reads first (no transaction id yet), so
     // its later UPDATE stamps updated_at with its start time.
     let long = source.client().await;
-    long.batch_execute("BEGIN; SELECT count(*) FROM items").await.unwrap();
+    long.batch_execute("BEGIN; SELECT count(*) FROM items")
+        .await
+        .unwrap();
     // Later transactions move the watermark well past the long one's start.
     src.batch_execute(
         "UPDATE items SET qty = 1, updated_at = now() + interval '1 hour' WHERE id = 2;
@@ -354,8 +353,7 @@ async fn catch_up_repairs_a_stale_update_from_a_long_transaction() {
     )
     .await
     .unwrap();
-    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60)).await;
     long.batch_execute("UPDATE items SET qty = 99, updated_at = now() WHERE id = 5")
         .await
         .unwrap();
@@ -380,8 +378,7 @@ async fn catch_up_repairs_a_stale_update_from_a_long_transaction() {
     src.batch_execute("UPDATE items SET qty = 3 WHERE id = 6")
         .await
         .unwrap();
-    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["items"], Duration::from_secs(60)).await;
     let (code, out) = verify_exit(&source, &target);
     assert_eq!(code, 0, "{out}");
 }

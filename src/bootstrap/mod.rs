@@ -24,7 +24,7 @@ use tokio_postgres::Client;
 use crate::catalog::{self, Table, TargetFit};
 use crate::config::Endpoint;
 use crate::pg::replication::ReplicationClient;
-use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
+use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
 use crate::snapshot::{self, SourceSnapshot};
 use crate::state::{ChunkRange, ChunkRow, Phase, Pipeline, StateStore, TableEntry, TableState};
 use copy::{CopyJob, CopySpec};
@@ -39,12 +39,16 @@ pub struct BootstrapOptions {
     pub tables: Option<Vec<QualifiedName>>,
     /// Replication slot name, also the pipeline's name.
     pub slot: String,
-    /// Publication name on the source.
-    pub publication: String,
+    /// Publication name on the source; `None`: the one the pipeline's state
+    /// records, else the slot's name.
+    pub publication: Option<String>,
     /// Schema on the target holding walshuttle's state.
     pub state_schema: String,
     /// Empty target tables that hold rows walshuttle did not copy.
     pub truncate_target: bool,
+    /// Fire foreign keys and triggers of existing target tables on replicated rows
+    /// as for any writer (see `target_checks`).
+    pub allow_target_triggers: bool,
 }
 
 /// Rows and bytes copied into one table.
@@ -251,7 +255,7 @@ async fn fresh(
         src,
         tgt,
         state,
-        &opts.slot,
+        opts,
         opts.tables.as_deref(),
         &[],
         opts.truncate_target,
@@ -278,14 +282,14 @@ async fn fresh(
     let table_names: Vec<QualifiedName> = checked.tables.iter().map(|t| t.name.clone()).collect();
     let mut pipeline = Pipeline {
         name: opts.slot.clone(),
-        publication: opts.publication.clone(),
+        publication: checked.publication.name.clone(),
         phase: Phase::CreatingSlot,
         stream_start_lsn: None,
         tables: table_names.clone(),
         stop_reason: None,
     };
     state.save_pipeline(tgt, &pipeline).await?;
-    ensure_publication(src, &opts.publication, &table_names).await?;
+    crate::publication::ensure(src, &checked.publication, &table_names).await?;
     if half_created {
         drop_slot_if_exists(src, &opts.slot).await?;
     }
@@ -386,7 +390,7 @@ async fn resume(
         src,
         tgt,
         state,
-        &opts.slot,
+        opts,
         Some(&pipeline.tables),
         &pipeline.tables,
         false,
@@ -406,11 +410,17 @@ async fn resume(
     let mut remaining = Vec::new();
     let mut restart: Vec<&Table> = Vec::new();
     for table in &checked.tables {
-        let mine: Vec<&ChunkRow> = all_chunks.iter().filter(|c| c.table == table.name).collect();
+        let mine: Vec<&ChunkRow> = all_chunks
+            .iter()
+            .filter(|c| c.table == table.name)
+            .collect();
         let any_done = mine.iter().any(|c| c.done);
         let all_done = !mine.is_empty() && mine.iter().all(|c| c.done);
         let exact = mine.iter().all(|c| !c.inexact);
-        let by_key = !mine.is_empty() && mine.iter().all(|c| matches!(c.range, ChunkRange::Keys { .. }));
+        let by_key = !mine.is_empty()
+            && mine
+                .iter()
+                .all(|c| matches!(c.range, ChunkRange::Keys { .. }));
         if all_done && exact {
             continue;
         }
@@ -529,7 +539,16 @@ async fn copy_and_finish(
         state,
     )
     .await?;
-    finish(target, src, tgt, state, opts, &checked.tables, &mut pipeline).await?;
+    finish(
+        target,
+        src,
+        tgt,
+        state,
+        opts,
+        &checked.tables,
+        &mut pipeline,
+    )
+    .await?;
     Ok(BootstrapSummary {
         already_done: false,
         resumed,
@@ -545,7 +564,7 @@ async fn copy_and_finish(
 async fn copy_chunks(
     source: &Endpoint,
     target: &Endpoint,
-    mut snapshot: SourceSnapshot,
+    snapshot: SourceSnapshot,
     snapshot_id: Option<i64>,
     checked: &preflight::Checked,
     entries: &[TableEntry],
@@ -555,15 +574,9 @@ async fn copy_chunks(
 ) -> Result<usize> {
     let count = chunks.len();
     let workers = opts.jobs.max(1).min(count.max(1));
-    // Every worker imports the snapshot before the exporting session is released.
-    let mut sessions = Vec::with_capacity(workers);
-    if count > 0 {
-        for _ in 0..workers {
-            sessions.push(snapshot.import(source, "copy").await?);
-        }
-    }
-    snapshot.imported().await;
     let snapshot_lsn = snapshot.lsn;
+    // Every worker reads under the snapshot, holding its locks until it is done.
+    let sessions = snapshot.into_sessions(source, "copy", workers).await?;
 
     let columns: HashMap<&QualifiedName, Option<String>> = entries
         .iter()
@@ -605,6 +618,7 @@ async fn copy_chunks(
     let mut handles = Vec::with_capacity(workers);
     for (i, session) in sessions.into_iter().enumerate() {
         let target_client = connect(target, "copy").await?;
+        crate::target_checks::prepare_session(&target_client, &checked.target).await?;
         handles.push(tokio::spawn(copy::run_worker(
             Arc::clone(&job),
             i as i32,
@@ -622,8 +636,6 @@ async fn copy_chunks(
         }
     }
     display.abort();
-    // The copy is over: the tables may be altered on the source again.
-    snapshot.release().await;
     match first_error {
         Some(e) => Err(e),
         None => Ok(count),
@@ -707,33 +719,6 @@ async fn table_totals(
         .into_iter()
         .map(|(table, rows, bytes)| TableSummary { table, rows, bytes })
         .collect())
-}
-
-/// Creates the publication for `tables`, or points an existing one at exactly them.
-pub async fn ensure_publication(src: &Client, name: &str, tables: &[QualifiedName]) -> Result<()> {
-    let list = tables
-        .iter()
-        .map(|t| t.quoted())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let exists = src
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&name])
-        .await
-        .pg_context(|| format!("looking up publication {name} on the source"))?
-        .is_some();
-    let sql = if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(name))
-    } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {list}", quote_ident(name))
-    };
-    src.batch_execute(&sql).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot {} publication {name} on the source: {}; the source user must own the tables (or be superuser)",
-            if exists { "update" } else { "create" },
-            crate::pg::connect::describe(&e)
-        )
-    })?;
-    Ok(())
 }
 
 /// Drops a slot, waiting for a just-stopped consumer to release it.

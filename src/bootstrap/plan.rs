@@ -137,7 +137,10 @@ pub async fn plan_table(
 ) -> Result<(Vec<ChunkRow>, Option<String>)> {
     let count = ((table.blocks + chunk_size_blocks - 1) / chunk_size_blocks.max(1)).max(1);
     let Some(column) = chunk_column(table) else {
-        return Ok((split_blocks(&table.name, table.blocks, chunk_size_blocks), None));
+        return Ok((
+            split_blocks(&table.name, table.blocks, chunk_size_blocks),
+            None,
+        ));
     };
     let c = quote_ident(&column);
     let row = client

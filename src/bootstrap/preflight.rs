@@ -4,9 +4,12 @@
 use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
-use crate::catalog::{self, Table, TargetFit};
-use crate::pg::{PgResultExt, QualifiedName};
+use crate::bootstrap::BootstrapOptions;
+use crate::catalog::{self, Identity, Table, TargetFit};
+use crate::pg::{quote_ident, PgResultExt, QualifiedName};
+use crate::publication;
 use crate::state::StateStore;
+use crate::target_checks::{self, TargetSetup};
 
 /// What preflight learned: the tables to copy and how each fits the target.
 pub struct Checked {
@@ -14,6 +17,26 @@ pub struct Checked {
     pub tables: Vec<Table>,
     /// For each table (same order), how it stands on the target.
     pub fits: Vec<TargetFit>,
+    /// For each table (same order), how the target finds the rows the source's
+    /// updates and deletes identify.
+    pub target_keys: Vec<TargetKey>,
+    /// The pipeline's publication, checked to be its own.
+    pub publication: publication::Plan,
+    /// What every target session writing replicated rows must do (replica mode).
+    pub target: TargetSetup,
+}
+
+/// How the target finds the row a source update or delete identifies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetKey {
+    /// walshuttle creates (or created) the table and builds the source's keys on it.
+    FromSource,
+    /// An existing target table with a unique, immediate, non-partial index on
+    /// exactly these source identity columns (NOT NULL, or NULLS NOT DISTINCT).
+    Key(Vec<String>),
+    /// An existing target table without such an index, for a source table with
+    /// `REPLICA IDENTITY FULL`: rows are matched on every column.
+    Keyless,
 }
 
 /// Source-side checks shared by every command that reads changes from a slot:
@@ -71,16 +94,17 @@ pub async fn check_source_replication(source: &Client, slot: &str) -> Result<()>
 }
 
 /// Runs every check; `owned` names the tables whose rows walshuttle already owns on
-/// the target (a resumed pipeline), which may hold rows.
+/// the target (a resumed pipeline), which may hold rows and get their keys later.
 pub async fn check(
     source: &Client,
     target: &Client,
     state: &StateStore,
-    slot: &str,
+    opts: &BootstrapOptions,
     selected: Option<&[QualifiedName]>,
     owned: &[QualifiedName],
     truncate_target: bool,
 ) -> Result<Checked> {
+    let slot = opts.slot.as_str();
     check_source_replication(source, slot).await?;
     state.check_version(target).await?;
     let tables = catalog::list_tables(source, selected, state.schema()).await?;
@@ -92,9 +116,18 @@ pub async fn check(
             bail!(problem);
         }
     }
+    let publication =
+        publication::plan(source, target, state, slot, opts.publication.as_deref()).await?;
     let mut fits = Vec::with_capacity(tables.len());
+    let mut target_keys = Vec::with_capacity(tables.len());
     for table in &tables {
         let fit = catalog::check_target(target, table).await?;
+        target_keys.push(match fit {
+            TargetFit::Exists { .. } if !owned.contains(&table.name) => {
+                target_key(target, table).await?
+            }
+            _ => TargetKey::FromSource,
+        });
         if matches!(fit, TargetFit::Exists { .. })
             && !truncate_target
             && !owned.contains(&table.name)
@@ -116,5 +149,78 @@ pub async fn check(
         }
         fits.push(fit);
     }
-    Ok(Checked { tables, fits })
+    let target_setup = target_checks::decide(
+        target,
+        tables.iter().map(|t| &t.name),
+        opts.allow_target_triggers,
+    )
+    .await?;
+    Ok(Checked {
+        tables,
+        fits,
+        target_keys,
+        publication,
+        target: target_setup,
+    })
+}
+
+/// How an existing target table finds the rows the source identifies: it needs a
+/// unique index on exactly the source's identity columns, or (for `REPLICA IDENTITY
+/// FULL`) it is treated as keyless.
+async fn target_key(target: &Client, table: &Table) -> Result<TargetKey> {
+    let wanted = match &table.identity {
+        Identity::Key(cols) => cols.clone(),
+        Identity::Full | Identity::Unusable => table.key.clone(),
+    };
+    let found = !wanted.is_empty() && has_unique_index(target, &table.name, &wanted).await?;
+    match (&table.identity, found) {
+        (_, true) => Ok(TargetKey::Key(wanted)),
+        (Identity::Full, false) => Ok(TargetKey::Keyless),
+        _ => {
+            let cols = wanted
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            bail!(
+                "table {} on the target has no unique index on ({}), the source's replica identity, so replicated updates and deletes could not find their rows: run ALTER TABLE {} ADD PRIMARY KEY ({cols}) on the target (or CREATE UNIQUE INDEX on those columns, NOT NULL), or drop the table to let walshuttle create it",
+                table.name,
+                wanted.join(", "),
+                table.name.quoted()
+            )
+        }
+    }
+}
+
+/// Whether `table` on the target has a unique index that identifies rows by exactly
+/// `columns`: valid, immediate, not partial, no expressions, and its columns NOT NULL
+/// or the index NULLS NOT DISTINCT (PostgreSQL 15+).
+async fn has_unique_index(
+    target: &Client,
+    table: &QualifiedName,
+    columns: &[String],
+) -> Result<bool> {
+    let rows = target
+        .query(
+            "SELECT ARRAY(SELECT a.attname::text FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                          WHERE k.ord <= i.indnkeyatts), \
+                    coalesce((to_jsonb(i) ->> 'indnullsnotdistinct')::boolean, false) \
+                    OR NOT EXISTS (SELECT 1 FROM unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                          WHERE k.ord <= i.indnkeyatts AND NOT a.attnotnull) \
+             FROM pg_index i WHERE i.indrelid = $1::text::regclass AND i.indisunique AND i.indisvalid \
+               AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL",
+            &[&table.quoted()],
+        )
+        .await
+        .pg_context(|| format!("reading the unique indexes of {table} on the target"))?;
+    let mut wanted = columns.to_vec();
+    wanted.sort();
+    Ok(rows.iter().any(|r| {
+        let mut cols: Vec<String> = r.get(0);
+        cols.sort();
+        let nulls_ok: bool = r.get(1);
+        nulls_ok && cols == wanted
+    }))
 }

@@ -312,7 +312,9 @@ impl StateStore {
             client
                 .batch_execute(&format!("BEGIN; {lock};"))
                 .await
-                .pg_context(|| format!("upgrading the state schema {} on the target", self.schema))?;
+                .pg_context(|| {
+                    format!("upgrading the state schema {} on the target", self.schema)
+                })?;
             let again = self.installed_version(client).await?.unwrap_or(0);
             if again != installed {
                 client
@@ -917,7 +919,7 @@ impl StateStore {
         let row = client
             .query_one(
                 &format!(
-                    "INSERT INTO {} (pipeline, xmin, xmax, xip, lsn, purpose) \
+                    "INSERT INTO {} (pipeline, snap_xmin, snap_xmax, snap_xip, lsn, purpose) \
                      VALUES ($1, $2, $3, $4, $5::text::pg_lsn, $6) RETURNING snapshot_id",
                     self.table("snapshots")
                 ),
@@ -981,7 +983,10 @@ impl StateStore {
                         format!(
                             "{{{}}}",
                             k.iter()
-                                .map(|v| format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\"")))
+                                .map(|v| format!(
+                                    "\"{}\"",
+                                    v.replace('\\', "\\\\").replace('"', "\\\"")
+                                ))
                                 .collect::<Vec<_>>()
                                 .join(",")
                         )
@@ -1026,7 +1031,7 @@ impl StateStore {
             .query(
                 &format!(
                     "SELECT c.position_id, c.schema_name, c.table_name, c.scope, c.key_column, c.key_lo, c.key_hi, \
-                            s.xmin, s.xmax, s.xip, s.lsn::text \
+                            s.snap_xmin, s.snap_xmax, s.snap_xip, s.lsn::text \
                      FROM {} c JOIN {} s USING (pipeline, snapshot_id) \
                      WHERE c.pipeline = $1 AND s.lsn > $2::text::pg_lsn ORDER BY c.position_id",
                     self.table("copy_positions"),

@@ -85,9 +85,9 @@ ALTER TABLE {s}.chunks ADD COLUMN key_lo bigint, ADD COLUMN key_hi bigint, ADD C
 CREATE TABLE {s}.snapshots (
     pipeline text NOT NULL,
     snapshot_id bigint GENERATED ALWAYS AS IDENTITY,
-    xmin bigint NOT NULL,
-    xmax bigint NOT NULL,
-    xip bigint[] NOT NULL,
+    snap_xmin bigint NOT NULL,
+    snap_xmax bigint NOT NULL,
+    snap_xip bigint[] NOT NULL,
     lsn pg_lsn NOT NULL,
     purpose text NOT NULL,
     taken_at timestamptz NOT NULL DEFAULT now(),

@@ -142,24 +142,23 @@ struct OpenCopy {
 const COPY_CHUNK: usize = 128 * 1024;
 
 impl TargetSession {
-    /// Wraps a connection, configuring it for apply; `begin_sql` opens each
-    /// transaction and returns the positions version as its one row.
-    pub async fn new(client: Client, begin_sql: String) -> Result<Self> {
+    /// Wraps a connection, configuring it for apply (replica mode as `setup` says);
+    /// `begin_sql` opens each transaction and returns the positions version as its
+    /// one row.
+    pub async fn new(
+        client: Client,
+        setup: &crate::target_checks::TargetSetup,
+        begin_sql: String,
+    ) -> Result<Self> {
         // Durability is tracked separately: the flush position reported to the source
         // only covers commits the target has flushed (see `session.rs`).
         client
             .batch_execute("SET synchronous_commit = off")
             .await
             .pg_context(|| "configuring the apply session on the target".into())?;
-        // Like native apply: no user triggers or foreign-key checks on replicated
-        // rows. Needs superuser; without it, triggers fire as for any writer.
-        if client
-            .batch_execute("SET session_replication_role = replica")
-            .await
-            .is_err()
-        {
-            tracing::debug!("session_replication_role not settable: target triggers will fire");
-        }
+        // Like native apply when the target has foreign keys or triggers: replica
+        // mode, decided (and refused without it) by `target_checks`.
+        crate::target_checks::prepare_session(&client, setup).await?;
         Ok(TargetSession {
             client,
             begin_sql,

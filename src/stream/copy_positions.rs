@@ -204,7 +204,12 @@ async fn convert_keys(
         })
         .collect();
     let arrays: Vec<String> = (0..n)
-        .map(|i| text_array(keys.iter().map(|k| k.get(i).map(String::as_str).unwrap_or(""))))
+        .map(|i| {
+            text_array(
+                keys.iter()
+                    .map(|k| k.get(i).map(String::as_str).unwrap_or("")),
+            )
+        })
         .collect();
     let exprs: Vec<String> = types
         .iter()
@@ -235,7 +240,8 @@ async fn convert_keys(
             let value = if binary {
                 r.try_get::<_, RawBytes>(i).map(|v| Bytes::from(v.0))
             } else {
-                r.try_get::<_, String>(i).map(|v| Bytes::from(v.into_bytes()))
+                r.try_get::<_, String>(i)
+                    .map(|v| Bytes::from(v.into_bytes()))
             };
             key.push(value.pg_context(|| format!("reading the repaired keys of {}", table.name))?);
         }

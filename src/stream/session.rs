@@ -59,6 +59,8 @@ pub struct StreamConfig {
     pub state: StateStore,
     /// Interval of standby status updates.
     pub status_interval: Duration,
+    /// What apply sessions must do about target foreign keys and triggers.
+    pub target: crate::target_checks::TargetSetup,
 }
 
 /// The transaction being received (between Begin and Commit).
@@ -200,7 +202,9 @@ pub async fn stream(
         binary,
     )
     .await?;
-    state.expire_positions(&target_client, &cfg.slot, applied).await?;
+    state
+        .expire_positions(&target_client, &cfg.slot, applied)
+        .await?;
     tracing::info!(slot = %cfg.slot, start = %applied, binary, copy_positions = !positions.is_empty(), "streaming changes");
     crate::observe::set_phase(crate::observe::RunPhase::Streaming, None);
 
@@ -242,7 +246,8 @@ pub async fn stream(
         source_sql,
         relations: Relations::new(binary, pipeline.tables.clone()),
         relation_cache: HashMap::new(),
-        main: TargetSession::new(target_client, state.apply_begin_sql(&cfg.slot)).await?,
+        main: TargetSession::new(target_client, &cfg.target, state.apply_begin_sql(&cfg.slot))
+            .await?,
         streams: HashMap::new(),
         in_stream: None,
         current: None,
@@ -529,6 +534,7 @@ impl Session<'_> {
                     let client = connect(self.target, "apply stream").await?;
                     let mut session = TargetSession::new(
                         client,
+                        &self.cfg.target,
                         self.cfg.state.apply_begin_sql(&self.cfg.slot),
                     )
                     .await?;
