@@ -337,6 +337,10 @@ async fn nested_user_types_are_created_on_an_empty_target() {
             ARRAY[ROW(4, 'sad', '{x}')::pair, NULL], '[1.5,2.5)', '{[1,2), [3,4]}', '{\"[1,2)\",empty}',
             '[sad,happy)', '{[sad,ok)}', '[0,999]', '{\"[1,5)\"}', 'happy'),
            (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL);
+         -- No arrays: updates and deletes of these rows are applied set-based.
+         CREATE TABLE flat (id int PRIMARY KEY, p pair, r floatrange, d pos_pair, mr lib.moodrange);
+         INSERT INTO flat SELECT g, ROW(g, 'ok', NULL)::pair, floatrange(g, g + 1),
+                                 ROW(g, 'sad', '{}')::pair, '[sad,ok]' FROM generate_series(1, 20) g;
          RESET search_path;
          ALTER DATABASE postgres SET search_path = app, public;",
     )
@@ -348,7 +352,7 @@ async fn nested_user_types_are_created_on_an_empty_target() {
         &tgt,
         "SELECT string_agg(n.nspname || '.' || t.typname, ' ' ORDER BY n.nspname, t.typname) FROM pg_type t \
          JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname IN ('app', 'lib') \
-           AND t.typtype IN ('e', 'c', 'd', 'r', 'm') AND t.typname <> 'things'",
+           AND t.typtype IN ('e', 'c', 'd', 'r', 'm') AND t.typname NOT IN ('things', 'flat')",
     )
     .await;
     assert_eq!(
@@ -364,7 +368,10 @@ async fn nested_user_types_are_created_on_an_empty_target() {
          UPDATE app.things SET p = ROW(7, 'sad', '{q}'), fr = '[3,4]', mr = '[ok,ok]',
                                h = ROW('updated', ROW(8, 'ok', NULL)) WHERE id = 1;
          UPDATE app.things SET pp = ROW(9, 'ok', '{}'), pairs = ARRAY[ROW(1, 'ok', '{}')::app.pair]
-           WHERE id = 2;",
+           WHERE id = 2;
+         UPDATE app.flat SET p = ROW((p).a + 100, 'happy', '{z}'), r = app.floatrange(0, id),
+                             mr = '(ok,happy)' WHERE id <= 10;
+         DELETE FROM app.flat WHERE id > 15;",
     )
     .await
     .unwrap();
@@ -372,7 +379,7 @@ async fn nested_user_types_are_created_on_an_empty_target() {
         &mut run,
         &src,
         &tgt,
-        &["app.things"],
+        &["app.things", "app.flat"],
         Duration::from_secs(60),
     )
     .await;
