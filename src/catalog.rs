@@ -234,7 +234,7 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
                 generated: if generated { expr } else { None },
                 identity: r.get(6),
                 binary_portable: r.get(7),
-                binary_form: r.get(8),
+                binary_form: r.get::<_, Option<String>>(8).unwrap_or_default(),
             }
         })
         .collect();
