@@ -8,6 +8,12 @@ use tokio_postgres::Client;
 
 use crate::pg::{quote_ident, quote_literal, PgResultExt, QualifiedName};
 
+mod type_compat;
+mod user_types;
+
+pub use type_compat::{types_compatible, TypeSpec};
+pub use user_types::create_missing_types;
+
 /// Schemas never replicated: the system's own, and any walshuttle state schema.
 const SYSTEM_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast"];
 
@@ -28,11 +34,12 @@ pub struct Column {
     pub generated: Option<String>,
     /// Identity kind: `a` always, `d` by default, empty when not an identity column.
     pub identity: String,
-    /// Whether the binary COPY form of this type is the same in every database: true
-    /// for built-in types, enums and domains over built-ins; false for arrays of
-    /// user-defined types, composites and extension types, whose binary form carries
-    /// database-specific type oids.
+    /// Whether the binary form of this type is the same in every database, so
+    /// values may pass between servers in binary (see [`binary_portable_sql`]).
     pub binary_portable: bool,
+    /// The type whose send/receive functions define the binary form: the column's
+    /// type with domains resolved to their base type, without modifier.
+    pub binary_form: String,
 }
 
 impl Column {
@@ -246,12 +253,16 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
     let oid: u32 = rel.get(0);
     let columns = client
         .query(
-            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, a.attnotnull, \
-                    pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text, \
-                    (a.atttypid < 16384 OR t.typtype = 'e' OR (t.typtype = 'd' AND t.typbasetype < 16384)) \
-             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
-             LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &format!(
+                "SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, a.attnotnull, \
+                        pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text, \
+                        {}, {} \
+                 FROM pg_attribute a \
+                 LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                binary_portable_sql("a.atttypid"),
+                binary_form_sql("a.atttypid")
+            ),
             &[&oid],
         )
         .await
@@ -269,6 +280,7 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
                 generated: if generated { expr } else { None },
                 identity: r.get(6),
                 binary_portable: r.get(7),
+                binary_form: r.get::<_, Option<String>>(8).unwrap_or_default(),
             }
         })
         .collect();
@@ -355,6 +367,87 @@ async fn load_identity(
     Ok((identity, gap, key, pk.is_some()))
 }
 
+/// Oids below PostgreSQL's `FirstGenbkiObjectId` are assigned in its source code:
+/// the same type in every database and version. Everything above was assigned by
+/// one database (initdb's own scripts, extensions, users).
+const FIXED_OIDS: u32 = 10_000;
+
+/// Built-in types whose values name database objects by oid (reg*), and `tsquery`,
+/// whose binary receive function rejects an empty query that text accepts.
+const NOT_PORTABLE_BUILTINS: &[&str] = &[
+    "regclass",
+    "regtype",
+    "regproc",
+    "regprocedure",
+    "regoper",
+    "regoperator",
+    "regconfig",
+    "regdictionary",
+    "regnamespace",
+    "regrole",
+    "regcollation",
+    "tsquery",
+];
+
+/// SQL that is true when the binary form of the type `type_oid` (an SQL expression)
+/// is the same in every database: the one place that decides binary or text.
+///
+/// The type and every type its binary form is made of (domain base types, array
+/// elements, range subtypes, a multirange's range) must each be
+/// - built in with a fixed oid, or an enum (sent as its label), or a domain (sent
+///   as its base type), since arrays, ranges and multirange headers embed type
+///   oids and extension types may differ between installations;
+/// - not a composite (its binary form carries each field's type oid);
+/// - not one of [`NOT_PORTABLE_BUILTINS`], and not without binary send/receive
+///   functions (`aclitem`).
+pub fn binary_portable_sql(type_oid: &str) -> String {
+    let names = NOT_PORTABLE_BUILTINS
+        .iter()
+        .map(|n| quote_literal(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "NOT EXISTS (WITH RECURSIVE parts(oid) AS ( \
+            SELECT {type_oid} \
+          UNION \
+            SELECT x.part FROM parts p JOIN pg_catalog.pg_type t ON t.oid = p.oid \
+            CROSS JOIN LATERAL (VALUES (t.typbasetype), (t.typelem), \
+              ((SELECT r.rngsubtype FROM pg_catalog.pg_range r WHERE r.rngtypid = t.oid)), \
+              ((SELECT r.rngtypid FROM pg_catalog.pg_range r WHERE r.rngmultitypid = t.oid))) AS x(part) \
+            WHERE x.part IS NOT NULL AND x.part <> 0) \
+         SELECT FROM parts JOIN pg_catalog.pg_type t ON t.oid = parts.oid \
+         WHERE t.typtype IN ('c', 'p') \
+            OR (t.typtype IN ('b', 'r', 'm') AND t.oid >= {FIXED_OIDS}) \
+            OR (t.typtype = 'b' AND (t.typsend::oid = 0 OR t.typreceive::oid = 0)) \
+            OR (t.typnamespace = 'pg_catalog'::regnamespace AND t.typname IN ({names})))"
+    )
+}
+
+/// SQL naming the type whose send/receive functions carry values of `type_oid`:
+/// the type itself, or a domain's innermost base type.
+fn binary_form_sql(type_oid: &str) -> String {
+    format!(
+        "(WITH RECURSIVE b(oid) AS ( \
+            SELECT {type_oid} \
+          UNION ALL \
+            SELECT t.typbasetype FROM b JOIN pg_catalog.pg_type t ON t.oid = b.oid WHERE t.typtype = 'd') \
+         SELECT format_type(b.oid, NULL) FROM b JOIN pg_catalog.pg_type t ON t.oid = b.oid \
+         WHERE t.typtype <> 'd')"
+    )
+}
+
+/// Whether values of type `oid` may travel in binary (see [`binary_portable_sql`]).
+pub async fn type_binary_portable(client: &Client, oid: u32) -> Result<bool> {
+    Ok(client
+        .query_one(
+            &format!("SELECT {}", binary_portable_sql("$1::oid")),
+            &[&oid],
+        )
+        .await
+        .pg_context(|| format!("checking the binary form of type {oid}"))?
+        .get(0))
+}
+
 fn dedup(v: Vec<String>) -> Vec<String> {
     let mut seen = BTreeSet::new();
     v.into_iter().filter(|c| seen.insert(c.clone())).collect()
@@ -386,36 +479,6 @@ pub enum TargetFit {
     },
 }
 
-/// Type pairs where the target's type can hold every source value (text COPY is used).
-const WIDENINGS: &[(&str, &str)] = &[
-    ("smallint", "integer"),
-    ("smallint", "bigint"),
-    ("integer", "bigint"),
-    ("real", "double precision"),
-    ("character varying", "text"),
-    ("text", "character varying"),
-    ("timestamp without time zone", "timestamp with time zone"),
-    ("json", "jsonb"),
-];
-
-fn base_type(sql: &str) -> &str {
-    sql.split('(').next().unwrap_or(sql).trim()
-}
-
-/// Whether a target column of type `target` can hold every value of a source column
-/// of type `source` (same type, another modifier, or a known widening).
-pub fn types_compatible(source: &str, target: &str) -> bool {
-    if source == target {
-        return true;
-    }
-    let (s, t) = (base_type(source), base_type(target));
-    if s == t {
-        // Same type with another modifier (varchar(10) -> varchar(50), numeric precision).
-        return true;
-    }
-    WIDENINGS.iter().any(|(a, b)| *a == s && *b == t)
-}
-
 /// Checks that the target can take the source table's rows: every copied source
 /// column exists on the target with a compatible type.
 pub async fn check_target(target: &Client, table: &Table) -> Result<TargetFit> {
@@ -445,117 +508,32 @@ pub async fn check_target(target: &Client, table: &Table) -> Result<TargetFit> {
             );
         }
         if !types_compatible(&col.type_sql, &tcol.type_sql) {
+            let narrower =
+                TypeSpec::parse(&col.type_sql).name == TypeSpec::parse(&tcol.type_sql).name;
             bail!(
-                "column {}.{} is {} on the source but {} on the target: run ALTER TABLE {} ALTER COLUMN {} TYPE {} on the target",
+                "column {}.{} is {} on the source but {} on the target{}: run ALTER TABLE {} ALTER COLUMN {} TYPE {} on the target",
                 table.name,
                 col.name,
                 col.type_sql,
                 tcol.type_sql,
+                if narrower {
+                    ", which would round or refuse source values"
+                } else {
+                    ""
+                },
                 table.name.quoted(),
                 quote_ident(&col.name),
                 col.type_sql
             );
         }
-        binary &= col.type_sql == tcol.type_sql && col.binary_portable;
+        // Bytes pass through only between identical types whose binary form is the
+        // same everywhere (a domain of the same name over another base type is not).
+        binary &= col.type_sql == tcol.type_sql
+            && col.binary_portable
+            && tcol.binary_portable
+            && col.binary_form == tcol.binary_form;
     }
     Ok(TargetFit::Exists { binary })
-}
-
-/// Creates on the target the enum and domain types `table` uses that are missing.
-pub async fn create_missing_types(source: &Client, target: &Client, table: &Table) -> Result<()> {
-    let oids: Vec<u32> = table.columns.iter().map(|c| c.type_oid).collect();
-    // Types that come from an extension (hstore, citext, …): the extension first.
-    let extensions = source
-        .query(
-            "SELECT DISTINCT e.extname FROM pg_type t \
-             JOIN pg_depend d ON d.classid = 'pg_type'::regclass AND d.deptype = 'e' \
-               AND d.objid = CASE WHEN t.typelem <> 0 AND t.typcategory = 'A' THEN t.typelem ELSE t.oid END \
-             JOIN pg_extension e ON e.oid = d.refobjid WHERE t.oid = ANY($1)",
-            &[&oids],
-        )
-        .await
-        .pg_context(|| format!("reading the extensions {} needs", table.name))?;
-    for row in extensions {
-        let ext: String = row.get(0);
-        target
-            .batch_execute(&format!("CREATE EXTENSION IF NOT EXISTS {}", quote_ident(&ext)))
-            .await
-            .map_err(|e| {
-                anyhow::anyhow!(
-                    "table {} needs extension {ext} on the target, which cannot be created: {}; install it on the target (CREATE EXTENSION {ext})",
-                    table.name,
-                    crate::pg::connect::describe(&e)
-                )
-            })?;
-    }
-    // User-defined enums and domains the columns use, directly or as array elements,
-    // with domains' base types first (ordered by oid, which follows creation order).
-    let rows = source
-        .query(
-            "WITH RECURSIVE used(oid) AS ( \
-                SELECT CASE WHEN t.typelem <> 0 AND t.typcategory = 'A' THEN t.typelem ELSE t.oid END \
-                FROM pg_type t WHERE t.oid = ANY($1) \
-              UNION \
-                SELECT CASE WHEN b.typelem <> 0 AND b.typcategory = 'A' THEN b.typelem ELSE b.oid END \
-                FROM used u JOIN pg_type t ON t.oid = u.oid JOIN pg_type b ON b.oid = t.typbasetype \
-                WHERE t.typtype = 'd') \
-             SELECT n.nspname, t.typname, t.typtype::text, t.oid, \
-                    format_type(t.typbasetype, t.typtypmod), t.typnotnull, \
-                    (SELECT array_agg(e.enumlabel ORDER BY e.enumsortorder) FROM pg_enum e WHERE e.enumtypid = t.oid), \
-                    (SELECT array_agg(pg_get_constraintdef(c.oid) ORDER BY c.oid) FROM pg_constraint c WHERE c.contypid = t.oid) \
-             FROM used JOIN pg_type t ON t.oid = used.oid JOIN pg_namespace n ON n.oid = t.typnamespace \
-             WHERE t.typtype IN ('e', 'd') AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-             ORDER BY t.oid",
-            &[&oids],
-        )
-        .await
-        .pg_context(|| format!("reading the types used by {}", table.name))?;
-    for row in rows {
-        let name = QualifiedName::new(row.get::<_, String>(0), row.get::<_, String>(1));
-        let exists = target
-            .query_opt(
-                "SELECT 1 FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE n.nspname = $1 AND t.typname = $2",
-                &[&name.schema, &name.name],
-            )
-            .await
-            .pg_context(|| format!("looking up type {name} on the target"))?
-            .is_some();
-        if exists {
-            continue;
-        }
-        let kind: String = row.get(2);
-        let ddl = if kind == "e" {
-            let labels: Vec<String> = row.get::<_, Option<Vec<String>>>(6).unwrap_or_default();
-            format!(
-                "CREATE SCHEMA IF NOT EXISTS {}; CREATE TYPE {} AS ENUM ({})",
-                quote_ident(&name.schema),
-                name.quoted(),
-                labels
-                    .iter()
-                    .map(|l| quote_literal(l))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        } else {
-            let base: String = row.get(4);
-            let not_null: bool = row.get(5);
-            let checks: Vec<String> = row.get::<_, Option<Vec<String>>>(7).unwrap_or_default();
-            format!(
-                "CREATE SCHEMA IF NOT EXISTS {}; CREATE DOMAIN {} AS {}{} {}",
-                quote_ident(&name.schema),
-                name.quoted(),
-                base,
-                if not_null { " NOT NULL" } else { "" },
-                checks.join(" ")
-            )
-        };
-        target
-            .batch_execute(&ddl)
-            .await
-            .pg_context(|| format!("creating type {name} on the target"))?;
-        tracing::info!(type_name = %name, "created type on the target");
-    }
-    Ok(())
 }
 
 /// DDL creating the table on the target: columns, types, defaults, NOT NULL and
@@ -641,23 +619,4 @@ pub async fn index_sql(source: &Client, target: &Client, table: &Table) -> Resul
         }
     }
     Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn compatible_types() {
-        assert!(types_compatible("integer", "integer"));
-        assert!(types_compatible("integer", "bigint"));
-        assert!(types_compatible(
-            "character varying(10)",
-            "character varying(20)"
-        ));
-        assert!(types_compatible("numeric(12,2)", "numeric"));
-        assert!(!types_compatible("bigint", "integer"));
-        assert!(!types_compatible("text", "integer"));
-        assert!(!types_compatible("jsonb", "text"));
-    }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use tokio_postgres::GenericClient;
 
-use crate::catalog::Table;
+use crate::catalog::{Column, Table, TypeSpec};
 use crate::pg::{quote_ident, PgResultExt};
 use crate::rewrite::{keys_predicate, text_array};
 
@@ -22,8 +22,9 @@ pub fn show_key(key: &Key) -> String {
 }
 
 /// Session settings that make `::text` of every value identical on both sides.
-pub const CANONICAL_TEXT: &str = "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; \
-     SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'";
+/// Every session already starts with them ([`crate::pg::session_settings`]), so
+/// this only restores them; callers may drop it.
+pub const CANONICAL_TEXT: &str = crate::pg::session_settings::SET_ALL;
 
 /// Rows per range aimed for when a table is split by an integer key.
 const ROWS_PER_RANGE: i64 = 200_000;
@@ -81,24 +82,58 @@ pub struct Digest {
     pub hash: String,
 }
 
+/// A column's value as hashed: the same expression runs on both sides, so it must
+/// give the same text for a value the source holds and the copy the target holds,
+/// also where the target column is a wider type than the source's
+/// ([`crate::catalog::types_compatible`]). Most widenings print a value the same
+/// way (`integer`/`bigint`, `varchar(10)`/`text`, `real`/`double precision` as
+/// replicated through text, `timestamp(0)`/`timestamp(6)`); those that do not are
+/// read in the source's type:
+/// - `timestamp` (widened to `timestamptz`): cast to `timestamp`, which under the
+///   pinned UTC time zone gives back the source's value;
+/// - `numeric(p,s)` (a wider scale pads zeros): rounded to the source's scale;
+/// - `character(n)` (a longer one pads blanks): as `text`, without trailing blanks,
+///   which that type ignores;
+/// - `json` (widened to `jsonb`): compared as `jsonb`, since `jsonb` does not keep
+///   the text `json` holds.
+fn compared_value(column: &Column) -> String {
+    let name = quote_ident(&column.name);
+    let spec = TypeSpec::parse(&column.type_sql);
+    let array = if spec.array { "[]" } else { "" };
+    match (spec.name.as_str(), spec.modifier.as_deref()) {
+        ("timestamp without time zone", _) => format!("{name}::timestamp without time zone{array}"),
+        ("character", _) => format!("{name}::text{array}"),
+        ("json", _) => format!("{name}::jsonb{array}"),
+        ("numeric", Some(modifier)) => match modifier.split(',').nth(1).map(str::trim) {
+            Some(scale) if !spec.array && scale.parse::<i32>().is_ok() => {
+                format!("round({name}, {scale})")
+            }
+            _ => format!("{name}::{}", column.type_sql),
+        },
+        _ => name,
+    }
+}
+
+/// `ROW(…)::text` of the named columns, each as [`compared_value`] reads it.
+fn row_text<'a>(table: &Table, names: impl Iterator<Item = &'a str>) -> String {
+    let values: Vec<String> = names
+        .map(|n| match table.columns.iter().find(|c| c.name == n) {
+            Some(c) => compared_value(c),
+            None => quote_ident(n),
+        })
+        .collect();
+    format!("ROW({})::text", values.join(", "))
+}
+
 /// The row expression hashed for `compared`, in the source's column order.
 fn row_expr(table: &Table, compared: Compared) -> String {
-    let cols: Vec<String> = match compared {
-        Compared::WholeRows => table
-            .copied_columns()
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect(),
-        Compared::KeysOnly if !table.key.is_empty() => {
-            table.key.iter().map(|k| quote_ident(k)).collect()
-        }
-        Compared::KeysOnly => table
-            .copied_columns()
-            .iter()
-            .map(|c| quote_ident(&c.name))
-            .collect(),
-    };
-    format!("ROW({})::text", cols.join(", "))
+    match compared {
+        Compared::KeysOnly if !table.key.is_empty() => key_expr(table),
+        _ => row_text(
+            table,
+            table.copied_columns().iter().map(|c| c.name.as_str()),
+        ),
+    }
 }
 
 /// The key expression identifying rows (the whole row for keyless tables).
@@ -106,15 +141,7 @@ pub fn key_expr(table: &Table) -> String {
     if table.key.is_empty() {
         row_expr(table, Compared::WholeRows)
     } else {
-        format!(
-            "ROW({})::text",
-            table
-                .key
-                .iter()
-                .map(|k| quote_ident(k))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        row_text(table, table.key.iter().map(String::as_str))
     }
 }
 

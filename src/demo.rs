@@ -189,18 +189,19 @@ async fn live_writer(
     writes: Arc<AtomicU64>,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    // Every walshuttle session runs with search_path = pg_catalog: names are qualified.
     let client = connect(&source, "demo writer").await?;
     let mut n: i64 = 0;
     while !*stop.borrow() {
         n += 1;
         let sql = match n % 10 {
-            0 => "DELETE FROM recommendations WHERE id = (SELECT min(id) FROM recommendations)".to_string(),
+            0 => "DELETE FROM public.recommendations WHERE id = (SELECT min(id) FROM public.recommendations)".to_string(),
             1..=3 => format!(
-                "UPDATE recommendations SET score = random(), updated_at = now() WHERE id = (SELECT max(id) - {} FROM recommendations)",
+                "UPDATE public.recommendations SET score = random(), updated_at = now() WHERE id = (SELECT max(id) - {} FROM public.recommendations)",
                 n % 1000
             ),
-            _ => "INSERT INTO recommendations (user_id, product_id, score, rank, model_version, features, created_at, updated_at) \
-                  SELECT (SELECT min(id) FROM users), (SELECT min(id) FROM products), random(), g, 'live', '{\"source\": \"demo\"}', now(), now() \
+            _ => "INSERT INTO public.recommendations (user_id, product_id, score, rank, model_version, features, created_at, updated_at) \
+                  SELECT (SELECT min(id) FROM public.users), (SELECT min(id) FROM public.products), random(), g, 'live', '{\"source\": \"demo\"}', now(), now() \
                   FROM generate_series(1, 10) g"
                 .to_string(),
         };

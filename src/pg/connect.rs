@@ -4,6 +4,7 @@ use anyhow::Result;
 use tokio_postgres::Client;
 
 use crate::config::Endpoint;
+use crate::pg::session_settings;
 use crate::pg::tls::{self, MakeRustlsConnect, SslMode};
 
 /// Longest a connection attempt (socket, TLS and login) may take.
@@ -14,10 +15,16 @@ pub const LOGIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// `purpose` becomes the session's `application_name` suffix, so `pg_stat_activity`
 /// on either server shows which part of walshuttle a connection belongs to.
 ///
-/// TLS follows the endpoint's `sslmode`/`sslrootcert` (see [`crate::pg::tls`]).
+/// TLS follows the endpoint's `sslmode`/`sslrootcert` (see [`crate::pg::tls`]); the
+/// session runs under the pinned settings of [`crate::pg::session_settings`].
 pub async fn connect(endpoint: &Endpoint, purpose: &str) -> Result<Client> {
     let mut config = endpoint.config.clone();
     config.application_name(format!("walshuttle {purpose}"));
+    // Dates, intervals, floats, time zones, search_path and timeouts as walshuttle
+    // needs them, whatever the database or role set (see `session_settings`).
+    config.options(session_settings::startup_options(
+        endpoint.config.get_options(),
+    ));
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(std::time::Duration::from_secs(10));
     }

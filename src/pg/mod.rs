@@ -5,6 +5,7 @@ pub mod connect;
 pub mod ident;
 pub mod lsn;
 pub mod replication;
+pub mod session_settings;
 pub mod tls;
 
 pub use connect::{connect, PgResultExt};

@@ -149,14 +149,15 @@ impl ReplicationClient {
             ("application_name", "walshuttle stream"),
             ("client_encoding", "UTF8"),
         ];
-        let mut all_options = endpoint.config.get_options().unwrap_or("").to_string();
+        // The walsender formats text values with its own session settings, so it
+        // runs under the same pinned ones as every other session.
+        let mut all_options =
+            crate::pg::session_settings::startup_options(endpoint.config.get_options());
         if let Some(extra) = options {
             all_options.push(' ');
             all_options.push_str(extra);
         }
-        if !all_options.trim().is_empty() {
-            params.push(("options", all_options.trim()));
-        }
+        params.push(("options", all_options.trim()));
         frontend::startup_message(params.iter().copied(), &mut self.write_buf)?;
         self.flush().await?;
 

@@ -143,9 +143,9 @@ impl Relations {
             if target.columns.iter().any(|c| c.name == col.name) {
                 continue;
             }
-            if self.binary && col.type_oid >= 16384 {
+            if self.binary && !catalog::type_binary_portable(source, col.type_oid).await? {
                 anyhow::bail!(
-                    "column {name}.{} of user-defined type {ty} was added: reconnecting to choose the value format again",
+                    "column {name}.{} of type {ty}, which is not portable in binary, was added: reconnecting to choose the value format again",
                     col.name
                 );
             }
