@@ -8,12 +8,21 @@
 //! differing keys of a table in one transaction, deletes first, can never trip a
 //! UNIQUE constraint: every row left or written equals a source row.
 
-use anyhow::Result;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::{Client, GenericClient, Transaction};
 
 use crate::catalog::Table;
+use crate::config::Endpoint;
 use crate::pg::{quote_ident, quote_literal, PgResultExt, QualifiedName};
+use crate::snapshot::SourceSnapshot;
+use crate::state::{StateStore, StoredScope};
+
+/// How long a rewrite waits for a moment between two apply transactions of a
+/// running pipeline.
+const LOCK_WAIT: Duration = Duration::from_secs(120);
 
 /// Which rows of a table a rewrite replaces.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,6 +261,74 @@ async fn copy_into_staging(
         writer.feed(chunk.pg_context(ctx)?).await.pg_context(ctx)?;
     }
     writer.finish().await.pg_context(ctx)
+}
+
+/// Rewrites `rows` of `table` on the target now, safely whether the pipeline's
+/// `run` is stopped, lagging or streaming: it waits for a moment when no apply
+/// transaction is open and holds the pipeline's positions lock until it commits
+/// (never queueing for it, so apply sessions never wait behind it); only then takes a
+/// source snapshot, so that everything already applied is in it; rewrites the rows
+/// and records the snapshot as their copy position, so the stream skips exactly the
+/// changes the rewrite holds and applies the rest. Without a `pipeline` (a target no
+/// pipeline streams into) no position is recorded. Returns (deleted, copied).
+#[allow(clippy::too_many_arguments)]
+pub async fn rewrite_now(
+    source: &Endpoint,
+    client: &mut Client,
+    state: &StateStore,
+    pipeline: Option<&str>,
+    table: &Table,
+    rows: Rows,
+    binary: bool,
+    purpose: &str,
+) -> Result<(u64, u64)> {
+    let ctx = || format!("rewriting rows of {} on the target", table.name);
+    let deadline = Instant::now() + LOCK_WAIT;
+    let mut waited = false;
+    loop {
+        let tx = client.transaction().await.pg_context(ctx)?;
+        if let Some(p) = pipeline {
+            if !state.try_lock_positions(&tx, p).await? {
+                tx.rollback().await.pg_context(ctx)?;
+                if Instant::now() > deadline {
+                    bail!(
+                        "pipeline {p} kept an apply transaction open for {} s, so {} could not be rewritten: try again",
+                        LOCK_WAIT.as_secs(),
+                        table.name
+                    );
+                }
+                if !waited {
+                    tracing::info!(table = %table.name, "waiting for the running pipeline to finish its apply transaction");
+                    waited = true;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        }
+        let snapshot = SourceSnapshot::take(source, std::slice::from_ref(&table.name)).await?;
+        let view = snapshot.view.clone();
+        let Some(session) = snapshot
+            .into_sessions(source, purpose, 1)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            bail!("no session reads under the snapshot of {purpose}");
+        };
+        let (deleted, copied) = rewrite(&session.client, &tx, table, &rows, binary).await?;
+        if let (Some(p), Some(view)) = (pipeline, &view) {
+            let id = state.record_snapshot(&tx, p, view, purpose).await?;
+            let scope = match rows {
+                Rows::Keys(keys) => StoredScope::Keys(keys),
+                Rows::All => StoredScope::Table,
+                Rows::Where(_) => bail!("a rewrite by condition has no copy position"),
+            };
+            state.add_position(&tx, p, &table.name, &scope, id).await?;
+        }
+        tx.commit().await.pg_context(ctx)?;
+        let _ = session.client.batch_execute("COMMIT").await;
+        return Ok((deleted, copied));
+    }
 }
 
 /// Runs `sql` inside a savepoint of `tx`; on a unique or exclusion violation rolls

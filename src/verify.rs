@@ -16,8 +16,7 @@ use crate::compare::{self, Compared, Key, KeyRange, CANONICAL_TEXT};
 use crate::config::Endpoint;
 use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
 use crate::rewrite::{self, Rows};
-use crate::snapshot::SourceSnapshot;
-use crate::state::{StateStore, StoredScope};
+use crate::state::StateStore;
 
 /// Settings of `verify`.
 #[derive(Clone, Debug)]
@@ -301,16 +300,9 @@ pub async fn verify(
     })
 }
 
-/// How long `verify --repair` waits for a moment between two apply transactions of
-/// a running pipeline.
-const REPAIR_LOCK_WAIT: Duration = Duration::from_secs(120);
-
-/// Rewrites `keys` of `table` on the target from the source, safely whether `run`
-/// is stopped, lagging or streaming: it waits for a moment when no apply
-/// transaction is open (holding the pipeline's positions lock until it commits),
-/// then reads the source under a new snapshot, rewrites the keys (a keyless table
-/// whole) and records that snapshot as their copy position, so the stream later
-/// skips exactly the changes the rewrite already holds. Returns (deleted, copied).
+/// Rewrites `keys` of `table` on the target from the source (a keyless table
+/// whole), safely whether `run` is stopped, lagging or streaming (see
+/// [`rewrite::rewrite_now`]). Returns (deleted, copied).
 async fn repair(
     source: &Endpoint,
     target: &Endpoint,
@@ -324,63 +316,22 @@ async fn repair(
     crate::target_checks::prepare_session(&client, setup).await?;
     let has_pipeline = state.existing_pipeline(&client, pipeline).await?.is_some();
     let binary = catalog::check_target(&client, table).await?.binary();
-    let ctx = || format!("repairing {} on the target", table.name);
-    let deadline = Instant::now() + REPAIR_LOCK_WAIT;
-    let mut warned = false;
-    loop {
-        let tx = client.transaction().await.pg_context(ctx)?;
-        if has_pipeline && !state.try_lock_positions(&tx, pipeline).await? {
-            tx.rollback().await.pg_context(ctx)?;
-            if Instant::now() > deadline {
-                bail!(
-                    "pipeline {pipeline} kept an apply transaction open for {} s, so the repair of {} could not start: run verify --repair again",
-                    REPAIR_LOCK_WAIT.as_secs(),
-                    table.name
-                );
-            }
-            if !warned {
-                tracing::info!(table = %table.name, "waiting for the running pipeline to finish its apply transaction");
-                warned = true;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
-        // The snapshot is taken after the lock: everything already applied is in it.
-        let snapshot = SourceSnapshot::take(source, std::slice::from_ref(&table.name)).await?;
-        let view = snapshot.view.clone();
-        let Some(session) = snapshot
-            .into_sessions(source, "verify repair", 1)
-            .await?
-            .into_iter()
-            .next()
-        else {
-            bail!("no session reads under the repair's snapshot");
-        };
-        let rows = if table.key.is_empty() {
-            Rows::All
-        } else {
-            Rows::Keys(keys.clone())
-        };
-        let (deleted, copied) =
-            rewrite::rewrite(&session.client, &tx, table, &rows, binary).await?;
-        if has_pipeline {
-            if let Some(view) = &view {
-                let id = state
-                    .record_snapshot(&tx, pipeline, view, "verify --repair")
-                    .await?;
-                let scope = match rows {
-                    Rows::Keys(keys) => StoredScope::Keys(keys),
-                    _ => StoredScope::Table,
-                };
-                state
-                    .add_position(&tx, pipeline, &table.name, &scope, id)
-                    .await?;
-            }
-        }
-        tx.commit().await.pg_context(ctx)?;
-        let _ = session.client.batch_execute("COMMIT").await;
-        return Ok((deleted, copied));
-    }
+    let rows = if table.key.is_empty() {
+        Rows::All
+    } else {
+        Rows::Keys(keys)
+    };
+    rewrite::rewrite_now(
+        source,
+        &mut client,
+        state,
+        has_pipeline.then_some(pipeline),
+        table,
+        rows,
+        binary,
+        "verify --repair",
+    )
+    .await
 }
 
 /// Whether every range of a table hashes the same on both sides.

@@ -3,11 +3,13 @@
 //!
 //! - [`decoder`]: pure pgoutput decoding, bytes in, messages out.
 //! - [`relations`]: Relation messages matched against the target; schema drift.
+//! - [`added_columns`]: what existing rows hold in a column added on the source.
 //! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
 //! - [`apply`]: batching changes into target transactions.
 //! - [`copy_positions`]: which changes the ranges copied outside the stream already hold.
 //! - [`session`]: one replication session, transaction boundaries and feedback.
 
+pub mod added_columns;
 pub mod apply;
 pub mod copy_positions;
 pub mod decoder;

@@ -90,6 +90,9 @@ pub struct Relations {
     binary: bool,
     /// Tables of the pipeline: anything else is a publication edited by hand.
     allowed: Vec<QualifiedName>,
+    /// Tables whose rows must be copied again (a column added with a volatile
+    /// default rewrote them on the source).
+    resync: Vec<QualifiedName>,
 }
 
 impl Relations {
@@ -100,7 +103,13 @@ impl Relations {
             type_names: HashMap::new(),
             binary,
             allowed,
+            resync: Vec::new(),
         }
+    }
+
+    /// Takes the tables whose rows must be copied again.
+    pub fn take_resync(&mut self) -> Vec<QualifiedName> {
+        std::mem::take(&mut self.resync)
     }
 
     /// The shape of a relation seen in this session.
@@ -149,32 +158,16 @@ impl Relations {
                     col.name
                 );
             }
-            // Rows that existed when the column was added on the source got its
-            // default without any WAL to replicate: the same default gives them the
-            // same value on the target, when the default is not volatile.
-            let default: Option<String> = source
-                .query_opt(
-                    "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d \
-                     JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum \
-                     WHERE d.adrelid = $1::text::regclass AND a.attname = $2",
-                    &[&name.quoted(), &col.name],
-                )
-                .await
-                .pg_context(|| format!("reading the default of {name}.{}", col.name))?
-                .and_then(|r| r.get(0));
-            let default_sql = match &default {
-                Some(expr) if !expr.contains("nextval(") => format!(" DEFAULT {expr}"),
-                _ => String::new(),
-            };
-            let sql = format!(
-                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}{default_sql}",
-                name.quoted(),
-                quote_ident(&col.name)
-            );
+            // Rows that existed when the column was added get the value they hold on
+            // the source (see `added_columns`).
+            let plan = super::added_columns::plan(source, &name, &col.name, ty).await?;
             apply
-                .batch_execute(&format!("SET LOCAL lock_timeout = '10s'; {sql}"))
+                .batch_execute(&format!("SET LOCAL lock_timeout = '10s'; {}", plan.sql))
                 .await
                 .pg_context(|| format!("adding column {name}.{} on the target", col.name))?;
+            if plan.resync && !self.resync.contains(&name) {
+                self.resync.push(name.clone());
+            }
             tracing::info!(table = %name, column = %col.name, type_sql = %ty, "column added on the source: added it on the target");
             added = true;
         }

@@ -80,7 +80,11 @@ struct StreamedTxn {
 
 struct Session<'a> {
     cfg: &'a StreamConfig,
+    source: &'a Endpoint,
     target: &'a Endpoint,
+    /// Tables whose rows must be copied again before more of their changes are
+    /// trusted (a column added with a volatile default rewrote them on the source).
+    pending_resync: Vec<QualifiedName>,
     source_sql: Client,
     relations: Relations,
     relation_cache: HashMap<u32, Relation>,
@@ -242,7 +246,9 @@ pub async fn stream(
         monitor,
         flush_lsn_query,
         cfg,
+        source,
         target,
+        pending_resync: Vec::new(),
         source_sql,
         relations: Relations::new(binary, pipeline.tables.clone()),
         relation_cache: HashMap::new(),
@@ -292,6 +298,19 @@ async fn binary_capable(
             ))
             .into());
         };
+        // Columns added on the source since the target table was made are added by
+        // the stream when their first change arrives (see `added_columns`).
+        let mut table = table;
+        if let Some(existing) = crate::catalog::load_table(target, name).await? {
+            let (present, added): (Vec<_>, Vec<_>) = table
+                .columns
+                .into_iter()
+                .partition(|c| existing.columns.iter().any(|t| t.name == c.name));
+            table.columns = present;
+            if added.iter().any(|c| !c.binary_portable) {
+                return Ok(false);
+            }
+        }
         match crate::catalog::check_target(target, &table).await {
             Ok(fit) if fit.binary() => {}
             Ok(_) => return Ok(false),
@@ -426,6 +445,7 @@ impl Session<'_> {
         if self.batch_txns > 0 && self.current.is_none() {
             self.commit_batch(replication).await?;
         }
+        self.resync_pending().await?;
         self.check_durable().await?;
         self.send_status(replication, true).await?;
         let applied = self.flush_position().max(self.applied);
@@ -796,6 +816,11 @@ impl Session<'_> {
         if self.current.is_some() && self.in_stream.is_none() {
             self.main_has_partial = true;
         }
+        for t in self.relations.take_resync() {
+            if !self.pending_resync.contains(&t) {
+                self.pending_resync.push(t);
+            }
+        }
         self.relation_cache.insert(rel.oid, rel);
         Ok(())
     }
@@ -818,7 +843,43 @@ impl Session<'_> {
         self.main_mark = 0;
         self.main_has_partial = false;
         self.batch_last = None;
-        self.report_after_commit(replication).await
+        self.report_after_commit(replication).await?;
+        self.resync_pending().await
+    }
+
+    /// Copies again, each under a new snapshot recorded as its copy position, the
+    /// tables whose rows cannot be derived from the stream (see `added_columns`).
+    /// Runs between transactions, with no streamed transaction open (those hold the
+    /// positions lock the rewrite needs).
+    async fn resync_pending(&mut self) -> Result<()> {
+        if self.pending_resync.is_empty()
+            || self.current.is_some()
+            || !self.streams.is_empty()
+            || self.main.in_txn()
+        {
+            return Ok(());
+        }
+        for name in std::mem::take(&mut self.pending_resync) {
+            let Some(table) = crate::catalog::load_table(&self.source_sql, &name).await? else {
+                continue;
+            };
+            let binary = crate::catalog::check_target(&self.main.client, &table)
+                .await?
+                .binary();
+            let (_, copied) = crate::rewrite::rewrite_now(
+                self.source,
+                &mut self.main.client,
+                &self.cfg.state,
+                Some(&self.cfg.slot),
+                &table,
+                crate::rewrite::Rows::All,
+                binary,
+                "resync",
+            )
+            .await?;
+            tracing::info!(table = %name, rows = copied, "copied the table again: its rows were rewritten on the source (a column added with a volatile default)");
+        }
+        Ok(())
     }
 
     /// After a commit: learn what has become durable (at most every 100 ms, since the
