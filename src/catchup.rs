@@ -177,10 +177,7 @@ pub async fn catch_up(
     let started = Instant::now();
     let src = connect(source, "catch-up").await?;
     let tgt = connect(target, "catch-up").await?;
-    let state = StateStore::open(&tgt, &opts.state_schema).await?;
-    if state.installed_version(&tgt).await?.is_some() {
-        state.migrate(&tgt).await?;
-    }
+    let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let pipeline = state.existing_pipeline(&tgt, &opts.slot).await?;
     let detected = gap_reason(&src, &opts.slot).await?;
     let reason = match (&detected, &pipeline) {
@@ -347,8 +344,13 @@ pub async fn catch_up(
         state
             .set_table_state(&tx, &opts.slot, None, TableState::Ready)
             .await?;
+        // The new slot streams from its start; a pipeline that had applied further
+        // (an upgrade from the first release) goes on from there.
         if let Some(lsn) = pipeline.stream_start_lsn {
-            state.set_progress(&tx, &pipeline.name, lsn).await?;
+            let applied = state.progress(&tx, &pipeline.name).await?;
+            state
+                .set_progress(&tx, &pipeline.name, applied.unwrap_or(lsn).max(lsn))
+                .await?;
         }
         tx.commit()
             .await

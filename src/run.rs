@@ -209,7 +209,8 @@ async fn ensure_bootstrapped(
     state: &StateStore,
 ) -> Result<()> {
     let client = connect(target, "run").await?;
-    state.check_version(&client).await?;
+    // A state schema of an older release is upgraded before it is read.
+    StateStore::open_upgrading(&client, state.schema()).await?;
     let phase = state
         .existing_pipeline(&client, &opts.slot)
         .await?

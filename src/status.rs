@@ -142,7 +142,7 @@ pub async fn status(
     if state.installed_version(&tgt).await?.is_none() {
         bail!("no walshuttle pipeline on the target: run bootstrap");
     }
-    state.check_version(&tgt).await?;
+    state.check_current(&tgt).await?;
     let names: Vec<String> = state.pipeline_names(&tgt).await?;
     if names.is_empty() {
         bail!("no walshuttle pipeline on the target: run bootstrap");

@@ -90,7 +90,7 @@ pub async fn plan(src: &Client, tgt: &Client, opts: &TeardownOptions) -> Result<
     let mut recorded_publication = None;
     let mut other_publications: Vec<(String, String)> = Vec::new();
     if state.installed_version(tgt).await?.is_some() {
-        state.check_version(tgt).await?;
+        StateStore::open_upgrading(tgt, &opts.state_schema).await?;
         recorded_publication = state
             .pipeline(tgt, &opts.slot)
             .await?

@@ -173,7 +173,7 @@ pub async fn verify(
     let started = Instant::now();
     let src = hashing_session(source, "verify").await?;
     let tgt = hashing_session(target, "verify").await?;
-    let state = StateStore::open(&tgt, &opts.state_schema).await?;
+    let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let tables = resolve_tables(&src, &tgt, &state, &opts.slot, opts.tables.as_deref()).await?;
     if tables.is_empty() {
         bail!("no tables to verify: name them with --tables");

@@ -136,11 +136,8 @@ pub async fn bootstrap(
     let started = Instant::now();
     let src = connect(source, "bootstrap").await?;
     let tgt = connect(target, "bootstrap").await?;
-    let state = StateStore::open(&tgt, &opts.state_schema).await?;
-    if state.installed_version(&tgt).await?.is_some() {
-        // A state schema of an older release is upgraded before it is read.
-        state.migrate(&tgt).await?;
-    }
+    // A state schema of an older release is upgraded before it is read.
+    let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let existing = state.existing_pipeline(&tgt, &opts.slot).await?;
     match existing {
         Some(p) if p.phase.copied() => Ok(BootstrapSummary {

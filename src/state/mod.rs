@@ -245,6 +245,29 @@ impl StateStore {
         Ok(store)
     }
 
+    /// A store in `schema` whose state, if a release before this one wrote it, is
+    /// upgraded in place first (commands that write state); refuses a newer one.
+    pub async fn open_upgrading(client: &Client, schema: &str) -> Result<Self> {
+        let store = StateStore::open(client, schema).await?;
+        if store.installed_version(client).await?.is_some() {
+            store.migrate(client).await?;
+        }
+        Ok(store)
+    }
+
+    /// Refuses a state schema older than this binary's (read-only commands, which
+    /// do not upgrade it).
+    pub async fn check_current(&self, client: &impl GenericClient) -> Result<()> {
+        self.check_version(client).await?;
+        match self.installed_version(client).await? {
+            Some(v) if v < STATE_VERSION => bail!(
+                "the state schema {} on the target was written by an older walshuttle (version {v}): run `walshuttle run` once to upgrade it",
+                self.schema
+            ),
+            _ => Ok(()),
+        }
+    }
+
     /// The schema name, unquoted.
     pub fn schema(&self) -> &str {
         &self.schema
