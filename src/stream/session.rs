@@ -225,6 +225,31 @@ pub async fn stream(
         .batch_execute("SET idle_in_transaction_session_timeout = '5min'")
         .await
         .pg_context(|| "configuring the apply session on the target".into())?;
+    // The progress row read at start may not be on the target's disk yet (apply
+    // commits asynchronously, and a restart of walshuttle does not flush it): it is
+    // confirmed to the source only once the target has flushed past it, like every
+    // later commit. Until then the slot stays where it was confirmed before.
+    let confirmed: Option<String> = source_sql
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .pg_context(|| "reading the slot's confirmed position on the source".into())?
+        .and_then(|r| r.get(0));
+    let confirmed: Lsn = confirmed
+        .and_then(|c| c.parse::<Lsn>().ok())
+        .unwrap_or_default()
+        .min(applied);
+    let target_insert: String = monitor
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .pg_context(|| "reading the target's WAL position".into())?
+        .get(0);
+    let mut pending_durable = VecDeque::new();
+    if confirmed < applied {
+        pending_durable.push_back((applied, target_insert.parse().unwrap_or(Lsn(u64::MAX))));
+    }
     let wal_sender_timeout_ms: i64 = source_sql
         .query_one(
             "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
@@ -263,8 +288,8 @@ pub async fn stream(
         batch_last: None,
         batch_started: Instant::now(),
         applied,
-        durable: applied,
-        pending_durable: VecDeque::new(),
+        durable: confirmed,
+        pending_durable,
         received: applied,
         idle_wal_end: Lsn::ZERO,
         positions,
