@@ -253,12 +253,16 @@ pub async fn catch_up(
             // Tables the interrupted run finished are equal as of the slot's own
             // snapshot; the rest are repaired under a new one.
             let entries = state.table_entries(&tgt, &opts.slot).await?;
-            todo.retain(|&i| {
-                entries
-                    .iter()
-                    .find(|e| e.name == tables[i].name)
-                    .is_none_or(|e| e.state != TableState::Ready)
-            });
+            // With no table marked as still repairing, nothing tells which were
+            // finished: compare them all.
+            if entries.iter().any(|e| e.state == TableState::Repairing) {
+                todo.retain(|&i| {
+                    entries
+                        .iter()
+                        .find(|e| e.name == tables[i].name)
+                        .is_none_or(|e| e.state != TableState::Ready)
+                });
+            }
             let lock: Vec<QualifiedName> = todo.iter().map(|&i| tables[i].name.clone()).collect();
             let snapshot = SourceSnapshot::take(source, &lock).await?;
             let id = match &snapshot.view {

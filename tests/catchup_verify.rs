@@ -1,6 +1,6 @@
 //! `catch-up` and `verify` against real clusters: a lost slot repaired from
-//! watermarks with work proportional to the change, `run` repairing by itself, a long
-//! transaction straddling the watermark, polling a source without logical decoding,
+//! watermarks with work proportional to the change, `run` repairing by itself (a long
+//! transaction's stale update: `copy_positions.rs`), polling a source without logical decoding,
 //! and verify's exit codes and repair.
 
 mod support;
@@ -142,76 +142,6 @@ async fn run_notices_the_lost_slot_and_repairs_by_itself() {
         log.contains("slot is gone"),
         "no warning about the lost slot:\n{log}"
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_transaction_straddling_the_watermark_is_not_missed() {
-    let source = Cluster::start();
-    let target = Cluster::start();
-    let src = source.client().await;
-    let tgt = target.client().await;
-    seed(&src, 1_000).await;
-
-    let mut logs = RunLogs::new();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.arg("run");
-    let mut child = logs.spawn(cmd);
-    wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
-
-    // A long transaction starts: its rows carry its start time.
-    let long = source.client().await;
-    long.batch_execute("BEGIN; INSERT INTO items VALUES (777777, 'long', 1, now(), now())")
-        .await
-        .unwrap();
-    let started: String = long
-        .query_one(
-            "SELECT xact_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    // Wait until `run` has recorded it as the oldest open transaction.
-    support::wait_until("run records the open transaction", Duration::from_secs(60), || async {
-        tgt.query_one(
-            "SELECT coalesce(oldest_xact_at <= $1::text::timestamptz, false) FROM walshuttle.pipelines",
-            &[&started],
-        )
-        .await
-        .map(|r| r.get::<_, bool>(0))
-        .unwrap_or(false)
-    })
-    .await;
-    // Later transactions move the watermark an hour past the long one's rows.
-    src.batch_execute(
-        "INSERT INTO items VALUES (888888, 'later', 1, now() + interval '1 hour', now() + interval '1 hour')",
-    )
-    .await
-    .unwrap();
-    wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
-    child.sigterm();
-    assert!(
-        child.wait_exit(Duration::from_secs(20)).await.is_some(),
-        "run did not stop"
-    );
-
-    // The slot is lost, then the long transaction commits.
-    src.batch_execute("SELECT pg_drop_replication_slot('walshuttle')")
-        .await
-        .unwrap();
-    long.batch_execute("COMMIT").await.unwrap();
-
-    // Even with no margin, the window reaches back to the long transaction.
-    let mut cmd = walshuttle(&source, &target);
-    cmd.args(["catch-up", "--margin", "0s"]);
-    let (code, stdout, stderr) = run(cmd);
-    assert_eq!(code, 0, "{stderr}");
-    let found: i64 = tgt
-        .query_one("SELECT count(*) FROM items WHERE id = 777777", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(found, 1, "the long transaction's row was missed: {stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,12 +54,16 @@ async fn the_first_flush_after_a_restart_waits_for_the_target_disk() {
         .await
         .unwrap()
         .get(0);
-    wait_until("the transaction applied", Duration::from_secs(30), || async {
-        tgt.query_one("SELECT count(*) FROM t", &[])
-            .await
-            .map(|r| r.get::<_, i64>(0) == 200)
-            .unwrap_or(false)
-    })
+    wait_until(
+        "the transaction applied",
+        Duration::from_secs(30),
+        || async {
+            tgt.query_one("SELECT count(*) FROM t", &[])
+                .await
+                .map(|r| r.get::<_, i64>(0) == 200)
+                .unwrap_or(false)
+        },
+    )
     .await;
     first.kill9();
 
