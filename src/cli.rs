@@ -389,6 +389,12 @@ pub struct RunArgs {
     /// Lag above which /healthz answers 503 (e.g. 60s, 5m).
     #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DURATION")]
     pub healthz_max_lag: std::time::Duration,
+
+    /// Streamed (large, in-progress) source transactions applied at once, each on a
+    /// target connection of its own; more are kept on local disk (TMPDIR) until
+    /// they commit.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000), value_name = "N")]
+    pub max_stream_connections: u32,
 }
 
 impl RunArgs {
@@ -404,6 +410,7 @@ impl RunArgs {
             status_interval: std::time::Duration::from_secs_f64(self.status_interval),
             metrics_addr: self.metrics_addr,
             healthz_max_lag: self.healthz_max_lag,
+            max_stream_connections: self.max_stream_connections as usize,
         })
     }
 }

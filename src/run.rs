@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Lag above which `/healthz` answers 503.
     pub healthz_max_lag: Duration,
+    /// Streamed transactions applied at once on connections of their own.
+    pub max_stream_connections: usize,
 }
 
 impl RunOptions {
@@ -52,6 +54,7 @@ impl RunOptions {
             status_interval: Duration::from_secs(1),
             metrics_addr: None,
             healthz_max_lag: Duration::from_secs(60),
+            max_stream_connections: 4,
         }
     }
 }
@@ -112,6 +115,7 @@ async fn run_pipeline(
         state,
         status_interval: opts.status_interval,
         target: target_setup,
+        max_stream_connections: opts.max_stream_connections,
     };
     let mut backoff = BACKOFF_START;
     let mut last_error: Option<String> = None;

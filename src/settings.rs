@@ -86,6 +86,8 @@ pub struct FileConfig {
     pub metrics_addr: Option<String>,
     /// Lag above which `/healthz` is 503 (`60s`).
     pub healthz_max_lag: Option<Quantity>,
+    /// Streamed transactions `run` applies on connections of their own at once.
+    pub max_stream_connections: Option<usize>,
     /// Retained WAL above which `status` warns (`1GB`, or bytes).
     pub warn_retained_bytes: Option<Quantity>,
 }
@@ -161,6 +163,9 @@ impl FileConfig {
             if f != "text" && f != "json" {
                 bail!("`log_format` is `{f}`: use \"text\" or \"json\"");
             }
+        }
+        if self.max_stream_connections == Some(0) {
+            bail!("`max_stream_connections` must be at least 1");
         }
         if self.jobs == Some(0) {
             bail!("`jobs` must be at least 1");
@@ -341,6 +346,12 @@ impl Resolved {
                 if let Some(v) = self.healthz_max_lag.filter(|_| !given("healthz_max_lag")) {
                     r.healthz_max_lag = v;
                 }
+                if let Some(v) = f
+                    .max_stream_connections
+                    .filter(|_| !given("max_stream_connections"))
+                {
+                    r.max_stream_connections = u32::try_from(v).unwrap_or(u32::MAX);
+                }
             }
             Command::CatchUp(c) => {
                 bootstrap(&mut c.bootstrap);
@@ -463,6 +474,11 @@ impl Resolved {
         );
         plain("state_schema", f.state_schema.clone(), "walshuttle");
         plain("jobs", f.jobs.map(|j| j.to_string()), "number of CPUs");
+        plain(
+            "max_stream_connections",
+            f.max_stream_connections.map(|n| n.to_string()),
+            "4",
+        );
         plain(
             "tables",
             self.tables.as_ref().map(|t| t.join(", ")),

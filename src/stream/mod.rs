@@ -8,6 +8,7 @@
 //! - [`apply`]: batching changes into target transactions.
 //! - [`copy_positions`]: which changes the ranges copied outside the stream already hold.
 //! - [`session`]: one replication session, transaction boundaries and feedback.
+//! - [`spool`]: streamed transactions past the connection cap, on disk until they commit.
 
 pub mod added_columns;
 pub mod apply;
@@ -15,4 +16,5 @@ pub mod copy_positions;
 pub mod decoder;
 pub mod relations;
 pub mod session;
+pub mod spool;
 pub mod values;

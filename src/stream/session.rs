@@ -21,6 +21,7 @@ use super::apply::{Op, TargetSession, FLUSH_BYTES};
 use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
 use super::relations::{Fatal, Relations};
+use super::spool::Spool;
 use crate::config::Endpoint;
 use crate::pg::replication::{ReplicationClient, ReplicationMessage, ReplicationStream};
 use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
@@ -61,6 +62,9 @@ pub struct StreamConfig {
     pub status_interval: Duration,
     /// What apply sessions must do about target foreign keys and triggers.
     pub target: crate::target_checks::TargetSetup,
+    /// Streamed transactions applied at once on connections of their own; more are
+    /// spooled to local disk until they commit.
+    pub max_stream_connections: usize,
 }
 
 /// The transaction being received (between Begin and Commit).
@@ -90,6 +94,8 @@ struct Session<'a> {
     relation_cache: HashMap<u32, Relation>,
     main: TargetSession,
     streams: HashMap<u32, StreamedTxn>,
+    /// Streamed transactions past the connection cap, on disk until they commit.
+    spooled: HashMap<u32, Spool>,
     in_stream: Option<u32>,
     current: Option<CurrentTxn>,
     /// Buffered main ops before this index belong to complete source transactions.
@@ -280,6 +286,7 @@ pub async fn stream(
         main: TargetSession::new(target_client, &cfg.target, state.apply_begin_sql(&cfg.slot))
             .await?,
         streams: HashMap::new(),
+        spooled: HashMap::new(),
         in_stream: None,
         current: None,
         main_mark: 0,
@@ -307,6 +314,18 @@ pub async fn stream(
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), cleanup).await;
     result
+}
+
+/// The subtransaction of a change message inside a streamed block (`None` for any
+/// other message).
+fn change_subxid(message: &LogicalMessage) -> Option<u32> {
+    match message {
+        LogicalMessage::Insert(m) => m.xid,
+        LogicalMessage::Update(m) => m.xid,
+        LogicalMessage::Delete(m) => m.xid,
+        LogicalMessage::Truncate(t) => t.xid,
+        _ => None,
+    }
 }
 
 /// Whether every pipeline table can take pgoutput's binary values: identical,
@@ -410,7 +429,12 @@ impl Session<'_> {
                             .map_err(|e| {
                                 anyhow::anyhow!("malformed replication message at {wal_start}: {e}")
                             })?;
-                        self.handle(message, replication).await?;
+                        // A spooled transaction's changes go to disk as they came.
+                        let spool = self.in_stream.and_then(|top| self.spooled.get_mut(&top));
+                        match (spool, change_subxid(&message)) {
+                            (Some(spool), Some(sub)) => spool.append(sub, &data)?,
+                            _ => self.handle(message, replication).await?,
+                        }
                     }
                     ReplicationMessage::Keepalive {
                         wal_end,
@@ -489,6 +513,7 @@ impl Session<'_> {
     fn is_idle(&self) -> bool {
         self.current.is_none()
             && self.streams.is_empty()
+            && self.spooled.is_empty()
             && self.batch_txns == 0
             && !self.main.in_txn()
             && self.main.buffered() == 0
@@ -569,7 +594,20 @@ impl Session<'_> {
                 // The main batch commits first: it must not hold locks a streamed
                 // transaction waits for.
                 self.commit_batch(replication).await?;
-                if !self.streams.contains_key(&s.xid) {
+                if !self.streams.contains_key(&s.xid)
+                    && !self.spooled.contains_key(&s.xid)
+                    && self.streams.len() >= self.cfg.max_stream_connections
+                {
+                    if !s.first_segment {
+                        anyhow::bail!(
+                            "streamed transaction {} continued without its first segment",
+                            s.xid
+                        );
+                    }
+                    tracing::debug!(xid = s.xid, "more streamed transactions than --max-stream-connections: spooling this one to disk until it commits");
+                    self.spooled.insert(s.xid, Spool::new()?);
+                }
+                if !self.streams.contains_key(&s.xid) && !self.spooled.contains_key(&s.xid) {
                     if !s.first_segment {
                         anyhow::bail!(
                             "streamed transaction {} continued without its first segment",
@@ -601,6 +639,19 @@ impl Session<'_> {
                     if let Some(st) = self.streams.get_mut(&xid) {
                         st.session.flush(&self.relations).await?;
                     }
+                }
+            }
+            LogicalMessage::StreamAbort(a) if self.spooled.contains_key(&a.xid) => {
+                if a.subxid == a.xid {
+                    self.spooled.remove(&a.xid);
+                } else if let Some(spool) = self.spooled.get_mut(&a.xid) {
+                    spool.abort_subxact(a.subxid)?;
+                }
+            }
+            LogicalMessage::StreamCommit(c) if self.spooled.contains_key(&c.xid) => {
+                self.commit_batch(replication).await?;
+                if let Some(spool) = self.spooled.remove(&c.xid) {
+                    self.apply_spooled(spool, c, replication).await?;
                 }
             }
             LogicalMessage::StreamAbort(a) => {
@@ -637,6 +688,69 @@ impl Session<'_> {
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
         }
         Ok(())
+    }
+
+    /// Applies a spooled streamed transaction that committed, through the main
+    /// session, reading its messages back one at a time.
+    async fn apply_spooled(
+        &mut self,
+        spool: Spool,
+        c: decoder::StreamCommit,
+        replication: &mut ReplicationStream,
+    ) -> Result<()> {
+        if c.commit_lsn < self.applied {
+            return Ok(());
+        }
+        let messages = spool.messages();
+        let mut reader = spool.into_reader()?;
+        let version = self.main.begin().await?;
+        self.refresh_positions(version).await?;
+        while let Some(data) = reader.next_message()? {
+            let message = decoder::decode_bytes(&data, true).map_err(|e| {
+                anyhow::anyhow!("malformed spooled message of transaction {}: {e}", c.xid)
+            })?;
+            let op = match message {
+                LogicalMessage::Insert(m) => Op::Insert {
+                    rel: m.relation_oid,
+                    new: m.new,
+                },
+                LogicalMessage::Update(m) => Op::Update {
+                    rel: m.relation_oid,
+                    old: m.old,
+                    new: m.new,
+                },
+                LogicalMessage::Delete(m) => Op::Delete {
+                    rel: m.relation_oid,
+                    old: m.old,
+                },
+                LogicalMessage::Truncate(t) => {
+                    if let Some(sql) = self.truncate_sql(&t.relation_oids, t.restart_identity)? {
+                        self.main.flush(&self.relations).await?;
+                        self.main.execute_in_txn(&sql).await?;
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            let Some(op) = self.filter(c.xid, op)? else {
+                continue;
+            };
+            self.main.push(op);
+            if self.main.buffered_bytes() >= FLUSH_BYTES {
+                self.main.flush(&self.relations).await?;
+            }
+        }
+        self.main.flush(&self.relations).await?;
+        let sql = self.progress_sql(c.end_lsn, c.commit_time);
+        let target_lsn = self.main.commit(&sql).await?;
+        self.committed(c.end_lsn, target_lsn);
+        crate::observe::transactions_applied(1, c.commit_time);
+        tracing::debug!(
+            xid = c.xid,
+            messages,
+            "applied a spooled streamed transaction"
+        );
+        self.report_after_commit(replication).await
     }
 
     /// Reloads the copy positions when a transaction just opened (`version` is
@@ -750,20 +864,16 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn on_truncate(
-        &mut self,
-        xid: Option<u32>,
-        oids: &[u32],
-        restart_identity: bool,
-    ) -> Result<()> {
+    /// The TRUNCATE of the replicated tables among `oids`, if any.
+    fn truncate_sql(&self, oids: &[u32], restart_identity: bool) -> Result<Option<String>> {
         let mut names = Vec::with_capacity(oids.len());
         for oid in oids {
             names.push(self.relations.get(*oid)?.name.quoted());
         }
         if names.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
-        let sql = format!(
+        Ok(Some(format!(
             "TRUNCATE {}{}",
             names.join(", "),
             if restart_identity {
@@ -771,7 +881,18 @@ impl Session<'_> {
             } else {
                 ""
             }
-        );
+        )))
+    }
+
+    async fn on_truncate(
+        &mut self,
+        xid: Option<u32>,
+        oids: &[u32],
+        restart_identity: bool,
+    ) -> Result<()> {
+        let Some(sql) = self.truncate_sql(oids, restart_identity)? else {
+            return Ok(());
+        };
         if let (Some(top), Some(_)) = (self.in_stream, xid) {
             if let Some(st) = self.streams.get_mut(&top) {
                 st.session.flush(&self.relations).await?;
