@@ -136,6 +136,42 @@ pub async fn stream(
     shutdown: &mut watch::Receiver<bool>,
     streamed: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
+    // Starting is quick when both sides answer; a side that stopped answering
+    // half-way (a network cut while connecting) must not hold it forever.
+    let (mut session, mut replication) =
+        tokio::time::timeout(START_TIMEOUT, start(source, target, cfg))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                "starting the stream took longer than {} s (a server not answering?): reconnecting",
+                START_TIMEOUT.as_secs()
+            )
+            })??;
+    streamed.store(true, std::sync::atomic::Ordering::Relaxed);
+    let result = session.run(&mut replication, shutdown).await;
+    // Best effort, and bounded: a server that stopped answering must not hold us.
+    let cleanup = async {
+        if result.is_err() {
+            for (_, mut st) in session.streams.drain() {
+                let _ = st.session.rollback().await;
+            }
+        }
+        replication.close().await;
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), cleanup).await;
+    result
+}
+
+/// Longest the start of a replication session may take.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything before the first message: state, positions, the replication
+/// connection and the session that applies what it sends.
+async fn start<'a>(
+    source: &'a Endpoint,
+    target: &'a Endpoint,
+    cfg: &'a StreamConfig,
+) -> Result<(Session<'a>, ReplicationStream)> {
     let target_client = connect(target, "apply").await?;
     let state = &cfg.state;
     let pipeline = state
@@ -181,7 +217,7 @@ pub async fn stream(
         ("binary", if binary { "true" } else { "false" }.to_string()),
         ("streaming", "on".to_string()),
     ];
-    let mut replication = match repl.start_replication(&cfg.slot, applied, &options).await {
+    let replication = match repl.start_replication(&cfg.slot, applied, &options).await {
         Ok(r) => r,
         Err(e) => {
             // Dropped or invalidated between the check and the start.
@@ -270,7 +306,7 @@ pub async fn stream(
         Duration::from_millis(wal_sender_timeout_ms as u64)
             .clamp(Duration::from_secs(5), Duration::from_secs(60))
     };
-    let mut session = Session {
+    let session = Session {
         binary,
         last_durable_check: Instant::now(),
         receive_timeout,
@@ -301,19 +337,7 @@ pub async fn stream(
         idle_wal_end: Lsn::ZERO,
         positions,
     };
-    streamed.store(true, std::sync::atomic::Ordering::Relaxed);
-    let result = session.run(&mut replication, shutdown).await;
-    // Best effort, and bounded: a server that stopped answering must not hold us.
-    let cleanup = async {
-        if result.is_err() {
-            for (_, mut st) in session.streams.drain() {
-                let _ = st.session.rollback().await;
-            }
-        }
-        replication.close().await;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), cleanup).await;
-    result
+    Ok((session, replication))
 }
 
 /// The subtransaction of a change message inside a streamed block (`None` for any
