@@ -56,13 +56,20 @@ struct Shared {
     more_buffered: AtomicU64,
 }
 
-/// The apply path's handle on the replication connection.
+/// The apply path's handle on the replication connection; dropping it ends the
+/// connection.
 pub struct StreamIo {
     rx: mpsc::Receiver<Incoming>,
     commands: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     fault: watch::Receiver<Option<String>>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StreamIo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl StreamIo {
@@ -116,19 +123,6 @@ impl StreamIo {
             || self.shared.more_buffered.load(Ordering::Relaxed) > 0
     }
 
-    /// Resolves when the connection has failed (the source went silent or the
-    /// connection broke), with why.
-    pub async fn failed(&mut self) -> anyhow::Error {
-        loop {
-            if self.fault.borrow().is_some() {
-                return self.failure();
-            }
-            if self.fault.changed().await.is_err() {
-                return self.failure();
-            }
-        }
-    }
-
     fn failure(&self) -> anyhow::Error {
         match self.fault.borrow().clone() {
             Some(why) => anyhow::anyhow!("{why}"),
@@ -156,17 +150,16 @@ impl StreamIo {
 
     /// Sends the final status, waits (briefly) for the source to take it in, and
     /// closes the connection.
-    pub async fn stop(self) {
+    pub async fn stop_gracefully(&mut self) {
         let (done, wait) = oneshot::channel();
         if self.commands.send(Command::Stop { done }).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(4), wait).await;
         }
-        self.task.abort();
     }
 
-    /// Closes the connection without a final status (after an error).
-    pub fn abort(self) {
-        self.task.abort();
+    /// A receiver of the connection's fault (set once, when it fails).
+    pub fn fault_watch(&self) -> watch::Receiver<Option<String>> {
+        self.fault.clone()
     }
 }
 
@@ -178,8 +171,7 @@ async fn send_status(
 ) -> Result<(), String> {
     let flush = Lsn(shared.flush.load(Ordering::Relaxed));
     let received = Lsn(shared.received.load(Ordering::Relaxed)).max(flush);
-    match tokio::time::timeout(limit, stream.send_status(received, flush, flush, ask_reply)).await
-    {
+    match tokio::time::timeout(limit, stream.send_status(received, flush, flush, ask_reply)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("sending a status update to the source: {e}")),
         Err(_) => Err(format!(
@@ -207,7 +199,8 @@ async fn io_task(
     let mut pending: Option<ReplicationMessage> = None;
     let mut granted: Option<OwnedSemaphorePermit> = None;
     let outcome: Result<(), String> = loop {
-        let needs_budget = matches!(pending, Some(ReplicationMessage::XLogData { .. })) && granted.is_none();
+        let needs_budget =
+            matches!(pending, Some(ReplicationMessage::XLogData { .. })) && granted.is_none();
         let deliverable = pending.is_some() && !needs_budget;
         let want = match &pending {
             Some(ReplicationMessage::XLogData { data, .. }) => {

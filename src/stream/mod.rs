@@ -7,6 +7,7 @@
 //! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
 //! - [`apply`]: batching changes into target transactions.
 //! - [`copy_positions`]: which changes the ranges copied outside the stream already hold.
+//! - [`io`]: the replication connection's own task: read-ahead, keepalives, timeouts.
 //! - [`session`]: one replication session, transaction boundaries and feedback.
 //! - [`spool`]: streamed transactions past the connection cap, on disk until they commit.
 
@@ -14,6 +15,7 @@ pub mod added_columns;
 pub mod apply;
 pub mod copy_positions;
 pub mod decoder;
+pub mod io;
 pub mod relations;
 pub mod session;
 pub mod spool;

@@ -11,6 +11,7 @@
 //! asynchronously.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -20,10 +21,11 @@ use tokio_postgres::Client;
 use super::apply::{Op, TargetSession, FLUSH_BYTES};
 use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
+use super::io::{Incoming, StreamIo};
 use super::relations::{Fatal, Relations};
 use super::spool::Spool;
 use crate::config::Endpoint;
-use crate::pg::replication::{ReplicationClient, ReplicationMessage, ReplicationStream};
+use crate::pg::replication::ReplicationClient;
 use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
 use crate::state::{Phase, StateStore};
 
@@ -31,21 +33,17 @@ use crate::state::{Phase, StateStore};
 const MAX_BATCH_TXNS: usize = 20_000;
 /// Oldest a coalesced batch may get before it is committed.
 const MAX_BATCH_AGE: Duration = Duration::from_millis(500);
-/// Longest any one step (applying a message, a commit, a status update) may take
-/// before the connections are considered stalled and rebuilt.
-const OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest a clean stop waits for the target.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What woke the session loop.
 enum Event {
-    Message(ReplicationMessage),
+    Message(Incoming),
     Tick,
 }
 
 /// Times the loop keeps across events.
 struct Clocks {
-    last_received: Instant,
     last_expiry: Instant,
 }
 
@@ -78,6 +76,8 @@ struct CurrentTxn {
 /// An in-progress streamed transaction and its target connection.
 struct StreamedTxn {
     session: TargetSession,
+    /// Its backend process id on the target.
+    pid: i32,
     savepoints: Vec<u32>,
     current_sub: u32,
 }
@@ -113,8 +113,12 @@ struct Session<'a> {
     idle_wal_end: Lsn,
     /// Ranges written outside the stream that it has not passed yet.
     positions: StreamPositions,
-    /// A second target connection for position checks and flags.
-    monitor: Client,
+    /// A second target connection for position checks, flags and liveness probes.
+    monitor: Arc<Client>,
+    /// The replication connection, read and answered by its own task.
+    io: StreamIo,
+    /// Backend process id of the main apply connection on the target.
+    main_pid: i32,
     /// Whether values arrive in binary format.
     binary: bool,
     /// When the target's flushed position was last read.
@@ -138,27 +142,25 @@ pub async fn stream(
 ) -> Result<()> {
     // Starting is quick when both sides answer; a side that stopped answering
     // half-way (a network cut while connecting) must not hold it forever.
-    let (mut session, mut replication) =
-        tokio::time::timeout(START_TIMEOUT, start(source, target, cfg))
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
+    let mut session = tokio::time::timeout(START_TIMEOUT, start(source, target, cfg))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
                 "starting the stream took longer than {} s (a server not answering?): reconnecting",
                 START_TIMEOUT.as_secs()
             )
-            })??;
+        })??;
     streamed.store(true, std::sync::atomic::Ordering::Relaxed);
-    let result = session.run(&mut replication, shutdown).await;
+    let result = session.run(shutdown).await;
     // Best effort, and bounded: a server that stopped answering must not hold us.
-    let cleanup = async {
-        if result.is_err() {
+    if result.is_err() {
+        let cleanup = async {
             for (_, mut st) in session.streams.drain() {
                 let _ = st.session.rollback().await;
             }
-        }
-        replication.close().await;
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), cleanup).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), cleanup).await;
+    }
     result
 }
 
@@ -171,7 +173,7 @@ async fn start<'a>(
     source: &'a Endpoint,
     target: &'a Endpoint,
     cfg: &'a StreamConfig,
-) -> Result<(Session<'a>, ReplicationStream)> {
+) -> Result<Session<'a>> {
     let target_client = connect(target, "apply").await?;
     let state = &cfg.state;
     let pipeline = state
@@ -306,11 +308,15 @@ async fn start<'a>(
         Duration::from_millis(wal_sender_timeout_ms as u64)
             .clamp(Duration::from_secs(5), Duration::from_secs(60))
     };
+    let main_pid = backend_pid(&target_client).await?;
+    let io = StreamIo::start(replication, applied, cfg.status_interval, receive_timeout);
     let session = Session {
+        io,
+        main_pid,
         binary,
         last_durable_check: Instant::now(),
         receive_timeout,
-        monitor,
+        monitor: Arc::new(monitor),
         flush_lsn_query,
         cfg,
         source,
@@ -337,7 +343,74 @@ async fn start<'a>(
         idle_wal_end: Lsn::ZERO,
         positions,
     };
-    Ok((session, replication))
+    Ok(session)
+}
+
+/// The backend process id of a target connection (for liveness probes).
+async fn backend_pid(client: &Client) -> Result<i32> {
+    Ok(client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .pg_context(|| "reading the apply session's process id on the target".into())?
+        .get(0))
+}
+
+/// Resolves with why when the replication task reports the source silent or the
+/// connection broken.
+async fn source_fault(mut fault: watch::Receiver<Option<String>>) -> anyhow::Error {
+    loop {
+        if let Some(why) = fault.borrow().clone() {
+            return anyhow::anyhow!("{why}");
+        }
+        if fault.changed().await.is_err() {
+            return anyhow::anyhow!("the replication connection ended");
+        }
+    }
+}
+
+/// How often a step in progress is checked on the target.
+const PROBE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Resolves with why when the target stops answering (a probe takes longer than
+/// `limit`) or none of walshuttle's apply sessions on it (`pids`) has been active
+/// for `limit` while a step waits for it: a stalled network. A step whose session
+/// works, or waits for a lock, is never cut short.
+async fn watch_target(monitor: Arc<Client>, pids: Vec<i32>, limit: Duration) -> anyhow::Error {
+    let mut quiet_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&pids];
+        let probe = monitor.query_one(
+            "SELECT count(*) FILTER (WHERE state = 'active') FROM pg_stat_activity WHERE pid = ANY($1)",
+            &params,
+        );
+        let active: i64 = match tokio::time::timeout(limit, probe).await {
+            Err(_) => {
+                return anyhow::anyhow!(
+                    "the target did not answer a liveness check within {} s (stalled connection?): reconnecting",
+                    limit.as_secs()
+                )
+            }
+            Ok(Err(e)) => {
+                return anyhow::anyhow!(
+                    "checking the apply sessions on the target: {}",
+                    crate::pg::connect::describe(&e)
+                )
+            }
+            Ok(Ok(row)) => row.get(0),
+        };
+        if active > 0 {
+            quiet_since = None;
+            continue;
+        }
+        let since = *quiet_since.get_or_insert_with(Instant::now);
+        if since.elapsed() + PROBE_INTERVAL > limit {
+            return anyhow::anyhow!(
+                "a step on the target made no progress for {} s (no apply session active: stalled connection?): reconnecting",
+                limit.as_secs()
+            );
+        }
+    }
 }
 
 /// The subtransaction of a change message inside a streamed block (`None` for any
@@ -391,22 +464,17 @@ async fn binary_capable(
 }
 
 impl Session<'_> {
-    async fn run(
-        &mut self,
-        replication: &mut ReplicationStream,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<()> {
+    async fn run(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<()> {
         let mut tick = tokio::time::interval(self.cfg.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut clocks = Clocks {
-            last_received: Instant::now(),
             last_expiry: Instant::now(),
         };
         loop {
             if *shutdown.borrow() {
                 // A stalled target must not keep a stop from finishing: what was
                 // not confirmed is simply streamed again next time.
-                return match tokio::time::timeout(STOP_TIMEOUT, self.stop(replication)).await {
+                return match tokio::time::timeout(STOP_TIMEOUT, self.stop()).await {
                     Ok(result) => result,
                     Err(_) => {
                         tracing::warn!("the target did not answer while stopping; stopping anyway (nothing is lost: unconfirmed changes are sent again)");
@@ -415,119 +483,91 @@ impl Session<'_> {
                 };
             }
             let event = tokio::select! {
-                message = replication.next_message() => Event::Message(message?),
+                message = self.io.recv() => Event::Message(message?),
                 _ = tick.tick() => Event::Tick,
                 _ = shutdown.changed() => continue,
             };
-            // Every step has a deadline, so a stalled connection is noticed by
-            // walshuttle itself rather than after minutes of TCP retries.
-            tokio::time::timeout(
-                OPERATION_TIMEOUT,
-                self.on_event(event, replication, &mut clocks),
-            )
-            .await
-            .map_err(|_| {
-                anyhow::anyhow!(
-                    "a step took longer than {} s (stalled connection?): reconnecting",
-                    OPERATION_TIMEOUT.as_secs()
-                )
-            })??;
+            // A step may take long (a large keyless update, a table copied again)
+            // and is never cut short while it works; it is abandoned when the source
+            // goes silent (the replication task notices) or the target stops
+            // answering or making progress.
+            let fault = self.io.fault_watch();
+            let watchdog = watch_target(
+                Arc::clone(&self.monitor),
+                self.backend_pids(),
+                self.receive_timeout,
+            );
+            tokio::select! {
+                done = self.on_event(event, &mut clocks) => done?,
+                why = source_fault(fault) => return Err(why),
+                why = watchdog => return Err(why),
+            }
         }
     }
 
-    async fn on_event(
-        &mut self,
-        event: Event,
-        replication: &mut ReplicationStream,
-        clocks: &mut Clocks,
-    ) -> Result<()> {
+    /// Backend process ids of every apply connection on the target.
+    fn backend_pids(&self) -> Vec<i32> {
+        let mut pids = vec![self.main_pid];
+        pids.extend(self.streams.values().map(|s| s.pid));
+        pids
+    }
+
+    async fn on_event(&mut self, event: Event, clocks: &mut Clocks) -> Result<()> {
         match event {
-            Event::Message(message) => {
-                clocks.last_received = Instant::now();
-                match message {
-                    ReplicationMessage::XLogData {
-                        wal_start, data, ..
-                    } => {
-                        self.received = self.received.max(wal_start);
-                        let message = decoder::decode_bytes(&data, self.in_stream.is_some())
-                            .map_err(|e| {
-                                anyhow::anyhow!("malformed replication message at {wal_start}: {e}")
-                            })?;
-                        // A spooled transaction's changes go to disk as they came.
-                        let spool = self.in_stream.and_then(|top| self.spooled.get_mut(&top));
-                        match (spool, change_subxid(&message)) {
-                            (Some(spool), Some(sub)) => spool.append(sub, &data)?,
-                            _ => self.handle(message, replication).await?,
-                        }
-                    }
-                    ReplicationMessage::Keepalive {
-                        wal_end,
-                        reply_requested,
-                    } => {
-                        self.received = self.received.max(wal_end);
-                        if self.is_idle() {
-                            self.idle_wal_end = self.idle_wal_end.max(wal_end);
-                        }
-                        let applied = self.flush_position().max(self.applied);
-                        crate::observe::stream_position(wal_end, applied, self.is_idle());
-                        if reply_requested {
-                            self.send_status(replication, false).await?;
-                        }
-                    }
+            Event::Message(Incoming::Data {
+                wal_start, data, ..
+            }) => {
+                self.received = self.received.max(wal_start);
+                let message =
+                    decoder::decode_bytes(&data, self.in_stream.is_some()).map_err(|e| {
+                        anyhow::anyhow!("malformed replication message at {wal_start}: {e}")
+                    })?;
+                // A spooled transaction's changes go to disk as they came.
+                let spool = self.in_stream.and_then(|top| self.spooled.get_mut(&top));
+                match (spool, change_subxid(&message)) {
+                    (Some(spool), Some(sub)) => spool.append(sub, &data)?,
+                    _ => self.handle(message).await?,
                 }
             }
-            Event::Tick => {
-                if clocks.last_received.elapsed() > self.receive_timeout {
-                    anyhow::bail!(
-                        "the source sent nothing for {} s (stalled or dead connection): reconnecting",
-                        self.receive_timeout.as_secs()
-                    );
+            Event::Message(Incoming::Keepalive { wal_end }) => {
+                self.received = self.received.max(wal_end);
+                if self.is_idle() {
+                    self.idle_wal_end = self.idle_wal_end.max(wal_end);
+                    self.publish_flush();
                 }
-                // Housekeeping is quick when both sides answer: give it no longer
-                // than the source may stay silent.
-                let limit = self.receive_timeout;
-                tokio::time::timeout(limit, self.on_tick(replication, clocks))
-                    .await
-                    .map_err(|_| {
-                        anyhow::anyhow!(
-                            "a server did not answer within {} s (stalled connection?): reconnecting",
-                            limit.as_secs()
-                        )
-                    })??;
+                let applied = self.flush_position().max(self.applied);
+                crate::observe::stream_position(wal_end, applied, self.is_idle());
             }
+            Event::Tick => self.on_tick(clocks).await?,
         }
-        // Coalesce while more is already buffered; commit as soon as the stream
+        // Coalesce while more is already waiting; commit as soon as the stream
         // goes quiet, whatever message came last.
         if self.batch_txns > 0
             && self.current.is_none()
             && self.in_stream.is_none()
-            && !replication.has_buffered_message()
+            && !self.io.has_waiting()
         {
-            self.commit_batch(replication).await?;
+            self.commit_batch().await?;
         }
         Ok(())
     }
 
     /// The periodic work: commit a waiting batch, learn what is durable, report to
     /// the source, record the oldest open source transaction.
-    async fn on_tick(
-        &mut self,
-        replication: &mut ReplicationStream,
-        clocks: &mut Clocks,
-    ) -> Result<()> {
+    async fn on_tick(&mut self, clocks: &mut Clocks) -> Result<()> {
         if self.batch_txns > 0 && self.current.is_none() {
-            self.commit_batch(replication).await?;
+            self.commit_batch().await?;
         }
         self.resync_pending().await?;
         self.check_durable().await?;
-        self.send_status(replication, true).await?;
+        self.publish_flush();
         let applied = self.flush_position().max(self.applied);
         crate::observe::stream_position(self.received, applied, self.is_idle());
         if clocks.last_expiry.elapsed() >= Duration::from_secs(10) {
             // Copy positions the stream has passed are forgotten on the target too.
             self.cfg
                 .state
-                .expire_positions(&self.monitor, &self.cfg.slot, self.durable)
+                .expire_positions(&*self.monitor, &self.cfg.slot, self.durable)
                 .await?;
             clocks.last_expiry = Instant::now();
         }
@@ -543,11 +583,7 @@ impl Session<'_> {
             && self.main.buffered() == 0
     }
 
-    async fn handle(
-        &mut self,
-        message: LogicalMessage,
-        replication: &mut ReplicationStream,
-    ) -> Result<()> {
+    async fn handle(&mut self, message: LogicalMessage) -> Result<()> {
         match message {
             LogicalMessage::Begin(b) => {
                 if self.batch_txns == 0 {
@@ -567,12 +603,12 @@ impl Session<'_> {
                 self.main_has_partial = false;
                 self.batch_txns += 1;
                 self.batch_last = Some((c.end_lsn, c.commit_time));
-                if !replication.has_buffered_message()
+                if !self.io.has_waiting()
                     || self.batch_txns >= MAX_BATCH_TXNS
                     || self.main.buffered_bytes() >= FLUSH_BYTES
                     || self.batch_started.elapsed() >= MAX_BATCH_AGE
                 {
-                    self.commit_batch(replication).await?;
+                    self.commit_batch().await?;
                 }
             }
             LogicalMessage::Relation(rel) => self.on_relation(rel).await?,
@@ -583,7 +619,6 @@ impl Session<'_> {
                         rel: m.relation_oid,
                         new: m.new,
                     },
-                    replication,
                 )
                 .await?
             }
@@ -595,7 +630,6 @@ impl Session<'_> {
                         old: m.old,
                         new: m.new,
                     },
-                    replication,
                 )
                 .await?
             }
@@ -606,7 +640,6 @@ impl Session<'_> {
                         rel: m.relation_oid,
                         old: m.old,
                     },
-                    replication,
                 )
                 .await?
             }
@@ -617,7 +650,7 @@ impl Session<'_> {
             LogicalMessage::StreamStart(s) => {
                 // The main batch commits first: it must not hold locks a streamed
                 // transaction waits for.
-                self.commit_batch(replication).await?;
+                self.commit_batch().await?;
                 if !self.streams.contains_key(&s.xid)
                     && !self.spooled.contains_key(&s.xid)
                     && self.streams.len() >= self.cfg.max_stream_connections
@@ -639,6 +672,7 @@ impl Session<'_> {
                         );
                     }
                     let client = connect(self.target, "apply stream").await?;
+                    let pid = backend_pid(&client).await?;
                     let mut session = TargetSession::new(
                         client,
                         &self.cfg.target,
@@ -651,6 +685,7 @@ impl Session<'_> {
                         s.xid,
                         StreamedTxn {
                             session,
+                            pid,
                             savepoints: Vec::new(),
                             current_sub: s.xid,
                         },
@@ -673,9 +708,9 @@ impl Session<'_> {
                 }
             }
             LogicalMessage::StreamCommit(c) if self.spooled.contains_key(&c.xid) => {
-                self.commit_batch(replication).await?;
+                self.commit_batch().await?;
                 if let Some(spool) = self.spooled.remove(&c.xid) {
-                    self.apply_spooled(spool, c, replication).await?;
+                    self.apply_spooled(spool, c).await?;
                 }
             }
             LogicalMessage::StreamAbort(a) => {
@@ -694,7 +729,7 @@ impl Session<'_> {
                 }
             }
             LogicalMessage::StreamCommit(c) => {
-                self.commit_batch(replication).await?;
+                self.commit_batch().await?;
                 let Some(mut st) = self.streams.remove(&c.xid) else {
                     return Ok(());
                 };
@@ -707,7 +742,7 @@ impl Session<'_> {
                 let target_lsn = st.session.commit(&sql).await?;
                 self.committed(c.end_lsn, target_lsn);
                 crate::observe::transactions_applied(1, c.commit_time);
-                self.report_after_commit(replication).await?;
+                self.report_after_commit().await?;
             }
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
         }
@@ -716,12 +751,7 @@ impl Session<'_> {
 
     /// Applies a spooled streamed transaction that committed, through the main
     /// session, reading its messages back one at a time.
-    async fn apply_spooled(
-        &mut self,
-        spool: Spool,
-        c: decoder::StreamCommit,
-        replication: &mut ReplicationStream,
-    ) -> Result<()> {
+    async fn apply_spooled(&mut self, spool: Spool, c: decoder::StreamCommit) -> Result<()> {
         if c.commit_lsn < self.applied {
             return Ok(());
         }
@@ -774,7 +804,7 @@ impl Session<'_> {
             messages,
             "applied a spooled streamed transaction"
         );
-        self.report_after_commit(replication).await
+        self.report_after_commit().await
     }
 
     /// Reloads the copy positions when a transaction just opened (`version` is
@@ -821,12 +851,7 @@ impl Session<'_> {
         }
     }
 
-    async fn on_change(
-        &mut self,
-        xid: Option<u32>,
-        op: Op,
-        replication: &mut ReplicationStream,
-    ) -> Result<()> {
+    async fn on_change(&mut self, xid: Option<u32>, op: Op) -> Result<()> {
         if let (Some(top), Some(sub)) = (self.in_stream, xid) {
             let Some(op) = self.filter(top, op)? else {
                 return Ok(());
@@ -878,7 +903,7 @@ impl Session<'_> {
             // have the target transaction to itself.
             if self.batch_txns > 0 && !self.main_has_partial {
                 let tail = self.main.split_off(self.main_mark);
-                self.commit_batch(replication).await?;
+                self.commit_batch().await?;
                 self.main.restore(tail);
             }
             self.main.flush(&self.relations).await?;
@@ -996,7 +1021,7 @@ impl Session<'_> {
     }
 
     /// Commits the coalesced complete source transactions of the main session.
-    async fn commit_batch(&mut self, replication: &mut ReplicationStream) -> Result<()> {
+    async fn commit_batch(&mut self) -> Result<()> {
         if self.batch_txns == 0 {
             return Ok(());
         }
@@ -1013,7 +1038,7 @@ impl Session<'_> {
         self.main_mark = 0;
         self.main_has_partial = false;
         self.batch_last = None;
-        self.report_after_commit(replication).await?;
+        self.report_after_commit().await?;
         self.resync_pending().await
     }
 
@@ -1054,11 +1079,11 @@ impl Session<'_> {
 
     /// After a commit: learn what has become durable (at most every 100 ms, since the
     /// target flushes asynchronous commits in the background) and tell the source.
-    async fn report_after_commit(&mut self, replication: &mut ReplicationStream) -> Result<()> {
+    async fn report_after_commit(&mut self) -> Result<()> {
         if self.last_durable_check.elapsed() >= Duration::from_millis(100) {
             self.check_durable().await?;
         }
-        self.send_status(replication, false).await
+        self.send_status(false).await
     }
 
     fn committed(&mut self, end_lsn: Lsn, target_lsn: Option<Lsn>) {
@@ -1112,21 +1137,21 @@ impl Session<'_> {
         }
     }
 
-    async fn send_status(
-        &mut self,
-        replication: &mut ReplicationStream,
-        ask_reply: bool,
-    ) -> Result<()> {
-        let flush = self.flush_position();
-        replication
-            .send_status(self.received.max(flush), flush, flush, ask_reply)
-            .await?;
-        Ok(())
+    /// Publishes the flush position to the replication task, which reports it with
+    /// every status update.
+    fn publish_flush(&self) {
+        self.io.set_flush(self.flush_position());
+    }
+
+    /// Publishes the flush position and sends a status update now.
+    async fn send_status(&mut self, ask_reply: bool) -> Result<()> {
+        self.publish_flush();
+        self.io.send_status(ask_reply).await
     }
 
     /// Clean stop: commit complete work, drop partial work (the source re-sends it),
     /// make every commit durable, report the final position.
-    async fn stop(&mut self, replication: &mut ReplicationStream) -> Result<()> {
+    async fn stop(&mut self) -> Result<()> {
         if self.current.is_some() {
             if self.main_has_partial {
                 self.main.rollback().await?;
@@ -1136,7 +1161,7 @@ impl Session<'_> {
             }
             self.current = None;
         }
-        self.commit_batch(replication).await?;
+        self.commit_batch().await?;
         for (_, mut st) in self.streams.drain() {
             st.session.rollback().await?;
         }
@@ -1160,17 +1185,11 @@ impl Session<'_> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // Ask for a reply, and wait for it: the walsender answers after it has taken
-        // in the final position, so the slot shows it once this process is gone.
-        self.send_status(replication, true).await?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
-        while let Ok(Ok(message)) =
-            tokio::time::timeout_at(deadline, replication.next_message()).await
-        {
-            if matches!(message, ReplicationMessage::Keepalive { .. }) {
-                break;
-            }
-        }
+        // The replication task sends the final position, asks for a reply and waits
+        // for it: the walsender answers after it has taken the position in, so the
+        // slot shows it once this process is gone.
+        self.publish_flush();
+        self.io.stop_gracefully().await;
         tracing::info!(applied = %self.applied, flushed = %self.flush_position(), "stopped cleanly");
         Ok(())
     }
