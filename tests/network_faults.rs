@@ -244,7 +244,11 @@ async fn blackholed_source_connections_are_abandoned_by_the_receive_timeout() {
     let mut run = s.spawn_run(&mut logs);
     // Streaming, not just bootstrapped (the bootstrap records a position too): a
     // transaction written now has been applied.
-    wait_applied_source_now(&s, &mut run, Duration::from_secs(90), "the stream to apply").await;
+    // (Twice: the first position may predate the slot, which the bootstrap's
+    // recorded position then passes without any streaming.)
+    for _ in 0..2 {
+        wait_applied_source_now(&s, &mut run, Duration::from_secs(90), "the stream to apply").await;
+    }
     writer
         .wait_for_more(
             &mut run,
@@ -304,7 +308,9 @@ async fn blackholed_source_connections_are_abandoned_by_the_receive_timeout() {
     );
     let log = run.log();
     assert!(
-        log.contains("sent nothing for") || log.contains("did not answer within"),
+        log.contains("sent nothing for")
+            || log.contains("did not answer")
+            || log.contains("starting the stream took longer"),
         "recovered without walshuttle's own timeouts firing?\n{}",
         tail(&log, 40)
     );

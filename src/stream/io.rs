@@ -73,11 +73,13 @@ impl Drop for StreamIo {
 }
 
 impl StreamIo {
-    /// Takes over `stream`; status every `interval` (asking for a reply, so a live
+    /// Takes over `stream`, which starts at `start` and whose confirmed (durable)
+    /// position is `flushed`; status every `interval` (asking for a reply, so a live
     /// source always answers), and a source silent for `receive_timeout` is a fault.
     pub fn start(
         stream: ReplicationStream,
         start: Lsn,
+        flushed: Lsn,
         interval: Duration,
         receive_timeout: Duration,
     ) -> StreamIo {
@@ -86,7 +88,7 @@ impl StreamIo {
         let (fault_tx, fault) = watch::channel(None);
         let shared = Arc::new(Shared::default());
         shared.received.store(start.0, Ordering::Relaxed);
-        shared.flush.store(start.0, Ordering::Relaxed);
+        shared.flush.store(flushed.0, Ordering::Relaxed);
         let task = tokio::spawn(io_task(
             stream,
             tx,

@@ -309,7 +309,13 @@ async fn start<'a>(
             .clamp(Duration::from_secs(5), Duration::from_secs(60))
     };
     let main_pid = backend_pid(&target_client).await?;
-    let io = StreamIo::start(replication, applied, cfg.status_interval, receive_timeout);
+    let io = StreamIo::start(
+        replication,
+        applied,
+        confirmed,
+        cfg.status_interval,
+        receive_timeout,
+    );
     let session = Session {
         io,
         main_pid,
