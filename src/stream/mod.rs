@@ -3,14 +3,18 @@
 //!
 //! - [`decoder`]: pure pgoutput decoding, bytes in, messages out.
 //! - [`relations`]: Relation messages matched against the target; schema drift.
+//! - [`constraints`]: the target's unique constraints, which decide set-based updates.
 //! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
 //! - [`apply`]: batching changes into target transactions.
 //! - [`copy_positions`]: which changes the ranges copied outside the stream already hold.
 //! - [`session`]: one replication session, transaction boundaries and feedback.
+//! - [`faults`]: which errors are retried and which stop `run`, and the stop message.
 
 pub mod apply;
+pub mod constraints;
 pub mod copy_positions;
 pub mod decoder;
+pub mod faults;
 pub mod relations;
 pub mod session;
 pub mod values;
