@@ -1,6 +1,7 @@
 //! `walshuttle run`: the sidecar. Bootstraps when there is no state, then streams
 //! forever, riding through restarts and dropped connections with capped exponential
-//! backoff, until SIGTERM/SIGINT.
+//! backoff, until SIGTERM/SIGINT. An error that retrying cannot fix (see
+//! [`crate::stream::faults`]) stops it with one line, recorded for `status`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -13,7 +14,7 @@ use crate::config::Endpoint;
 use crate::observe::{self, RunPhase};
 use crate::pg::connect;
 use crate::state::{Phase, StateStore};
-use crate::stream::relations::Fatal;
+use crate::stream::faults::{self, Class, Fatal};
 use crate::stream::session::{self, StreamConfig};
 use crate::target_checks::{self, TargetSetup};
 
@@ -93,7 +94,11 @@ pub async fn run(
         Ok(()) => "stopped on request".to_string(),
         Err(e) => {
             observe::error("fatal");
-            format!("stopped: {e:#}")
+            // `/healthz` answers 503 with it until the process exits.
+            match e.downcast_ref::<Fatal>() {
+                Some(fatal) => fatal.0.clone(),
+                None => format!("stopped: {e:#}"),
+            }
         }
     };
     observe::set_phase(RunPhase::Stopped, Some(reason));
@@ -139,7 +144,6 @@ async fn run_pipeline(
         }
         match outcome {
             Ok(()) => return Ok(()),
-            Err(e) if e.downcast_ref::<Fatal>().is_some() => return Err(e),
             Err(e) if e.downcast_ref::<crate::catchup::SlotGone>().is_some() => {
                 let reason = e
                     .downcast_ref::<crate::catchup::SlotGone>()
@@ -163,6 +167,9 @@ async fn run_pipeline(
                     "gap repaired; streaming resumes from the new slot"
                 );
                 eprintln!("{}", summary.render());
+            }
+            Err(e) if faults::classify(&e) == Class::Fatal => {
+                return Err(stop_for_good(target, &cfg, &e).await);
             }
             Err(e) => {
                 let text = format!("{e:#}");
@@ -203,6 +210,27 @@ async fn run_pipeline(
             }
         }
     }
+}
+
+/// Stops the pipeline on an error retrying cannot fix: one line saying where and
+/// what to do, recorded in the state (best effort) so `status` shows it.
+async fn stop_for_good(target: &Endpoint, cfg: &StreamConfig, e: &anyhow::Error) -> anyhow::Error {
+    let message = faults::stop_message(e);
+    tracing::error!(slot = %cfg.slot, error = %format!("{e:#}"), "stopping: retrying cannot fix this");
+    let record = async {
+        let client = connect(target, "run").await?;
+        cfg.state
+            .set_stop_reason(&client, &cfg.slot, Some(&message))
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), record).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => {
+            tracing::warn!(error = %format!("{err:#}"), "could not record why run stopped")
+        }
+        Err(_) => tracing::warn!("could not record why run stopped: the target did not answer"),
+    }
+    Fatal(message).into()
 }
 
 /// Bootstraps unless a finished bootstrap is recorded.

@@ -91,6 +91,9 @@ pub struct PipelineStatus {
     pub chunks_done: i64,
     /// Chunks planned.
     pub chunks_total: i64,
+    /// Why `run` last stopped on an error retrying cannot fix (where, and what to
+    /// do); null when it did not, and cleared when streaming starts again.
+    pub stop_reason: Option<String>,
     /// Per table.
     pub tables: Vec<TableStatus>,
     /// Warnings about this pipeline.
@@ -266,6 +269,9 @@ async fn pipeline_status(
         recorded.as_str().to_string()
     };
 
+    if let Some(reason) = &pipeline.stop_reason {
+        warnings.push(format!("pipeline {name}: run stopped: {reason}"));
+    }
     if let Some(s) = &slot {
         if !s.exists {
             if recorded != Phase::CreatingSlot {
@@ -323,6 +329,7 @@ async fn pipeline_status(
         rows_copied: tables.iter().map(|t| t.rows_copied).sum(),
         chunks_done: tables.iter().map(|t| t.chunks_done).sum(),
         chunks_total: tables.iter().map(|t| t.chunks_total).sum(),
+        stop_reason: pipeline.stop_reason.clone(),
         tables,
         warnings,
     })
@@ -467,6 +474,9 @@ impl StatusReport {
                 "  consistent       {}\n",
                 if p.consistent { "yes" } else { "no" }
             ));
+            if let Some(reason) = &p.stop_reason {
+                out.push_str(&format!("  stopped by       {reason}\n"));
+            }
             out.push_str(&format!(
                 "  source LSN       {}\n",
                 or_unknown(&p.source_current_lsn)

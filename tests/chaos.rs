@@ -1,7 +1,10 @@
 //! Chaos: a writer mixing inserts, updates (some leaving a TOASTed column
 //! unchanged), primary-key changes, deletes and an occasional TRUNCATE on several
-//! tables (one without a key) keeps committing, reconnecting through source
-//! restarts, while faults are injected at random moments: kill -9 of walshuttle,
+//! tables keeps committing, reconnecting through source restarts: among them a
+//! secondary UNIQUE whose values are swapped through a free value, an identity index
+//! beside a primary key (with a TOASTed column), keyless rows that are equal but not
+//! identical, and a composite column (which makes the whole stream text). Faults
+//! are injected at random moments meanwhile: kill -9 of walshuttle,
 //! fast and immediate source restarts, immediate target restarts, and connections
 //! cut between walshuttle and either server. Afterwards every table must be equal on
 //! both sides, with nothing applied twice or partially.
@@ -24,7 +27,9 @@ use support::{
     wait_while_running, walshuttle_urls, Cluster, RunChild, RunLogs,
 };
 
-const TABLES: &[&str] = &["accounts", "kv", "dups", "ev", "ev_log"];
+const TABLES: &[&str] = &[
+    "accounts", "kv", "dups", "ev", "ev_log", "uq", "ri", "kl", "tm",
+];
 
 const SCHEMA: &str = r#"
     CREATE TABLE accounts (id bigint PRIMARY KEY, owner text, balance numeric, doc text,
@@ -45,6 +50,28 @@ const SCHEMA: &str = r#"
     CREATE TABLE ev (id bigserial PRIMARY KEY, batch int NOT NULL, n int NOT NULL);
     CREATE TABLE ev_log (batch int NOT NULL, n int NOT NULL);
     ALTER TABLE ev_log REPLICA IDENTITY FULL;
+    -- A secondary UNIQUE whose values are swapped through a free value.
+    CREATE TABLE uq (id int PRIMARY KEY, name text NOT NULL UNIQUE, stash text);
+    INSERT INTO uq SELECT g, 'u' || g, NULL FROM generate_series(1, 200) g;
+    -- The replica identity is a unique index beside the primary key; doc is TOASTed.
+    CREATE TABLE ri (id bigint PRIMARY KEY, code text NOT NULL, v int, doc text,
+                     CONSTRAINT ri_code_key UNIQUE (code));
+    ALTER TABLE ri REPLICA IDENTITY USING INDEX ri_code_key;
+    ALTER TABLE ri ALTER COLUMN doc SET STORAGE EXTERNAL;
+    INSERT INTO ri SELECT g, 'r' || g, g,
+           CASE WHEN g % 5 = 0 THEN repeat(md5(g::text), 3000) ELSE 'd' || g END
+      FROM generate_series(1, 500) g;
+    -- Keyless rows that are equal but not identical (1.0 and 1.00, 0 and -0).
+    CREATE TABLE kl (n numeric, f float8, j jsonb);
+    ALTER TABLE kl REPLICA IDENTITY FULL;
+    INSERT INTO kl SELECT CASE WHEN g % 2 = 0 THEN 1.0 ELSE 1.00 END,
+                          CASE WHEN g % 3 = 0 THEN '0'::float8 ELSE '-0'::float8 END,
+                          CASE WHEN g % 5 = 0 THEN '{"a": 1.0}'::jsonb ELSE '{"a": 1.00}'::jsonb END
+      FROM generate_series(1, 60) g;
+    -- A composite column: values travel as text, for the whole stream.
+    CREATE TYPE pair AS (x int, y text);
+    CREATE TABLE tm (id int PRIMARY KEY, p pair, note text);
+    INSERT INTO tm SELECT g, ROW(g, 'p' || g)::pair, 'n' FROM generate_series(1, 100) g;
 "#;
 
 fn env_u64(name: &str) -> Option<u64> {
@@ -133,6 +160,90 @@ fn iteration(i: u64, rng: &mut StdRng) -> String {
         "UPDATE dups SET b = 'x{}' WHERE ctid = (SELECT ctid FROM dups WHERE a = {a} AND b = 'same' LIMIT 1)",
         i % 3
     ));
+
+    // uq: swap two names through a free one: a → free, b → a's, a → b's (legal
+    // one statement at a time, not as one set-based statement).
+    let a = rng.gen_range(1..=200u64);
+    let b = (a + rng.gen_range(1..200u64) - 1) % 200 + 1;
+    s.push(format!(
+        "UPDATE uq SET stash = name, name = 'free{i}' WHERE id = {a}"
+    ));
+    s.push(format!(
+        "UPDATE uq SET stash = name, name = (SELECT stash FROM uq WHERE id = {a}) WHERE id = {b}"
+    ));
+    s.push(format!(
+        "UPDATE uq SET name = (SELECT stash FROM uq WHERE id = {b}), stash = NULL WHERE id = {a}"
+    ));
+    // ri: found by code, not by the primary key: primary-key changes (doc left as
+    // unchanged TOAST), value updates, identity changes, deletes, inserts.
+    let r = rng.gen_range(1..=500u64);
+    s.push(format!(
+        "UPDATE ri SET id = {} WHERE code = 'r{r}'",
+        1_000_000 + i
+    ));
+    s.push(format!(
+        "UPDATE ri SET v = v + 1 WHERE code = 'r{}'",
+        rng.gen_range(1..=500u64)
+    ));
+    if rng.gen_ratio(1, 4) {
+        s.push(format!(
+            "UPDATE ri SET code = code || 'x{i}' WHERE code = 'r{}'",
+            rng.gen_range(1..=500u64)
+        ));
+    }
+    if rng.gen_ratio(1, 4) {
+        s.push(format!(
+            "DELETE FROM ri WHERE code = 'r{}'",
+            rng.gen_range(1..=500u64)
+        ));
+        s.push(format!(
+            "INSERT INTO ri VALUES ({}, 'n{i}', {i}, repeat(md5('{i}'), 3000))",
+            2_000_000 + i
+        ));
+    }
+    if rng.gen_ratio(1, 10) {
+        s.push(format!(
+            "UPDATE ri SET doc = repeat(md5('{i}d'), 2500) WHERE code = 'r{}'",
+            rng.gen_range(1..=500u64)
+        ));
+    }
+    // kl: change one of several equal rows, chosen by its exact text.
+    let (n, f) = (
+        if rng.gen_bool(0.5) { "1.0" } else { "1.00" },
+        if rng.gen_bool(0.5) { "0" } else { "-0" },
+    );
+    s.push(format!(
+        "UPDATE kl SET f = CASE WHEN f::text = '-0' THEN '0'::float8 ELSE '-0'::float8 END \
+         WHERE ctid = (SELECT ctid FROM kl WHERE n::text = '{n}' LIMIT 1)"
+    ));
+    s.push(format!(
+        "UPDATE kl SET n = CASE WHEN n::text = '1.0' THEN 1.00 ELSE 1.0 END \
+         WHERE ctid = (SELECT ctid FROM kl WHERE f::text = '{f}' LIMIT 1)"
+    ));
+    if rng.gen_ratio(1, 3) {
+        let j = if rng.gen_bool(0.5) { "1.0" } else { "1.00" };
+        s.push(format!(
+            "DELETE FROM kl WHERE ctid = (SELECT ctid FROM kl WHERE j::text = '{{\"a\": {j}}}' LIMIT 1)"
+        ));
+        s.push(format!(
+            "INSERT INTO kl VALUES ({n}, '{f}', '{{\"a\": {j}}}')"
+        ));
+    }
+    // tm: composite values (text mode).
+    s.push(format!(
+        "UPDATE tm SET p = ROW((p).x + 1, (p).y || '.')::pair, note = 'n{i}' WHERE id = {}",
+        rng.gen_range(1..=100u64)
+    ));
+    if rng.gen_ratio(1, 5) {
+        s.push(format!(
+            "INSERT INTO tm VALUES ({}, ROW({i}, 'new ''{i}'' (x)')::pair, NULL)",
+            1000 + i
+        ));
+        s.push(format!(
+            "DELETE FROM tm WHERE id = {}",
+            rng.gen_range(1..=100u64)
+        ));
+    }
 
     let mut sql = format!("BEGIN;{ev}");
     if i % 2 == 0 {

@@ -166,6 +166,9 @@ pub struct PgError {
     pub code: Option<tokio_postgres::error::SqlState>,
     /// Whether the connection is closed (a fault of the connection, not the SQL).
     pub closed: bool,
+    /// The table the server named in its error (`schema.table`), e.g. the table of
+    /// a violated constraint.
+    pub table: Option<String>,
 }
 
 impl std::fmt::Display for PgError {
@@ -191,6 +194,13 @@ impl<T> PgResultExt<T> for std::result::Result<T, tokio_postgres::Error> {
                 message: describe(&e),
                 code: e.code().cloned(),
                 closed: e.is_closed(),
+                table: e.as_db_error().and_then(|db| {
+                    let table = db.table()?;
+                    Some(match db.schema() {
+                        Some(schema) => crate::pg::QualifiedName::new(schema, table).to_string(),
+                        None => table.to_string(),
+                    })
+                }),
             }
             .into()
         })

@@ -5,7 +5,14 @@
 //! order within the table (tables are independent on the target: walshuttle creates
 //! no foreign keys), runs of inserts go through one COPY, runs of deletes through one
 //! set-based `DELETE … IN (unnest(…))`, and updates through prepared statements
-//! pipelined on the connection.
+//! pipelined on the connection, or one set-based `UPDATE … FROM unnest(…)` where
+//! that is provably what one statement per row would do (see [`TableShape::set_guarded`]).
+//!
+//! Rows are found as the source identifies them: by the replica identity's columns,
+//! or for `REPLICA IDENTITY FULL` by identical values of the whole old row (the text
+//! form, so `1.0` and `1.00` are told apart), changing exactly one row and skipping
+//! rows another apply session holds. Deferrable constraints are checked at commit,
+//! against a state the source committed.
 //!
 //! Every apply transaction begins by taking the shared side of the pipeline's
 //! positions lock and reading the positions version (see
@@ -21,15 +28,25 @@ use tokio_postgres::types::{Kind, ToSql};
 use tokio_postgres::{Client, Statement};
 
 use super::decoder::{OldTuple, TupleData, TupleValue};
+use super::faults::{ApplyContext, Fatal, SourceTxns};
 use super::relations::{Relations, TableShape};
 use super::values::{CopyEncoder, RawArray, RawValue, TEXT_OID};
 use crate::observe::{self, RowOp};
-use crate::pg::{PgResultExt, QualifiedName};
+use crate::pg::{Lsn, PgResultExt, QualifiedName};
 
 /// Buffered bytes after which a session flushes its ops to the target.
 pub const FLUSH_BYTES: usize = 8 * 1024 * 1024;
 /// Statements sent at once in one pipeline.
 const PIPELINE_DEPTH: usize = 1000;
+/// Most set-based updates guarded by a savepoint in one target transaction: each
+/// takes a subtransaction id, and more than 64 overflow PostgreSQL's per-backend
+/// cache (slower snapshots for every session, and on standbys). The guard only
+/// matters when the target's constraints changed after they were read (the rule
+/// that allows a set-based update already excludes conflicts), so past it runs go
+/// unguarded.
+const GUARDED_RUNS_PER_TXN: usize = 32;
+/// The savepoint around a set-based update.
+const SET_BASED_SAVEPOINT: &str = "walshuttle_set_based";
 
 /// One row change, in the relation's tuple order.
 #[derive(Debug, Clone)]
@@ -117,6 +134,20 @@ pub struct TargetSession {
     begin_sql: String,
     in_txn: bool,
     ops: Vec<Op>,
+    /// For each buffered op, the commit LSN of its source transaction (when known).
+    op_txns: Vec<Option<Lsn>>,
+    /// The source transaction whose changes are arriving: its commit LSN.
+    current_txn: Option<Lsn>,
+    /// The streamed source transaction this session applies, if it is one.
+    streamed_xid: Option<u32>,
+    /// First and last commit LSN of the source transactions with changes in the open
+    /// target transaction, for messages.
+    open_txns: Option<(Lsn, Lsn)>,
+    /// Set-based updates guarded by a savepoint in the open target transaction.
+    guarded_runs: usize,
+    /// Tables (relation oids) where a set-based update conflicted all the same:
+    /// updated one statement per row from then on.
+    conflicted: std::collections::HashSet<u32>,
     bytes: usize,
     statements: HashMap<String, Statement>,
     /// Totals since the session started.
@@ -134,6 +165,8 @@ pub struct TargetSession {
 struct OpenCopy {
     rel: u32,
     table: QualifiedName,
+    /// First and last commit LSN of the source transactions of its rows.
+    txns: Option<(Lsn, Lsn)>,
     sink: std::pin::Pin<Box<tokio_postgres::CopyInSink<Bytes>>>,
     encoder: CopyEncoder,
 }
@@ -161,9 +194,18 @@ impl TargetSession {
         crate::target_checks::prepare_session(&client, setup).await?;
         Ok(TargetSession {
             client,
-            begin_sql,
+            // Deferrable constraints are checked at commit, against the state after
+            // a source commit (which the source checked): applying one row at a time
+            // must not trip over what the source checked per statement or deferred.
+            begin_sql: format!("{begin_sql}; SET CONSTRAINTS ALL DEFERRED"),
             in_txn: false,
             ops: Vec::new(),
+            op_txns: Vec::new(),
+            current_txn: None,
+            streamed_xid: None,
+            open_txns: None,
+            guarded_runs: 0,
+            conflicted: Default::default(),
             bytes: 0,
             statements: HashMap::new(),
             counts: ApplyCounts::default(),
@@ -175,6 +217,43 @@ impl TargetSession {
     /// Whether a target transaction is open.
     pub fn in_txn(&self) -> bool {
         self.in_txn
+    }
+
+    /// Notes that the changes pushed next belong to the source transaction that
+    /// commits at `commit_lsn` (its Begin's final LSN), for error messages.
+    pub fn note_source_txn(&mut self, commit_lsn: Lsn) {
+        self.current_txn = Some(commit_lsn);
+    }
+
+    /// Notes that this session applies streamed transaction `xid` (its commit LSN is
+    /// not known before it commits), for error messages.
+    pub fn note_streamed(&mut self, xid: u32) {
+        self.streamed_xid = Some(xid);
+    }
+
+    /// The source transactions spanning commit LSNs `lsns`.
+    fn txns(&self, lsns: impl IntoIterator<Item = Option<Lsn>>) -> Option<SourceTxns> {
+        if let Some(xid) = self.streamed_xid {
+            return Some(SourceTxns::Streamed(xid));
+        }
+        SourceTxns::spanning(lsns.into_iter().flatten())
+    }
+
+    /// Adds where an error happened (unless a closer look already did).
+    fn locate(
+        &self,
+        e: anyhow::Error,
+        lsns: impl IntoIterator<Item = Option<Lsn>>,
+        table: Option<&QualifiedName>,
+    ) -> anyhow::Error {
+        if e.downcast_ref::<ApplyContext>().is_some() {
+            return e;
+        }
+        let txns = self.txns(lsns);
+        e.context(ApplyContext {
+            txns,
+            table: table.cloned(),
+        })
     }
 
     /// Buffered ops not yet sent.
@@ -199,6 +278,7 @@ impl TargetSession {
             .await
             .pg_context(|| "beginning an apply transaction on the target".into())?;
         self.in_txn = true;
+        self.guarded_runs = 0;
         let version = messages.iter().rev().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
             _ => None,
@@ -206,10 +286,12 @@ impl TargetSession {
         Ok(Some(version.unwrap_or(0)))
     }
 
-    /// Buffers one change.
+    /// Buffers one change (of the source transaction noted last).
     pub fn push(&mut self, op: Op) {
         self.bytes += op.approx_bytes();
         self.ops.push(op);
+        self.op_txns.push(self.current_txn);
+        widen(&mut self.open_txns, self.current_txn);
     }
 
     /// Applies a change: in strict mode, an insert with nothing buffered before it
@@ -242,24 +324,36 @@ impl TargetSession {
                 .client
                 .copy_in::<_, Bytes>(&stmt)
                 .await
-                .pg_context(|| format!("inserting into {} on the target", shape.name))?;
+                .pg_context(|| format!("inserting into {} on the target", shape.name))
+                .map_err(|e| self.locate(e, [self.current_txn], Some(&shape.name)))?;
             self.open_copy = Some(OpenCopy {
                 rel,
                 table: shape.name.clone(),
+                txns: None,
                 sink: Box::pin(sink),
                 encoder: CopyEncoder::new(shape.binary),
             });
         }
+        widen(&mut self.open_txns, self.current_txn);
+        let mut failed = None;
         if let Some(copy) = self.open_copy.as_mut() {
             copy.encoder.push_row(new.columns.iter());
+            widen(&mut copy.txns, self.current_txn);
             if copy.encoder.len() >= COPY_CHUNK {
                 let chunk = copy.encoder.take();
-                copy.sink
+                if let Err(e) = copy
+                    .sink
                     .as_mut()
                     .feed(chunk)
                     .await
-                    .pg_context(|| format!("inserting into {} on the target", copy.table))?;
+                    .pg_context(|| format!("inserting into {} on the target", copy.table))
+                {
+                    failed = Some((e, copy.txns, copy.table.clone()));
+                }
             }
+        }
+        if let Some((e, txns, table)) = failed {
+            return Err(self.locate(e, span_lsns(txns), Some(&table)));
         }
         Ok(true)
     }
@@ -271,12 +365,19 @@ impl TargetSession {
         };
         let rows = copy.encoder.rows() as u64;
         let ctx = || format!("inserting {rows} rows into {} on the target", copy.table);
-        copy.sink
+        let sent = match copy
+            .sink
             .as_mut()
             .send(copy.encoder.finish())
             .await
-            .pg_context(ctx)?;
-        copy.sink.as_mut().finish().await.pg_context(ctx)?;
+            .pg_context(ctx)
+        {
+            Ok(()) => copy.sink.as_mut().finish().await.pg_context(ctx),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = sent {
+            return Err(self.locate(e, span_lsns(copy.txns), Some(&copy.table)));
+        }
         self.counts.inserted += rows;
         self.note_applied(&copy.table, RowOp::Insert, rows);
         Ok(())
@@ -285,6 +386,7 @@ impl TargetSession {
     /// Splits off the ops buffered after position `at` (to commit what came before).
     pub fn split_off(&mut self, at: usize) -> Vec<Op> {
         let tail = self.ops.split_off(at.min(self.ops.len()));
+        self.op_txns.truncate(self.ops.len());
         self.bytes = self.ops.iter().map(Op::approx_bytes).sum();
         tail
     }
@@ -305,10 +407,12 @@ impl TargetSession {
     pub async fn execute_in_txn(&mut self, sql: &str) -> Result<()> {
         self.begin().await?;
         self.finish_copy().await?;
+        widen(&mut self.open_txns, self.current_txn);
         self.client
             .batch_execute(sql)
             .await
             .pg_context(|| format!("applying on the target: {sql}"))
+            .map_err(|e| self.locate(e, [self.current_txn], None))
     }
 
     /// Sends every buffered op to the target, inside the open transaction.
@@ -319,22 +423,22 @@ impl TargetSession {
         }
         self.begin().await?;
         let ops = std::mem::take(&mut self.ops);
+        let lsns = std::mem::take(&mut self.op_txns);
         self.bytes = 0;
         // Group per table, keeping source order within each table.
         let mut order: Vec<u32> = Vec::new();
-        let mut per_table: HashMap<u32, Vec<Op>> = HashMap::new();
-        for op in ops {
+        let mut per_table: HashMap<u32, (Vec<Op>, Vec<Option<Lsn>>)> = HashMap::new();
+        for (op, lsn) in ops.into_iter().zip(lsns) {
             let rel = op.rel();
-            per_table
-                .entry(rel)
-                .or_insert_with(|| {
-                    order.push(rel);
-                    Vec::new()
-                })
-                .push(op);
+            let entry = per_table.entry(rel).or_insert_with(|| {
+                order.push(rel);
+                (Vec::new(), Vec::new())
+            });
+            entry.0.push(op);
+            entry.1.push(lsn);
         }
         for rel in order {
-            let Some(ops) = per_table.remove(&rel) else {
+            let Some((ops, lsns)) = per_table.remove(&rel) else {
                 continue;
             };
             let shape = relations.get(rel)?;
@@ -346,12 +450,13 @@ impl TargetSession {
                     .position(|o| o.kind() != kind)
                     .map(|p| start + p)
                     .unwrap_or(ops.len());
-                let run = &ops[start..end];
-                match kind {
-                    0 => self.copy_inserts(shape, run).await?,
-                    1 => self.updates(shape, run).await?,
-                    _ => self.deletes(shape, run).await?,
-                }
+                let (run, run_lsns) = (&ops[start..end], &lsns[start..end]);
+                let applied = match kind {
+                    0 => self.copy_inserts(shape, run).await,
+                    1 => self.updates(shape, run, run_lsns).await,
+                    _ => self.deletes(shape, run, run_lsns).await,
+                };
+                applied.map_err(|e| self.locate(e, run_lsns.iter().copied(), Some(&shape.name)))?;
                 start = end;
             }
         }
@@ -368,13 +473,16 @@ impl TargetSession {
         self.finish_copy().await?;
         let sql = format!("{extra_sql}; COMMIT; SELECT pg_current_wal_insert_lsn()::text");
         self.in_txn = false;
+        let span = self.open_txns.take();
         let rows = std::mem::take(&mut self.uncommitted);
         let started = std::time::Instant::now();
         let messages = self
             .client
             .simple_query(&sql)
             .await
-            .pg_context(|| "committing an apply transaction on the target".into())?;
+            .pg_context(|| "committing an apply transaction on the target".into())
+            // Deferred constraints are checked here: the server names the table.
+            .map_err(|e| self.locate(e, span_lsns(span), None))?;
         observe::apply_commit_duration(started.elapsed());
         for ((table, op), n) in rows {
             observe::rows_applied(&table, op, n);
@@ -391,6 +499,8 @@ impl TargetSession {
         // Dropping an unfinished COPY makes the connection abandon it.
         self.open_copy = None;
         self.ops.clear();
+        self.op_txns.clear();
+        self.open_txns = None;
         self.bytes = 0;
         self.uncommitted.clear();
         if self.in_txn {
@@ -445,9 +555,19 @@ impl TargetSession {
         Ok(())
     }
 
-    async fn updates(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
+    async fn updates(
+        &mut self,
+        shape: &TableShape,
+        run: &[Op],
+        lsns: &[Option<Lsn>],
+    ) -> Result<()> {
+        if shape.key.is_empty() {
+            return Err(no_identity(shape));
+        }
         // Consecutive updates that set the same columns without changing the key
-        // become one set-based statement; the rest go one by one.
+        // become one set-based statement where that is provably what one statement
+        // per row does (no constraint checked row by row covers a column they set);
+        // the rest go one by one.
         let set_based = !shape.match_full_row && !shape.has_array_column();
         let mut start = 0;
         while start < run.len() {
@@ -462,16 +582,69 @@ impl TargetSession {
                     end += 1;
                 }
             }
+            let (part, part_lsns) = (&run[start..end], &lsns[start..end]);
+            let rel = part[0].rel();
             match mask {
-                Some(mask) if end - start >= SET_BASED_MIN => {
-                    self.set_based_updates(shape, &run[start..end], &mask)
-                        .await?
+                Some(mask)
+                    if end - start >= SET_BASED_MIN
+                        && !sets_guarded(shape, &mask)
+                        && !self.conflicted.contains(&rel) =>
+                {
+                    if self.guarded_runs < GUARDED_RUNS_PER_TXN {
+                        self.guarded_set_based(shape, part, part_lsns, &mask)
+                            .await?
+                    } else {
+                        self.set_based_updates(shape, part, part_lsns, &mask)
+                            .await?
+                    }
                 }
-                _ => self.row_updates(shape, &run[start..end]).await?,
+                _ => self.row_updates(shape, part, part_lsns).await?,
             }
             start = end;
         }
         Ok(())
+    }
+
+    /// A set-based update inside a savepoint: should the target refuse it with a
+    /// unique or exclusion violation all the same (a constraint added after the
+    /// table's Relation was read), the run is applied one statement per row.
+    async fn guarded_set_based(
+        &mut self,
+        shape: &TableShape,
+        run: &[Op],
+        lsns: &[Option<Lsn>],
+        mask: &[bool],
+    ) -> Result<()> {
+        self.guarded_runs += 1;
+        self.client
+            .batch_execute(&format!("SAVEPOINT {SET_BASED_SAVEPOINT}"))
+            .await
+            .pg_context(|| "opening a savepoint on the target".into())?;
+        match self.set_based_updates(shape, run, lsns, mask).await {
+            Ok(()) => self
+                .client
+                .batch_execute(&format!("RELEASE SAVEPOINT {SET_BASED_SAVEPOINT}"))
+                .await
+                .pg_context(|| "releasing a savepoint on the target".into()),
+            Err(e) if crate::rewrite::is_conflict(&e) => {
+                tracing::warn!(
+                    table = %shape.name,
+                    rows = run.len(),
+                    "a set-based update conflicted with a unique constraint (added on the target since the table was read?): updating this table one row at a time from now on"
+                );
+                if let Some(op) = run.first() {
+                    self.conflicted.insert(op.rel());
+                }
+                self.client
+                    .batch_execute(&format!(
+                        "ROLLBACK TO SAVEPOINT {SET_BASED_SAVEPOINT}; RELEASE SAVEPOINT {SET_BASED_SAVEPOINT}"
+                    ))
+                    .await
+                    .pg_context(|| "rolling back to a savepoint on the target".into())?;
+                self.row_updates(shape, run, lsns).await
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// One `UPDATE … FROM unnest(…)` for updates setting the same columns; the last
@@ -480,6 +653,7 @@ impl TargetSession {
         &mut self,
         shape: &TableShape,
         run: &[Op],
+        lsns: &[Option<Lsn>],
         mask: &[bool],
     ) -> Result<()> {
         let mut last_by_key: HashMap<Vec<Bytes>, usize> = HashMap::with_capacity(run.len());
@@ -521,7 +695,7 @@ impl TargetSession {
             .map(|(n, &c)| format!("{} = {}", shape.columns[c].quoted, value(n, c)))
             .collect::<Vec<_>>();
         if sets.is_empty() {
-            return self.row_updates(shape, run).await;
+            return self.row_updates(shape, run, lsns).await;
         }
         let conds = shape
             .key
@@ -576,7 +750,12 @@ impl TargetSession {
         Ok(())
     }
 
-    async fn row_updates(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
+    async fn row_updates(
+        &mut self,
+        shape: &TableShape,
+        run: &[Op],
+        lsns: &[Option<Lsn>],
+    ) -> Result<()> {
         // Build every statement first (prepared once, cached), then pipeline them.
         let mut prepared: Vec<(Statement, Vec<RawValue>)> = Vec::with_capacity(run.len());
         for op in run {
@@ -587,7 +766,9 @@ impl TargetSession {
             let stmt = self.statement(sql).await?;
             prepared.push((stmt, values));
         }
-        let affected = self.pipeline(&prepared, &shape.name, "updating").await?;
+        let affected = self
+            .pipeline(&prepared, lsns, &shape.name, "updating")
+            .await?;
         for n in affected {
             if n > 0 {
                 self.counts.updated += 1;
@@ -599,19 +780,30 @@ impl TargetSession {
         Ok(())
     }
 
-    async fn deletes(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
+    async fn deletes(
+        &mut self,
+        shape: &TableShape,
+        run: &[Op],
+        lsns: &[Option<Lsn>],
+    ) -> Result<()> {
+        if shape.key.is_empty() {
+            return Err(no_identity(shape));
+        }
         if shape.match_full_row {
             let mut prepared = Vec::with_capacity(run.len());
             for op in run {
                 let Op::Delete { old, .. } = op else { continue };
                 let (where_sql, values) = match_clause(shape, old.tuple(), 1);
                 let sql = format!(
-                    "DELETE FROM {0} WHERE ctid = (SELECT ctid FROM {0} WHERE {where_sql} LIMIT 1)",
-                    shape.name.quoted()
+                    "DELETE FROM {} WHERE ctid = {}",
+                    shape.name.quoted(),
+                    one_row(shape, &where_sql)
                 );
                 prepared.push((self.statement(sql).await?, values));
             }
-            let affected = self.pipeline(&prepared, &shape.name, "deleting").await?;
+            let affected = self
+                .pipeline(&prepared, lsns, &shape.name, "deleting")
+                .await?;
             for n in affected {
                 if n > 0 {
                     self.counts.deleted += 1;
@@ -694,22 +886,39 @@ impl TargetSession {
         Ok(())
     }
 
-    /// Runs prepared statements pipelined, returning rows affected by each.
+    /// Runs prepared statements pipelined, returning rows affected by each; a
+    /// failure names the source transaction of the statement that failed (`lsns`,
+    /// aligned with `prepared`).
     async fn pipeline(
         &self,
         prepared: &[(Statement, Vec<RawValue>)],
+        lsns: &[Option<Lsn>],
         table: &QualifiedName,
         what: &str,
     ) -> Result<Vec<u64>> {
         let mut affected = Vec::with_capacity(prepared.len());
-        for chunk in prepared.chunks(PIPELINE_DEPTH) {
-            let futures = chunk
-                .iter()
-                .map(|(stmt, values)| self.client.execute_raw(stmt, values.iter()));
+        for (n, chunk) in prepared.chunks(PIPELINE_DEPTH).enumerate() {
+            let futures = chunk.iter().enumerate().map(|(i, (stmt, values))| {
+                let executed = self.client.execute_raw(stmt, values.iter());
+                async move { executed.await.map_err(|e| (i, e)) }
+            });
+            // Replies come in order, so the first error is the first statement that
+            // failed (the ones after it only report the aborted transaction).
+            let mut failed_at = None;
             let results = futures_util::future::try_join_all(futures)
                 .await
-                .pg_context(|| format!("{what} rows of {table} on the target"))?;
-            affected.extend(results);
+                .map_err(|(i, e)| {
+                    failed_at = Some(n * PIPELINE_DEPTH + i);
+                    e
+                })
+                .pg_context(|| format!("{what} rows of {table} on the target"));
+            match results {
+                Ok(results) => affected.extend(results),
+                Err(e) => {
+                    let lsn = failed_at.and_then(|i| lsns.get(i).copied().flatten());
+                    return Err(self.locate(e, [lsn], Some(table)));
+                }
+            }
         }
         Ok(affected)
     }
@@ -735,6 +944,55 @@ impl TargetSession {
 
 /// Fewest consecutive updates worth one set-based statement.
 const SET_BASED_MIN: usize = 8;
+
+/// Widens a span of commit LSNs by `lsn`.
+fn widen(span: &mut Option<(Lsn, Lsn)>, lsn: Option<Lsn>) {
+    if let Some(lsn) = lsn {
+        *span = Some(match *span {
+            None => (lsn, lsn),
+            Some((lo, hi)) => (lo.min(lsn), hi.max(lsn)),
+        });
+    }
+}
+
+/// The ends of a span, for [`SourceTxns::spanning`].
+fn span_lsns(span: Option<(Lsn, Lsn)>) -> [Option<Lsn>; 2] {
+    match span {
+        Some((lo, hi)) => [Some(lo), Some(hi)],
+        None => [None, None],
+    }
+}
+
+/// Whether an update run setting the columns of `mask` sets one a constraint
+/// checked row by row covers (key columns are matched, not set).
+fn sets_guarded(shape: &TableShape, mask: &[bool]) -> bool {
+    mask.iter()
+        .enumerate()
+        .any(|(i, &set)| set && !shape.key.contains(&i) && shape.set_guarded.get(i) != Some(&false))
+}
+
+/// An update or delete of a table whose source identity names no columns (which
+/// the source itself refuses to publish): stop and say what to do.
+fn no_identity(shape: &TableShape) -> anyhow::Error {
+    Fatal(format!(
+        "an update or delete of table {} arrived, but its source replica identity names no columns to find the row by: run ALTER TABLE {} REPLICA IDENTITY FULL on the source (or give it a primary key), then run walshuttle again",
+        shape.name,
+        shape.name.quoted()
+    ))
+    .into()
+}
+
+/// The ctid of exactly one row matching `where_sql`: one no other session holds
+/// (two apply sessions changing two identical rows must not wait on each other: on
+/// the source they changed different rows, so an unheld one exists), else any,
+/// waiting for it (a lock held by something outside walshuttle).
+fn one_row(shape: &TableShape, where_sql: &str) -> String {
+    let table = shape.name.quoted();
+    format!(
+        "coalesce((SELECT ctid FROM {table} WHERE {where_sql} LIMIT 1 FOR UPDATE SKIP LOCKED), \
+                  (SELECT ctid FROM {table} WHERE {where_sql} LIMIT 1 FOR UPDATE))"
+    )
+}
 
 /// For an update that keeps its key, which columns it sets (unchanged TOAST values
 /// are not set); `None` when the key changes, which needs the old key.
@@ -797,8 +1055,9 @@ fn update_sql(
         let (where_sql, where_values) = match_clause(shape, identity, values.len() + 1);
         values.extend(where_values);
         format!(
-            "UPDATE {table} SET {} WHERE ctid = (SELECT ctid FROM {table} WHERE {where_sql} LIMIT 1)",
-            sets.join(", ")
+            "UPDATE {table} SET {} WHERE ctid = {}",
+            sets.join(", "),
+            one_row(shape, &where_sql)
         )
     } else {
         let mut conds = Vec::with_capacity(shape.key.len());
@@ -824,8 +1083,12 @@ fn update_sql(
     (sql, values)
 }
 
-/// `col IS NOT DISTINCT FROM $n AND …` over every column of `row` that was sent,
-/// comparing types without equality as text; parameters numbered from `first`.
+/// The condition matching rows identical to `row` in every column that was sent:
+/// each value's text form (the parameter cast to the column's type and printed, as
+/// the column is, under the pinned session settings), so `1.0` and `1.00`, `0` and
+/// `-0`, or equal jsonb values written differently are told apart as the source
+/// told its rows apart; `column = value` first where the type has a btree class, so
+/// an index narrows the search. Parameters are numbered from `first`.
 fn match_clause(shape: &TableShape, row: &TupleData, first: usize) -> (String, Vec<RawValue>) {
     let mut values = Vec::new();
     let mut conds = Vec::new();
@@ -833,16 +1096,18 @@ fn match_clause(shape: &TableShape, row: &TupleData, first: usize) -> (String, V
         let Some(v) = row.columns.get(i).and_then(RawValue::from_tuple) else {
             continue;
         };
+        if v.0.is_none() {
+            conds.push(format!("{} IS NULL", col.quoted));
+            continue;
+        }
         let n = first + values.len();
         values.push(v);
         let param = shape.param(n, i);
-        if col.has_equality {
-            conds.push(format!("{} IS NOT DISTINCT FROM {param}", col.quoted));
+        let identical = format!("{}::text COLLATE \"C\" = ({param})::text", col.quoted);
+        if col.narrows {
+            conds.push(format!("{} = {param} AND {identical}", col.quoted));
         } else {
-            conds.push(format!(
-                "{}::text IS NOT DISTINCT FROM ({param})::text",
-                col.quoted
-            ));
+            conds.push(identical);
         }
     }
     if conds.is_empty() {

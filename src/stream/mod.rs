@@ -4,17 +4,21 @@
 //! - [`decoder`]: pure pgoutput decoding, bytes in, messages out.
 //! - [`relations`]: Relation messages matched against the target; schema drift.
 //! - [`added_columns`]: what existing rows hold in a column added on the source.
+//! - [`constraints`]: the target's unique constraints, which decide set-based updates.
 //! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
 //! - [`apply`]: batching changes into target transactions.
 //! - [`copy_positions`]: which changes the ranges copied outside the stream already hold.
 //! - [`io`]: the replication connection's own task: read-ahead, keepalives, timeouts.
 //! - [`session`]: one replication session, transaction boundaries and feedback.
 //! - [`spool`]: streamed transactions past the connection cap, on disk until they commit.
+//! - [`faults`]: which errors are retried and which stop `run`, and the stop message.
 
 pub mod added_columns;
 pub mod apply;
+pub mod constraints;
 pub mod copy_positions;
 pub mod decoder;
+pub mod faults;
 pub mod io;
 pub mod relations;
 pub mod session;

@@ -1,27 +1,21 @@
 //! What the apply path knows about each replicated table: pgoutput's Relation
 //! messages matched against the target's own definition, with schema drift handled
 //! where it arrives (a column added on the source is added on the target; a dropped
-//! or retyped column stops the pipeline with what to do).
+//! or retyped column stops the pipeline with what to do). Rows are found by the
+//! source's replica identity as the Relation message flags it (never the target's
+//! primary key), and the target's unique constraints are read here, once per
+//! table, for the set-based decision of the apply path.
 
 use std::collections::HashMap;
 
 use anyhow::Result;
 use tokio_postgres::Client;
 
+use super::constraints::TargetConstraints;
 use super::decoder::{Relation, ReplicaIdentity};
+pub use super::faults::Fatal;
 use crate::catalog;
 use crate::pg::{quote_ident, PgResultExt, QualifiedName};
-
-/// An error that retrying cannot fix: the pipeline stops and says what to do.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Fatal(pub String);
-
-/// Column types whose values have no equality operator: compared as text when a
-/// keyless table's rows must be matched by every column.
-const NO_EQUALITY: &[&str] = &[
-    "json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle",
-];
 
 /// One column as the apply path writes it.
 #[derive(Clone, Debug)]
@@ -30,8 +24,10 @@ pub struct ShapeColumn {
     pub quoted: String,
     /// The target column's type, as SQL.
     pub type_sql: String,
-    /// Whether values of the type can be compared with `=`.
-    pub has_equality: bool,
+    /// Whether the type has a default btree operator class, so `column = value` may
+    /// narrow a whole-row match through an index (the match itself compares the
+    /// values' text, which tells equal values apart that are not identical).
+    pub narrows: bool,
 }
 
 /// How the apply path writes one table: column order of pgoutput's tuples, and how
@@ -44,13 +40,15 @@ pub struct TableShape {
     pub columns: Vec<ShapeColumn>,
     /// Column names (unquoted) in tuple order.
     pub column_names: Vec<String>,
-    /// Positions (in `columns`) of the columns that identify a row.
+    /// Positions (in `columns`) of the source's replica identity columns (the
+    /// Relation message flags them), which find a row; every column for `FULL`.
     pub key: Vec<usize>,
-    /// Whether `key` is unique on the target (primary key), so `ON CONFLICT` works.
-    pub unique_key: bool,
-    /// A keyless `REPLICA IDENTITY FULL` table: rows are matched on every column and
-    /// exactly one matching row is changed, since several may be identical.
+    /// `REPLICA IDENTITY FULL`: rows are matched by identical values of the whole old
+    /// row, and exactly one matching row is changed, since several may be identical.
     pub match_full_row: bool,
+    /// For each column, whether a set-based UPDATE setting it could trip a target
+    /// constraint that one statement per row would pass (see [`TargetConstraints`]).
+    pub set_guarded: Vec<bool>,
     /// Whether values arrive in binary format.
     pub binary: bool,
 }
@@ -208,24 +206,16 @@ impl Relations {
                 ))
                 .into());
             }
-            let base = tcol
-                .type_sql
-                .split(['(', '['])
-                .next()
-                .unwrap_or_default()
-                .trim();
             columns.push(ShapeColumn {
                 quoted: quote_ident(&col.name),
                 type_sql: tcol.type_sql.clone(),
-                has_equality: !NO_EQUALITY.contains(&base) && !tcol.type_sql.ends_with("json[]"),
+                narrows: false,
             });
         }
-        let position = |n: &str| rel.columns.iter().position(|c| c.name == n);
-        let target_key: Option<Vec<usize>> = if target.has_primary_key && !target.key.is_empty() {
-            target.key.iter().map(|k| position(k)).collect()
-        } else {
-            None
-        };
+        // Rows are found as the source identifies them: by the replica identity's
+        // columns (flagged in the Relation message), or the whole old row for FULL.
+        let constraints = TargetConstraints::load(apply, &name).await?;
+        let column_names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
         let flagged: Vec<usize> = rel
             .columns
             .iter()
@@ -233,32 +223,52 @@ impl Relations {
             .filter(|(_, c)| c.is_key)
             .map(|(i, _)| i)
             .collect();
-        let (key, unique_key, match_full_row) = match target_key {
-            Some(k) => (k, true, false),
-            None if rel.replica_identity == ReplicaIdentity::Full => {
-                ((0..rel.columns.len()).collect(), false, true)
-            }
-            None if !flagged.is_empty() => (flagged, false, false),
-            None => {
-                return Err(Fatal(format!(
-                    "table {name} has no key on the target and no replica identity on the source: add a primary key or set REPLICA IDENTITY FULL on the source"
-                ))
-                .into())
-            }
+        let (key, match_full_row) = if rel.replica_identity == ReplicaIdentity::Full {
+            ((0..rel.columns.len()).collect(), true)
+        } else {
+            // Without identity columns the source refuses updates and deletes, so
+            // only inserts can arrive (see `TableShape::key`'s use in apply).
+            (flagged, false)
+        };
+        let key_names: Vec<String> = key.iter().map(|&k| column_names[k].clone()).collect();
+        if !match_full_row
+            && !key_names.is_empty()
+            && constraints.identity_index(&key_names).is_none()
+        {
+            tracing::warn!(
+                table = %name,
+                identity = %key_names.join(", "),
+                "the target has no unique index on the source's replica identity: every update and delete scans the table; run CREATE UNIQUE INDEX ON {} ({}) on the target",
+                name.quoted(),
+                key_names.iter().map(|k| quote_ident(k)).collect::<Vec<_>>().join(", ")
+            );
+        }
+        for (col, shape_col) in column_names.iter().zip(columns.iter_mut()) {
+            shape_col.narrows = constraints.is_ordered(col);
+        }
+        let set_guarded = if match_full_row {
+            vec![true; column_names.len()]
+        } else {
+            constraints.guarded(&key_names, &column_names)
         };
         let shape = TableShape {
             name,
-            column_names: rel.columns.iter().map(|c| c.name.clone()).collect(),
+            column_names,
             columns,
             key,
-            unique_key,
             match_full_row,
+            set_guarded,
             binary: self.binary,
         };
         let changed = self
             .shapes
             .get(&rel.oid)
-            .map(|old| old.columns.len() != shape.columns.len() || old.name != shape.name)
+            .map(|old| {
+                old.columns.len() != shape.columns.len()
+                    || old.name != shape.name
+                    || old.key != shape.key
+                    || old.match_full_row != shape.match_full_row
+            })
             .unwrap_or(false);
         self.shapes.insert(rel.oid, shape);
         Ok(changed || added)

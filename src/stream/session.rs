@@ -241,6 +241,12 @@ async fn start<'a>(
         p.phase = Phase::Streaming;
         state.save_pipeline(&target_client, &p).await?;
     }
+    if pipeline.stop_reason.is_some() {
+        // Streaming again: whatever stopped the last `run` is behind us.
+        state
+            .set_stop_reason(&target_client, &cfg.slot, None)
+            .await?;
+    }
     let positions = StreamPositions::load(
         state,
         &target_client,
@@ -596,6 +602,7 @@ impl Session<'_> {
                     self.batch_started = Instant::now();
                 }
                 let skip = b.final_lsn < self.applied;
+                self.main.note_source_txn(b.final_lsn);
                 self.current = Some(CurrentTxn { skip, xid: b.xid });
             }
             LogicalMessage::Commit(c) => {
@@ -685,6 +692,7 @@ impl Session<'_> {
                         self.cfg.state.apply_begin_sql(&self.cfg.slot),
                     )
                     .await?;
+                    session.note_streamed(s.xid);
                     let version = session.begin().await?;
                     self.refresh_positions(version).await?;
                     self.streams.insert(
@@ -763,6 +771,7 @@ impl Session<'_> {
         }
         let messages = spool.messages();
         let mut reader = spool.into_reader()?;
+        self.main.note_source_txn(c.commit_lsn);
         let version = self.main.begin().await?;
         self.refresh_positions(version).await?;
         while let Some(data) = reader.next_message()? {
@@ -972,11 +981,13 @@ impl Session<'_> {
         let unchanged = self.relation_cache.get(&rel.oid).is_some_and(|known| {
             known.namespace == rel.namespace
                 && known.name == rel.name
+                && known.replica_identity == rel.replica_identity
                 && known.columns.len() == rel.columns.len()
                 && known.columns.iter().zip(&rel.columns).all(|(a, b)| {
                     a.name == b.name
                         && a.type_oid == b.type_oid
                         && a.type_modifier == b.type_modifier
+                        && a.is_key == b.is_key
                 })
         });
         if unchanged {
