@@ -4,8 +4,10 @@
 # See bench/README.md for what is measured and how.
 #
 #   bench/compare.sh [--scale N] [--jobs J] [--fast] [--port P] [--build] [--keep]
+#                    [--only copy] [--out NAME] [--wait-load L]
 #
-# Results: bench/results/latest.json, bench/results/latest.md, bench/results/logs/.
+# Results: bench/results/latest.json, bench/results/latest.md, bench/results/logs/
+# (with --out NAME: NAME.json, NAME.md, logs/NAME/).
 # Exits non-zero only when something broke (a tool failed, a wait timed out),
 # never because of a ratio.
 
@@ -28,6 +30,10 @@ STEADY_RATE=500
 STEADY_SECONDS=30
 SPLIT_THRESHOLD=50MB
 NATIVE_STREAMING=off
+ONLY=all
+OUT=latest
+WAIT_LOAD=""
+WAIT_MAX=1200
 
 usage() {
     cat <<'EOF'
@@ -47,6 +53,15 @@ usage: bench/compare.sh [options]
   --native-streaming on|off
                         the native subscription's `streaming` option (default off,
                         PostgreSQL's default)
+  --only copy           measure only the initial copy of each tool (no bulk apply,
+                        backlog, latency or steady state)
+  --out NAME            write bench/results/NAME.json and NAME.md, logs to
+                        bench/results/logs/NAME/ (default latest: latest.json,
+                        latest.md, logs/)
+  --wait-load L         before each timed initial copy, wait until the 1-minute load
+                        average is below L (polled every 30 s; default: do not wait)
+  --wait-max S          give up waiting after S seconds and measure anyway, with a
+                        note (default 1200)
   -h, --help            this text
 
 Environment: WALSHUTTLE_BIN (default target/release/walshuttle), WALSHUTTLE_RUN_ARGS
@@ -69,20 +84,31 @@ while [ $# -gt 0 ]; do
         --steady-seconds) STEADY_SECONDS=$2; shift 2 ;;
         --split-threshold) SPLIT_THRESHOLD=$2; shift 2 ;;
         --native-streaming) NATIVE_STREAMING=$2; shift 2 ;;
+        --only) ONLY=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --wait-load) WAIT_LOAD=$2; shift 2 ;;
+        --wait-max) WAIT_MAX=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-for v in SCALE JOBS BASE_PORT BULK_ROWS BACKLOG_TXNS STEADY_RATE STEADY_SECONDS; do
+for v in SCALE JOBS BASE_PORT BULK_ROWS BACKLOG_TXNS STEADY_RATE STEADY_SECONDS WAIT_MAX; do
     if ! [[ ${!v} =~ ^[0-9]+$ ]] || [ "${!v}" -lt 1 ]; then
         echo "compare.sh: ${v,,} must be a positive integer" >&2; exit 2
     fi
 done
 case "$NATIVE_STREAMING" in on|off) ;; *) echo "compare.sh: --native-streaming on|off" >&2; exit 2 ;; esac
+case "$ONLY" in all|copy) ;; *) echo "compare.sh: --only copy (or all, the default)" >&2; exit 2 ;; esac
+if ! [[ $OUT =~ ^[A-Za-z0-9._-]+$ ]]; then echo "compare.sh: --out must be a plain file name" >&2; exit 2; fi
+if [ -n "$WAIT_LOAD" ] && ! [[ $WAIT_LOAD =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
+    echo "compare.sh: --wait-load must be a number (e.g. 0.8)" >&2; exit 2
+fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$REPO/bench"
 RESULTS="$BENCH/results"
+# latest keeps its logs where they always were
+if [ "$OUT" = latest ]; then LOGDIR="$RESULTS/logs"; else LOGDIR="$RESULTS/logs/$OUT"; fi
 if [ -z "${PGBIN:-}" ]; then
     if [ -x /usr/lib/postgresql/15/bin/postgres ]; then PGBIN=/usr/lib/postgresql/15/bin
     else PGBIN=$(pg_config --bindir); fi
@@ -154,11 +180,11 @@ cleanup() {
         [ -f "$d/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
     done
     if [ -d "$WORK/logs" ]; then
-        mkdir -p "$RESULTS/logs"
-        rm -f "$RESULTS"/logs/*.log "$RESULTS"/logs/*.txt
-        cp "$WORK"/logs/*.log "$WORK"/logs/*.txt "$RESULTS/logs/" 2>/dev/null
+        mkdir -p "$LOGDIR"
+        rm -f "$LOGDIR"/*.log "$LOGDIR"/*.txt
+        cp "$WORK"/logs/*.log "$WORK"/logs/*.txt "$LOGDIR/" 2>/dev/null
         for d in source target; do
-            [ -f "$WORK/$d.log" ] && tail -n 400 "$WORK/$d.log" >"$RESULTS/logs/postgres-$d.log"
+            [ -f "$WORK/$d.log" ] && tail -n 400 "$WORK/$d.log" >"$LOGDIR/postgres-$d.log"
         done
     fi
     if [ "$KEEP" = 1 ]; then
@@ -528,6 +554,33 @@ ws_stop() {   # phase logname
 # =========================================================== measurements ====
 set_step() { echo "$1" >"$WORK/step"; }
 
+loadavg() { cut -d' ' -f1 /proc/loadavg; }
+# wait_quiet LABEL: with --wait-load, wait (polling every 30 s, at most --wait-max s)
+# until the 1-minute load average is below the limit; notes when it never was
+wait_quiet() {
+    local label=$1 start l
+    [ -n "$WAIT_LOAD" ] || return 0
+    start=$(date +%s)
+    while :; do
+        l=$(loadavg)
+        if awk -v l="$l" -v m="$WAIT_LOAD" 'BEGIN { exit !(l < m) }'; then break; fi
+        if [ $(( $(date +%s) - start )) -ge "$WAIT_MAX" ]; then
+            note "$label: the 1-minute load average stayed at or above $WAIT_LOAD for $WAIT_MAX s (now $l); measured anyway"
+            break
+        fi
+        log "$label: load average $l, waiting for it to drop below $WAIT_LOAD"
+        sleep 30
+    done
+}
+# around each timed initial copy: the wait for a quiet machine, a CHECKPOINT on both
+# clusters, and the load average when the clock starts and stops
+copy_clock_start() {
+    wait_quiet "$1 initial copy"
+    checkpoint_both
+    record initial_copy_load_start "$1" "$(loadavg)"
+}
+copy_clock_end() { record initial_copy_load_end "$1" "$(loadavg)"; }
+
 # --- pgcopydb -----------------------------------------------------------------
 run_pgcopydb() {
     set_step "pgcopydb clone"
@@ -544,11 +597,13 @@ run_pgcopydb() {
         note "pgcopydb $(pgcopydb --version 2>&1 | awk '/^pgcopydb version/ { print $3 }') has no --split-tables-larger-than: one job per table"
     fi
     log "pgcopydb: clone --table-jobs $JOBS --index-jobs $JOBS ${split_opt[*]}"
+    copy_clock_start pgcopydb
     t0=$(now)
     pgcopydb clone --source "$SRC_URL" --target "$TGT_URL" --dir "$dir" \
         --table-jobs "$JOBS" --index-jobs "$JOBS" "${split_opt[@]}" \
         --no-owner --no-acl --no-comments --skip-extensions >"$WORK/logs/pgcopydb.log" 2>&1 || rc=$?
     t1=$(now)
+    copy_clock_end pgcopydb
     if [ "$rc" != 0 ]; then
         broke "pgcopydb clone exited $rc: $(grep -E 'ERROR|FATAL' "$WORK/logs/pgcopydb.log" | tail -n 3 | tr '\n' ' ')"
         return 0
@@ -566,6 +621,7 @@ run_psql_pipe() {
     checkpoint_both
     local t0 t1 t2 t
     log "psql pipe: sequential \\copy per table, then the post-data schema (keys, indexes)"
+    copy_clock_start psql_pipe
     t0=$(now)
     for t in $TABLES; do
         "$PSQL" -X -q -h 127.0.0.1 -p "$SP" -U postgres -d bench -c "\\copy $t to stdout" |
@@ -574,6 +630,7 @@ run_psql_pipe() {
     t1=$(now)
     q "$TP" bench -f "$SCHEMA_POST" >/dev/null 2>>"$WORK/logs/psql-pipe-schema.log"
     t2=$(now)
+    copy_clock_end psql_pipe
     check_counts psql_pipe || return 0
     record initial_copy_s psql_pipe "$(elapsed "$t0" "$t2")"
     record initial_copy_data_only_s psql_pipe "$(elapsed "$t0" "$t1")"
@@ -588,12 +645,14 @@ run_walshuttle() {
     set_step "walshuttle bootstrap"
     log "walshuttle: bootstrap --jobs $JOBS"
     local t0 t1 rc=0 wd seen
+    copy_clock_start walshuttle
     t0=$(now)
     "$WS" --source "$SRC_URL" --target "$TGT_URL" bootstrap --jobs "$JOBS" >"$WORK/logs/walshuttle-bootstrap.log" 2>&1 &
     local pid=$!; track "$pid"
     watchdog "$pid" 900 "$WORK/hwm-bootstrap" & wd=$!; track "$wd"
     wait "$pid" || rc=$?
     t1=$(now)
+    copy_clock_end walshuttle
     wait "$wd" 2>/dev/null || true
     [ -f "$WORK/hwm-bootstrap" ] && record peak_rss_mib_bootstrap walshuttle "$(kib_to_mib "$(cat "$WORK/hwm-bootstrap")")"
     if [ -f "$WORK/hwm-bootstrap.timeout" ]; then
@@ -607,6 +666,7 @@ run_walshuttle() {
     check_counts walshuttle
     record initial_copy_s walshuttle "$(elapsed "$t0" "$t1")"
     log "walshuttle: initial copy $(elapsed "$t0" "$t1") s"
+    [ "$ONLY" = copy ] && return 0
 
     set_step "walshuttle: bulk apply"
     ws_start_run run-bulk
@@ -647,13 +707,16 @@ run_native() {
     set_step "native: initial copy"
     log "native: CREATE SUBSCRIPTION ... WITH (copy_data = true, streaming = $NATIVE_STREAMING)"
     local t0 t1 seen
+    copy_clock_start native
     t0=$(now)
     qt "CREATE SUBSCRIPTION bench_sub CONNECTION '$SRC_CONNINFO' PUBLICATION bench_pub WITH (copy_data = true, streaming = $NATIVE_STREAMING)" >/dev/null 2>>"$WORK/logs/native-schema.log"
     seen=$(poll_until "$TP" "(SELECT count(*) FILTER (WHERE srsubstate = 'r') = $NTABLES AND count(*) = $NTABLES FROM pg_subscription_rel)" 1800 0.05)
+    copy_clock_end native
     [ -n "$seen" ] || { broke "native: subscription tables not all ready within 1800 s"; return 1; }
     record initial_copy_s native "$(elapsed "$t0" "$seen")"
     log "native: initial copy $(elapsed "$t0" "$seen") s"
     check_counts native
+    [ "$ONLY" = copy ] && return 0
 
     set_step "native: bulk apply"
     seen=$(poll_until "$SP" "EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_sub' AND active)" 120 0.1)
@@ -745,13 +808,18 @@ ROWDEFS=(
     "peak_rss_mib_steady_state|walshuttle peak RSS: run, steady state|MiB"
 )
 PEERS=(pgcopydb native psql_pipe)
+OTHER_KEYS=(bulk_source_txn_s backlog_write_s backlog_wal_bytes steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes)
+if [ "$ONLY" = copy ]; then
+    ROWDEFS=("${ROWDEFS[0]}" "peak_rss_mib_bootstrap|walshuttle peak RSS: bootstrap|MiB")
+    OTHER_KEYS=(initial_copy_target_indexes)
+fi
 
 fmt() { [ -n "$1" ] && echo "$1" || echo "—"; }
 
 # ---- terminal table + markdown ----
-MD="$RESULTS/latest.md"
+MD="$RESULTS/$OUT.md"
 {
-    echo "# walshuttle vs peers — $DATE"
+    echo "# walshuttle vs peers$([ "$ONLY" = copy ] && echo ", initial copy only") — $DATE"
     echo
     echo "- machine: $NPROC CPUs ($CPU_MODEL), $RAM_GIB GiB RAM"
     echo "- PostgreSQL $PG_VERSION (source and target clusters on this machine, fsync $([ "$FAST" = 1 ] && echo off || echo on))"
@@ -760,6 +828,7 @@ MD="$RESULTS/latest.md"
     echo "- data: scale $SCALE = $SRC_ROWS recommendation rows, source database $DB_PRETTY; --jobs $JOBS"
     [ -n "${WALSHUTTLE_RUN_ARGS:-}" ] && echo "- extra \`walshuttle run\` flags: ${WALSHUTTLE_RUN_ARGS}"
     echo "- total measurement time $(elapsed "$T_ALL0" "$T_ALL1") s; 1-minute load average before the run $LOAD_START, at the start of each part: $(awk -F'\t' '$1 == "load_avg_1m_at_start" { printf "%s%s %s", sep, $2, $3; sep = ", " }' "$METRICS")"
+    echo "- 1-minute load average when each initial copy's clock started → stopped: $(for t in walshuttle "${PEERS[@]}"; do a=$(val initial_copy_load_start "$t"); b=$(val initial_copy_load_end "$t"); [ -n "$a" ] && printf '%s%s %s → %s' "${sep-}" "$t" "$a" "${b:-?}" && sep=", "; done; unset sep)$([ -n "$WAIT_LOAD" ] && echo "; each waited for a load below $WAIT_LOAD (at most $WAIT_MAX s)")"
     echo
     echo "Times and lag: lower is better; a ratio is walshuttle / peer (below 1 = walshuttle better)."
     echo
@@ -778,7 +847,7 @@ MD="$RESULTS/latest.md"
     echo
     echo "| figure | walshuttle | native |"
     echo "|---|---:|---:|"
-    for key in bulk_source_txn_s backlog_write_s backlog_wal_bytes steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes; do
+    for key in "${OTHER_KEYS[@]}"; do
         echo "| $key | $(fmt "$(val "$key" walshuttle)") | $(fmt "$(val "$key" native)") |"
     done
     pd=$(val initial_copy_data_only_s psql_pipe); pi=$(val initial_copy_index_build_s psql_pipe)
@@ -794,7 +863,7 @@ MD="$RESULTS/latest.md"
 } >"$MD"
 
 # ---- JSON ----
-JSON="$RESULTS/latest.json"
+JSON="$RESULTS/$OUT.json"
 json_num() { if [ -z "$1" ]; then echo null; elif [[ $1 =~ ^(true|false)$ ]]; then echo "$1"; else echo "$1"; fi; }
 json_str() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' | tr -d '\000-\037')"; }
 {
@@ -804,7 +873,7 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\
     echo "  \"postgresql\": $(json_str "$PG_VERSION"),"
     echo "  \"walshuttle\": {\"version\": $(json_str "$WS_VERSION"), \"binary_sha256_prefix\": $(json_str "$WS_SHA"), \"binary_built\": $(json_str "$WS_BUILT"), \"repo_head\": $(json_str "$GIT_REV"), \"src_dirty\": $GIT_DIRTY},"
     echo "  \"pgcopydb\": $(json_str "${PGCOPYDB_VERSION:-}"),"
-    echo "  \"params\": {\"scale\": $SCALE, \"jobs\": $JOBS, \"fsync\": $([ "$FAST" = 1 ] && echo false || echo true), \"rows\": $SRC_ROWS, \"load_avg_1m_before\": $LOAD_START, \"source_db_bytes\": $DB_BYTES, \"bulk_rows\": $BULK_ROWS, \"backlog_txns\": $BACKLOG_TXNS, \"steady_rate\": $STEADY_RATE, \"steady_seconds\": $STEADY_SECONDS, \"pgcopydb_split\": $(json_str "$SPLIT_THRESHOLD"), \"native_streaming\": $(json_str "$NATIVE_STREAMING"), \"walshuttle_run_args\": $(json_str "${WALSHUTTLE_RUN_ARGS:-}")},"
+    echo "  \"params\": {\"scale\": $SCALE, \"jobs\": $JOBS, \"fsync\": $([ "$FAST" = 1 ] && echo false || echo true), \"rows\": $SRC_ROWS, \"load_avg_1m_before\": $LOAD_START, \"source_db_bytes\": $DB_BYTES, \"bulk_rows\": $BULK_ROWS, \"backlog_txns\": $BACKLOG_TXNS, \"steady_rate\": $STEADY_RATE, \"steady_seconds\": $STEADY_SECONDS, \"pgcopydb_split\": $(json_str "$SPLIT_THRESHOLD"), \"native_streaming\": $(json_str "$NATIVE_STREAMING"), \"walshuttle_run_args\": $(json_str "${WALSHUTTLE_RUN_ARGS:-}"), \"only\": $(json_str "$ONLY"), \"out\": $(json_str "$OUT"), \"wait_load\": $([ -n "$WAIT_LOAD" ] && echo "$WAIT_LOAD" || echo null)},"
     echo "  \"ratio_definition\": \"walshuttle / peer; lower is better for every measurement\","
     echo "  \"measurements\": ["
     n=${#ROWDEFS[@]}; i=0
@@ -859,7 +928,7 @@ for def in "${ROWDEFS[@]}"; do
 done
 echo
 if [ -s "$NOTES" ]; then echo "notes:"; sed 's/^/  - /' "$NOTES"; echo; fi
-echo "results: $JSON, $MD, $RESULTS/logs/"
+echo "results: $JSON, $MD, $LOGDIR/"
 
 if [ -f "$FAILED" ]; then
     log "something broke (see notes above); exiting 1"

@@ -52,6 +52,12 @@ pub mod names {
     pub const RECONNECTS: &str = "walshuttle_reconnects_total";
     /// Counter, label `kind` (`stream`, `slot_busy`, `fatal`): errors seen by `run`.
     pub const ERRORS: &str = "walshuttle_errors_total";
+    /// Gauge: bytes of WAL the slot holds back on the source (from its restart
+    /// position to the source's current WAL position), read every 10 s.
+    pub const RETAINED_WAL: &str = "walshuttle_slot_retained_wal_bytes";
+    /// Gauge: the source's `max_slot_wal_keep_size` in bytes, the point at which the
+    /// server invalidates the slot (absent when unlimited).
+    pub const WAL_KEEP_LIMIT: &str = "walshuttle_slot_wal_keep_limit_bytes";
 }
 
 /// What `run` is doing, as `/healthz` reports it.
@@ -373,6 +379,24 @@ fn describe() {
         "Reconnect attempts of the replication stream"
     );
     describe_counter!(names::ERRORS, "Errors seen by run, by kind");
+    describe_gauge!(
+        names::RETAINED_WAL,
+        Unit::Bytes,
+        "WAL the slot holds back on the source"
+    );
+    describe_gauge!(
+        names::WAL_KEEP_LIMIT,
+        Unit::Bytes,
+        "The source's max_slot_wal_keep_size, past which it invalidates the slot"
+    );
+}
+
+/// Records the WAL the slot holds back on the source and the server's limit for it.
+pub fn slot_wal(retained: u64, keep_limit: Option<u64>) {
+    metrics::gauge!(names::RETAINED_WAL).set(retained as f64);
+    if let Some(limit) = keep_limit {
+        metrics::gauge!(names::WAL_KEEP_LIMIT).set(limit as f64);
+    }
 }
 
 /// Starts serving `/metrics` (Prometheus text format) and `/healthz` on `addr`.

@@ -74,9 +74,137 @@ impl QualifiedName {
 }
 
 impl fmt::Display for QualifiedName {
-    /// Human form for messages: `public.Order Items`.
+    /// Form for messages, as SQL would need it: `public.items`, `public."Order
+    /// Items"`, `public."a.b"` (unambiguous, and pastable into a statement).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
+        write!(
+            f,
+            "{}.{}",
+            display_ident(&self.schema),
+            display_ident(&self.name)
+        )
+    }
+}
+
+/// Words PostgreSQL reserves (reserved and type/function-name keywords): an
+/// identifier spelled like one needs quotes.
+const RESERVED: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
+
+/// An identifier as SQL needs it in a message: bare when it is a plain lower-case
+/// name, quoted otherwise.
+pub fn display_ident(name: &str) -> String {
+    let mut chars = name.chars();
+    let plain = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+        && !RESERVED.contains(&name);
+    if plain {
+        name.to_string()
+    } else {
+        quote_ident(name)
     }
 }
 
@@ -124,6 +252,27 @@ fn split_dotted(text: &str) -> Result<Vec<String>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_name_tables_unambiguously() {
+        assert_eq!(
+            QualifiedName::new("public", "items").to_string(),
+            "public.items"
+        );
+        assert_eq!(
+            QualifiedName::new("public", "a.b").to_string(),
+            "public.\"a.b\""
+        );
+        assert_eq!(
+            QualifiedName::new("Sales", "Order Items").to_string(),
+            "\"Sales\".\"Order Items\""
+        );
+        assert_eq!(
+            QualifiedName::new("public", "user").to_string(),
+            "public.\"user\""
+        );
+        assert_eq!(QualifiedName::new("s", "t_1$x").to_string(), "s.t_1$x");
+    }
 
     #[test]
     fn quotes_identifiers_and_literals() {

@@ -517,6 +517,30 @@ impl Session<'_> {
         }
     }
 
+    /// Reads how much WAL the slot holds back on the source, for `/metrics`.
+    async fn record_slot_wal(&self) -> Result<()> {
+        let row = self
+            .source_sql
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
+                        (SELECT setting::bigint * 1024 * 1024 FROM pg_settings \
+                          WHERE name = 'max_slot_wal_keep_size' AND setting::bigint >= 0) \
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.cfg.slot],
+            )
+            .await
+            .pg_context(|| "reading the WAL the slot holds on the source".into())?;
+        if let Some(row) = row {
+            let retained: Option<i64> = row.get(0);
+            let limit: Option<i64> = row.get(1);
+            crate::observe::slot_wal(
+                retained.unwrap_or(0).max(0) as u64,
+                limit.map(|l| l.max(0) as u64),
+            );
+        }
+        Ok(())
+    }
+
     /// Backend process ids of every apply connection on the target.
     fn backend_pids(&self) -> Vec<i32> {
         let mut pids = vec![self.main_pid];
@@ -581,6 +605,7 @@ impl Session<'_> {
                 .state
                 .expire_positions(&*self.monitor, &self.cfg.slot, self.durable)
                 .await?;
+            self.record_slot_wal().await?;
             clocks.last_expiry = Instant::now();
         }
         Ok(())
