@@ -54,7 +54,8 @@ advance updated_at, 250 updates that do not (found only by the row comparison),
 150 inserts, 100 deletes, each set on distinct random rows (seeded, so every run
 changes the same rows).
 
-Environment: WALSHUTTLE_BIN (default target/release/walshuttle), PGBIN (default
+Environment: WALSHUTTLE_BIN (default target/release/walshuttle), WALSHUTTLE_BIN_REV
+(what the binary was built from, e.g. a commit, recorded in the results), PGBIN (default
 /usr/lib/postgresql/15/bin, else `pg_config --bindir`).
 EOF
 }
@@ -465,7 +466,7 @@ MD="$RESULTS/$OUT.md"
     echo
     echo "- machine: $NPROC CPUs ($CPU_MODEL), $RAM_GIB GiB RAM"
     echo "- PostgreSQL $PG_VERSION (source and target clusters on this machine, fsync $([ "$FAST" = 1 ] && echo off || echo on))"
-    echo "- walshuttle $WS_VERSION: binary sha256 $WS_SHA… built $WS_BUILT; repository HEAD $GIT_REV"
+    echo "- walshuttle $WS_VERSION: binary sha256 $WS_SHA… built $WS_BUILT${WALSHUTTLE_BIN_REV:+ from $WALSHUTTLE_BIN_REV}; repository HEAD $GIT_REV"
     echo "- data: \`items\`, $ROWS rows (tuples of ~$ROW_BYTES bytes; heap $HEAP_BYTES bytes, $HEAP_ROW_BYTES a row; $TOTAL_PRETTY with the key and the updated_at index); --jobs $JOBS"
     echo "- changes while the slot was gone: $N_ADVANCE updates advancing updated_at, $N_SILENT updates not advancing it, $N_INSERT inserts, $N_DELETE deletes"
     echo "- 1-minute load average before the run: $LOAD_START$([ -n "$WAIT_LOAD" ] && echo "; each timed step waited for it to drop below $WAIT_LOAD (at most $WAIT_MAX s)")"
@@ -509,7 +510,7 @@ json_val() { if [ -z "$1" ]; then echo null; elif [[ $1 =~ ^-?[0-9]+(\.[0-9]+)?$
     echo "  \"date\": $(json_str "$DATE"),"
     echo "  \"machine\": {\"nproc\": $NPROC, \"ram_gib\": $RAM_GIB, \"cpu\": $(json_str "$CPU_MODEL")},"
     echo "  \"postgresql\": $(json_str "$PG_VERSION"),"
-    echo "  \"walshuttle\": {\"version\": $(json_str "$WS_VERSION"), \"binary_sha256_prefix\": $(json_str "$WS_SHA"), \"binary_built\": $(json_str "$WS_BUILT"), \"repo_head\": $(json_str "$GIT_REV")},"
+    echo "  \"walshuttle\": {\"version\": $(json_str "$WS_VERSION"), \"binary_sha256_prefix\": $(json_str "$WS_SHA"), \"binary_built\": $(json_str "$WS_BUILT"), \"binary_rev\": $(json_str "${WALSHUTTLE_BIN_REV:-}"), \"repo_head\": $(json_str "$GIT_REV")},"
     echo "  \"params\": {\"rows\": $ROWS, \"jobs\": $JOBS, \"fsync\": $([ "$FAST" = 1 ] && echo false || echo true), \"row_bytes\": $(json_val "$ROW_BYTES"), \"heap_bytes_per_row\": $HEAP_ROW_BYTES, \"heap_bytes\": $(json_val "$HEAP_BYTES"), \"changes\": {\"updates_advancing_updated_at\": $N_ADVANCE, \"updates_not_advancing\": $N_SILENT, \"inserts\": $N_INSERT, \"deletes\": $N_DELETE}, \"load_avg_1m_before\": $LOAD_START, \"wait_load\": $(json_val "$WAIT_LOAD"), \"wait_max_s\": $WAIT_MAX},"
     echo "  \"figures\": {"
     awk -F'\t' '{ v[$1] = $2; if (!($1 in seen)) { seen[$1] = 1; order[++n] = $1 } }

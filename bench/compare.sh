@@ -64,7 +64,8 @@ usage: bench/compare.sh [options]
                         note (default 1200)
   -h, --help            this text
 
-Environment: WALSHUTTLE_BIN (default target/release/walshuttle), WALSHUTTLE_RUN_ARGS
+Environment: WALSHUTTLE_BIN (default target/release/walshuttle), WALSHUTTLE_BIN_REV
+(what the binary was built from, e.g. a commit, recorded in the results), WALSHUTTLE_RUN_ARGS
 (extra flags for `walshuttle run`, e.g. "--status-interval 0.2"), PGBIN (default
 /usr/lib/postgresql/15/bin, else `pg_config --bindir`).
 EOF
@@ -823,7 +824,7 @@ MD="$RESULTS/$OUT.md"
     echo
     echo "- machine: $NPROC CPUs ($CPU_MODEL), $RAM_GIB GiB RAM"
     echo "- PostgreSQL $PG_VERSION (source and target clusters on this machine, fsync $([ "$FAST" = 1 ] && echo off || echo on))"
-    echo "- walshuttle $WS_VERSION: binary sha256 $WS_SHA… built $WS_BUILT; repository HEAD $GIT_REV$([ "$GIT_DIRTY" = true ] && echo " with uncommitted changes in src (the binary may predate them)")"
+    echo "- walshuttle $WS_VERSION: binary sha256 $WS_SHA… built $WS_BUILT${WALSHUTTLE_BIN_REV:+ from $WALSHUTTLE_BIN_REV}; repository HEAD $GIT_REV$([ "$GIT_DIRTY" = true ] && echo " with uncommitted changes in src (the binary may predate them)")"
     echo "- pgcopydb ${PGCOPYDB_VERSION:-not installed}"
     echo "- data: scale $SCALE = $SRC_ROWS recommendation rows, source database $DB_PRETTY; --jobs $JOBS"
     [ -n "${WALSHUTTLE_RUN_ARGS:-}" ] && echo "- extra \`walshuttle run\` flags: ${WALSHUTTLE_RUN_ARGS}"
@@ -871,7 +872,7 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\
     echo "  \"date\": $(json_str "$DATE"),"
     echo "  \"machine\": {\"nproc\": $NPROC, \"ram_gib\": $RAM_GIB, \"cpu\": $(json_str "$CPU_MODEL")},"
     echo "  \"postgresql\": $(json_str "$PG_VERSION"),"
-    echo "  \"walshuttle\": {\"version\": $(json_str "$WS_VERSION"), \"binary_sha256_prefix\": $(json_str "$WS_SHA"), \"binary_built\": $(json_str "$WS_BUILT"), \"repo_head\": $(json_str "$GIT_REV"), \"src_dirty\": $GIT_DIRTY},"
+    echo "  \"walshuttle\": {\"version\": $(json_str "$WS_VERSION"), \"binary_sha256_prefix\": $(json_str "$WS_SHA"), \"binary_built\": $(json_str "$WS_BUILT"), \"binary_rev\": $(json_str "${WALSHUTTLE_BIN_REV:-}"), \"repo_head\": $(json_str "$GIT_REV"), \"src_dirty\": $GIT_DIRTY},"
     echo "  \"pgcopydb\": $(json_str "${PGCOPYDB_VERSION:-}"),"
     echo "  \"params\": {\"scale\": $SCALE, \"jobs\": $JOBS, \"fsync\": $([ "$FAST" = 1 ] && echo false || echo true), \"rows\": $SRC_ROWS, \"load_avg_1m_before\": $LOAD_START, \"source_db_bytes\": $DB_BYTES, \"bulk_rows\": $BULK_ROWS, \"backlog_txns\": $BACKLOG_TXNS, \"steady_rate\": $STEADY_RATE, \"steady_seconds\": $STEADY_SECONDS, \"pgcopydb_split\": $(json_str "$SPLIT_THRESHOLD"), \"native_streaming\": $(json_str "$NATIVE_STREAMING"), \"walshuttle_run_args\": $(json_str "${WALSHUTTLE_RUN_ARGS:-}"), \"only\": $(json_str "$ONLY"), \"out\": $(json_str "$OUT"), \"wait_load\": $([ -n "$WAIT_LOAD" ] && echo "$WAIT_LOAD" || echo null)},"
     echo "  \"ratio_definition\": \"walshuttle / peer; lower is better for every measurement\","

@@ -395,6 +395,13 @@ pub struct RunArgs {
     /// they commit.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000), value_name = "N")]
     pub max_stream_connections: u32,
+
+    /// WAL the slot may hold back on the source (bytes, or 512MB, 20GB): past it the
+    /// slot is dropped on purpose (the source frees the WAL) and the gap is later
+    /// repaired by catch-up; a warning comes at 80%. Without it the source's
+    /// max_slot_wal_keep_size alone decides.
+    #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
+    pub max_retained_wal: Option<u64>,
 }
 
 impl RunArgs {
@@ -411,6 +418,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr,
             healthz_max_lag: self.healthz_max_lag,
             max_stream_connections: self.max_stream_connections as usize,
+            max_retained_wal: self.max_retained_wal,
         })
     }
 }

@@ -19,6 +19,7 @@
 //! - [`observe`]: metrics, `/metrics` and `/healthz` for `run --metrics-addr`.
 //! - [`status`]: where every pipeline stands (`walshuttle status`).
 //! - [`teardown`]: retiring a pipeline (`walshuttle teardown`).
+//! - [`wal_budget`]: the slot's retained WAL against `--max-retained-wal`.
 //! - [`publication`]: each pipeline's own publication, never another's.
 //! - [`target_checks`]: foreign keys and triggers on existing target tables.
 //! - [`settings`]: the `--config` file and its precedence under env and flags.
@@ -46,3 +47,4 @@ pub mod stream;
 pub mod target_checks;
 pub mod teardown;
 pub mod verify;
+pub mod wal_budget;

@@ -58,6 +58,9 @@ pub mod names {
     /// Gauge: the source's `max_slot_wal_keep_size` in bytes, the point at which the
     /// server invalidates the slot (absent when unlimited).
     pub const WAL_KEEP_LIMIT: &str = "walshuttle_slot_wal_keep_limit_bytes";
+    /// Gauge: the retained WAL at which `run` drops the slot on purpose
+    /// (`--max-retained-wal`, or 95% of `max_slot_wal_keep_size`).
+    pub const WAL_BUDGET: &str = "walshuttle_slot_wal_budget_bytes";
 }
 
 /// What `run` is doing, as `/healthz` reports it.
@@ -103,6 +106,10 @@ struct HealthState {
     caught_up: bool,
     /// Source commit time of the last applied transaction, µs since the Unix epoch.
     last_commit_micros: Option<i64>,
+    /// WAL the slot holds back on the source.
+    retained_wal: Option<u64>,
+    /// Retained WAL at which the slot is released.
+    wal_budget: Option<u64>,
 }
 
 static HEALTH: Mutex<HealthState> = Mutex::new(HealthState {
@@ -112,6 +119,8 @@ static HEALTH: Mutex<HealthState> = Mutex::new(HealthState {
     applied: Lsn::ZERO,
     caught_up: false,
     last_commit_micros: None,
+    retained_wal: None,
+    wal_budget: None,
 });
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -226,6 +235,10 @@ pub struct HealthReport {
     pub lag_seconds: Option<f64>,
     /// Bytes of source WAL not yet applied, null before the stream showed any.
     pub lag_bytes: Option<u64>,
+    /// WAL the slot holds back on the source, null until measured.
+    pub retained_wal_bytes: Option<u64>,
+    /// Retained WAL at which the slot is released on purpose; null without a budget.
+    pub wal_budget_bytes: Option<u64>,
     /// Why it is unhealthy; null when ok.
     pub reason: Option<String>,
 }
@@ -247,10 +260,13 @@ pub fn health_report(max_lag: Duration) -> HealthReport {
     let h = health();
     let (lag_seconds, lag_bytes) = lag(&h);
     let reason = match h.phase {
-        RunPhase::Streaming => match lag_seconds {
-            Some(s) if s > max_lag.as_secs_f64() => Some(format!(
+        RunPhase::Streaming => match (lag_seconds, h.retained_wal, h.wal_budget) {
+            (Some(s), _, _) if s > max_lag.as_secs_f64() => Some(format!(
                 "lag of {s:.1} s exceeds the threshold of {:.1} s (--healthz-max-lag)",
                 max_lag.as_secs_f64()
+            )),
+            (_, Some(r), Some(b)) if r as f64 >= b as f64 * 0.8 => Some(format!(
+                "the slot holds {r} bytes of WAL, over 80% of its budget of {b} bytes"
             )),
             _ => None,
         },
@@ -265,6 +281,8 @@ pub fn health_report(max_lag: Duration) -> HealthReport {
         phase: h.phase.as_str(),
         lag_seconds,
         lag_bytes,
+        retained_wal_bytes: h.retained_wal,
+        wal_budget_bytes: h.wal_budget,
         reason,
     }
 }
@@ -385,18 +403,30 @@ fn describe() {
         "WAL the slot holds back on the source"
     );
     describe_gauge!(
+        names::WAL_BUDGET,
+        Unit::Bytes,
+        "Retained WAL at which run drops the slot on purpose"
+    );
+    describe_gauge!(
         names::WAL_KEEP_LIMIT,
         Unit::Bytes,
         "The source's max_slot_wal_keep_size, past which it invalidates the slot"
     );
 }
 
-/// Records the WAL the slot holds back on the source and the server's limit for it.
-pub fn slot_wal(retained: u64, keep_limit: Option<u64>) {
+/// Records the WAL the slot holds back on the source, the server's limit for it and
+/// the budget it is released at (`--max-retained-wal`).
+pub fn slot_wal(retained: u64, keep_limit: Option<u64>, budget: Option<u64>) {
     metrics::gauge!(names::RETAINED_WAL).set(retained as f64);
     if let Some(limit) = keep_limit {
         metrics::gauge!(names::WAL_KEEP_LIMIT).set(limit as f64);
     }
+    if let Some(b) = budget {
+        metrics::gauge!(names::WAL_BUDGET).set(b as f64);
+    }
+    let mut h = health();
+    h.retained_wal = Some(retained);
+    h.wal_budget = budget;
 }
 
 /// Starts serving `/metrics` (Prometheus text format) and `/healthz` on `addr`.
@@ -498,6 +528,8 @@ mod tests {
             applied: Lsn::ZERO,
             caught_up: false,
             last_commit_micros: None,
+            retained_wal: None,
+            wal_budget: None,
         };
         assert_eq!(lag(&h), (None, None));
         h.source_end = Lsn(1000);

@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub healthz_max_lag: Duration,
     /// Streamed transactions applied at once on connections of their own.
     pub max_stream_connections: usize,
+    /// WAL the slot may hold back before it is released on purpose.
+    pub max_retained_wal: Option<u64>,
 }
 
 impl RunOptions {
@@ -56,6 +58,7 @@ impl RunOptions {
             metrics_addr: None,
             healthz_max_lag: Duration::from_secs(60),
             max_stream_connections: 4,
+            max_retained_wal: None,
         }
     }
 }
@@ -121,7 +124,9 @@ async fn run_pipeline(
         status_interval: opts.status_interval,
         target: target_setup,
         max_stream_connections: opts.max_stream_connections,
+        max_retained_wal: opts.max_retained_wal,
     };
+    record_wal_budget(target, &cfg).await;
     let mut backoff = BACKOFF_START;
     let mut last_error: Option<String> = None;
     let mut slot_busy_since: Option<Instant> = None;
@@ -168,6 +173,12 @@ async fn run_pipeline(
                 );
                 eprintln!("{}", summary.render());
             }
+            Err(e) if e.downcast_ref::<crate::wal_budget::OverBudget>().is_some() => {
+                if let Some(why) = e.downcast_ref::<crate::wal_budget::OverBudget>() {
+                    let src = connect(source, "wal budget").await?;
+                    release_slot(&src, &cfg.slot, why).await?;
+                }
+            }
             Err(e) if faults::classify(&e) == Class::Fatal => {
                 return Err(stop_for_good(target, &cfg, &e).await);
             }
@@ -201,6 +212,10 @@ async fn run_pipeline(
                     } else {
                         tracing::debug!(error = %text, "still failing");
                     }
+                }
+                // The stream cannot run: the slot may be piling up WAL meanwhile.
+                if let Err(e) = release_if_over_budget(source, &cfg).await {
+                    tracing::debug!(error = %format!("{e:#}"), "could not check the WAL budget");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -279,6 +294,67 @@ async fn stream_preflight(
     let tables = pipeline.iter().flat_map(|p| p.tables.iter());
     let setup = target_checks::decide(&client, tables, opts.allow_target_triggers).await?;
     Ok((publication, setup))
+}
+
+/// Records the WAL budget in the state for `status` (best effort: `run` goes on
+/// without it).
+async fn record_wal_budget(target: &Endpoint, cfg: &StreamConfig) {
+    let done = async {
+        let client = connect(target, "run").await?;
+        cfg.state
+            .set_wal_budget(&client, &cfg.slot, cfg.max_retained_wal)
+            .await
+    };
+    if let Err(e) = done.await {
+        tracing::debug!(error = %format!("{e:#}"), "could not record the WAL budget");
+    }
+}
+
+/// Checks the slot's retained WAL against the budget while the stream cannot run
+/// (the target down, say) and drops the slot once it reaches the budget. Best
+/// effort: an unreachable source is simply not checked.
+async fn release_if_over_budget(source: &Endpoint, cfg: &StreamConfig) -> Result<()> {
+    let Some(budget) = cfg.max_retained_wal else {
+        return Ok(());
+    };
+    let Ok(src) = connect(source, "wal budget").await else {
+        return Ok(());
+    };
+    let Some(wal) = crate::wal_budget::measure(&src, &cfg.slot).await? else {
+        return Ok(());
+    };
+    let limit = crate::wal_budget::limit(Some(budget), wal.keep_size);
+    observe::slot_wal(wal.retained, wal.keep_size, limit);
+    if crate::wal_budget::judge(wal, Some(budget)) == crate::wal_budget::Verdict::Release {
+        release_slot(
+            &src,
+            &cfg.slot,
+            &crate::wal_budget::OverBudget {
+                slot: cfg.slot.clone(),
+                retained: wal.retained,
+                limit: limit.unwrap_or(budget),
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Drops the slot on purpose because its WAL reached the budget; the next session
+/// finds it gone and repairs the gap with catch-up.
+async fn release_slot(
+    src: &tokio_postgres::Client,
+    slot: &str,
+    why: &crate::wal_budget::OverBudget,
+) -> Result<()> {
+    tracing::warn!(slot, retained = why.retained, limit = why.limit, "the slot reached its WAL budget: dropping it so the source frees its WAL; the gap is repaired by catch-up once the target is reachable");
+    observe::set_phase(
+        RunPhase::Reconnecting,
+        Some(format!(
+            "{why}: the slot was dropped; catch-up repairs the gap"
+        )),
+    );
+    crate::bootstrap::drop_slot_if_exists(src, slot).await
 }
 
 /// When `error` says the slot is active elsewhere, who holds it (pid and address).

@@ -90,6 +90,8 @@ pub struct FileConfig {
     pub max_stream_connections: Option<usize>,
     /// Retained WAL above which `status` warns (`1GB`, or bytes).
     pub warn_retained_bytes: Option<Quantity>,
+    /// WAL budget of `run`'s slot (`20GB`, or bytes).
+    pub max_retained_wal: Option<Quantity>,
 }
 
 /// The file's values, parsed and checked.
@@ -111,6 +113,22 @@ pub struct Resolved {
     pub healthz_max_lag: Option<Duration>,
     /// Parsed `warn_retained_bytes`.
     pub warn_retained_bytes: Option<u64>,
+    /// Parsed `max_retained_wal`.
+    pub max_retained_wal: Option<u64>,
+}
+
+/// A size setting: a whole number of bytes, or text with a unit (`"1GB"`).
+fn bytes(key: &str, value: &Option<Quantity>) -> Result<Option<u64>> {
+    Ok(match value {
+        None => None,
+        Some(Quantity::Number(n)) if *n >= 0.0 && n.fract() == 0.0 => Some(*n as u64),
+        Some(Quantity::Number(n)) => {
+            bail!("`{key}` is {n}: use a whole number of bytes or e.g. \"1GB\"")
+        }
+        Some(Quantity::Text(t)) => {
+            Some(parse_bytes(t).map_err(|e| anyhow::anyhow!("`{key}`: {e}"))?)
+        }
+    })
 }
 
 fn duration(key: &str, q: &Option<Quantity>) -> Result<Option<Duration>> {
@@ -198,16 +216,8 @@ impl FileConfig {
                 )
             })?),
         };
-        let warn_retained_bytes = match &self.warn_retained_bytes {
-            None => None,
-            Some(Quantity::Number(n)) if *n >= 0.0 && n.fract() == 0.0 => Some(*n as u64),
-            Some(Quantity::Number(n)) => {
-                bail!("`warn_retained_bytes` is {n}: use a whole number of bytes or e.g. \"1GB\"")
-            }
-            Some(Quantity::Text(t)) => {
-                Some(parse_bytes(t).map_err(|e| anyhow::anyhow!("`warn_retained_bytes`: {e}"))?)
-            }
-        };
+        let warn_retained_bytes = bytes("warn_retained_bytes", &self.warn_retained_bytes)?;
+        let max_retained_wal = bytes("max_retained_wal", &self.max_retained_wal)?;
         Ok(Resolved {
             tables,
             margin: duration("margin", &self.margin)?,
@@ -216,6 +226,7 @@ impl FileConfig {
             metrics_addr,
             healthz_max_lag: duration("healthz_max_lag", &self.healthz_max_lag)?,
             warn_retained_bytes,
+            max_retained_wal,
             file: self,
         })
     }
@@ -345,6 +356,9 @@ impl Resolved {
                 }
                 if let Some(v) = self.healthz_max_lag.filter(|_| !given("healthz_max_lag")) {
                     r.healthz_max_lag = v;
+                }
+                if let Some(v) = self.max_retained_wal.filter(|_| !given("max_retained_wal")) {
+                    r.max_retained_wal = Some(v);
                 }
                 if let Some(v) = f
                     .max_stream_connections

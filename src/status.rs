@@ -77,6 +77,10 @@ pub struct PipelineStatus {
     pub last_commit_time: Option<String>,
     /// WAL the slot keeps on the source: current LSN minus `restart_lsn`.
     pub retained_wal_bytes: Option<u64>,
+    /// The budget `run --max-retained-wal` drops the slot at (null without one).
+    pub wal_budget_bytes: Option<u64>,
+    /// Retained WAL as a share of the budget, 0–1 (null without a budget or source).
+    pub wal_budget_used: Option<f64>,
     /// Whether the slot exists on the source (null when the source is unknown).
     pub slot_exists: Option<bool>,
     /// The slot's `wal_status` (`reserved`, `extended`, `unreserved`, `lost`).
@@ -306,6 +310,17 @@ async fn pipeline_status(
         }
     }
 
+    let wal_budget = state.wal_budget(tgt, name).await?;
+    if let (Some(b), Some(r)) = (wal_budget, slot.as_ref().and_then(|s| s.retained)) {
+        if r as f64 >= b as f64 * 0.8 {
+            warnings.push(format!(
+                "pipeline {name}: replication slot {name} holds {} of WAL, {:.0}% of its budget {} (run --max-retained-wal): at the budget run drops the slot and repairs the gap with catch-up",
+                human_bytes(r),
+                r as f64 / b as f64 * 100.0,
+                human_bytes(b)
+            ));
+        }
+    }
     let tables = table_status(tgt, state, &pipeline.tables, name, opts).await?;
     Ok(PipelineStatus {
         pipeline: name.to_string(),
@@ -322,6 +337,11 @@ async fn pipeline_status(
         lag_seconds,
         last_commit_time: commit_time,
         retained_wal_bytes: slot.as_ref().and_then(|s| s.retained),
+        wal_budget_bytes: wal_budget,
+        wal_budget_used: match (slot.as_ref().and_then(|s| s.retained), wal_budget) {
+            (Some(r), Some(b)) if b > 0 => Some(r as f64 / b as f64),
+            _ => None,
+        },
         slot_exists: slot.as_ref().map(|s| s.exists),
         wal_status: slot.as_ref().and_then(|s| s.wal_status.clone()),
         slot_active: active,
@@ -524,6 +544,15 @@ impl StatusReport {
                 ),
             };
             out.push_str(&format!("  slot             {slot}\n"));
+            if let Some(budget) = p.wal_budget_bytes {
+                out.push_str(&format!(
+                    "  WAL budget       {} ({})\n",
+                    human_bytes(budget),
+                    p.wal_budget_used
+                        .map(|u| format!("{:.0}% used", u * 100.0))
+                        .unwrap_or_else(|| "use unknown".into())
+                ));
+            }
             out.push_str(&format!(
                 "  copied           {} rows, {}/{} chunks\n",
                 p.rows_copied, p.chunks_done, p.chunks_total

@@ -86,6 +86,7 @@ fn exported() -> BTreeSet<String> {
         ERRORS,
         RETAINED_WAL,
         WAL_KEEP_LIMIT,
+        WAL_BUDGET,
     ]
     .iter()
     .map(|s| s.to_string())

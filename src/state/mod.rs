@@ -485,6 +485,49 @@ impl StateStore {
         Ok(())
     }
 
+    /// Records the WAL budget `run` watches the slot against (`--max-retained-wal`),
+    /// for `status`.
+    pub async fn set_wal_budget(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        budget: Option<u64>,
+    ) -> Result<()> {
+        let budget = budget.map(|b| b.min(i64::MAX as u64) as i64);
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET wal_budget_bytes = $2 WHERE pipeline = $1 \
+                     AND wal_budget_bytes IS DISTINCT FROM $2",
+                    self.table("pipelines")
+                ),
+                &[&pipeline, &budget],
+            )
+            .await
+            .pg_context(|| format!("recording the WAL budget of pipeline {pipeline}"))?;
+        Ok(())
+    }
+
+    /// The WAL budget `run` last recorded for a pipeline.
+    pub async fn wal_budget(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<Option<u64>> {
+        Ok(client
+            .query_opt(
+                &format!(
+                    "SELECT wal_budget_bytes FROM {} WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("reading the WAL budget of pipeline {pipeline}"))?
+            .and_then(|r| r.get::<_, Option<i64>>(0))
+            .map(|b| b.max(0) as u64))
+    }
+
     /// Records (or, with `None`, clears) why `run` stopped for good.
     pub async fn set_stop_reason(
         &self,

@@ -70,6 +70,7 @@ pub const V2: &str = "
 ALTER TABLE {s}.pipelines RENAME COLUMN consistent_lsn TO stream_start_lsn;
 ALTER TABLE {s}.pipelines ADD COLUMN positions_version bigint NOT NULL DEFAULT 0;
 ALTER TABLE {s}.pipelines ADD COLUMN stop_reason text;
+ALTER TABLE {s}.pipelines ADD COLUMN wal_budget_bytes bigint;
 UPDATE {s}.pipelines SET phase = 'catching_up'
  WHERE NOT consistent AND phase IN ('copied', 'streaming');
 ALTER TABLE {s}.pipelines DROP COLUMN snapshot_lsn, DROP COLUMN consistent, DROP COLUMN oldest_xact_at;

@@ -28,6 +28,7 @@ use crate::config::Endpoint;
 use crate::pg::replication::ReplicationClient;
 use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
 use crate::state::{Phase, StateStore};
+use crate::wal_budget;
 
 /// Most source transactions coalesced into one target transaction.
 const MAX_BATCH_TXNS: usize = 20_000;
@@ -63,6 +64,8 @@ pub struct StreamConfig {
     /// Streamed transactions applied at once on connections of their own; more are
     /// spooled to local disk until they commit.
     pub max_stream_connections: usize,
+    /// WAL the slot may hold back on the source before it is released on purpose.
+    pub max_retained_wal: Option<u64>,
 }
 
 /// The transaction being received (between Begin and Commit).
@@ -121,6 +124,8 @@ struct Session<'a> {
     main_pid: i32,
     /// Whether values arrive in binary format.
     binary: bool,
+    /// Whether the WAL budget warning was logged (until the slot is back under 80%).
+    budget_warned: bool,
     /// When the target's flushed position was last read.
     last_durable_check: Instant,
     /// Silence from the source after which its connection is considered dead: the
@@ -326,6 +331,7 @@ async fn start<'a>(
         io,
         main_pid,
         binary,
+        budget_warned: false,
         last_durable_check: Instant::now(),
         receive_timeout,
         monitor: Arc::new(monitor),
@@ -517,28 +523,33 @@ impl Session<'_> {
         }
     }
 
-    /// Reads how much WAL the slot holds back on the source, for `/metrics`.
-    async fn record_slot_wal(&self) -> Result<()> {
-        let row = self
-            .source_sql
-            .query_opt(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, \
-                        (SELECT setting::bigint * 1024 * 1024 FROM pg_settings \
-                          WHERE name = 'max_slot_wal_keep_size' AND setting::bigint >= 0) \
-                 FROM pg_replication_slots WHERE slot_name = $1",
-                &[&self.cfg.slot],
-            )
-            .await
-            .pg_context(|| "reading the WAL the slot holds on the source".into())?;
-        if let Some(row) = row {
-            let retained: Option<i64> = row.get(0);
-            let limit: Option<i64> = row.get(1);
-            crate::observe::slot_wal(
-                retained.unwrap_or(0).max(0) as u64,
-                limit.map(|l| l.max(0) as u64),
-            );
+    /// Reads how much WAL the slot holds back on the source (for `/metrics`), and
+    /// ends the session with [`wal_budget::OverBudget`] once it reaches the budget.
+    async fn record_slot_wal(&mut self) -> Result<()> {
+        let Some(wal) = wal_budget::measure(&self.source_sql, &self.cfg.slot).await? else {
+            return Ok(());
+        };
+        let limit = wal_budget::limit(self.cfg.max_retained_wal, wal.keep_size);
+        crate::observe::slot_wal(wal.retained, wal.keep_size, limit);
+        match wal_budget::judge(wal, self.cfg.max_retained_wal) {
+            wal_budget::Verdict::Release => Err(wal_budget::OverBudget {
+                slot: self.cfg.slot.clone(),
+                retained: wal.retained,
+                limit: limit.unwrap_or(wal.retained),
+            }
+            .into()),
+            wal_budget::Verdict::Warn => {
+                if !self.budget_warned {
+                    tracing::warn!(slot = %self.cfg.slot, retained = wal.retained, limit = ?limit, "the slot holds over 80% of its WAL budget: at the budget it is dropped and the gap later repaired by catch-up");
+                    self.budget_warned = true;
+                }
+                Ok(())
+            }
+            wal_budget::Verdict::Fine => {
+                self.budget_warned = false;
+                Ok(())
+            }
         }
-        Ok(())
     }
 
     /// Backend process ids of every apply connection on the target.
