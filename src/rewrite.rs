@@ -142,6 +142,18 @@ pub async fn rewrite(
     rows: &Rows,
     binary: bool,
 ) -> Result<(u64, u64)> {
+    rewrite_reporting(source, tx, table, rows, binary, &|_| {}).await
+}
+
+/// [`rewrite`], calling `on_bytes` with every buffer of rows copied (progress).
+pub async fn rewrite_reporting(
+    source: &Client,
+    tx: &Transaction<'_>,
+    table: &Table,
+    rows: &Rows,
+    binary: bool,
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Result<(u64, u64)> {
     let ctx = || format!("rewriting rows of {} on the target", table.name);
     let columns = table.copied_column_list();
     let (deleted, predicate) = match rows {
@@ -177,7 +189,7 @@ pub async fn rewrite(
             }
             for batch in keys.chunks(50_000) {
                 let p = keys_predicate(table, batch);
-                copied += copy_rows(source, tx, &table.name, &columns, &p, binary, &|_| {})
+                copied += copy_rows(source, tx, &table.name, &columns, &p, binary, on_bytes)
                     .await?
                     .0;
             }
@@ -226,7 +238,7 @@ pub async fn rewrite(
         &columns,
         &predicate,
         binary,
-        &|_| {},
+        on_bytes,
     )
     .await?;
     Ok((deleted, copied))
@@ -281,6 +293,7 @@ pub async fn rewrite_now(
     rows: Rows,
     binary: bool,
     purpose: &str,
+    on_bytes: &(dyn Fn(u64) + Sync),
 ) -> Result<(u64, u64)> {
     let ctx = || format!("rewriting rows of {} on the target", table.name);
     let deadline = Instant::now() + LOCK_WAIT;
@@ -315,7 +328,8 @@ pub async fn rewrite_now(
         else {
             bail!("no session reads under the snapshot of {purpose}");
         };
-        let (deleted, copied) = rewrite(&session.client, &tx, table, &rows, binary).await?;
+        let (deleted, copied) =
+            rewrite_reporting(&session.client, &tx, table, &rows, binary, on_bytes).await?;
         if let (Some(p), Some(view)) = (pipeline, &view) {
             let id = state.record_snapshot(&tx, p, view, purpose).await?;
             let scope = match rows {

@@ -330,6 +330,7 @@ async fn repair(
         rows,
         binary,
         "verify --repair",
+        &|_| {},
     )
     .await
 }

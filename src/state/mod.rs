@@ -101,6 +101,10 @@ pub enum TableState {
     Ready,
     /// A catch-up has not yet compared and repaired it.
     Repairing,
+    /// Its rows were rewritten on the source in a way the stream cannot carry (a
+    /// column added with a volatile default): it is copied again, while the others
+    /// stream.
+    Resync,
 }
 
 impl TableState {
@@ -110,6 +114,7 @@ impl TableState {
             TableState::Copying => "copying",
             TableState::Ready => "ready",
             TableState::Repairing => "repairing",
+            TableState::Resync => "resync",
         }
     }
 
@@ -117,6 +122,7 @@ impl TableState {
         match text {
             "copying" => TableState::Copying,
             "repairing" => TableState::Repairing,
+            "resync" => TableState::Resync,
             _ => TableState::Ready,
         }
     }
@@ -685,6 +691,24 @@ impl StateStore {
             .await
             .pg_context(|| format!("recording the applied position of pipeline {pipeline}"))?;
         Ok(())
+    }
+
+    /// SQL marking `tables` to be copied again ([`TableState::Resync`]), run in the
+    /// apply transaction whose changes revealed it, so the need survives a crash.
+    pub fn resync_sql(&self, pipeline: &str, tables: &[QualifiedName]) -> String {
+        tables
+            .iter()
+            .map(|t| {
+                format!(
+                    "UPDATE {} SET state = 'resync' WHERE pipeline = {} AND schema_name = {} AND table_name = {}",
+                    self.table("pipeline_tables"),
+                    quote_literal(pipeline),
+                    quote_literal(&t.schema),
+                    quote_literal(&t.name)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     /// The SQL each apply transaction runs before COMMIT: the progress row moves to

@@ -27,7 +27,7 @@ use super::spool::Spool;
 use crate::config::Endpoint;
 use crate::pg::replication::ReplicationClient;
 use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
-use crate::state::{Phase, StateStore};
+use crate::state::{Phase, StateStore, TableState};
 use crate::wal_budget;
 
 /// Most source transactions coalesced into one target transaction.
@@ -126,6 +126,9 @@ struct Session<'a> {
     binary: bool,
     /// Whether the WAL budget warning was logged (until the slot is back under 80%).
     budget_warned: bool,
+    /// Bumped by work that is not visible on the target's apply sessions (a table
+    /// copied again): the watchdog counts it as progress.
+    progress: Arc<std::sync::atomic::AtomicU64>,
     /// When the target's flushed position was last read.
     last_durable_check: Instant,
     /// Silence from the source after which its connection is considered dead: the
@@ -319,6 +322,14 @@ async fn start<'a>(
         Duration::from_millis(wal_sender_timeout_ms as u64)
             .clamp(Duration::from_secs(5), Duration::from_secs(60))
     };
+    // Tables a previous session found to need copying again, and did not finish.
+    let pending_resync: Vec<QualifiedName> = state
+        .table_entries(&target_client, &cfg.slot)
+        .await?
+        .into_iter()
+        .filter(|t| t.state == TableState::Resync)
+        .map(|t| t.name)
+        .collect();
     let main_pid = backend_pid(&target_client).await?;
     let io = StreamIo::start(
         replication,
@@ -332,6 +343,7 @@ async fn start<'a>(
         main_pid,
         binary,
         budget_warned: false,
+        progress: Arc::default(),
         last_durable_check: Instant::now(),
         receive_timeout,
         monitor: Arc::new(monitor),
@@ -339,7 +351,7 @@ async fn start<'a>(
         cfg,
         source,
         target,
-        pending_resync: Vec::new(),
+        pending_resync,
         source_sql,
         relations: Relations::new(binary, pipeline.tables.clone()),
         relation_cache: HashMap::new(),
@@ -393,8 +405,14 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(5);
 /// `limit`) or none of walshuttle's apply sessions on it (`pids`) has been active
 /// for `limit` while a step waits for it: a stalled network. A step whose session
 /// works, or waits for a lock, is never cut short.
-async fn watch_target(monitor: Arc<Client>, pids: Vec<i32>, limit: Duration) -> anyhow::Error {
+async fn watch_target(
+    monitor: Arc<Client>,
+    pids: Vec<i32>,
+    progress: Arc<std::sync::atomic::AtomicU64>,
+    limit: Duration,
+) -> anyhow::Error {
     let mut quiet_since: Option<Instant> = None;
+    let mut seen = progress.load(std::sync::atomic::Ordering::Relaxed);
     loop {
         tokio::time::sleep(PROBE_INTERVAL).await;
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&pids];
@@ -417,12 +435,16 @@ async fn watch_target(monitor: Arc<Client>, pids: Vec<i32>, limit: Duration) -> 
             }
             Ok(Ok(row)) => row.get(0),
         };
-        if active > 0 {
+        let now = progress.load(std::sync::atomic::Ordering::Relaxed);
+        if active > 0 || now != seen {
+            seen = now;
             quiet_since = None;
             continue;
         }
+        // Quiet at two probes at least `limit` apart: a moment between two
+        // statements does not count.
         let since = *quiet_since.get_or_insert_with(Instant::now);
-        if since.elapsed() + PROBE_INTERVAL > limit {
+        if since.elapsed() >= limit {
             return anyhow::anyhow!(
                 "a step on the target made no progress for {} s (no apply session active: stalled connection?): reconnecting",
                 limit.as_secs()
@@ -513,6 +535,7 @@ impl Session<'_> {
             let watchdog = watch_target(
                 Arc::clone(&self.monitor),
                 self.backend_pids(),
+                Arc::clone(&self.progress),
                 self.receive_timeout,
             );
             tokio::select! {
@@ -1107,6 +1130,7 @@ impl Session<'_> {
         {
             return Ok(());
         }
+        let progress = Arc::clone(&self.progress);
         for name in std::mem::take(&mut self.pending_resync) {
             let Some(table) = crate::catalog::load_table(&self.source_sql, &name).await? else {
                 continue;
@@ -1123,8 +1147,20 @@ impl Session<'_> {
                 crate::rewrite::Rows::All,
                 binary,
                 "resync",
+                &|n| {
+                    progress.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                },
             )
             .await?;
+            self.cfg
+                .state
+                .set_table_state(
+                    &self.main.client,
+                    &self.cfg.slot,
+                    Some(&name),
+                    TableState::Ready,
+                )
+                .await?;
             tracing::info!(table = %name, rows = copied, "copied the table again: its rows were rewritten on the source (a column added with a volatile default)");
         }
         Ok(())
@@ -1151,11 +1187,23 @@ impl Session<'_> {
             .push_back((end_lsn, target_lsn.unwrap_or(Lsn(u64::MAX))));
     }
 
-    /// SQL run inside each apply transaction before COMMIT: the progress row.
+    /// SQL run inside each apply transaction before COMMIT: the progress row, and
+    /// the tables that must be copied again (so that need survives a crash).
     fn progress_sql(&self, end_lsn: Lsn, commit_time: PgTimestamp) -> String {
-        self.cfg
-            .state
-            .progress_sql(&self.cfg.slot, end_lsn, commit_time.unix_micros())
+        let mut sql =
+            self.cfg
+                .state
+                .progress_sql(&self.cfg.slot, end_lsn, commit_time.unix_micros());
+        if !self.pending_resync.is_empty() {
+            sql.push_str("; ");
+            sql.push_str(
+                &self
+                    .cfg
+                    .state
+                    .resync_sql(&self.cfg.slot, &self.pending_resync),
+            );
+        }
+        sql
     }
 
     /// Moves `durable` forward over commits the target has flushed.
