@@ -402,6 +402,12 @@ pub struct RunArgs {
     /// max_slot_wal_keep_size alone decides.
     #[arg(long, value_parser = parse_bytes, value_name = "SIZE")]
     pub max_retained_wal: Option<u64>,
+
+    /// Every INTERVAL (e.g. 30s), set each target sequence of the replicated tables
+    /// (identity and serial columns; created when missing) to at least the source's
+    /// next value, so a target promoted at any moment hands out no id twice.
+    #[arg(long, value_parser = parse_duration, value_name = "INTERVAL")]
+    pub sync_sequences: Option<std::time::Duration>,
 }
 
 impl RunArgs {
@@ -419,6 +425,7 @@ impl RunArgs {
             healthz_max_lag: self.healthz_max_lag,
             max_stream_connections: self.max_stream_connections as usize,
             max_retained_wal: self.max_retained_wal,
+            sync_sequences: self.sync_sequences,
         })
     }
 }

@@ -22,6 +22,7 @@
 //! - [`wal_budget`]: the slot's retained WAL against `--max-retained-wal`.
 //! - [`publication`]: each pipeline's own publication, never another's.
 //! - [`target_checks`]: foreign keys and triggers on existing target tables.
+//! - [`sequences`]: target sequences kept at or past the source's (`run --sync-sequences`).
 //! - [`settings`]: the `--config` file and its precedence under env and flags.
 //! - [`cli`]: the command-line contract users script against.
 
@@ -39,6 +40,7 @@ pub mod positions;
 pub mod publication;
 pub mod rewrite;
 pub mod run;
+pub mod sequences;
 pub mod settings;
 pub mod snapshot;
 pub mod state;

@@ -35,6 +35,8 @@ pub struct RunOptions {
     pub max_stream_connections: usize,
     /// WAL the slot may hold back before it is released on purpose.
     pub max_retained_wal: Option<u64>,
+    /// How often the target's sequences are brought up to the source's.
+    pub sync_sequences: Option<Duration>,
 }
 
 impl RunOptions {
@@ -59,6 +61,7 @@ impl RunOptions {
             healthz_max_lag: Duration::from_secs(60),
             max_stream_connections: 4,
             max_retained_wal: None,
+            sync_sequences: None,
         }
     }
 }
@@ -127,6 +130,9 @@ async fn run_pipeline(
         max_retained_wal: opts.max_retained_wal,
     };
     record_wal_budget(target, &cfg).await;
+    let _sequences = opts
+        .sync_sequences
+        .map(|every| SequenceSync::start(source, target, &cfg, every));
     let mut backoff = BACKOFF_START;
     let mut last_error: Option<String> = None;
     let mut slot_busy_since: Option<Instant> = None;
@@ -294,6 +300,63 @@ async fn stream_preflight(
     let tables = pipeline.iter().flat_map(|p| p.tables.iter());
     let setup = target_checks::decide(&client, tables, opts.allow_target_triggers).await?;
     Ok((publication, setup))
+}
+
+/// The task of `--sync-sequences`, ended when dropped.
+struct SequenceSync(tokio::task::JoinHandle<()>);
+
+impl Drop for SequenceSync {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl SequenceSync {
+    /// Every `every`, brings the target's sequences of the pipeline's tables up to
+    /// the source's; a failed round is logged and tried again next time.
+    fn start(source: &Endpoint, target: &Endpoint, cfg: &StreamConfig, every: Duration) -> Self {
+        let (source, target) = (source.clone(), target.clone());
+        let (state, slot) = (cfg.state.clone(), cfg.slot.clone());
+        SequenceSync(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                let round = async {
+                    let src = connect(&source, "sequences").await?;
+                    let tgt = connect(&target, "sequences").await?;
+                    let tables: Vec<_> = state
+                        .table_entries(&tgt, &slot)
+                        .await?
+                        .into_iter()
+                        .map(|t| t.name)
+                        .collect();
+                    crate::sequences::sync(&src, &tgt, &tables, 0).await
+                };
+                match round.await {
+                    Ok(synced) => {
+                        if failing {
+                            tracing::info!(
+                                sequences = synced.len(),
+                                "target sequences in step with the source again"
+                            );
+                        }
+                        failing = false;
+                        for s in synced.iter().filter(|s| s.created) {
+                            tracing::info!(table = %s.table, column = %s.column, sequence = %s.target_sequence, "created the column's sequence on the target");
+                        }
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(error = %format!("{e:#}"), "could not bring the target's sequences up to the source's; trying again");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        }))
+    }
 }
 
 /// Records the WAL budget in the state for `status` (best effort: `run` goes on

@@ -92,6 +92,8 @@ pub struct FileConfig {
     pub warn_retained_bytes: Option<Quantity>,
     /// WAL budget of `run`'s slot (`20GB`, or bytes).
     pub max_retained_wal: Option<Quantity>,
+    /// How often `run` brings target sequences up to the source's (`30s`).
+    pub sync_sequences: Option<Quantity>,
 }
 
 /// The file's values, parsed and checked.
@@ -115,6 +117,8 @@ pub struct Resolved {
     pub warn_retained_bytes: Option<u64>,
     /// Parsed `max_retained_wal`.
     pub max_retained_wal: Option<u64>,
+    /// Parsed `sync_sequences`.
+    pub sync_sequences: Option<Duration>,
 }
 
 /// A size setting: a whole number of bytes, or text with a unit (`"1GB"`).
@@ -227,6 +231,7 @@ impl FileConfig {
             healthz_max_lag: duration("healthz_max_lag", &self.healthz_max_lag)?,
             warn_retained_bytes,
             max_retained_wal,
+            sync_sequences: duration("sync_sequences", &self.sync_sequences)?,
             file: self,
         })
     }
@@ -359,6 +364,9 @@ impl Resolved {
                 }
                 if let Some(v) = self.max_retained_wal.filter(|_| !given("max_retained_wal")) {
                     r.max_retained_wal = Some(v);
+                }
+                if let Some(v) = self.sync_sequences.filter(|_| !given("sync_sequences")) {
+                    r.sync_sequences = Some(v);
                 }
                 if let Some(v) = f
                     .max_stream_connections
