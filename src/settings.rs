@@ -548,6 +548,16 @@ impl Resolved {
             self.warn_retained_bytes.map(|b| b.to_string()),
             "1073741824",
         );
+        plain(
+            "max_retained_wal",
+            self.max_retained_wal.map(|b| b.to_string()),
+            "(off)",
+        );
+        plain(
+            "sync_sequences",
+            self.sync_sequences.map(|d| format!("{d:?}")),
+            "(off)",
+        );
         let width = lines.iter().map(|(k, _, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (k, v, o) in lines {
