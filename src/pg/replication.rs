@@ -105,19 +105,40 @@ pub struct ReplicationClient {
     write_buf: BytesMut,
     /// Server process id, as `pg_stat_replication.pid` shows it.
     pub backend_pid: i32,
+    /// `server_version_num` of the server (e.g. 170004).
+    pub server_version: i32,
 }
 
 impl ReplicationClient {
     /// Connects and authenticates. `options` is passed as the startup `options`
     /// parameter (e.g. `-c logical_decoding_work_mem=64MB`, which the walsender reads
     /// only from there).
+    ///
+    /// The hosts of the connection string are tried in order, as libpq does; with
+    /// `target_session_attrs=read-write` a server that is read-only (a standby, or
+    /// `default_transaction_read_only`) is passed over.
     pub async fn connect(endpoint: &Endpoint, options: Option<&str>) -> Result<Self> {
+        let config = &endpoint.config;
+        let hosts = config.get_hosts().len().max(1);
+        let mut last_err = None;
+        for host in 0..hosts {
+            match Self::connect_host(endpoint, host, options).await {
+                Ok(client) => return Ok(client),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| {
+            ReplicationError::Io(std::io::Error::other("no host to connect to"))
+        }))
+    }
+
+    async fn connect_host(endpoint: &Endpoint, host: usize, options: Option<&str>) -> Result<Self> {
         let config = &endpoint.config;
         let timeout = config
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(10));
-        let io = tokio::time::timeout(timeout, open_transport(config, &endpoint.tls))
+        let io = tokio::time::timeout(timeout, open_transport(config, &endpoint.tls, host))
             .await
             .map_err(|_| {
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out")
@@ -127,6 +148,7 @@ impl ReplicationClient {
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(1024),
             backend_pid: 0,
+            server_version: 0,
         };
         tokio::time::timeout(crate::pg::connect::LOGIN_TIMEOUT, client.startup(endpoint, options))
             .await
@@ -136,6 +158,21 @@ impl ReplicationClient {
                     "the server accepted the replication connection but did not complete the login within 30 s",
                 )
             })??;
+        if config.get_target_session_attrs()
+            == tokio_postgres::config::TargetSessionAttrs::ReadWrite
+        {
+            let rows = client.simple_query("SHOW transaction_read_only").await?;
+            let read_only = rows
+                .first()
+                .and_then(|r| r.get("transaction_read_only"))
+                .is_some_and(|v| v == "on");
+            if read_only {
+                client.close().await;
+                return Err(ReplicationError::Io(std::io::Error::other(
+                    "the server is read-only (target_session_attrs=read-write)",
+                )));
+            }
+        }
         Ok(client)
     }
 
@@ -213,7 +250,13 @@ impl ReplicationClient {
                     s.finish(body.data())?;
                 }
                 backend::Message::BackendKeyData(body) => self.backend_pid = body.process_id(),
-                backend::Message::ParameterStatus(_) | backend::Message::NoticeResponse(_) => {}
+                backend::Message::ParameterStatus(body) => {
+                    if body.name().ok() == Some("server_version_num") {
+                        self.server_version =
+                            body.value().ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    }
+                }
+                backend::Message::NoticeResponse(_) => {}
                 backend::Message::ReadyForQuery(_) => return Ok(()),
                 backend::Message::ErrorResponse(body) => return Err(server_error(&body)),
                 _ => {
@@ -259,10 +302,19 @@ impl ReplicationClient {
         }
     }
 
-    /// Creates a permanent logical slot with pgoutput and exports its snapshot.
+    /// Creates a permanent logical slot with pgoutput and exports its snapshot (a
+    /// failover slot on PostgreSQL 17+).
     pub async fn create_slot_exporting_snapshot(&mut self, slot: &str) -> Result<CreateSlotResult> {
+        // On PostgreSQL 17+ the slot is a failover slot: a standby with
+        // `sync_replication_slots` keeps a copy, so the stream goes on from it after a
+        // promotion, without a gap and without a catch-up.
+        let failover = if self.server_version >= 170000 {
+            ", FAILOVER"
+        } else {
+            ""
+        };
         let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export')",
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export'{failover})",
             quote_ident(slot)
         );
         let rows = self.simple_query(&sql).await?;
@@ -537,15 +589,17 @@ fn pg_now_micros() -> i64 {
 /// Connects to the first reachable host and negotiates TLS per `sslmode`
 /// (SSLRequest, then a rustls handshake when the server answers `S`). Unix-domain
 /// sockets never use TLS, as with libpq and the server itself.
+/// Opens the socket (and TLS) to host number `only` of the connection string.
 async fn open_transport(
     config: &tokio_postgres::Config,
     tls: &TlsSettings,
+    only: usize,
 ) -> Result<Box<dyn Transport>> {
     let hosts = config.get_hosts();
     let hostaddrs = config.get_hostaddrs();
     let ports = config.get_ports();
     let mut last_err = None;
-    for (i, host) in hosts.iter().enumerate() {
+    for (i, host) in hosts.iter().enumerate().filter(|(i, _)| *i == only) {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
         let attempt: Result<Box<dyn Transport>> = match host {
             Host::Tcp(name) => {
