@@ -93,10 +93,10 @@ pub fn text_array(values: impl IntoIterator<Item = impl AsRef<str>>) -> String {
     )
 }
 
-/// `(k1, k2) IN (SELECT …)`: rows whose identity key is among `keys`, with each key
-/// column compared in its own type (so indexes serve it).
-pub fn keys_predicate(table: &Table, keys: &[Vec<String>]) -> String {
-    let cols: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+/// `keys` (each a key's columns as text) as a set-returning source, shared by key
+/// lookups: the identity key columns' types, and `unnest(…) AS u(c0, c1, …)`, whose
+/// column `u.cN` holds key column N's text.
+pub fn key_rows(table: &Table, keys: &[Vec<String>]) -> (Vec<String>, String) {
     let types: Vec<String> = table
         .key
         .iter()
@@ -109,7 +109,7 @@ pub fn keys_predicate(table: &Table, keys: &[Vec<String>]) -> String {
                 .unwrap_or_else(|| "text".into())
         })
         .collect();
-    let arrays: Vec<String> = (0..cols.len())
+    let arrays: Vec<String> = (0..types.len())
         .map(|i| {
             text_array(
                 keys.iter()
@@ -117,18 +117,25 @@ pub fn keys_predicate(table: &Table, keys: &[Vec<String>]) -> String {
             )
         })
         .collect();
-    let aliases: Vec<String> = (0..cols.len()).map(|i| format!("c{i}")).collect();
+    let aliases: Vec<String> = (0..types.len()).map(|i| format!("c{i}")).collect();
+    let from = format!("unnest({}) AS u({})", arrays.join(", "), aliases.join(", "));
+    (types, from)
+}
+
+/// `(k1, k2) IN (SELECT …)`: rows whose identity key is among `keys`, with each key
+/// column compared in its own type (so indexes serve it).
+pub fn keys_predicate(table: &Table, keys: &[Vec<String>]) -> String {
+    let cols: Vec<String> = table.key.iter().map(|k| quote_ident(k)).collect();
+    let (types, from) = key_rows(table, keys);
     let selected: Vec<String> = types
         .iter()
         .enumerate()
         .map(|(i, t)| format!("u.c{i}::{t}"))
         .collect();
     format!(
-        "({}) IN (SELECT {} FROM unnest({}) AS u({}))",
+        "({}) IN (SELECT {} FROM {from})",
         cols.join(", "),
-        selected.join(", "),
-        arrays.join(", "),
-        aliases.join(", ")
+        selected.join(", ")
     )
 }
 

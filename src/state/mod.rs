@@ -500,17 +500,37 @@ impl StateStore {
         budget: Option<u64>,
     ) -> Result<()> {
         let budget = budget.map(|b| b.min(i64::MAX as u64) as i64);
+        self.set_pipeline_column(
+            client,
+            pipeline,
+            "wal_budget_bytes",
+            &budget,
+            "the WAL budget",
+        )
+        .await
+    }
+
+    /// Sets one column of a pipeline's row when it differs (no write otherwise).
+    async fn set_pipeline_column(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        column: &str,
+        value: &(dyn tokio_postgres::types::ToSql + Sync),
+        what: &str,
+    ) -> Result<()> {
         client
             .execute(
                 &format!(
-                    "UPDATE {} SET wal_budget_bytes = $2 WHERE pipeline = $1 \
-                     AND wal_budget_bytes IS DISTINCT FROM $2",
-                    self.table("pipelines")
+                    "UPDATE {} SET {c} = $2, updated_at = now() WHERE pipeline = $1 \
+                     AND {c} IS DISTINCT FROM $2",
+                    self.table("pipelines"),
+                    c = quote_ident(column)
                 ),
-                &[&pipeline, &budget],
+                &[&pipeline, value],
             )
             .await
-            .pg_context(|| format!("recording the WAL budget of pipeline {pipeline}"))?;
+            .pg_context(|| format!("recording {what} of pipeline {pipeline}"))?;
         Ok(())
     }
 
@@ -541,18 +561,8 @@ impl StateStore {
         pipeline: &str,
         reason: Option<&str>,
     ) -> Result<()> {
-        client
-            .execute(
-                &format!(
-                    "UPDATE {} SET stop_reason = $2, updated_at = now() WHERE pipeline = $1 \
-                     AND stop_reason IS DISTINCT FROM $2",
-                    self.table("pipelines")
-                ),
-                &[&pipeline, &reason],
-            )
+        self.set_pipeline_column(client, pipeline, "stop_reason", &reason, "why it stopped")
             .await
-            .pg_context(|| format!("recording why pipeline {pipeline} stopped"))?;
-        Ok(())
     }
 
     // ----- tables --------------------------------------------------------------

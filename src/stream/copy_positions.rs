@@ -14,7 +14,7 @@ use super::apply::Op;
 use super::decoder::TupleValue;
 use crate::pg::{Lsn, PgResultExt, QualifiedName};
 use crate::positions::{LivePositions, Position, Scope};
-use crate::rewrite::text_array;
+use crate::rewrite::key_rows;
 use crate::state::{StateStore, StoredScope};
 
 /// A column value exactly as the server sent it (binary result format).
@@ -191,26 +191,7 @@ async fn convert_keys(
     if n == 0 || keys.is_empty() {
         return Ok(Vec::new());
     }
-    let types: Vec<String> = table
-        .key
-        .iter()
-        .map(|k| {
-            table
-                .columns
-                .iter()
-                .find(|c| &c.name == k)
-                .map(|c| c.type_sql.clone())
-                .unwrap_or_else(|| "text".into())
-        })
-        .collect();
-    let arrays: Vec<String> = (0..n)
-        .map(|i| {
-            text_array(
-                keys.iter()
-                    .map(|k| k.get(i).map(String::as_str).unwrap_or("")),
-            )
-        })
-        .collect();
+    let (types, from) = key_rows(table, keys);
     let exprs: Vec<String> = types
         .iter()
         .enumerate()
@@ -222,13 +203,7 @@ async fn convert_keys(
             }
         })
         .collect();
-    let aliases: Vec<String> = (0..n).map(|i| format!("c{i}")).collect();
-    let sql = format!(
-        "SELECT {} FROM unnest({}) AS u({})",
-        exprs.join(", "),
-        arrays.join(", "),
-        aliases.join(", ")
-    );
+    let sql = format!("SELECT {} FROM {from}", exprs.join(", "));
     let rows = target
         .query(&sql, &[])
         .await
