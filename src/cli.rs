@@ -395,6 +395,11 @@ pub struct RunArgs {
     /// they commit.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000), value_name = "N")]
     pub max_stream_connections: u32,
+
+    /// Keep a column dropped on the source on the target instead of dropping it
+    /// there (made nullable when it is NOT NULL without a default, so new rows fit).
+    #[arg(long)]
+    pub keep_dropped_columns: bool,
 }
 
 impl RunArgs {
@@ -411,6 +416,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr,
             healthz_max_lag: self.healthz_max_lag,
             max_stream_connections: self.max_stream_connections as usize,
+            keep_dropped_columns: self.keep_dropped_columns,
         })
     }
 }

@@ -33,6 +33,9 @@ pub struct RunOptions {
     pub healthz_max_lag: Duration,
     /// Streamed transactions applied at once on connections of their own.
     pub max_stream_connections: usize,
+    /// Keep columns dropped on the source on the target, made nullable where new
+    /// rows would not fit (`--keep-dropped-columns`).
+    pub keep_dropped_columns: bool,
 }
 
 impl RunOptions {
@@ -56,6 +59,7 @@ impl RunOptions {
             metrics_addr: None,
             healthz_max_lag: Duration::from_secs(60),
             max_stream_connections: 4,
+            keep_dropped_columns: false,
         }
     }
 }
@@ -121,6 +125,8 @@ async fn run_pipeline(
         status_interval: opts.status_interval,
         target: target_setup,
         max_stream_connections: opts.max_stream_connections,
+        keep_dropped_columns: opts.keep_dropped_columns,
+        memory: Default::default(),
     };
     let mut backoff = BACKOFF_START;
     let mut last_error: Option<String> = None;
