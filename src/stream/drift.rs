@@ -16,13 +16,17 @@
 //! - otherwise the column's neighbours on the target bracket where its attribute
 //!   was: a new column whose attribute lies between them, with only dropped
 //!   attributes before it, is the renamed one. That is certain when a surviving
-//!   column follows it (an added column gets a number past every existing one) or
-//!   when nothing at all lies between (a drop would have left its attribute there);
+//!   column follows it (an added column gets a number past every existing one) or,
+//!   for a column the source described before, when nothing at all lies between (a
+//!   drop would have left its attribute there);
 //! - when neither settles it (or the catalog has moved on since the message), the
-//!   column is taken as dropped and the new one as added, and the table is copied
-//!   again, which is right whatever happened;
+//!   column is taken as dropped (kept, when the source never described it to this
+//!   process: it may be the target's own) and the new one as added, and the table
+//!   is copied again, which is right whatever happened;
 //! - a column the source never described in this process and does not send is the
-//!   target's own (or was dropped while `run` was away): it is kept, with a warning.
+//!   target's own (or was dropped while `run` was away): it is kept, with a warning,
+//!   since preflight lets an existing target table have columns of its own, and
+//!   dropping one would destroy data that was never the source's.
 
 use anyhow::Result;
 use tokio_postgres::Client;
@@ -267,12 +271,15 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Plan, Refusal> {
             .filter(|n| !renamed.iter().any(|(_, r)| r.name == n.name))
             .copied()
             .collect();
-        let pairing = match seen_column(&g.name).and_then(|c| c.attnum) {
-            Some(k) => match free.iter().find(|n| attnum(n.name) == Some(k)) {
+        let was_sent = seen_column(&g.name);
+        let pairing = match (inp.seen, was_sent.and_then(|c| c.attnum)) {
+            (_, Some(k)) => match free.iter().find(|n| attnum(n.name) == Some(k)) {
                 Some(n) => Pairing::Certain(n),
                 None => Pairing::None,
             },
-            None => by_neighbours(inp, &copied, g, &free, &replaced),
+            // Not sent the last time either: the target's own.
+            (Some(_), None) if was_sent.is_none() => Pairing::None,
+            (seen, None) => by_neighbours(inp, &copied, g, &free, &replaced, seen.is_none()),
         };
         match pairing {
             Pairing::Certain(n) => {
@@ -292,9 +299,15 @@ pub fn decide(inp: &Inputs<'_>) -> Result<Plan, Refusal> {
                 }
                 renamed.push((g.name.as_str(), n));
             }
-            Pairing::Unsure => {
+            Pairing::Unsure if was_sent.is_some() => {
                 plan.resync = true;
                 dropped.push(g);
+            }
+            // Never described to this process: perhaps the target's own, which must
+            // not be dropped or taken over; kept, and the rows copied again.
+            Pairing::Unsure => {
+                plan.resync = true;
+                own.push(g);
             }
             Pairing::None if seen_column(&g.name).is_some() => dropped.push(g),
             Pairing::None => own.push(g),
@@ -405,13 +418,16 @@ fn blocks_inserts(c: &Column) -> bool {
 }
 
 /// Whether a new column is the missing column `g` renamed, judged by where their
-/// attributes lie (see the module's doc).
+/// attributes lie (see the module's doc). At `first_sight` (the source never
+/// described the table to this process), `g` may be a column of the target's own
+/// after all the source's: only a surviving column after it makes a rename certain.
 fn by_neighbours<'a>(
     inp: &Inputs<'a>,
     copied: &[&Column],
     g: &Column,
     free: &[&'a SentColumn<'a>],
     replaced: &[&str],
+    first_sight: bool,
 ) -> Pairing<'a> {
     let Some(at) = copied.iter().position(|c| c.name == g.name) else {
         return Pairing::None;
@@ -462,7 +478,10 @@ fn by_neighbours<'a>(
         .collect();
     match plausible.as_slice() {
         [] => Pairing::None,
-        [(n, kn)] if rivals == 0 && (kq.is_some() || between(kp, *kn).next().is_none()) => {
+        [(n, kn)]
+            if rivals == 0
+                && (kq.is_some() || (!first_sight && between(kp, *kn).next().is_none())) =>
+        {
             Pairing::Certain(n)
         }
         _ => Pairing::Unsure,
@@ -608,16 +627,27 @@ mod tests {
             case.decide().unwrap().changes,
             vec![rename("name", "title")]
         );
-        // The last column, with nothing between: certain too.
+        // The last column, never described before: the target's own plus an added
+        // column fits too, so it is kept, the new one added, the rows copied again.
         case.sent = vec![("id", "integer"), ("title", "text")];
         case.target = vec![col("id", "integer", true), col("name", "text", false)];
         case.source = vec![attr(1, "id", "integer"), attr(2, "title", "text")];
+        let kept = Change::Keep {
+            column: "name".into(),
+            make_nullable: false,
+            dropped_on_source: false,
+        };
+        let plan = case.decide().unwrap();
+        assert_eq!(plan.changes, vec![kept.clone(), add("title", "text")]);
+        assert!(plan.resync);
+        // Described before (number unknown), nothing between: certain.
+        case.seen = Some(seen(&[("id", Some(1)), ("name", None)]));
         assert_eq!(
             case.decide().unwrap().changes,
             vec![rename("name", "title")]
         );
-        // The last column with a dropped attribute before the new one: either story
-        // fits, so drop and add, and copy the rows again.
+        // A dropped attribute before the new one: either story fits, so drop and
+        // add, and copy the rows again.
         case.source = vec![
             attr(1, "id", "integer"),
             dropped(2),
@@ -626,6 +656,12 @@ mod tests {
         let plan = case.decide().unwrap();
         assert_eq!(plan.changes, vec![drop("name"), add("title", "text")]);
         assert!(plan.resync);
+        // Not described the last time: the target's own, never taken for a rename.
+        case.seen = Some(seen(&[("id", Some(1))]));
+        case.source = vec![attr(1, "id", "integer"), attr(2, "title", "text")];
+        let plan = case.decide().unwrap();
+        assert_eq!(plan.changes, vec![kept, add("title", "text")]);
+        assert!(!plan.resync);
     }
 
     #[test]
