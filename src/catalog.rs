@@ -159,27 +159,9 @@ pub async fn list_tables(
     selected: Option<&[QualifiedName]>,
     exclude_schema: &str,
 ) -> Result<Vec<Table>> {
-    // Every permanent ordinary table, partitions included (each is replicated as a
-    // table of its own), but not tables that belong to an extension.
-    let rows = client
-        .query(
-            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname <> ALL($1) \
-               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
-               AND n.nspname <> $2 \
-               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
-                               AND d.objid = c.oid AND d.deptype = 'e') \
-             ORDER BY 1, 2",
-            &[&SYSTEM_SCHEMAS, &exclude_schema],
-        )
-        .await
-        .pg_context(|| "listing tables on the source".into())?;
     let names: Vec<QualifiedName> = match selected {
         Some(list) => expand_selection(client, list).await?,
-        None => rows
-            .iter()
-            .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
-            .collect(),
+        None => every_table_name(client, exclude_schema).await?,
     };
     let mut tables = Vec::with_capacity(names.len());
     let mut seen = BTreeSet::new();
@@ -195,6 +177,54 @@ pub async fn list_tables(
         }
     }
     Ok(tables)
+}
+
+/// Every permanent ordinary table outside system schemas and `exclude_schema`,
+/// partitions included (each is replicated as a table of its own), but not tables
+/// that belong to an extension: what a pipeline without `--tables` carries.
+pub async fn every_table_name(client: &Client, exclude_schema: &str) -> Result<Vec<QualifiedName>> {
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND n.nspname <> ALL($1) \
+               AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%' \
+               AND n.nspname <> $2 \
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                               AND d.objid = c.oid AND d.deptype = 'e') \
+             ORDER BY 1, 2",
+            &[&SYSTEM_SCHEMAS, &exclude_schema],
+        )
+        .await
+        .pg_context(|| "listing tables on the source".into())?;
+    Ok(rows
+        .iter()
+        .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
+}
+
+/// The permanent tables `list` stands for now: each named ordinary table, and the
+/// leaf partitions of each named partitioned table. Unlike [`list_tables`], a name
+/// that resolves to nothing replicable is left out rather than refused.
+pub async fn selected_table_names(
+    client: &Client,
+    list: &[QualifiedName],
+) -> Result<Vec<QualifiedName>> {
+    let quoted: Vec<String> = list.iter().map(QualifiedName::quoted).collect();
+    let rows = client
+        .query(
+            "SELECT DISTINCT n.nspname, c.relname \
+             FROM unnest($1::text[]) AS s(name) \
+             CROSS JOIN LATERAL pg_partition_tree(to_regclass(s.name)) t \
+             JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE t.isleaf AND c.relkind = 'r' AND c.relpersistence = 'p' ORDER BY 1, 2",
+            &[&quoted],
+        )
+        .await
+        .pg_context(|| "resolving the table selection on the source".into())?;
+    Ok(rows
+        .iter()
+        .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
 
 /// Resolves named tables: a partitioned table stands for its leaf partitions, and an

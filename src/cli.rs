@@ -408,6 +408,10 @@ pub struct RunArgs {
     /// next value, so a target promoted at any moment hands out no id twice.
     #[arg(long, value_parser = parse_duration, value_name = "INTERVAL")]
     pub sync_sequences: Option<std::time::Duration>,
+    /// Keep a column dropped on the source on the target instead of dropping it
+    /// there (made nullable when it is NOT NULL without a default, so new rows fit).
+    #[arg(long)]
+    pub keep_dropped_columns: bool,
 }
 
 impl RunArgs {
@@ -426,6 +430,7 @@ impl RunArgs {
             max_stream_connections: self.max_stream_connections as usize,
             max_retained_wal: self.max_retained_wal,
             sync_sequences: self.sync_sequences,
+            keep_dropped_columns: self.keep_dropped_columns,
         })
     }
 }

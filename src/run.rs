@@ -37,6 +37,9 @@ pub struct RunOptions {
     pub max_retained_wal: Option<u64>,
     /// How often the target's sequences are brought up to the source's.
     pub sync_sequences: Option<Duration>,
+    /// Keep columns dropped on the source on the target, made nullable where new
+    /// rows would not fit (`--keep-dropped-columns`).
+    pub keep_dropped_columns: bool,
 }
 
 impl RunOptions {
@@ -62,6 +65,7 @@ impl RunOptions {
             max_stream_connections: 4,
             max_retained_wal: None,
             sync_sequences: None,
+            keep_dropped_columns: false,
         }
     }
 }
@@ -128,6 +132,8 @@ async fn run_pipeline(
         target: target_setup,
         max_stream_connections: opts.max_stream_connections,
         max_retained_wal: opts.max_retained_wal,
+        keep_dropped_columns: opts.keep_dropped_columns,
+        memory: Default::default(),
     };
     record_wal_budget(target, &cfg).await;
     let _sequences = opts

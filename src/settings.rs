@@ -88,6 +88,8 @@ pub struct FileConfig {
     pub healthz_max_lag: Option<Quantity>,
     /// Streamed transactions `run` applies on connections of their own at once.
     pub max_stream_connections: Option<usize>,
+    /// `run` keeps columns dropped on the source on the target.
+    pub keep_dropped_columns: Option<bool>,
     /// Retained WAL above which `status` warns (`1GB`, or bytes).
     pub warn_retained_bytes: Option<Quantity>,
     /// WAL budget of `run`'s slot (`20GB`, or bytes).
@@ -374,6 +376,12 @@ impl Resolved {
                 {
                     r.max_stream_connections = u32::try_from(v).unwrap_or(u32::MAX);
                 }
+                if let Some(v) = f
+                    .keep_dropped_columns
+                    .filter(|_| !given("keep_dropped_columns"))
+                {
+                    r.keep_dropped_columns = v;
+                }
             }
             Command::CatchUp(c) => {
                 bootstrap(&mut c.bootstrap);
@@ -500,6 +508,11 @@ impl Resolved {
             "max_stream_connections",
             f.max_stream_connections.map(|n| n.to_string()),
             "4",
+        );
+        plain(
+            "keep_dropped_columns",
+            f.keep_dropped_columns.map(|b| b.to_string()),
+            "false",
         );
         plain(
             "tables",

@@ -1,5 +1,7 @@
 //! `walshuttle status`: where every pipeline recorded on the target stands: phase,
-//! positions and lag, the slot on the source, copy progress and watermarks.
+//! positions and lag, the slot on the source, copy progress and watermarks, and the
+//! tables on the source it does not carry but would if bootstrapped now (a table
+//! created, or a partition attached, since: their rows are not replicated).
 //!
 //! Read-only on both sides. The JSON form is schema-stable: every key is always
 //! present, `null` when unknown (e.g. the source is unreachable).
@@ -11,7 +13,7 @@ use tokio_postgres::Client;
 
 use crate::config::Endpoint;
 use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
-use crate::state::{Phase, StateStore};
+use crate::state::{Phase, Pipeline, Selection, StateStore};
 
 /// Settings of `status`.
 #[derive(Clone, Debug)]
@@ -100,6 +102,9 @@ pub struct PipelineStatus {
     pub stop_reason: Option<String>,
     /// Per table.
     pub tables: Vec<TableStatus>,
+    /// Tables on the source (`schema.table`) the pipeline does not carry but would
+    /// if bootstrapped now, by the same selection; null when the source is unknown.
+    pub untracked_tables: Option<Vec<String>>,
     /// Warnings about this pipeline.
     pub warnings: Vec<String>,
 }
@@ -321,6 +326,25 @@ async fn pipeline_status(
             ));
         }
     }
+    let untracked = match src {
+        None => None,
+        Some(src) => match untracked_tables(src, tgt, state, &pipeline).await {
+            Ok(list) => Some(list),
+            Err(e) => {
+                warnings.push(format!(
+                    "pipeline {name}: could not list the source's tables it does not carry: {e:#}"
+                ));
+                None
+            }
+        },
+    };
+    for t in untracked.iter().flatten() {
+        warnings.push(format!(
+            "pipeline {name}: table {t} on the source is not carried by this pipeline, which would carry it if bootstrapped now (created, or attached as a partition, after the bootstrap): its rows are not replicated; replicate it with a pipeline of its own (walshuttle run --slot NAME --tables {}) or bootstrap this one again",
+            t.quoted()
+        ));
+    }
+
     let tables = table_status(tgt, state, &pipeline.tables, name, opts).await?;
     Ok(PipelineStatus {
         pipeline: name.to_string(),
@@ -351,8 +375,46 @@ async fn pipeline_status(
         chunks_total: tables.iter().map(|t| t.chunks_total).sum(),
         stop_reason: pipeline.stop_reason.clone(),
         tables,
+        untracked_tables: untracked.map(|l| l.iter().map(|t| t.to_string()).collect()),
         warnings,
     })
+}
+
+/// The source's tables a bootstrap of this pipeline would carry now that it does
+/// not: by its `--tables` (named tables and the partitions of named partitioned
+/// ones), or every ordinary table. For a pipeline bootstrapped before the selection
+/// was recorded, the partitions of partitioned tables it carries partitions of.
+async fn untracked_tables(
+    src: &Client,
+    tgt: &Client,
+    state: &StateStore,
+    pipeline: &Pipeline,
+) -> Result<Vec<QualifiedName>> {
+    let wanted = match state.selection(tgt, &pipeline.name).await? {
+        Selection::EveryTable => crate::catalog::every_table_name(src, state.schema()).await?,
+        Selection::Named(list) => crate::catalog::selected_table_names(src, &list).await?,
+        Selection::Unknown => {
+            let carried: Vec<String> = pipeline.tables.iter().map(QualifiedName::quoted).collect();
+            let parents: Vec<QualifiedName> = src
+                .query(
+                    "SELECT DISTINCT n.nspname, p.relname FROM unnest($1::text[]) AS s(name) \
+                     CROSS JOIN LATERAL pg_partition_root(to_regclass(s.name)) AS r(root) \
+                     JOIN pg_class p ON p.oid = r.root JOIN pg_namespace n ON n.oid = p.relnamespace \
+                     WHERE p.relkind = 'p'",
+                    &[&carried],
+                )
+                .await
+                .pg_context(|| "reading the partitioned tables on the source".into())?
+                .iter()
+                .map(|r| QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect();
+            crate::catalog::selected_table_names(src, &parents).await?
+        }
+    };
+    Ok(wanted
+        .into_iter()
+        .filter(|t| !pipeline.tables.contains(t))
+        .collect())
 }
 
 async fn table_status(
@@ -557,6 +619,12 @@ impl StatusReport {
                 "  copied           {} rows, {}/{} chunks\n",
                 p.rows_copied, p.chunks_done, p.chunks_total
             ));
+            if let Some(untracked) = p.untracked_tables.as_ref().filter(|u| !u.is_empty()) {
+                out.push_str(&format!(
+                    "  not carried      {} (see the warnings)\n",
+                    untracked.join(", ")
+                ));
+            }
             let width = p
                 .tables
                 .iter()

@@ -2,7 +2,9 @@
 //! hashed on both sides in parallel, narrowed down to the differing keys, and
 //! optionally repairs them. While `run` streams, a differing range is checked again
 //! after the target has applied past the source's position at the first check, so
-//! changes in flight are not reported as differences.
+//! changes in flight are not reported as differences. A source column the target
+//! does not have yet (added on the source, not yet followed by `run`) is reported as
+//! a difference, and the other columns are compared.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -65,6 +67,15 @@ pub struct TableReport {
     pub repaired: (u64, u64),
     /// Set when the table is missing on the target.
     pub missing_on_target: bool,
+    /// Source columns missing on the target (the rest are compared).
+    pub missing_columns: Vec<String>,
+}
+
+impl TableReport {
+    /// Whether the table is the same on both sides.
+    fn equal(&self) -> bool {
+        self.differences.is_empty() && !self.missing_on_target && self.missing_columns.is_empty()
+    }
 }
 
 /// The outcome of a verify run.
@@ -81,9 +92,7 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// Whether every table is equal.
     pub fn equal(&self) -> bool {
-        self.tables
-            .iter()
-            .all(|t| t.differences.is_empty() && !t.missing_on_target)
+        self.tables.iter().all(TableReport::equal)
     }
 
     /// Lines for a person.
@@ -94,6 +103,14 @@ impl VerifyReport {
                 out.push_str(&format!("{}: DIFFERENT: missing on the target\n", t.table));
                 continue;
             }
+            if !t.missing_columns.is_empty() {
+                out.push_str(&format!(
+                    "{}: DIFFERENT: column{} {} missing on the target (`walshuttle run` adds a column added on the source with the next change of the table)\n",
+                    t.table,
+                    if t.missing_columns.len() == 1 { "" } else { "s" },
+                    t.missing_columns.join(", ")
+                ));
+            }
             if t.repaired != (0, 0) {
                 out.push_str(&format!(
                     "{}: repaired: {} rows deleted, {} rows copied on the target\n",
@@ -101,7 +118,16 @@ impl VerifyReport {
                 ));
             }
             if t.differences.is_empty() {
-                out.push_str(&format!("{}: equal ({} rows)\n", t.table, t.source_rows));
+                out.push_str(&format!(
+                    "{}: {}equal ({} rows)\n",
+                    t.table,
+                    if t.missing_columns.is_empty() {
+                        ""
+                    } else {
+                        "the other columns "
+                    },
+                    t.source_rows
+                ));
             } else {
                 out.push_str(&format!(
                     "{}: DIFFERENT: {} source rows, {} target rows, {} of {} ranges differ\n",
@@ -122,11 +148,7 @@ impl VerifyReport {
                 }
             }
         }
-        let equal = self
-            .tables
-            .iter()
-            .filter(|t| t.differences.is_empty() && !t.missing_on_target)
-            .count();
+        let equal = self.tables.iter().filter(|t| t.equal()).count();
         out.push_str(&format!(
             "verify: {equal} of {} tables equal; {} rows per side in {:.1} s ({:.0} rows/s)",
             self.tables.len(),
@@ -174,7 +196,7 @@ pub async fn verify(
     let src = hashing_session(source, "verify").await?;
     let tgt = hashing_session(target, "verify").await?;
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
-    let tables = resolve_tables(&src, &tgt, &state, &opts.slot, opts.tables.as_deref()).await?;
+    let mut tables = resolve_tables(&src, &tgt, &state, &opts.slot, opts.tables.as_deref()).await?;
     if tables.is_empty() {
         bail!("no tables to verify: name them with --tables");
     }
@@ -187,8 +209,24 @@ pub async fn verify(
     };
     let mut reports = Vec::with_capacity(tables.len());
     let mut work = VecDeque::new();
-    for (i, table) in tables.iter().enumerate() {
-        let missing = catalog::load_table(&tgt, &table.name).await?.is_none();
+    for (i, table) in tables.iter_mut().enumerate() {
+        let on_target = catalog::load_table(&tgt, &table.name).await?;
+        let missing = on_target.is_none();
+        // Compare the columns both sides have; the others are a difference of
+        // their own.
+        let missing_columns: Vec<String> = on_target
+            .map(|t| {
+                let absent: Vec<String> = table
+                    .copied_columns()
+                    .iter()
+                    .filter(|c| !t.columns.iter().any(|tc| tc.name == c.name))
+                    .map(|c| c.name.clone())
+                    .collect();
+                table.columns.retain(|c| !absent.contains(&c.name));
+                absent
+            })
+            .unwrap_or_default();
+        let key_missing = table.key.iter().any(|k| missing_columns.contains(k));
         reports.push(TableReport {
             table: table.name.clone(),
             source_rows: 0,
@@ -197,8 +235,9 @@ pub async fn verify(
             differences: Vec::new(),
             repaired: (0, 0),
             missing_on_target: missing,
+            missing_columns,
         });
-        if missing {
+        if missing || key_missing {
             continue;
         }
         let ranges = compare::plan_ranges(&src, &tgt, table, opts.jobs).await?;

@@ -340,6 +340,9 @@ async fn fresh(
             .await
             .pg_context(|| "recording the plan".into())?;
         state.save_pipeline(&tx, &pipeline).await?;
+        state
+            .set_selection(&tx, &pipeline.name, opts.tables.as_deref())
+            .await?;
         state.set_tables(&tx, &pipeline.name, &entries).await?;
         state.record_plan(&tx, &opts.slot, &chunks).await?;
         tx.commit()

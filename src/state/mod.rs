@@ -45,6 +45,17 @@ pub const STATE_TABLES: [&str; 9] = [
 /// Version of the state schema this binary writes.
 pub const STATE_VERSION: i32 = schema::MIGRATIONS.len() as i32;
 
+/// Which tables a pipeline was asked to carry when it was bootstrapped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// Bootstrapped before walshuttle recorded it.
+    Unknown,
+    /// Every ordinary table outside system schemas (no `--tables`).
+    EveryTable,
+    /// `--tables` as given (a partitioned table stands for its partitions).
+    Named(Vec<QualifiedName>),
+}
+
 /// Where a pipeline stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -563,6 +574,63 @@ impl StateStore {
     ) -> Result<()> {
         self.set_pipeline_column(client, pipeline, "stop_reason", &reason, "why it stopped")
             .await
+    }
+
+    /// Records which tables the pipeline was asked to carry: `--tables`, or every
+    /// table (`None`).
+    pub async fn set_selection(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        tables: Option<&[QualifiedName]>,
+    ) -> Result<()> {
+        let names: Vec<String> = tables
+            .unwrap_or_default()
+            .iter()
+            .map(QualifiedName::quoted)
+            .collect();
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET selection = $2 WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline, &names],
+            )
+            .await
+            .pg_context(|| format!("recording the table selection of pipeline {pipeline}"))?;
+        Ok(())
+    }
+
+    /// Which tables the pipeline was asked to carry.
+    pub async fn selection(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<Selection> {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT selection FROM {} WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("reading the table selection of pipeline {pipeline}"))?;
+        let Some(names) = row.and_then(|r| r.get::<_, Option<Vec<String>>>(0)) else {
+            return Ok(Selection::Unknown);
+        };
+        if names.is_empty() {
+            return Ok(Selection::EveryTable);
+        }
+        let mut parsed = Vec::with_capacity(names.len());
+        for n in names {
+            parsed.push(QualifiedName::parse(&n).map_err(|e| {
+                anyhow::anyhow!("pipeline {pipeline} records an unreadable table name: {e}")
+            })?);
+        }
+        Ok(Selection::Named(parsed))
     }
 
     // ----- tables --------------------------------------------------------------

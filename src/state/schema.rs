@@ -113,5 +113,14 @@ CREATE INDEX ON {s}.copy_position_keys (pipeline, position_id);
 INSERT INTO {s}.schema_version (version) VALUES (2);
 ";
 
+/// Version 3: the tables a pipeline was asked to carry, as given
+/// (`pipelines.selection`): `--tables` as quoted names, an empty array for every
+/// table (no `--tables`), NULL when bootstrapped before it was recorded. `status`
+/// names the tables a bootstrap would carry now that the pipeline does not.
+pub const V3: &str = "
+ALTER TABLE {s}.pipelines ADD COLUMN selection text[];
+INSERT INTO {s}.schema_version (version) VALUES (3);
+";
+
 /// Every version's block, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3];

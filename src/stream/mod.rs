@@ -3,7 +3,9 @@
 //!
 //! - [`decoder`]: pure pgoutput decoding, bytes in, messages out.
 //! - [`relations`]: Relation messages matched against the target; schema drift.
+//! - [`drift`]: which columns a Relation message shows renamed, dropped or added.
 //! - [`added_columns`]: what existing rows hold in a column added on the source.
+//! - [`memory`]: what a `run` process keeps across its replication sessions.
 //! - [`constraints`]: the target's unique constraints, which decide set-based updates.
 //! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
 //! - [`apply`]: batching changes into target transactions.
@@ -18,8 +20,10 @@ pub mod apply;
 pub mod constraints;
 pub mod copy_positions;
 pub mod decoder;
+pub mod drift;
 pub mod faults;
 pub mod io;
+pub mod memory;
 pub mod relations;
 pub mod session;
 pub mod spool;

@@ -1,7 +1,9 @@
 //! What the apply path knows about each replicated table: pgoutput's Relation
-//! messages matched against the target's own definition, with schema drift handled
-//! where it arrives (a column added on the source is added on the target; a dropped
-//! or retyped column stops the pipeline with what to do). Rows are found by the
+//! messages matched against the target's own definition, with schema drift followed
+//! where it arrives (columns added, dropped and renamed on the source are changed
+//! alike on the target, see [`super::drift`]; a retyped column stops the pipeline
+//! with the statement to run). The session runs the statements where they belong
+//! (`session.rs`); this module plans them and records the result. Rows are found by the
 //! source's replica identity as the Relation message flags it (never the target's
 //! primary key), and the target's unique constraints are read here, once per
 //! table, for the set-based decision of the apply path.
@@ -13,7 +15,9 @@ use tokio_postgres::Client;
 
 use super::constraints::TargetConstraints;
 use super::decoder::{Relation, ReplicaIdentity};
+use super::drift::{self, Change, Refusal, SentColumn};
 pub use super::faults::Fatal;
+use super::memory::{SeenColumn, StreamMemory};
 use crate::catalog;
 use crate::pg::{quote_ident, PgResultExt, QualifiedName};
 
@@ -81,6 +85,25 @@ impl TableShape {
     }
 }
 
+/// What following one Relation message takes on the target, from
+/// [`Relations::plan`] to [`Relations::install`].
+#[derive(Clone, Debug)]
+pub struct SchemaChange {
+    /// The table.
+    pub table: QualifiedName,
+    /// Statements to run on the target, in order; none when its shape already fits.
+    pub statements: Vec<String>,
+    /// The message describes the table as the source catalog does now: the change
+    /// is committed there (not inside a transaction still open).
+    pub committed: bool,
+    /// The table's rows must be copied again.
+    resync: bool,
+    /// What to log once the statements ran.
+    notes: Vec<String>,
+    /// The columns to remember as described.
+    seen: Vec<SeenColumn>,
+}
+
 /// Relation oid → shape, for one replication session.
 pub struct Relations {
     shapes: HashMap<u32, TableShape>,
@@ -117,16 +140,17 @@ impl Relations {
         })
     }
 
-    /// Takes in a Relation message: checks the target against it, adds columns new
-    /// on the source (through `apply`, the session whose transaction carries the
-    /// change), and records the shape. Returns true when the shape changed, so
-    /// cached statements must be dropped.
-    pub async fn update(
+    /// Reads what a Relation message asks of the target (see [`super::drift`]):
+    /// the statements that follow the source's change, to run before
+    /// [`Relations::install`]. Reads through `target` and writes nothing.
+    pub async fn plan(
         &mut self,
         rel: &Relation,
         source: &Client,
-        apply: &Client,
-    ) -> Result<bool> {
+        target: &Client,
+        memory: &StreamMemory,
+        keep_dropped: bool,
+    ) -> Result<SchemaChange> {
         let name = QualifiedName::new(rel.namespace.clone(), rel.name.clone());
         if !self.allowed.contains(&name) {
             return Err(Fatal(format!(
@@ -134,7 +158,7 @@ impl Relations {
             ))
             .into());
         }
-        let mut target = catalog::load_table(apply, &name)
+        let target_table = catalog::load_table(target, &name)
             .await?
             .ok_or_else(|| Fatal(format!("table {name} no longer exists on the target: recreate it, or tear the pipeline down and bootstrap again")))?;
         let mut source_types = Vec::with_capacity(rel.columns.len());
@@ -144,68 +168,154 @@ impl Relations {
                     .await?,
             );
         }
-        // Columns new on the source: add them on the target, in this transaction.
-        let mut added = false;
-        for (col, ty) in rel.columns.iter().zip(&source_types) {
-            if target.columns.iter().any(|c| c.name == col.name) {
-                continue;
+        let attributes = drift::source_attributes(source, rel.oid).await?;
+        let sent: Vec<SentColumn> = rel
+            .columns
+            .iter()
+            .zip(&source_types)
+            .map(|(c, t)| SentColumn {
+                name: &c.name,
+                type_sql: t,
+            })
+            .collect();
+        let seen = memory.shape(rel.oid);
+        let decided = drift::decide(&drift::Inputs {
+            table: &name,
+            sent: &sent,
+            target: &target_table.columns,
+            source: &attributes,
+            seen: seen.as_deref(),
+            keep_dropped,
+            binary: self.binary,
+        });
+        let plan = match decided {
+            Ok(plan) => plan,
+            Err(Refusal::Fatal(m)) => return Err(Fatal(m).into()),
+            Err(Refusal::NeedsText(m)) => {
+                memory.require_text();
+                anyhow::bail!(m)
             }
-            if self.binary && !catalog::type_binary_portable(source, col.type_oid).await? {
-                anyhow::bail!(
-                    "column {name}.{} of type {ty}, which is not portable in binary, was added: reconnecting to choose the value format again",
-                    col.name
-                );
+        };
+        let mut change = SchemaChange {
+            table: name.clone(),
+            statements: Vec::new(),
+            committed: plan.committed,
+            resync: plan.resync,
+            notes: Vec::new(),
+            // Attribute numbers by name, where the catalog still has the name (an
+            // attribute keeps its number for life; a rename keeps it too).
+            seen: sent
+                .iter()
+                .map(|c| SeenColumn {
+                    name: c.name.to_string(),
+                    attnum: attributes
+                        .iter()
+                        .find(|a| !a.dropped && a.name == c.name && a.type_sql == c.type_sql)
+                        .map(|a| a.attnum)
+                        .or_else(|| {
+                            seen.iter()
+                                .flatten()
+                                .find(|s| s.name == c.name)
+                                .and_then(|s| s.attnum)
+                        }),
+                })
+                .collect(),
+        };
+        for ch in &plan.changes {
+            match ch {
+                Change::Add { column, type_sql } => {
+                    let oid = rel
+                        .columns
+                        .iter()
+                        .find(|c| &c.name == column)
+                        .map(|c| c.type_oid)
+                        .unwrap_or_default();
+                    if self.binary && !catalog::type_binary_portable(source, oid).await? {
+                        anyhow::bail!(
+                            "column {name}.{column} of type {type_sql}, which is not portable in binary, was added: reconnecting to choose the value format again"
+                        );
+                    }
+                    // Rows that existed when the column was added get the value they
+                    // hold on the source (see `added_columns`).
+                    let added = super::added_columns::plan(source, &name, column, type_sql).await?;
+                    change.resync |= added.resync;
+                    change.statements.push(added.sql);
+                    change
+                        .notes
+                        .push(format!("column {column} ({type_sql}) added on the source: added it on the target"));
+                }
+                Change::Rename { from, to } => change.notes.push(format!(
+                    "column {from} renamed to {to} on the source: renamed it on the target"
+                )),
+                Change::Drop { column } => change.notes.push(format!(
+                    "column {column} dropped on the source: dropped it on the target"
+                )),
+                Change::Keep {
+                    column,
+                    make_nullable,
+                    dropped_on_source: true,
+                } => change.notes.push(format!(
+                    "column {column} dropped on the source: kept on the target (--keep-dropped-columns){}",
+                    if *make_nullable { ", made nullable so new rows fit" } else { "" }
+                )),
+                Change::Keep {
+                    column,
+                    make_nullable,
+                    dropped_on_source: false,
+                } => {
+                    if *make_nullable || memory.first_warning(rel.oid, column) {
+                        tracing::warn!(
+                            table = %name,
+                            column = %column,
+                            "the target has a column the source does not send (the target's own, or dropped on the source while run was not following it): kept{}; drop it on the target if the source dropped it",
+                            if *make_nullable { ", made nullable so new rows fit (--keep-dropped-columns)" } else { "" }
+                        );
+                    }
+                }
             }
-            // Rows that existed when the column was added get the value they hold on
-            // the source (see `added_columns`).
-            let plan = super::added_columns::plan(source, &name, &col.name, ty).await?;
-            apply
-                .batch_execute(&format!("SET LOCAL lock_timeout = '10s'; {}", plan.sql))
-                .await
-                .pg_context(|| format!("adding column {name}.{} on the target", col.name))?;
-            if plan.resync && !self.resync.contains(&name) {
-                self.resync.push(name.clone());
+            if let Some(sql) = ch.statement(&name) {
+                change.statements.push(sql);
             }
-            tracing::info!(table = %name, column = %col.name, type_sql = %ty, "column added on the source: added it on the target");
-            added = true;
         }
-        if added {
-            target = catalog::load_table(apply, &name)
-                .await?
-                .ok_or_else(|| Fatal(format!("table {name} disappeared from the target")))?;
+        if plan.resync && !change.statements.is_empty() {
+            change.notes.push(
+                "the rows' values in the changed columns cannot be told from the messages: the table is copied again".into(),
+            );
         }
-        // Columns gone from the source, or retyped: stop and say what to do.
-        for tcol in target.columns.iter().filter(|c| c.is_copied()) {
-            if !rel.columns.iter().any(|c| c.name == tcol.name) {
-                return Err(Fatal(format!(
-                    "column {name}.{} exists on the target but the source no longer sends it (dropped on the source?): drop it on the target (ALTER TABLE {} DROP COLUMN {}) or make it nullable, then run walshuttle again",
-                    tcol.name,
-                    name.quoted(),
-                    quote_ident(&tcol.name)
-                ))
-                .into());
-            }
+        Ok(change)
+    }
+
+    /// Records the shape a Relation message describes, once the target matches it
+    /// (after the statements of [`Relations::plan`] ran through `target`). Returns
+    /// true when the shape changed, so cached statements must be dropped.
+    pub async fn install(
+        &mut self,
+        rel: &Relation,
+        target: &Client,
+        change: SchemaChange,
+        memory: &StreamMemory,
+    ) -> Result<bool> {
+        let name = change.table.clone();
+        for note in &change.notes {
+            tracing::info!(table = %name, "{note}");
         }
+        if change.resync && !self.resync.contains(&name) {
+            self.resync.push(name.clone());
+        }
+        memory.remember_shape(rel.oid, change.seen);
+        let altered = !change.statements.is_empty();
+        let target_table = catalog::load_table(target, &name)
+            .await?
+            .ok_or_else(|| Fatal(format!("table {name} disappeared from the target")))?;
         let mut columns = Vec::with_capacity(rel.columns.len());
-        for (col, source_type) in rel.columns.iter().zip(&source_types) {
-            let Some(tcol) = target.columns.iter().find(|c| c.name == col.name) else {
+        for col in &rel.columns {
+            let Some(tcol) = target_table.columns.iter().find(|c| c.name == col.name) else {
                 return Err(Fatal(format!(
                     "column {name}.{} is missing on the target",
                     col.name
                 ))
                 .into());
             };
-            let same = &tcol.type_sql == source_type;
-            if !same && (self.binary || !catalog::types_compatible(source_type, &tcol.type_sql)) {
-                return Err(Fatal(format!(
-                    "column {name}.{} changed type: {source_type} on the source, {} on the target: run ALTER TABLE {} ALTER COLUMN {} TYPE {source_type} on the target, then run walshuttle again",
-                    col.name,
-                    tcol.type_sql,
-                    name.quoted(),
-                    quote_ident(&col.name)
-                ))
-                .into());
-            }
             columns.push(ShapeColumn {
                 quoted: quote_ident(&col.name),
                 type_sql: tcol.type_sql.clone(),
@@ -214,7 +324,7 @@ impl Relations {
         }
         // Rows are found as the source identifies them: by the replica identity's
         // columns (flagged in the Relation message), or the whole old row for FULL.
-        let constraints = TargetConstraints::load(apply, &name).await?;
+        let constraints = TargetConstraints::load(target, &name).await?;
         let column_names: Vec<String> = rel.columns.iter().map(|c| c.name.clone()).collect();
         let flagged: Vec<usize> = rel
             .columns
@@ -271,7 +381,7 @@ impl Relations {
             })
             .unwrap_or(false);
         self.shapes.insert(rel.oid, shape);
-        Ok(changed || added)
+        Ok(changed || altered)
     }
 
     async fn type_name(&mut self, source: &Client, oid: u32, typmod: i32) -> Result<String> {

@@ -10,7 +10,7 @@
 //! durable (the target's WAL is flushed past it), because apply commits
 //! asynchronously.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use super::apply::{Op, TargetSession, FLUSH_BYTES};
 use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
 use super::io::{Incoming, StreamIo};
+use super::memory::StreamMemory;
 use super::relations::{Fatal, Relations};
 use super::spool::Spool;
 use crate::config::Endpoint;
@@ -66,6 +67,10 @@ pub struct StreamConfig {
     pub max_stream_connections: usize,
     /// WAL the slot may hold back on the source before it is released on purpose.
     pub max_retained_wal: Option<u64>,
+    /// Keep columns dropped on the source on the target (`--keep-dropped-columns`).
+    pub keep_dropped_columns: bool,
+    /// What this process learnt in earlier sessions (shared by them).
+    pub memory: Arc<StreamMemory>,
 }
 
 /// The transaction being received (between Begin and Commit).
@@ -83,6 +88,21 @@ struct StreamedTxn {
     pid: i32,
     savepoints: Vec<u32>,
     current_sub: u32,
+    /// Relations it has changed (its connection may hold their locks).
+    tables: HashSet<u32>,
+}
+
+/// Where a Relation message arrived, which decides where the schema change it
+/// shows runs on the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RelationAt {
+    /// In a source transaction received whole, applied on the main connection.
+    Transaction,
+    /// In a streamed transaction applied on a connection of its own.
+    Stream(u32),
+    /// In a spooled streamed transaction, applied at its commit on the main
+    /// connection.
+    Replay,
 }
 
 struct Session<'a> {
@@ -95,6 +115,10 @@ struct Session<'a> {
     source_sql: Client,
     relations: Relations,
     relation_cache: HashMap<u32, Relation>,
+    /// Relation messages of transactions already applied (skipped): taken in at the
+    /// next change of their table that is applied, without running any DDL for
+    /// the skipped transaction.
+    pending_relations: HashMap<u32, Relation>,
     main: TargetSession,
     streams: HashMap<u32, StreamedTxn>,
     /// Streamed transactions past the connection cap, on disk until they commit.
@@ -215,7 +239,8 @@ async fn start<'a>(
         }
         .into());
     }
-    let binary = binary_capable(&source_sql, &target_client, &pipeline.tables).await?;
+    let binary = !cfg.memory.text_only()
+        && binary_capable(&source_sql, &target_client, &pipeline.tables).await?;
 
     let mut repl = ReplicationClient::connect(source, None)
         .await
@@ -355,6 +380,7 @@ async fn start<'a>(
         source_sql,
         relations: Relations::new(binary, pipeline.tables.clone()),
         relation_cache: HashMap::new(),
+        pending_relations: HashMap::new(),
         main: TargetSession::new(target_client, &cfg.target, state.apply_begin_sql(&cfg.slot))
             .await?,
         streams: HashMap::new(),
@@ -596,6 +622,10 @@ impl Session<'_> {
                 let spool = self.in_stream.and_then(|top| self.spooled.get_mut(&top));
                 match (spool, change_subxid(&message)) {
                     (Some(spool), Some(sub)) => spool.append(sub, &data)?,
+                    // Its shape changes are applied at their place when it commits.
+                    (Some(spool), None) if matches!(message, LogicalMessage::Relation(_)) => {
+                        spool.append_relation(&data)
+                    }
                     _ => self.handle(message).await?,
                 }
             }
@@ -683,7 +713,13 @@ impl Session<'_> {
                     self.commit_batch().await?;
                 }
             }
-            LogicalMessage::Relation(rel) => self.on_relation(rel).await?,
+            LogicalMessage::Relation(rel) => {
+                let at = match (self.in_stream, rel.xid) {
+                    (Some(top), Some(_)) => RelationAt::Stream(top),
+                    _ => RelationAt::Transaction,
+                };
+                self.on_relation(rel, at).await?
+            }
             LogicalMessage::Insert(m) => {
                 self.on_change(
                     m.xid,
@@ -723,9 +759,13 @@ impl Session<'_> {
                 // The main batch commits first: it must not hold locks a streamed
                 // transaction waits for.
                 self.commit_batch().await?;
+                // A transaction that changed a table's definition after writing to
+                // it is kept on disk and applied whole at its commit (see
+                // `on_relation`).
+                let whole = self.cfg.memory.is_whole(s.xid);
                 if !self.streams.contains_key(&s.xid)
                     && !self.spooled.contains_key(&s.xid)
-                    && self.streams.len() >= self.cfg.max_stream_connections
+                    && (whole || self.streams.len() >= self.cfg.max_stream_connections)
                 {
                     if !s.first_segment {
                         anyhow::bail!(
@@ -761,6 +801,7 @@ impl Session<'_> {
                             pid,
                             savepoints: Vec::new(),
                             current_sub: s.xid,
+                            tables: HashSet::new(),
                         },
                     );
                 }
@@ -776,6 +817,7 @@ impl Session<'_> {
             LogicalMessage::StreamAbort(a) if self.spooled.contains_key(&a.xid) => {
                 if a.subxid == a.xid {
                     self.spooled.remove(&a.xid);
+                    self.cfg.memory.forget_whole(a.xid);
                 } else if let Some(spool) = self.spooled.get_mut(&a.xid) {
                     spool.abort_subxact(a.subxid)?;
                 }
@@ -783,7 +825,9 @@ impl Session<'_> {
             LogicalMessage::StreamCommit(c) if self.spooled.contains_key(&c.xid) => {
                 self.commit_batch().await?;
                 if let Some(spool) = self.spooled.remove(&c.xid) {
+                    let xid = c.xid;
                     self.apply_spooled(spool, c).await?;
+                    self.cfg.memory.forget_whole(xid);
                 }
             }
             LogicalMessage::StreamAbort(a) => {
@@ -852,14 +896,23 @@ impl Session<'_> {
                     old: m.old,
                 },
                 LogicalMessage::Truncate(t) => {
+                    for oid in &t.relation_oids {
+                        self.ensure_relation(*oid, RelationAt::Replay).await?;
+                    }
                     if let Some(sql) = self.truncate_sql(&t.relation_oids, t.restart_identity)? {
                         self.main.flush(&self.relations).await?;
                         self.main.execute_in_txn(&sql).await?;
                     }
                     continue;
                 }
+                // A shape change inside the transaction: at its place.
+                LogicalMessage::Relation(rel) => {
+                    self.on_relation(rel, RelationAt::Replay).await?;
+                    continue;
+                }
                 _ => continue,
             };
+            self.ensure_relation(op.rel(), RelationAt::Replay).await?;
             let Some(op) = self.filter(c.xid, op)? else {
                 continue;
             };
@@ -927,6 +980,11 @@ impl Session<'_> {
 
     async fn on_change(&mut self, xid: Option<u32>, op: Op) -> Result<()> {
         if let (Some(top), Some(sub)) = (self.in_stream, xid) {
+            self.ensure_relation(op.rel(), RelationAt::Stream(top))
+                .await?;
+            if let Some(st) = self.streams.get_mut(&top) {
+                st.tables.insert(op.rel());
+            }
             let Some(op) = self.filter(top, op)? else {
                 return Ok(());
             };
@@ -959,6 +1017,8 @@ impl Session<'_> {
             return Ok(());
         }
         let xid = txn.xid;
+        self.ensure_relation(op.rel(), RelationAt::Transaction)
+            .await?;
         // The target transaction opens (under the positions lock) before deciding
         // what the copies already hold.
         let version = self.main.begin().await?;
@@ -1018,6 +1078,7 @@ impl Session<'_> {
         };
         if let (Some(top), Some(_)) = (self.in_stream, xid) {
             if let Some(st) = self.streams.get_mut(&top) {
+                st.tables.extend(oids.iter().copied());
                 st.session.flush(&self.relations).await?;
                 st.session.execute_in_txn(&sql).await?;
             }
@@ -1036,7 +1097,32 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn on_relation(&mut self, rel: Relation) -> Result<()> {
+    /// Takes in a Relation message received earlier in a skipped transaction, before
+    /// the first change of its table that is applied.
+    async fn ensure_relation(&mut self, oid: u32, at: RelationAt) -> Result<()> {
+        if let Some(rel) = self.pending_relations.remove(&oid) {
+            self.on_relation(rel, at).await?;
+        }
+        Ok(())
+    }
+
+    /// A table's description: when it differs from what the target has, the change
+    /// the source made is made on the target, on the main connection, at the
+    /// message's place in commit order:
+    /// - inside a transaction received whole, in its target transaction, after the
+    ///   transactions batched before it committed (and within it, after its changes
+    ///   under the old shape);
+    /// - inside a spooled streamed transaction, the same, when it commits;
+    /// - inside a streamed transaction applied on its own connection, at once in a
+    ///   transaction of its own, when the change is committed on the source and this
+    ///   transaction has not written the table: nothing else can hold the table then
+    ///   (the source serialises writers and the DDL by lock, so every transaction that
+    ///   wrote it under the old shape has committed). Otherwise the change is the
+    ///   transaction's own, made after it wrote the table, whose lock on the target
+    ///   would make the main connection wait behind it for good: the session
+    ///   reconnects, and the source sends the transaction again from its start, to
+    ///   be kept on disk and applied whole at its commit (`StreamMemory`).
+    async fn on_relation(&mut self, rel: Relation, at: RelationAt) -> Result<()> {
         let unchanged = self.relation_cache.get(&rel.oid).is_some_and(|known| {
             known.namespace == rel.namespace
                 && known.name == rel.name
@@ -1050,7 +1136,20 @@ impl Session<'_> {
                 })
         });
         if unchanged {
+            self.pending_relations.remove(&rel.oid);
             return Ok(());
+        }
+        if at == RelationAt::Transaction && self.current.as_ref().is_some_and(|t| t.skip) {
+            self.pending_relations.insert(rel.oid, rel);
+            return Ok(());
+        }
+        self.pending_relations.remove(&rel.oid);
+        if at == RelationAt::Transaction && self.batch_txns > 0 && !self.main_has_partial {
+            // The transactions batched before this one commit before the table's
+            // shape can change.
+            let tail = self.main.split_off(self.main_mark);
+            self.commit_batch().await?;
+            self.main.restore(tail);
         }
         // Ops buffered under the old shape go out before the shape changes.
         // Flushing also ends an open COPY, which must not be left open while the
@@ -1066,26 +1165,66 @@ impl Session<'_> {
         for st in self.streams.values_mut() {
             st.session.flush(&self.relations).await?;
         }
-        let apply = match (self.in_stream, rel.xid) {
-            (Some(top), Some(_)) => match self.streams.get_mut(&top) {
-                Some(st) => &mut st.session,
-                None => &mut self.main,
-            },
-            _ => &mut self.main,
-        };
-        apply.begin().await?;
+        let memory = Arc::clone(&self.cfg.memory);
+        let change = self
+            .relations
+            .plan(
+                &rel,
+                &self.source_sql,
+                &self.main.client,
+                &memory,
+                self.cfg.keep_dropped_columns,
+            )
+            .await?;
+        if !change.statements.is_empty() {
+            let sql = format!(
+                "SET LOCAL lock_timeout = '10s'; {}",
+                change.statements.join("; ")
+            );
+            match at {
+                RelationAt::Transaction | RelationAt::Replay => {
+                    let version = self.main.begin().await?;
+                    self.refresh_positions(version).await?;
+                    self.main
+                        .execute_in_txn(&sql)
+                        .await
+                        .with_context(|| format!("changing {} on the target", change.table))?;
+                    if self.current.is_some() {
+                        self.main_has_partial = true;
+                    }
+                }
+                RelationAt::Stream(xid) => {
+                    let wrote = self
+                        .streams
+                        .get(&xid)
+                        .is_some_and(|st| st.tables.contains(&rel.oid));
+                    if wrote || !change.committed {
+                        memory.apply_whole(xid);
+                        tracing::info!(table = %change.table, xid, "a streamed transaction changes the table's definition after writing to it: receiving it again, to apply it whole at its commit");
+                        anyhow::bail!(
+                            "streamed transaction {xid} changes the definition of {} after writing to it: reconnecting to receive it again from its start and apply it whole at its commit",
+                            change.table
+                        );
+                    }
+                    self.commit_batch().await?;
+                    self.main.begin().await?;
+                    self.main
+                        .execute_in_txn(&sql)
+                        .await
+                        .with_context(|| format!("changing {} on the target", change.table))?;
+                    self.main.commit("SELECT 1").await?;
+                }
+            }
+        }
         let changed = self
             .relations
-            .update(&rel, &self.source_sql, &apply.client)
+            .install(&rel, &self.main.client, change, &memory)
             .await?;
         if changed {
             self.main.forget_statements();
             for st in self.streams.values_mut() {
                 st.session.forget_statements();
             }
-        }
-        if self.current.is_some() && self.in_stream.is_none() {
-            self.main_has_partial = true;
         }
         for t in self.relations.take_resync() {
             if !self.pending_resync.contains(&t) {
@@ -1132,9 +1271,16 @@ impl Session<'_> {
         }
         let progress = Arc::clone(&self.progress);
         for name in std::mem::take(&mut self.pending_resync) {
-            let Some(table) = crate::catalog::load_table(&self.source_sql, &name).await? else {
+            let Some(mut table) = crate::catalog::load_table(&self.source_sql, &name).await? else {
                 continue;
             };
+            // Columns the stream has not brought to the target yet are filled in
+            // by it when their Relation message arrives.
+            if let Some(on_target) = crate::catalog::load_table(&self.main.client, &name).await? {
+                table
+                    .columns
+                    .retain(|c| on_target.columns.iter().any(|t| t.name == c.name));
+            }
             let binary = crate::catalog::check_target(&self.main.client, &table)
                 .await?
                 .binary();
@@ -1161,7 +1307,7 @@ impl Session<'_> {
                     TableState::Ready,
                 )
                 .await?;
-            tracing::info!(table = %name, rows = copied, "copied the table again: its rows were rewritten on the source (a column added with a volatile default)");
+            tracing::info!(table = %name, rows = copied, "copied the table again: what its rows hold on the source cannot be derived from the stream (a column added with a volatile default, or a rename that the messages leave open)");
         }
         Ok(())
     }

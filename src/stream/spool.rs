@@ -9,9 +9,16 @@
 //! with its stream files). An aborted subtransaction truncates the file back to
 //! where it began.
 //!
+//! Relation messages are kept too, in memory (a few per transaction), each at the
+//! place it arrived among the changes, so that a table whose definition changes
+//! inside the transaction changes on the target at the same point. They survive
+//! the abort of the subtransaction they arrived in: the source describes a table
+//! once per transaction and relies on it for every change after.
+//!
 //! The framing (a 4-byte big-endian length before each message) is written by hand:
 //! it is ten lines, and no crate would make it shorter or safer.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 
@@ -26,6 +33,8 @@ pub struct Spool {
     subxacts: Vec<(u32, u64)>,
     /// Bytes spooled, for logs.
     messages: u64,
+    /// Relation messages, each with the file offset it comes before.
+    relations: Vec<(u64, Bytes)>,
 }
 
 impl Spool {
@@ -40,6 +49,7 @@ impl Spool {
             len: 0,
             subxacts: Vec::new(),
             messages: 0,
+            relations: Vec::new(),
         })
     }
 
@@ -58,6 +68,12 @@ impl Spool {
         Ok(())
     }
 
+    /// Keeps a Relation message at the current place.
+    pub fn append_relation(&mut self, message: &[u8]) {
+        self.relations
+            .push((self.len, Bytes::copy_from_slice(message)));
+    }
+
     /// Forgets an aborted subtransaction and every one that began after it.
     pub fn abort_subxact(&mut self, subxid: u32) -> Result<()> {
         let Some(pos) = self.subxacts.iter().position(|(x, _)| *x == subxid) else {
@@ -73,6 +89,9 @@ impl Spool {
             .and_then(|_| file.seek(SeekFrom::Start(offset)).map(|_| ()))
             .context("rolling back a subtransaction in its spool file")?;
         self.len = offset;
+        for (at, _) in &mut self.relations {
+            *at = (*at).min(offset);
+        }
         Ok(())
     }
 
@@ -93,6 +112,8 @@ impl Spool {
         Ok(SpoolReader {
             reader: BufReader::with_capacity(256 * 1024, file),
             left: self.len,
+            at: 0,
+            relations: self.relations.into(),
         })
     }
 }
@@ -101,13 +122,16 @@ impl Spool {
 pub struct SpoolReader {
     reader: BufReader<File>,
     left: u64,
+    /// Offset of the next message in the file.
+    at: u64,
+    relations: VecDeque<(u64, Bytes)>,
 }
 
 impl SpoolReader {
     /// The next message, `None` at the end.
     pub fn next_message(&mut self) -> Result<Option<Bytes>> {
-        if self.left == 0 {
-            return Ok(None);
+        if self.relations.front().is_some_and(|(at, _)| *at <= self.at) || self.left == 0 {
+            return Ok(self.relations.pop_front().map(|(_, m)| m));
         }
         let mut len = [0u8; 4];
         self.reader
@@ -119,6 +143,7 @@ impl SpoolReader {
             .read_exact(&mut buf)
             .context("reading a streamed transaction's spool file")?;
         self.left = self.left.saturating_sub(4 + len as u64);
+        self.at += 4 + len as u64;
         Ok(Some(Bytes::from(buf)))
     }
 }
@@ -145,5 +170,28 @@ mod tests {
             got,
             vec![Bytes::from_static(b"a"), Bytes::from_static(b"e")]
         );
+    }
+
+    #[test]
+    fn relations_come_back_at_their_place_and_survive_an_aborted_subtransaction() {
+        let mut s = Spool::new().unwrap();
+        s.append_relation(b"R1");
+        s.append(1, b"a").unwrap();
+        s.append(2, b"b").unwrap();
+        s.append_relation(b"R2");
+        s.append(2, b"c").unwrap();
+        s.abort_subxact(2).unwrap();
+        s.append(1, b"d").unwrap();
+        s.append_relation(b"R3");
+        let mut r = s.into_reader().unwrap();
+        let mut got = Vec::new();
+        while let Some(m) = r.next_message().unwrap() {
+            got.push(m);
+        }
+        let want: Vec<Bytes> = ["R1", "a", "R2", "d", "R3"]
+            .iter()
+            .map(|m| Bytes::copy_from_slice(m.as_bytes()))
+            .collect();
+        assert_eq!(got, want);
     }
 }
