@@ -205,6 +205,9 @@ max_wal_size = 4GB
 checkpoint_timeout = 30min
 fsync = $([ "$FAST" = 1 ] && echo off || echo on)
 max_worker_processes = 8
+# statements of 100 ms or more are logged with their duration: the per-step breakdown
+# of server time in the results (where each step's time went)
+log_min_duration_statement = 100
 EOF
     : >"$WORK/$name.log"
     [ "$IS_ROOT" = 1 ] && chown postgres "$WORK/$name.log"
@@ -314,6 +317,8 @@ timed() {
     checkpoint_both
     record "${step}_load_start" "$(loadavg)"
     RC=0
+    local so to
+    so=$(stat -c %s "$WORK/source.log"); to=$(stat -c %s "$WORK/target.log")
     t0=$(now)
     record "${step}_started_utc" "$(date -u -d "@$t0" +%Y-%m-%dT%H:%M:%S.%6NZ)"
     "$@" >"$WORK/logs/$name.log" 2>&1 &
@@ -322,6 +327,8 @@ timed() {
     wait "$pid" || RC=$?
     t1=$(now)
     record "${step}_load_end" "$(loadavg)"
+    server_time "$step" source "$so"
+    server_time "$step" target "$to"
     wait "$wd" 2>/dev/null || true
     [ -f "$WORK/hwm-$step" ] && record "${step}_peak_rss_mib" "$(kib_to_mib "$(cat "$WORK/hwm-$step")")"
     if [ -f "$WORK/hwm-$step.timeout" ]; then
@@ -331,6 +338,30 @@ timed() {
     record "${step}_s" "$(elapsed "$t0" "$t1")"
     record "${step}_exit" "$RC"
     log "$step: $(elapsed "$t0" "$t1") s, exit $RC (load $(val "${step}_load_start") -> $(val "${step}_load_end"))"
+}
+
+# server_time STEP SIDE OFFSET: sums the durations the SIDE server logged since byte
+# OFFSET of its log, by kind of statement; appends "step side kind count seconds" to
+# server-time.tsv and records STEP_server_SIDE_KIND_s
+server_time() {
+    local step=$1 side=$2 off=$3
+    tail -c +"$((off + 1))" "$WORK/$side.log" | awk -v step="$step" -v side="$side" '
+        /duration: [0-9.]+ ms/ {
+            match($0, /duration: [0-9.]+ ms/); d = substr($0, RSTART + 10, RLENGTH - 13) / 1000
+            k = "other"
+            if ($0 ~ /COPY .*TO STDOUT/) k = "copy_out"
+            else if ($0 ~ /COPY .*FROM STDIN/) k = "copy_in"
+            else if ($0 ~ /CREATE (UNIQUE )?INDEX|ADD CONSTRAINT|PRIMARY KEY/) k = "index_build"
+            else if ($0 ~ /count\(\*\), coalesce\(sum\(hashtextextended/) k = "range_digest"
+            else if ($0 ~ /SELECT hashtextextended\(/) k = "row_hashes"
+            else if ($0 ~ /(INSERT|DELETE|UPDATE|MERGE) /) k = "writes"
+            else if ($0 ~ /min\(|max\(|count\(\*\)/) k = "spans_and_counts"
+            n[k]++; t[k] += d
+        }
+        END { for (k in n) printf "%s\t%s\t%s\t%d\t%.3f\n", step, side, k, n[k], t[k] }' |
+        sort -k3 >>"$WORK/server-time.tsv"
+    awk -F'\t' -v s="$step" -v d="$side" '$1 == s && $2 == d { print $3 "\t" $5 }' "$WORK/server-time.tsv" |
+        while IFS=$'\t' read -r k v; do record "${step}_server_${side}_${k}_s" "$v"; done
 }
 
 counts_equal() {   # step
@@ -486,6 +517,18 @@ MD="$RESULTS/$OUT.md"
     echo "- catch-up / bootstrap: **$(fmt "$(val ratio_catchup_to_bootstrap)")**; catch-up / recopy: **$(fmt "$(val ratio_catchup_to_recopy)")** (below 1: catch-up is cheaper)"
     echo "- catch-up summary: \`$(fmt "$(val catchup_summary)")\`"
     echo "- one whole-row hash pass over the source table (diagnostic): $(fmt "$(val diag_source_full_hash_s)") s; data load $(val load_s) s"
+    if [ -s "$WORK/server-time.tsv" ]; then
+        echo
+        echo "Server time by kind of statement during each step (statements of 100 ms or more,"
+        echo "from each server's log; statements of several sessions overlap, so a sum can exceed"
+        echo "the step's time): copy_out/copy_in = COPY, index_build = keys and indexes,"
+        echo "range_digest = count and hash of a key range, row_hashes = every row's hash of a"
+        echo "range sent to walshuttle, spans_and_counts = min/max/count scans."
+        echo
+        echo "| step | server | kind | statements | s |"
+        echo "|---|---|---|---:|---:|"
+        awk -F'\t' '{ printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5 }' "$WORK/server-time.tsv"
+    fi
     if [ -s "$WORK/catchup-phases.txt" ]; then
         echo
         echo "catch-up log, as seconds since the process started ($(val catchup_started_utc)); it exited at +$(val catchup_s) s:"
