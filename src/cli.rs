@@ -72,6 +72,10 @@ pub enum Command {
     /// Retire a pipeline: drop its slot and publication on the source and its state
     /// on the target. Replicated tables are left alone. Asks first unless --yes.
     Teardown(TeardownArgs),
+    /// Change a live pipeline's tables while `run` streams the others: `add` copies
+    /// new tables under their own snapshot and streams them, `remove` takes tables
+    /// out of the publication and stops applying them, `resync` copies tables again.
+    Tables(TablesArgs),
     /// Work with the configuration file.
     Config(ConfigArgs),
     /// See it work: start two throwaway local PostgreSQL clusters, load the demo
@@ -163,6 +167,56 @@ impl TeardownArgs {
             publication: self.publication.clone(),
             state_schema: self.state_schema.clone(),
         }
+    }
+}
+
+/// Options of `tables`.
+#[derive(Debug, Args, Clone)]
+pub struct TablesArgs {
+    /// What to do with the tables.
+    #[arg(value_enum)]
+    pub action: crate::tables::TablesAction,
+
+    /// The tables, as schema.name (a bare name is in public).
+    #[arg(required = true, num_args = 1..)]
+    pub tables: Vec<String>,
+
+    /// Pipeline (slot) whose tables change.
+    #[arg(long, default_value = "walshuttle")]
+    pub slot: String,
+
+    /// Schema on the target holding walshuttle's state.
+    #[arg(long, default_value = "walshuttle")]
+    pub state_schema: String,
+
+    /// add: replace the rows an existing target table already holds (otherwise a
+    /// target table with rows walshuttle did not copy is refused).
+    #[arg(long)]
+    pub truncate_target: bool,
+
+    /// Fire foreign keys and triggers of the target tables on copied rows as for
+    /// any writer, when the target role cannot use replica mode.
+    #[arg(long)]
+    pub allow_target_triggers: bool,
+}
+
+impl TablesArgs {
+    /// Resolves the options.
+    pub fn options(&self) -> anyhow::Result<crate::tables::TablesOptions> {
+        let mut tables = Vec::with_capacity(self.tables.len());
+        for t in &self.tables {
+            tables.push(
+                QualifiedName::parse(t).map_err(|e| anyhow::anyhow!("table name {t:?}: {e}"))?,
+            );
+        }
+        Ok(crate::tables::TablesOptions {
+            action: self.action,
+            tables,
+            slot: self.slot.clone(),
+            state_schema: self.state_schema.clone(),
+            truncate_target: self.truncate_target,
+            allow_target_triggers: self.allow_target_triggers,
+        })
     }
 }
 

@@ -46,6 +46,7 @@ pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod stream;
+pub mod tables;
 pub mod target_checks;
 pub mod teardown;
 pub mod verify;

@@ -102,6 +102,15 @@ async fn dispatch(
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Tables(args) => {
+            let opts = args.options()?;
+            let source = endpoint(Side::Source, conns.source.as_deref())?;
+            let target = endpoint(Side::Target, conns.target.as_deref())?;
+            for line in walshuttle::tables::change(&source, &target, &opts).await? {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config(args) => match args.action {
             ConfigAction::Check => {
                 let Some(file) = file else {

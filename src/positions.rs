@@ -273,6 +273,35 @@ impl LivePositions {
         }
         best.map(|(_, s)| s.as_ref())
     }
+
+    /// Whether the copies of `table` hold the effect of a TRUNCATE made by `xid`:
+    /// `Some(true)` when every row's newest copy saw it (skip it), `Some(false)` when
+    /// none did (apply it), `None` when some did and some did not (only a recopy of
+    /// the table makes the target right).
+    pub fn truncate_seen(&self, table: &QualifiedName, xid: u32) -> Option<bool> {
+        let Some(t) = self.tables.get(table) else {
+            return Some(false);
+        };
+        let newest_part = t
+            .ranges
+            .iter()
+            .map(|r| r.3)
+            .chain(t.keys.values().map(|(id, _)| *id))
+            .max();
+        if let Some((id, snap)) = &t.whole {
+            if newest_part.is_none_or(|p| p < *id) {
+                return Some(snap.sees(xid));
+            }
+        }
+        let any_sees = t.whole.iter().any(|(_, s)| s.sees(xid))
+            || t.ranges.iter().any(|r| r.4.sees(xid))
+            || t.keys.values().any(|(_, s)| s.sees(xid));
+        if any_sees {
+            None
+        } else {
+            Some(false)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +334,41 @@ mod tests {
         assert!(s.sees(u32::MAX - 20));
         assert!(!s.sees(7));
         assert!(s.sees(2));
+    }
+
+    #[test]
+    fn a_truncate_is_skipped_only_when_every_copy_saw_it() {
+        let t = QualifiedName::new("public", "t");
+        let saw = Arc::new(SnapshotView::parse("30:40:", Lsn(90)).unwrap()); // sees 25
+        let missed = Arc::new(SnapshotView::parse("10:20:", Lsn(50)).unwrap()); // not 25
+        let whole = |id, snapshot| Position {
+            id,
+            table: t.clone(),
+            scope: Scope::Table,
+            snapshot,
+        };
+        let range = |id, snapshot| Position {
+            id,
+            table: t.clone(),
+            scope: Scope::Range {
+                column: "id".into(),
+                lo: Some(0),
+                hi: Some(10),
+            },
+            snapshot,
+        };
+        let other = QualifiedName::new("public", "u");
+        let live = LivePositions::new(vec![whole(1, saw.clone())]);
+        assert_eq!(live.truncate_seen(&t, 25), Some(true));
+        assert_eq!(live.truncate_seen(&other, 25), Some(false));
+        let live = LivePositions::new(vec![whole(1, missed.clone())]);
+        assert_eq!(live.truncate_seen(&t, 25), Some(false));
+        // A whole-table copy newer than a range decides alone.
+        let live = LivePositions::new(vec![range(1, missed.clone()), whole(2, saw.clone())]);
+        assert_eq!(live.truncate_seen(&t, 25), Some(true));
+        // Copies that disagree: only a recopy makes the target right.
+        let live = LivePositions::new(vec![whole(1, missed), range(2, saw)]);
+        assert_eq!(live.truncate_seen(&t, 25), None);
     }
 
     #[test]

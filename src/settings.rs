@@ -446,6 +446,20 @@ impl Resolved {
                     t.state_schema = x.clone();
                 }
             }
+            Command::Tables(t) => {
+                if let Some(x) = f.slot.as_ref().filter(|_| !given("slot")) {
+                    t.slot = x.clone();
+                }
+                if let Some(x) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
+                    t.state_schema = x.clone();
+                }
+                if let Some(x) = f
+                    .allow_target_triggers
+                    .filter(|_| !given("allow_target_triggers"))
+                {
+                    t.allow_target_triggers = x;
+                }
+            }
             Command::Config(_) | Command::Demo(_) => {}
         }
     }

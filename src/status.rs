@@ -13,7 +13,7 @@ use tokio_postgres::Client;
 
 use crate::config::Endpoint;
 use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
-use crate::state::{Phase, Pipeline, Selection, StateStore};
+use crate::state::{Phase, Pipeline, Selection, StateStore, TableState};
 
 /// Settings of `status`.
 #[derive(Clone, Debug)]
@@ -114,6 +114,10 @@ pub struct PipelineStatus {
 pub struct TableStatus {
     /// `schema.table`.
     pub table: String,
+    /// `copying`, `ready`, `held` (being copied by `walshuttle tables`: the stream
+    /// holds its changes), `copied` (its held changes are being applied),
+    /// `repairing` or `resync`.
+    pub state: String,
     /// Rows copied by the bootstrap (sum of `chunks.rows_copied`).
     pub rows_copied: i64,
     /// Chunks copied.
@@ -340,7 +344,7 @@ async fn pipeline_status(
     };
     for t in untracked.iter().flatten() {
         warnings.push(format!(
-            "pipeline {name}: table {t} on the source is not carried by this pipeline, which would carry it if bootstrapped now (created, or attached as a partition, after the bootstrap): its rows are not replicated; replicate it with a pipeline of its own (walshuttle run --slot NAME --tables {}) or bootstrap this one again",
+            "pipeline {name}: table {t} on the source is not carried by this pipeline, which would carry it if bootstrapped now (created, or attached as a partition, after the bootstrap): its rows are not replicated; add it while the pipeline streams with `walshuttle tables add {}`",
             t.quoted()
         ));
     }
@@ -428,6 +432,12 @@ async fn table_status(
     for (table, rows, done, total) in state.chunk_progress(tgt, pipeline).await? {
         chunks.insert(table, (rows, done, total));
     }
+    let states: HashMap<QualifiedName, TableState> = state
+        .table_entries(tgt, pipeline)
+        .await?
+        .into_iter()
+        .map(|e| (e.name, e.state))
+        .collect();
     let mut out = Vec::with_capacity(tables.len());
     for table in tables {
         let (rows_copied, chunks_done, chunks_total) =
@@ -437,6 +447,10 @@ async fn table_status(
         let (created_max, updated_max) = watermarks(tgt, table, &created, &updated).await?;
         out.push(TableStatus {
             table: table.to_string(),
+            state: states
+                .get(table)
+                .map_or("ready", |s| s.as_str())
+                .to_string(),
             rows_copied,
             chunks_done,
             chunks_total,
@@ -633,13 +647,14 @@ impl StatusReport {
                 .unwrap_or(5)
                 .max(5);
             out.push_str(&format!(
-                "  {:<width$}  {:>12}  {:>9}  {:<32}  {}\n",
-                "table", "rows copied", "chunks", "created max", "updated max"
+                "  {:<width$}  {:<9}  {:>12}  {:>9}  {:<32}  {}\n",
+                "table", "state", "rows copied", "chunks", "created max", "updated max"
             ));
             for t in &p.tables {
                 out.push_str(&format!(
-                    "  {:<width$}  {:>12}  {:>9}  {:<32}  {}\n",
+                    "  {:<width$}  {:<9}  {:>12}  {:>9}  {:<32}  {}\n",
                     t.table,
+                    t.state,
                     t.rows_copied,
                     format!("{}/{}", t.chunks_done, t.chunks_total),
                     t.created_max.as_deref().unwrap_or("-"),

@@ -167,7 +167,7 @@ pub async fn check(
 /// How an existing target table finds the rows the source identifies: it needs a
 /// unique index on exactly the source's identity columns, or (for `REPLICA IDENTITY
 /// FULL`) it is treated as keyless.
-async fn target_key(target: &Client, table: &Table) -> Result<TargetKey> {
+pub async fn target_key(target: &Client, table: &Table) -> Result<TargetKey> {
     let wanted = match &table.identity {
         Identity::Key(cols) => cols.clone(),
         Identity::Full | Identity::Unusable => table.key.clone(),

@@ -30,7 +30,8 @@ use crate::positions::SnapshotView;
 
 /// Every table of the state schema, those holding rows of other tables' pipelines
 /// after those they refer to.
-pub const STATE_TABLES: [&str; 9] = [
+pub const STATE_TABLES: [&str; 10] = [
+    "held_changes",
     "copy_position_keys",
     "copy_positions",
     "snapshots",
@@ -116,6 +117,12 @@ pub enum TableState {
     /// column added with a volatile default): it is copied again, while the others
     /// stream.
     Resync,
+    /// Being copied while the pipeline streams (`walshuttle tables add|resync`): the
+    /// stream holds its changes in `held_changes` meanwhile.
+    Held,
+    /// Copied under a recorded snapshot: the stream applies the changes it held
+    /// (those the snapshot did not see), then the table is `ready`.
+    Copied,
 }
 
 impl TableState {
@@ -126,6 +133,8 @@ impl TableState {
             TableState::Ready => "ready",
             TableState::Repairing => "repairing",
             TableState::Resync => "resync",
+            TableState::Held => "held",
+            TableState::Copied => "copied",
         }
     }
 
@@ -134,6 +143,8 @@ impl TableState {
             "copying" => TableState::Copying,
             "repairing" => TableState::Repairing,
             "resync" => TableState::Resync,
+            "held" => TableState::Held,
+            "copied" => TableState::Copied,
             _ => TableState::Ready,
         }
     }
@@ -670,6 +681,51 @@ impl StateStore {
             .await
             .pg_context(ctx)?;
         Ok(())
+    }
+
+    /// Adds `table` to a pipeline (at the end of its list) or sets its state.
+    pub async fn put_table(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        table: &QualifiedName,
+        state: TableState,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO {t} (pipeline, schema_name, table_name, position, state) \
+                     SELECT $1, $2, $3, coalesce(max(position) + 1, 0), $4 FROM {t} WHERE pipeline = $1 \
+                     ON CONFLICT (pipeline, schema_name, table_name) DO UPDATE SET state = EXCLUDED.state",
+                    t = self.table("pipeline_tables")
+                ),
+                &[&pipeline, &table.schema, &table.name, &state.as_str()],
+            )
+            .await
+            .pg_context(|| format!("recording {table} in pipeline {pipeline}"))?;
+        Ok(())
+    }
+
+    /// Removes `table` from a pipeline, with its plan, positions and held changes.
+    pub async fn remove_table(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        table: &QualifiedName,
+    ) -> Result<()> {
+        for t in ["pipeline_tables", "chunks", "held_changes"] {
+            client
+                .execute(
+                    &format!(
+                        "DELETE FROM {} WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3",
+                        self.table(t)
+                    ),
+                    &[&pipeline, &table.schema, &table.name],
+                )
+                .await
+                .pg_context(|| format!("removing {table} from pipeline {pipeline}"))?;
+        }
+        self.clear_positions(client, pipeline, Some(table)).await
     }
 
     /// A pipeline's tables with their states, in plan order.
@@ -1212,16 +1268,7 @@ impl StateStore {
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let id: i64 = r.get(0);
-            let lsn: Lsn = r.get::<_, String>(10).parse()?;
-            let xip: Vec<i64> = r.get(9);
-            let mut xip: Vec<u64> = xip.into_iter().map(|x| x as u64).collect();
-            xip.sort_unstable();
-            let snapshot = SnapshotView {
-                xmin: r.get::<_, i64>(7) as u64,
-                xmax: r.get::<_, i64>(8) as u64,
-                xip,
-                lsn,
-            };
+            let snapshot = snapshot_view(&r, 7)?;
             let kind: String = r.get(3);
             let scope = match kind.as_str() {
                 "table" => StoredScope::Table,
@@ -1267,6 +1314,8 @@ impl StateStore {
         let sql = format!(
             "WITH gone AS (DELETE FROM {s} WHERE pipeline = $1 AND lsn <= $2::text::pg_lsn \
                   AND NOT EXISTS (SELECT 1 FROM {c} ch WHERE ch.pipeline = $1 AND ch.snapshot_id = {s}.snapshot_id) \
+                  AND NOT EXISTS (SELECT 1 FROM {p} cp JOIN {t} pt USING (pipeline, schema_name, table_name) \
+                                  WHERE cp.pipeline = $1 AND cp.snapshot_id = {s}.snapshot_id AND pt.state IN ('held', 'copied')) \
                   RETURNING snapshot_id), \
                   pos AS (DELETE FROM {p} WHERE pipeline = $1 AND snapshot_id IN (SELECT snapshot_id FROM gone) RETURNING position_id) \
              DELETE FROM {k} WHERE pipeline = $1 AND position_id IN (SELECT position_id FROM pos)",
@@ -1274,6 +1323,7 @@ impl StateStore {
             c = self.table("chunks"),
             p = self.table("copy_positions"),
             k = self.table("copy_position_keys"),
+            t = self.table("pipeline_tables"),
         );
         client
             .execute(&sql, &[&pipeline, &applied.to_string()])
@@ -1305,6 +1355,142 @@ impl StateStore {
             .execute(&sql, &[&pipeline, &schema, &name])
             .await
             .pg_context(|| format!("clearing the copy positions of pipeline {pipeline}"))?;
+        Ok(())
+    }
+
+    /// One row of `held_changes` as SQL values, for [`StateStore::hold_sql`]: a change
+    /// of a table being copied, encoded as pgoutput sends it, held until the copy is
+    /// in.
+    pub fn held_row(
+        &self,
+        pipeline: &str,
+        table: &QualifiedName,
+        commit_lsn: Lsn,
+        xid: u32,
+        binary: bool,
+        change: &[u8],
+    ) -> String {
+        use std::fmt::Write;
+        let mut hex = String::with_capacity(change.len() * 2 + 2);
+        hex.push_str("\\x");
+        for b in change {
+            let _ = write!(hex, "{b:02x}");
+        }
+        format!(
+            "({}, {}, {}, '{commit_lsn}', {xid}, {binary}, '{hex}'::bytea)",
+            quote_literal(pipeline),
+            quote_literal(&table.schema),
+            quote_literal(&table.name),
+        )
+    }
+
+    /// SQL (for the apply transaction that received them) holding changes given as
+    /// [`StateStore::held_row`]s, in order.
+    pub fn hold_sql(&self, rows: &[String]) -> String {
+        format!(
+            "INSERT INTO {} (pipeline, schema_name, table_name, commit_lsn, xid, binary_values, change) VALUES {}",
+            self.table("held_changes"),
+            rows.join(", ")
+        )
+    }
+
+    /// Up to `limit` of the oldest changes held for `table`, in commit order:
+    /// (sequence number, transaction id, whether its values are in binary, change).
+    pub async fn held_changes(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        table: &QualifiedName,
+        limit: i64,
+    ) -> Result<Vec<(i64, u32, bool, Vec<u8>)>> {
+        Ok(client
+            .query(
+                &format!(
+                    "SELECT seq, xid, binary_values, change FROM {} \
+                     WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 \
+                     ORDER BY commit_lsn, seq LIMIT $4",
+                    self.table("held_changes")
+                ),
+                &[&pipeline, &table.schema, &table.name, &limit],
+            )
+            .await
+            .pg_context(|| format!("reading the changes held for {table}"))?
+            .iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get::<_, i64>(1) as u32,
+                    r.get(2),
+                    r.get::<_, Vec<u8>>(3),
+                )
+            })
+            .collect())
+    }
+
+    /// Forgets changes held for `table` that were applied: those of `seqs`.
+    pub async fn forget_held(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        table: &QualifiedName,
+        seqs: &[i64],
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3 AND seq = ANY($4)",
+                    self.table("held_changes")
+                ),
+                &[&pipeline, &table.schema, &table.name, &seqs],
+            )
+            .await
+            .pg_context(|| format!("forgetting the changes held for {table}"))?;
+        Ok(())
+    }
+
+    /// The snapshot of the newest whole-table copy of `table` (`walshuttle tables
+    /// add|resync`), which decides which of its held changes the copy already holds.
+    /// Kept while the table is `held` or `copied`, however far the stream is.
+    pub async fn table_copy_snapshot(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        table: &QualifiedName,
+    ) -> Result<Option<SnapshotView>> {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT s.snap_xmin, s.snap_xmax, s.snap_xip, s.lsn::text \
+                     FROM {} c JOIN {} s USING (pipeline, snapshot_id) \
+                     WHERE c.pipeline = $1 AND c.schema_name = $2 AND c.table_name = $3 AND c.scope = 'table' \
+                     ORDER BY c.position_id DESC LIMIT 1",
+                    self.table("copy_positions"),
+                    self.table("snapshots")
+                ),
+                &[&pipeline, &table.schema, &table.name],
+            )
+            .await
+            .pg_context(|| format!("reading the snapshot {table} was copied under"))?;
+        row.map(|r| snapshot_view(&r, 0)).transpose()
+    }
+
+    /// Tells running apply sessions to read the pipeline's tables and positions
+    /// again (inside the caller's transaction).
+    pub async fn bump_positions_version(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET positions_version = positions_version + 1 WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("signalling pipeline {pipeline}'s apply sessions"))?;
         Ok(())
     }
 
@@ -1441,4 +1627,18 @@ fn positions_lock_key(schema: &str, pipeline: &str) -> String {
         "hashtextextended({}, 7081)",
         quote_literal(&format!("walshuttle positions {schema}.{pipeline}"))
     )
+}
+
+/// The snapshot in columns `at..at + 4` of `row`: xmin, xmax, xip, lsn as text.
+fn snapshot_view(row: &tokio_postgres::Row, at: usize) -> Result<SnapshotView> {
+    let lsn: Lsn = row.get::<_, String>(at + 3).parse()?;
+    let xip: Vec<i64> = row.get(at + 2);
+    let mut xip: Vec<u64> = xip.into_iter().map(|x| x as u64).collect();
+    xip.sort_unstable();
+    Ok(SnapshotView {
+        xmin: row.get::<_, i64>(at) as u64,
+        xmax: row.get::<_, i64>(at + 1) as u64,
+        xip,
+        lsn,
+    })
 }

@@ -117,8 +117,22 @@ INSERT INTO {s}.schema_version (version) VALUES (2);
 /// (`pipelines.selection`): `--tables` as quoted names, an empty array for every
 /// table (no `--tables`), NULL when bootstrapped before it was recorded. `status`
 /// names the tables a bootstrap would carry now that the pipeline does not.
+///
+/// It also holds the changes of tables being copied while the pipeline streams
+/// (`walshuttle tables add|resync`): `held_changes`, each change as pgoutput encodes
+/// it, with its source transaction, applied once the copy is in.
 pub const V3: &str = "
 ALTER TABLE {s}.pipelines ADD COLUMN selection text[];
+CREATE TABLE {s}.held_changes (
+    pipeline text NOT NULL,
+    seq bigint GENERATED ALWAYS AS IDENTITY,
+    schema_name text NOT NULL,
+    table_name text NOT NULL,
+    commit_lsn pg_lsn NOT NULL,
+    xid bigint NOT NULL,
+    binary_values boolean NOT NULL,
+    change bytea NOT NULL,
+    PRIMARY KEY (pipeline, seq));
 INSERT INTO {s}.schema_version (version) VALUES (3);
 ";
 

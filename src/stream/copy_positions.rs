@@ -121,6 +121,19 @@ impl StreamPositions {
         self.live.expire(applied);
     }
 
+    /// Whether a TRUNCATE of `table` by `xid` is applied: `Ok(false)` when the copies
+    /// already hold its effect; an error when only some of them do.
+    pub fn truncate(&self, table: &QualifiedName, xid: u32) -> Result<bool> {
+        match self.live.truncate_seen(table, xid) {
+            Some(seen) => Ok(!seen),
+            None => Err(crate::stream::faults::Fatal(format!(
+                "a TRUNCATE of {table} falls inside the window of a resumed copy that saw it for some rows and not for others: run `walshuttle verify --repair --tables {}` and then `walshuttle run` again",
+                table.quoted()
+            ))
+            .into()),
+        }
+    }
+
     /// Decides what to do with `op` on `table` (columns `columns` in tuple order),
     /// made by source transaction `xid`.
     pub fn decide(&self, table: &QualifiedName, columns: &[String], xid: u32, op: Op) -> Decision {

@@ -31,6 +31,7 @@
 use anyhow::Result;
 use tokio_postgres::Client;
 
+use super::decoder::{Relation, RelationColumn, ReplicaIdentity};
 use super::memory::SeenColumn;
 use crate::catalog::{types_compatible, Column};
 use crate::pg::{quote_ident, PgResultExt, QualifiedName};
@@ -70,6 +71,62 @@ pub async fn source_attributes(client: &Client, oid: u32) -> Result<Vec<SourceAt
             type_sql: r.get::<_, Option<String>>(4).unwrap_or_default(),
         })
         .collect())
+}
+
+/// The Relation message pgoutput would send for `table` now, read from the source
+/// catalog: replaying changes held for a table (see [`super::held`]) needs its shape
+/// when this session has not received the table's own message.
+pub async fn catalog_relation(client: &Client, table: &QualifiedName) -> Result<Relation> {
+    let ctx = || format!("reading the definition of {table} on the source");
+    let Some(row) = client
+        .query_opt(
+            "SELECT c.oid, c.relreplident::text, \
+                    coalesce((SELECT i.indkey::int2[] FROM pg_index i WHERE i.indrelid = c.oid \
+                              AND CASE c.relreplident WHEN 'd' THEN i.indisprimary \
+                                                      WHEN 'i' THEN i.indisreplident ELSE false END \
+                              LIMIT 1), '{}') \
+             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .pg_context(ctx)?
+    else {
+        anyhow::bail!("table {table} no longer exists on the source");
+    };
+    let oid: u32 = row.get(0);
+    let replica_identity = match row.get::<_, String>(1).as_str() {
+        "n" => ReplicaIdentity::Nothing,
+        "f" => ReplicaIdentity::Full,
+        "i" => ReplicaIdentity::Index,
+        _ => ReplicaIdentity::Default,
+    };
+    let key: Vec<i16> = row.get(2);
+    let columns = client
+        .query(
+            "SELECT a.attnum, a.attname::text, a.atttypid, a.atttypmod FROM pg_attribute a \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .pg_context(ctx)?
+        .iter()
+        .map(|r| RelationColumn {
+            is_key: replica_identity == ReplicaIdentity::Full || key.contains(&r.get::<_, i16>(0)),
+            name: r.get(1),
+            type_oid: r.get(2),
+            type_modifier: r.get(3),
+        })
+        .collect();
+    Ok(Relation {
+        xid: None,
+        oid,
+        namespace: table.schema.clone(),
+        name: table.name.clone(),
+        replica_identity,
+        columns,
+    })
 }
 
 /// A column as the Relation message sends it.

@@ -13,6 +13,7 @@
 //! - [`io`]: the replication connection's own task: read-ahead, keepalives, timeouts.
 //! - [`session`]: one replication session, transaction boundaries and feedback.
 //! - [`spool`]: streamed transactions past the connection cap, on disk until they commit.
+//! - [`held`]: changes of a table being copied while the pipeline streams, held until the copy is in.
 //! - [`faults`]: which errors are retried and which stop `run`, and the stop message.
 
 pub mod added_columns;
@@ -22,6 +23,7 @@ pub mod copy_positions;
 pub mod decoder;
 pub mod drift;
 pub mod faults;
+pub mod held;
 pub mod io;
 pub mod memory;
 pub mod relations;

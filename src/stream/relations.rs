@@ -128,6 +128,35 @@ impl Relations {
         }
     }
 
+    /// Whether `table` is one of the pipeline's.
+    pub fn is_allowed(&self, table: &QualifiedName) -> bool {
+        self.allowed.contains(table)
+    }
+
+    /// The pipeline's tables (changed by `walshuttle tables add|remove`); returns the
+    /// relation oids of tables no longer among them, whose shapes are forgotten.
+    pub fn set_allowed(&mut self, tables: Vec<QualifiedName>) -> Vec<u32> {
+        let gone: Vec<u32> = self
+            .shapes
+            .iter()
+            .filter(|(_, s)| !tables.contains(&s.name))
+            .map(|(oid, _)| *oid)
+            .collect();
+        for oid in &gone {
+            self.shapes.remove(oid);
+        }
+        self.allowed = tables;
+        gone
+    }
+
+    /// The relation oid this session knows `table` by, if it has seen it.
+    pub fn oid_of(&self, table: &QualifiedName) -> Option<u32> {
+        self.shapes
+            .iter()
+            .find(|(_, s)| &s.name == table)
+            .map(|(oid, _)| *oid)
+    }
+
     /// Takes the tables whose rows must be copied again.
     pub fn take_resync(&mut self) -> Vec<QualifiedName> {
         std::mem::take(&mut self.resync)

@@ -33,6 +33,13 @@ use crate::wal_budget;
 
 /// Most source transactions coalesced into one target transaction.
 const MAX_BATCH_TXNS: usize = 20_000;
+/// Held changes (see [`super::held`]) written to the target in one statement.
+const HELD_BATCH: usize = 1000;
+/// Held changes read back at a time.
+const REPLAY_CHUNK: i64 = 250;
+/// How long one target transaction spends applying a table's held changes: the
+/// other tables stream in between, while a long copy's backlog drains.
+const REPLAY_SLICE: Duration = Duration::from_millis(150);
 /// Oldest a coalesced batch may get before it is committed.
 const MAX_BATCH_AGE: Duration = Duration::from_millis(500);
 /// Longest a clean stop waits for the target.
@@ -79,6 +86,8 @@ struct CurrentTxn {
     skip: bool,
     /// Its transaction id, for the copy positions.
     xid: u32,
+    /// Its commit LSN (the Begin message's final LSN).
+    commit_lsn: Lsn,
 }
 
 /// An in-progress streamed transaction and its target connection.
@@ -153,6 +162,16 @@ struct Session<'a> {
     /// Bumped by work that is not visible on the target's apply sessions (a table
     /// copied again): the watchdog counts it as progress.
     progress: Arc<std::sync::atomic::AtomicU64>,
+    /// Tables being copied while the pipeline streams (`walshuttle tables
+    /// add|resync`): their changes are held on the target until the copy is in.
+    held_tables: HashSet<QualifiedName>,
+    /// Held changes not yet written, as `held_changes` rows.
+    held_rows: Vec<String>,
+    /// Held tables whose copy is in: their held changes are applied next.
+    replay_tables: HashSet<QualifiedName>,
+    /// Relation oids of tables removed from the pipeline: their changes still in
+    /// flight are not applied.
+    ignored: HashSet<u32>,
     /// When the target's flushed position was last read.
     last_durable_check: Instant,
     /// Silence from the source after which its connection is considered dead: the
@@ -239,6 +258,9 @@ async fn start<'a>(
         }
         .into());
     }
+    // Tables being copied while the pipeline streams (their changes are held).
+    let entries = state.table_entries(&target_client, &cfg.slot).await?;
+    let (held_tables, replay_tables) = held_sets(&entries);
     let binary = !cfg.memory.text_only()
         && binary_capable(&source_sql, &target_client, &pipeline.tables).await?;
 
@@ -348,12 +370,10 @@ async fn start<'a>(
             .clamp(Duration::from_secs(5), Duration::from_secs(60))
     };
     // Tables a previous session found to need copying again, and did not finish.
-    let pending_resync: Vec<QualifiedName> = state
-        .table_entries(&target_client, &cfg.slot)
-        .await?
-        .into_iter()
+    let pending_resync: Vec<QualifiedName> = entries
+        .iter()
         .filter(|t| t.state == TableState::Resync)
-        .map(|t| t.name)
+        .map(|t| t.name.clone())
         .collect();
     let main_pid = backend_pid(&target_client).await?;
     let io = StreamIo::start(
@@ -369,6 +389,10 @@ async fn start<'a>(
         binary,
         budget_warned: false,
         progress: Arc::default(),
+        held_tables,
+        held_rows: Vec::new(),
+        replay_tables,
+        ignored: HashSet::new(),
         last_durable_check: Instant::now(),
         receive_timeout,
         monitor: Arc::new(monitor),
@@ -400,6 +424,24 @@ async fn start<'a>(
         positions,
     };
     Ok(session)
+}
+
+/// The tables whose changes are held (being copied, or copied with held changes
+/// still to apply), and those of them whose copy is in.
+fn held_sets(
+    entries: &[crate::state::TableEntry],
+) -> (HashSet<QualifiedName>, HashSet<QualifiedName>) {
+    let held = entries
+        .iter()
+        .filter(|e| matches!(e.state, TableState::Held | TableState::Copied))
+        .map(|e| e.name.clone())
+        .collect();
+    let replay = entries
+        .iter()
+        .filter(|e| e.state == TableState::Copied)
+        .map(|e| e.name.clone())
+        .collect();
+    (held, replay)
 }
 
 /// The backend process id of a target connection (for liveness probes).
@@ -658,6 +700,19 @@ impl Session<'_> {
         if self.batch_txns > 0 && self.current.is_none() {
             self.commit_batch().await?;
         }
+        if self.is_idle() && !(self.held_tables.is_empty() && self.replay_tables.is_empty()) {
+            // A copy by `walshuttle tables` is running or just in: its held changes
+            // are applied without waiting for the next source transaction.
+            loop {
+                let version = self.main.begin().await?;
+                self.refresh_positions(version).await?;
+                self.replay_held().await?;
+                self.main.commit("SELECT 1").await?;
+                if self.replay_tables.is_empty() || self.io.has_waiting() {
+                    break;
+                }
+            }
+        }
         self.resync_pending().await?;
         self.check_durable().await?;
         self.publish_flush();
@@ -692,7 +747,11 @@ impl Session<'_> {
                 }
                 let skip = b.final_lsn < self.applied;
                 self.main.note_source_txn(b.final_lsn);
-                self.current = Some(CurrentTxn { skip, xid: b.xid });
+                self.current = Some(CurrentTxn {
+                    skip,
+                    xid: b.xid,
+                    commit_lsn: b.final_lsn,
+                });
             }
             LogicalMessage::Commit(c) => {
                 let Some(txn) = self.current.take() else {
@@ -877,6 +936,7 @@ impl Session<'_> {
         self.main.note_source_txn(c.commit_lsn);
         let version = self.main.begin().await?;
         self.refresh_positions(version).await?;
+        self.replay_held().await?;
         while let Some(data) = reader.next_message()? {
             let message = decoder::decode_bytes(&data, true).map_err(|e| {
                 anyhow::anyhow!("malformed spooled message of transaction {}: {e}", c.xid)
@@ -899,10 +959,13 @@ impl Session<'_> {
                     for oid in &t.relation_oids {
                         self.ensure_relation(*oid, RelationAt::Replay).await?;
                     }
-                    if let Some(sql) = self.truncate_sql(&t.relation_oids, t.restart_identity)? {
-                        self.main.flush(&self.relations).await?;
-                        self.main.execute_in_txn(&sql).await?;
-                    }
+                    self.truncate_on_main(
+                        c.commit_lsn,
+                        c.xid,
+                        &t.relation_oids,
+                        t.restart_identity,
+                    )
+                    .await?;
                     continue;
                 }
                 // A shape change inside the transaction: at its place.
@@ -913,6 +976,9 @@ impl Session<'_> {
                 _ => continue,
             };
             self.ensure_relation(op.rel(), RelationAt::Replay).await?;
+            if self.ignored.contains(&op.rel()) || self.hold(c.commit_lsn, c.xid, &op).await? {
+                continue;
+            }
             let Some(op) = self.filter(c.xid, op)? else {
                 continue;
             };
@@ -922,6 +988,7 @@ impl Session<'_> {
             }
         }
         self.main.flush(&self.relations).await?;
+        self.flush_held().await?;
         let sql = self.progress_sql(c.end_lsn, c.commit_time);
         let target_lsn = self.main.commit(&sql).await?;
         self.committed(c.end_lsn, target_lsn);
@@ -953,7 +1020,280 @@ impl Session<'_> {
             self.binary,
         )
         .await?;
+        self.reload_tables().await
+    }
+
+    /// Reads the pipeline's tables again (`walshuttle tables add|remove|resync`
+    /// changed them): which are carried, and whose changes are held.
+    async fn reload_tables(&mut self) -> Result<()> {
+        let entries = self
+            .cfg
+            .state
+            .table_entries(&*self.monitor, &self.cfg.slot)
+            .await?;
+        let (held, replay) = held_sets(&entries);
+        let joining: Vec<QualifiedName> = held
+            .iter()
+            .filter(|t| !self.relations.is_allowed(t))
+            .cloned()
+            .collect();
+        if self.binary
+            && !joining.is_empty()
+            && !binary_capable(&self.source_sql, &self.monitor, &joining).await?
+        {
+            anyhow::bail!(
+                "a table joining the pipeline has values that cannot be received in binary: reconnecting to receive every value as text"
+            );
+        }
+        let names: Vec<QualifiedName> = entries.into_iter().map(|e| e.name).collect();
+        for oid in self.relations.set_allowed(names) {
+            // Removed from the pipeline: its changes still in flight are not applied.
+            self.ignored.insert(oid);
+            self.relation_cache.remove(&oid);
+        }
+        self.held_tables = held;
+        self.replay_tables = replay;
         Ok(())
+    }
+
+    /// Whether the pipeline's publication on the source carries `table`.
+    async fn in_publication(&self, table: &QualifiedName) -> Result<bool> {
+        Ok(self
+            .source_sql
+            .query_opt(
+                "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                &[&self.cfg.publication, &table.schema, &table.name],
+            )
+            .await
+            .pg_context(|| format!("looking up {table} in the publication"))?
+            .is_some())
+    }
+
+    /// The table of relation `oid` when its changes are held (its copy is running).
+    fn held_table(&self, oid: u32) -> Result<Option<QualifiedName>> {
+        if self.held_tables.is_empty() {
+            return Ok(None);
+        }
+        let table = &self.relations.get(oid)?.name;
+        Ok(self.held_tables.contains(table).then(|| table.clone()))
+    }
+
+    /// Whether changes of relation `oid` cannot be applied on a streamed
+    /// transaction's own connection now: its table's copy is running, or is in with
+    /// held changes still to apply first (both happen on the main connection).
+    fn held_or_replaying(&self, oid: u32) -> Result<bool> {
+        if self.held_tables.is_empty() && self.replay_tables.is_empty() {
+            return Ok(false);
+        }
+        let table = &self.relations.get(oid)?.name;
+        Ok(self.held_tables.contains(table) || self.replay_tables.contains(table))
+    }
+
+    /// Holds `op` when its table is being copied (see [`super::held`]): written to
+    /// `held_changes` in the open main transaction instead of applied. Returns
+    /// whether it was held.
+    async fn hold(&mut self, commit_lsn: Lsn, xid: u32, op: &Op) -> Result<bool> {
+        let Some(table) = self.held_table(op.rel())? else {
+            return Ok(false);
+        };
+        self.hold_change(&table, commit_lsn, xid, &super::held::encode(op))
+            .await?;
+        Ok(true)
+    }
+
+    async fn hold_change(
+        &mut self,
+        table: &QualifiedName,
+        commit_lsn: Lsn,
+        xid: u32,
+        change: &[u8],
+    ) -> Result<()> {
+        let row =
+            self.cfg
+                .state
+                .held_row(&self.cfg.slot, table, commit_lsn, xid, self.binary, change);
+        self.held_rows.push(row);
+        if self.held_rows.len() >= HELD_BATCH {
+            self.flush_held().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the held changes buffered so far, in the open main transaction: before
+    /// it commits, and before held changes are read back.
+    async fn flush_held(&mut self) -> Result<()> {
+        if self.held_rows.is_empty() {
+            return Ok(());
+        }
+        let sql = self.cfg.state.hold_sql(&self.held_rows);
+        self.held_rows.clear();
+        self.main.execute_in_txn(&sql).await
+    }
+
+    /// Applies, in the open main transaction, a TRUNCATE of a source transaction
+    /// (`xid`, committing at `commit_lsn`): tables removed from the pipeline are left
+    /// alone, those being copied hold it, the copy positions decide the rest.
+    async fn truncate_on_main(
+        &mut self,
+        commit_lsn: Lsn,
+        xid: u32,
+        oids: &[u32],
+        restart_identity: bool,
+    ) -> Result<()> {
+        let mut apply = Vec::with_capacity(oids.len());
+        for oid in oids {
+            if self.ignored.contains(oid) {
+                continue;
+            }
+            if let Some(table) = self.held_table(*oid)? {
+                let change = super::held::encode_truncate(*oid, restart_identity);
+                self.hold_change(&table, commit_lsn, xid, &change).await?;
+                continue;
+            }
+            let table = &self.relations.get(*oid)?.name;
+            if self.positions.is_empty() || self.positions.truncate(table, xid)? {
+                apply.push(*oid);
+            }
+        }
+        if let Some(sql) = self.truncate_sql(&apply, restart_identity)? {
+            self.main.flush(&self.relations).await?;
+            self.main.execute_in_txn(&sql).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies, in the open main transaction, changes held for tables whose copy is
+    /// in (through its copy position: what its snapshot saw is skipped), for at most
+    /// [`REPLAY_SLICE`] per table and transaction, so the other tables keep
+    /// streaming while a long copy's backlog drains; the table's new changes are held
+    /// behind it meanwhile. A table whose backlog is drained joins the stream.
+    async fn replay_held(&mut self) -> Result<()> {
+        if self.replay_tables.is_empty() {
+            return Ok(());
+        }
+        self.flush_held().await?;
+        let tables: Vec<QualifiedName> = self.replay_tables.iter().cloned().collect();
+        for table in tables {
+            // Its shape: from this session's Relation message, or as pgoutput would
+            // describe it now.
+            let oid = match self.relations.oid_of(&table) {
+                Some(oid) => oid,
+                None => {
+                    let rel = super::drift::catalog_relation(&self.source_sql, &table).await?;
+                    let oid = rel.oid;
+                    self.on_relation(rel, RelationAt::Transaction).await?;
+                    oid
+                }
+            };
+            let Some(snapshot) = self
+                .cfg
+                .state
+                .table_copy_snapshot(&self.main.client, &self.cfg.slot, &table)
+                .await?
+            else {
+                return Err(Fatal(format!(
+                    "{table} is marked copied but its copy position is missing: run `walshuttle tables resync {}`",
+                    table.quoted()
+                ))
+                .into());
+            };
+            let started = Instant::now();
+            let drained = loop {
+                let drained = self.replay_chunk(&table, oid, &snapshot).await?;
+                if drained || started.elapsed() >= REPLAY_SLICE {
+                    break drained;
+                }
+            };
+            if self.current.is_some() {
+                self.main_mark = 0;
+                self.main_has_partial = true;
+            }
+            if !drained {
+                tracing::debug!(table = %table, "applied held changes of a copied table; more are held");
+                continue;
+            }
+            self.cfg
+                .state
+                .set_table_state(
+                    &self.main.client,
+                    &self.cfg.slot,
+                    Some(&table),
+                    TableState::Ready,
+                )
+                .await?;
+            self.held_tables.remove(&table);
+            self.replay_tables.remove(&table);
+            tracing::info!(table = %table, "the table's copy is in and the changes held meanwhile are applied: it streams with the others now");
+        }
+        Ok(())
+    }
+
+    /// Applies the oldest [`REPLAY_CHUNK`] changes held for `table` (relation `oid`)
+    /// that `snapshot` did not see, and forgets them; returns whether none are left.
+    async fn replay_chunk(
+        &mut self,
+        table: &QualifiedName,
+        oid: u32,
+        snapshot: &crate::positions::SnapshotView,
+    ) -> Result<bool> {
+        let held = self
+            .cfg
+            .state
+            .held_changes(&self.main.client, &self.cfg.slot, table, REPLAY_CHUNK)
+            .await?;
+        let drained = (held.len() as i64) < REPLAY_CHUNK;
+        let mut seqs = Vec::with_capacity(held.len());
+        for (seq, xid, binary, change) in held {
+            seqs.push(seq);
+            // What the copy's snapshot saw, the copy holds already.
+            if snapshot.sees(xid) {
+                continue;
+            }
+            if binary != self.binary {
+                return Err(Fatal(format!(
+                    "changes of {table} were held with values in {} but the stream now receives them in {} (the pipeline's tables changed meanwhile): run `walshuttle tables resync {}`",
+                    if binary { "binary" } else { "text" },
+                    if self.binary { "binary" } else { "text" },
+                    table.quoted()
+                ))
+                .into());
+            }
+            let message = decoder::decode_bytes(&bytes::Bytes::from(change), false)
+                .map_err(|e| anyhow::anyhow!("malformed held change of {table}: {e}"))?;
+            let op = match message {
+                LogicalMessage::Insert(m) => Op::Insert {
+                    rel: oid,
+                    new: m.new,
+                },
+                LogicalMessage::Update(m) => Op::Update {
+                    rel: oid,
+                    old: m.old,
+                    new: m.new,
+                },
+                LogicalMessage::Delete(m) => Op::Delete {
+                    rel: oid,
+                    old: m.old,
+                },
+                LogicalMessage::Truncate(t) => {
+                    if let Some(sql) = self.truncate_sql(&[oid], t.restart_identity)? {
+                        self.main.flush(&self.relations).await?;
+                        self.main.execute_in_txn(&sql).await?;
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            self.main.push(op);
+            if self.main.buffered_bytes() >= FLUSH_BYTES {
+                self.main.flush(&self.relations).await?;
+            }
+        }
+        self.main.flush(&self.relations).await?;
+        self.cfg
+            .state
+            .forget_held(&self.main.client, &self.cfg.slot, table, &seqs)
+            .await?;
+        Ok(drained)
     }
 
     /// Applies the copy positions to a change of transaction `xid`: `None` when the
@@ -982,6 +1322,15 @@ impl Session<'_> {
         if let (Some(top), Some(sub)) = (self.in_stream, xid) {
             self.ensure_relation(op.rel(), RelationAt::Stream(top))
                 .await?;
+            if self.ignored.contains(&op.rel()) {
+                return Ok(());
+            }
+            if self.held_or_replaying(op.rel())? {
+                self.cfg.memory.apply_whole(top);
+                anyhow::bail!(
+                    "streamed transaction {top} writes a table whose copy is running: reconnecting to receive it again and apply it whole at its commit, after the table's held changes"
+                );
+            }
             if let Some(st) = self.streams.get_mut(&top) {
                 st.tables.insert(op.rel());
             }
@@ -1016,13 +1365,24 @@ impl Session<'_> {
         if txn.skip {
             return Ok(());
         }
-        let xid = txn.xid;
+        let (xid, commit_lsn) = (txn.xid, txn.commit_lsn);
         self.ensure_relation(op.rel(), RelationAt::Transaction)
             .await?;
+        if self.ignored.contains(&op.rel()) {
+            return Ok(());
+        }
         // The target transaction opens (under the positions lock) before deciding
         // what the copies already hold.
         let version = self.main.begin().await?;
         self.refresh_positions(version).await?;
+        if version.is_some() {
+            self.replay_held().await?;
+        }
+        if self.hold(commit_lsn, xid, &op).await? {
+            self.main_mark = 0;
+            self.main_has_partial = true;
+            return Ok(());
+        }
         let Some(op) = self.filter(xid, op)? else {
             return Ok(());
         };
@@ -1073,12 +1433,27 @@ impl Session<'_> {
         oids: &[u32],
         restart_identity: bool,
     ) -> Result<()> {
-        let Some(sql) = self.truncate_sql(oids, restart_identity)? else {
-            return Ok(());
-        };
         if let (Some(top), Some(_)) = (self.in_stream, xid) {
+            let mut live = Vec::with_capacity(oids.len());
+            for oid in oids {
+                if self.ignored.contains(oid) {
+                    continue;
+                }
+                if self.held_or_replaying(*oid)? || !self.positions.is_empty() {
+                    // Held tables and copy positions are decided on the main
+                    // connection, at the transaction's commit.
+                    self.cfg.memory.apply_whole(top);
+                    anyhow::bail!(
+                        "streamed transaction {top} truncates a table whose copy is running or recent: reconnecting to receive it again and apply it whole at its commit"
+                    );
+                }
+                live.push(*oid);
+            }
+            let Some(sql) = self.truncate_sql(&live, restart_identity)? else {
+                return Ok(());
+            };
             if let Some(st) = self.streams.get_mut(&top) {
-                st.tables.extend(oids.iter().copied());
+                st.tables.extend(live.iter().copied());
                 st.session.flush(&self.relations).await?;
                 st.session.execute_in_txn(&sql).await?;
             }
@@ -1090,8 +1465,15 @@ impl Session<'_> {
         if txn.skip {
             return Ok(());
         }
-        self.main.flush(&self.relations).await?;
-        self.main.execute_in_txn(&sql).await?;
+        let (xid, commit_lsn) = (txn.xid, txn.commit_lsn);
+        for oid in oids {
+            self.ensure_relation(*oid, RelationAt::Transaction).await?;
+        }
+        let version = self.main.begin().await?;
+        self.refresh_positions(version).await?;
+        self.replay_held().await?;
+        self.truncate_on_main(commit_lsn, xid, oids, restart_identity)
+            .await?;
         self.main_mark = 0;
         self.main_has_partial = true;
         Ok(())
@@ -1123,6 +1505,26 @@ impl Session<'_> {
     ///   reconnects, and the source sends the transaction again from its start, to
     ///   be kept on disk and applied whole at its commit (`StreamMemory`).
     async fn on_relation(&mut self, rel: Relation, at: RelationAt) -> Result<()> {
+        let name = QualifiedName::new(rel.namespace.clone(), rel.name.clone());
+        if !self.relations.is_allowed(&name) {
+            // `walshuttle tables add|remove` may have changed the pipeline's tables.
+            self.reload_tables().await?;
+        }
+        if !self.relations.is_allowed(&name) {
+            if self.in_publication(&name).await? {
+                return Err(Fatal(format!(
+                    "the publication sends table {name}, which is not part of this pipeline: the publication was edited by hand; add the table with `walshuttle tables add {}` or restore the publication (ALTER PUBLICATION … SET TABLE)",
+                    name.quoted()
+                ))
+                .into());
+            }
+            // Removed from the pipeline: changes committed before it left the
+            // publication are still on their way, and are not applied.
+            self.ignored.insert(rel.oid);
+            self.pending_relations.remove(&rel.oid);
+            return Ok(());
+        }
+        self.ignored.remove(&rel.oid);
         let unchanged = self.relation_cache.get(&rel.oid).is_some_and(|known| {
             known.namespace == rel.namespace
                 && known.name == rel.name
@@ -1245,6 +1647,7 @@ impl Session<'_> {
         };
         self.main.flush(&self.relations).await?;
         self.main.begin().await?;
+        self.flush_held().await?;
         let sql = self.progress_sql(end_lsn, commit_time);
         let target_lsn = self.main.commit(&sql).await?;
         self.committed(end_lsn, target_lsn);
@@ -1401,6 +1804,7 @@ impl Session<'_> {
     async fn stop(&mut self) -> Result<()> {
         if self.current.is_some() {
             if self.main_has_partial {
+                self.held_rows.clear();
                 self.main.rollback().await?;
                 self.batch_txns = 0;
             } else {

@@ -1,0 +1,426 @@
+//! `walshuttle tables add|remove|resync`: change the tables of a live pipeline while
+//! `run` keeps streaming the others.
+//!
+//! An added or resynced table is copied under a snapshot of its own, as PostgreSQL's
+//! tablesync does for a table added to a subscription, but without a slot per table:
+//!
+//! 1. The table is marked `held`: from the next apply transaction on, the running
+//!    stream writes the table's changes to `walshuttle.held_changes` instead of
+//!    applying them (see [`crate::stream::held`]).
+//! 2. (add) The table joins the publication; then the command waits until every
+//!    source transaction open at that moment has ended, since changes made before
+//!    the table joined are not decoded for it and only the snapshot can carry them.
+//! 3. A barrier: the positions lock is taken once, when no apply transaction is open,
+//!    so every change the stream applied to the table without holding it is on the
+//!    target and committed on the source.
+//! 4. A plain snapshot S, with the table locked against DDL; in one target
+//!    transaction the table's rows are replaced by S's, S is recorded as the table's
+//!    copy position and the table is marked `copied`.
+//! 5. The stream applies the held changes that S did not see, in commit order, and
+//!    marks the table `ready`; later changes go through the copy position until the
+//!    stream passes S.
+//!
+//! Every other table streams throughout. A removed table leaves the publication first
+//! and the pipeline second, so nothing it sends is mistaken for a hand-edited
+//! publication; changes already in flight for it are not applied.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tokio_postgres::Client;
+
+use crate::catalog::{self, Table, TargetFit};
+use crate::config::Endpoint;
+use crate::pg::{connect, PgResultExt, QualifiedName};
+use crate::rewrite;
+use crate::snapshot::SourceSnapshot;
+use crate::state::{Pipeline, StateStore, StoredScope, TableState};
+
+/// How long the command waits for source transactions open when a table joined the
+/// publication, and for a moment between two apply transactions.
+const WAIT: Duration = Duration::from_secs(600);
+
+/// What `walshuttle tables` does to each named table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TablesAction {
+    /// Add tables to the pipeline: copy each under its own snapshot, then stream it.
+    Add,
+    /// Remove tables from the pipeline: they leave the publication and stop being
+    /// applied; their target tables are left as they are.
+    Remove,
+    /// Copy tables again under a new snapshot, while the others stream.
+    Resync,
+}
+
+/// Options of `walshuttle tables`.
+#[derive(Clone, Debug)]
+pub struct TablesOptions {
+    /// What to do.
+    pub action: TablesAction,
+    /// The tables.
+    pub tables: Vec<QualifiedName>,
+    /// The pipeline (slot name).
+    pub slot: String,
+    /// The state schema on the target.
+    pub state_schema: String,
+    /// Replace rows an added table already holds on the target.
+    pub truncate_target: bool,
+    /// Fire target foreign keys and triggers on copied rows.
+    pub allow_target_triggers: bool,
+}
+
+/// Changes the pipeline's tables as `opts` says; returns one line per table for the
+/// user.
+pub async fn change(
+    source: &Endpoint,
+    target: &Endpoint,
+    opts: &TablesOptions,
+) -> Result<Vec<String>> {
+    let src = connect(source, "tables").await?;
+    let mut tgt = connect(target, "tables").await?;
+    let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
+    let Some(pipeline) = state.existing_pipeline(&tgt, &opts.slot).await? else {
+        bail!(
+            "there is no pipeline {} on the target: bootstrap it first (`walshuttle bootstrap` or `walshuttle run`)",
+            opts.slot
+        );
+    };
+    if !pipeline.phase.copied() {
+        bail!(
+            "pipeline {} has not finished its bootstrap: let `walshuttle run` (or `walshuttle bootstrap`) finish it first",
+            opts.slot
+        );
+    }
+    match opts.action {
+        TablesAction::Remove => remove(&src, &tgt, &state, &pipeline, opts).await,
+        TablesAction::Add | TablesAction::Resync => {
+            let todo = prepare_copies(&src, &tgt, &state, &pipeline, opts).await?;
+            let mut lines = todo.notes;
+            let setup = crate::target_checks::decide(
+                &tgt,
+                todo.tables.iter().map(|t| &t.name),
+                opts.allow_target_triggers,
+            )
+            .await?;
+            crate::target_checks::prepare_session(&tgt, &setup).await?;
+            for table in &todo.tables {
+                let (rows, lsn) = copy_table(source, &mut tgt, &state, &opts.slot, table).await?;
+                lines.push(format!(
+                    "{} {}: {rows} rows copied under a snapshot at {lsn}; the stream applies its changes since and carries it on",
+                    if opts.action == TablesAction::Add { "added" } else { "resynced" },
+                    table.name
+                ));
+            }
+            Ok(lines)
+        }
+    }
+}
+
+/// The tables to copy, checked and marked `held`, and notes about tables skipped.
+struct Copies {
+    tables: Vec<Table>,
+    notes: Vec<String>,
+}
+
+/// Checks the tables to add or resync, creates missing target tables, marks them
+/// `held` and (add) puts them in the publication.
+async fn prepare_copies(
+    src: &Client,
+    tgt: &Client,
+    state: &StateStore,
+    pipeline: &Pipeline,
+    opts: &TablesOptions,
+) -> Result<Copies> {
+    let entries = state.table_entries(tgt, &pipeline.name).await?;
+    let mut tables = Vec::new();
+    let mut notes = Vec::new();
+    for name in &opts.tables {
+        let entry = entries.iter().find(|e| &e.name == name);
+        match (opts.action, entry) {
+            (TablesAction::Resync, None) => bail!(
+                "{name} is not part of pipeline {}: add it with `walshuttle tables add {}`",
+                pipeline.name,
+                name.quoted()
+            ),
+            // A copy that did not finish is done again.
+            (TablesAction::Add, Some(e)) if e.state != TableState::Held => {
+                notes.push(format!(
+                    "{name} is already part of the pipeline: nothing to do"
+                ));
+                continue;
+            }
+            _ => {}
+        }
+        let table = catalog::load_table(src, name)
+            .await?
+            .with_context(|| format!("table {name} does not exist on the source"))?;
+        if let Some(problem) = table.replicability_problem() {
+            bail!(problem);
+        }
+        let fit = catalog::check_target(tgt, &table).await?;
+        match fit {
+            TargetFit::Missing { .. } => {
+                catalog::create_missing_types(src, tgt, &table).await?;
+                tgt.batch_execute(&catalog::create_table_sql(&table))
+                    .await
+                    .pg_context(|| format!("creating table {name} on the target"))?;
+                for sql in catalog::index_sql(src, tgt, &table).await? {
+                    tgt.batch_execute(&sql)
+                        .await
+                        .pg_context(|| format!("building on the target: {sql}"))?;
+                }
+                tracing::info!(table = %name, "created table on the target");
+            }
+            TargetFit::Exists { .. } if entry.is_none() => {
+                crate::bootstrap::preflight::target_key(tgt, &table).await?;
+                if !opts.truncate_target && has_rows(tgt, name).await? {
+                    bail!(
+                        "table {name} already holds rows on the target that walshuttle did not copy: empty it, or pass --truncate-target to replace them with the source's rows"
+                    );
+                }
+            }
+            TargetFit::Exists { .. } => {}
+        }
+        tables.push(table);
+    }
+    if tables.is_empty() {
+        return Ok(Copies { tables, notes });
+    }
+    // Held from the next apply transaction on.
+    let mut carried = pipeline.tables.clone();
+    tgt.batch_execute("BEGIN")
+        .await
+        .pg_context(|| "opening a state transaction on the target".into())?;
+    let marked = async {
+        for t in &tables {
+            state
+                .put_table(tgt, &pipeline.name, &t.name, TableState::Held)
+                .await?;
+            if !carried.contains(&t.name) {
+                carried.push(t.name.clone());
+            }
+        }
+        state
+            .set_selection(tgt, &pipeline.name, Some(&carried))
+            .await?;
+        state.bump_positions_version(tgt, &pipeline.name).await
+    }
+    .await;
+    finish(tgt, marked).await?;
+    if opts.action == TablesAction::Add {
+        let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
+        crate::publication::ensure(src, &plan, &carried).await?;
+        wait_for_open_transactions(src).await?;
+    }
+    Ok(Copies { tables, notes })
+}
+
+/// Commits the open state transaction when `outcome` is fine, else rolls it back.
+async fn finish(tgt: &Client, outcome: Result<()>) -> Result<()> {
+    match outcome {
+        Ok(()) => tgt
+            .batch_execute("COMMIT")
+            .await
+            .pg_context(|| "committing the pipeline's tables on the target".into()),
+        Err(e) => {
+            let _ = tgt.batch_execute("ROLLBACK").await;
+            Err(e)
+        }
+    }
+}
+
+/// Whether `table` has any row on the target.
+async fn has_rows(tgt: &Client, table: &QualifiedName) -> Result<bool> {
+    Ok(tgt
+        .query_opt(
+            &format!("SELECT 1 FROM ONLY {} LIMIT 1", table.quoted()),
+            &[],
+        )
+        .await
+        .pg_context(|| format!("checking whether {table} is empty on the target"))?
+        .is_some())
+}
+
+/// Waits until every source transaction open now has ended. Changes a transaction
+/// made before a table joined the publication are not decoded for that table (the
+/// catalog as of each change decides), so a copy must see every such transaction:
+/// its snapshot is taken only after they end.
+async fn wait_for_open_transactions(src: &Client) -> Result<()> {
+    let ctx = || "reading the source's open transactions".to_string();
+    let horizon: i64 = src
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .pg_context(ctx)?
+        .get(0);
+    let deadline = Instant::now() + WAIT;
+    let mut told = false;
+    loop {
+        let oldest: i64 = src
+            .query_one(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+                &[],
+            )
+            .await
+            .pg_context(ctx)?
+            .get(0);
+        if oldest >= horizon {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "a source transaction open when the table joined the publication is still open after {} s: end it (see pg_stat_activity) and run the command again",
+                WAIT.as_secs()
+            );
+        }
+        if !told {
+            tracing::info!(
+                "waiting for source transactions open when the table joined the publication to end"
+            );
+            told = true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Copies `table` under a new snapshot while the stream holds its changes; returns
+/// the rows copied and the snapshot's WAL position.
+async fn copy_table(
+    source: &Endpoint,
+    tgt: &mut Client,
+    state: &StateStore,
+    pipeline: &str,
+    table: &Table,
+) -> Result<(u64, crate::pg::Lsn)> {
+    barrier(tgt, state, pipeline).await?;
+    tracing::info!(table = %table.name, "the stream holds the table's changes now: copying it");
+    let snapshot = SourceSnapshot::take(source, std::slice::from_ref(&table.name)).await?;
+    let Some(view) = snapshot.view.clone() else {
+        bail!("the snapshot of {} has no visibility recorded", table.name);
+    };
+    let lsn = view.lsn;
+    let Some(session) = snapshot
+        .into_sessions(source, "tables", 1)
+        .await?
+        .into_iter()
+        .next()
+    else {
+        bail!("no session reads under the snapshot of {}", table.name);
+    };
+    let binary = catalog::check_target(tgt, table).await?.binary();
+    let ctx = || format!("copying {} on the target", table.name);
+    let tx = tgt.transaction().await.pg_context(ctx)?;
+    // DELETE rather than TRUNCATE: readers of the target table, and the stream
+    // reading its definition, never wait behind the copy; they see the old rows
+    // until it commits.
+    tx.execute(&format!("DELETE FROM ONLY {}", table.name.quoted()), &[])
+        .await
+        .pg_context(ctx)?;
+    let (copied, _) = rewrite::copy_rows(
+        &session.client,
+        &tx,
+        &table.name,
+        &table.copied_column_list(),
+        "true",
+        binary,
+        &|_| {},
+    )
+    .await?;
+    let id = state
+        .record_snapshot(&tx, pipeline, &view, "tables")
+        .await?;
+    state
+        .add_position(&tx, pipeline, &table.name, &StoredScope::Table, id)
+        .await?;
+    state
+        .put_table(&tx, pipeline, &table.name, TableState::Copied)
+        .await?;
+    state.bump_positions_version(&tx, pipeline).await?;
+    tx.commit().await.pg_context(ctx)?;
+    let _ = session.client.batch_execute("COMMIT").await;
+    tracing::info!(table = %table.name, rows = copied, "copied; the stream applies the changes it held");
+    Ok((copied, lsn))
+}
+
+/// Waits for a moment when no apply transaction of the pipeline is open (taking the
+/// positions lock once, never queueing for it): every transaction that began before
+/// the table was marked `held` has committed, so whatever the stream applied to the
+/// table without holding it is committed on the source before the copy's snapshot.
+async fn barrier(tgt: &mut Client, state: &StateStore, pipeline: &str) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    let ctx = || "waiting for the pipeline's apply transactions".to_string();
+    loop {
+        let tx = tgt.transaction().await.pg_context(ctx)?;
+        let locked = state.try_lock_positions(&tx, pipeline).await?;
+        tx.commit().await.pg_context(ctx)?;
+        if locked {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "pipeline {pipeline} kept an apply transaction open for {} s: run the command again",
+                WAIT.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Takes tables out of the pipeline: out of the publication first, then out of the
+/// state, so changes still in flight for them are recognised and dropped.
+async fn remove(
+    src: &Client,
+    tgt: &Client,
+    state: &StateStore,
+    pipeline: &Pipeline,
+    opts: &TablesOptions,
+) -> Result<Vec<String>> {
+    let mut lines = Vec::new();
+    let mut gone = Vec::new();
+    for name in &opts.tables {
+        if pipeline.tables.contains(name) {
+            gone.push(name.clone());
+        } else {
+            lines.push(format!("{name} is not part of the pipeline: nothing to do"));
+        }
+    }
+    if gone.is_empty() {
+        return Ok(lines);
+    }
+    let kept: Vec<QualifiedName> = pipeline
+        .tables
+        .iter()
+        .filter(|t| !gone.contains(t))
+        .cloned()
+        .collect();
+    if kept.is_empty() {
+        bail!(
+            "that would leave pipeline {} with no tables: retire it with `walshuttle teardown` instead",
+            pipeline.name
+        );
+    }
+    let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
+    crate::publication::ensure(src, &plan, &kept).await?;
+    tgt.batch_execute("BEGIN")
+        .await
+        .pg_context(|| "opening a state transaction on the target".into())?;
+    let removed = async {
+        for t in &gone {
+            state.remove_table(tgt, &pipeline.name, t).await?;
+        }
+        state
+            .set_selection(tgt, &pipeline.name, Some(&kept))
+            .await?;
+        state.bump_positions_version(tgt, &pipeline.name).await
+    }
+    .await;
+    finish(tgt, removed).await?;
+    for t in gone {
+        lines.push(format!(
+            "removed {t}: it left the publication and is no longer applied; its table on the target is left as it is"
+        ));
+    }
+    Ok(lines)
+}
