@@ -27,6 +27,7 @@ pub const PASSWORD: &str = "harness-secret-pw";
 pub struct ClusterOptions {
     /// Major version of the server (`Some(17)`); `None` for the machine's default.
     /// A version that is not on the machine fails the test, saying how to fetch it.
+    /// Defaults to [`default_version`].
     pub version: Option<u32>,
     /// `wal_level`: `logical` unless a test needs a source without logical decoding.
     pub wal_level: &'static str,
@@ -40,10 +41,22 @@ pub struct ClusterOptions {
     pub hba: Vec<String>,
 }
 
+/// The major version of clusters that ask for none: `WALSHUTTLE_TEST_PG_VERSION`
+/// when set (to run any test file on another version), else the machine's default.
+pub fn default_version() -> Option<u32> {
+    let value = std::env::var("WALSHUTTLE_TEST_PG_VERSION").ok()?;
+    if value.is_empty() {
+        return None;
+    }
+    Some(value.parse().unwrap_or_else(|_| {
+        panic!("WALSHUTTLE_TEST_PG_VERSION={value:?} is not a major version such as 17")
+    }))
+}
+
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
-            version: None,
+            version: default_version(),
             wal_level: "logical",
             extra_conf: Vec::new(),
             tls: None,
@@ -70,7 +83,8 @@ fn stop_mode(mode: &str) -> StopMode {
 }
 
 impl Cluster {
-    /// Starts a cluster of the default version with `wal_level=logical`.
+    /// Starts a cluster of the default version ([`default_version`]) with
+    /// `wal_level=logical`.
     pub fn start() -> Cluster {
         Cluster::start_with(ClusterOptions::default())
     }
