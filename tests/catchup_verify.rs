@@ -248,6 +248,15 @@ async fn verify_while_streaming_does_not_report_changes_in_flight() {
     cmd.arg("run");
     let mut child = logs.spawn(cmd);
     wait_for_convergence_running(&mut child, &src, &tgt, TABLES, Duration::from_secs(60)).await;
+    // Converged by the bootstrap alone; verify waits for changes in flight only
+    // while a stream consumes the slot, so wait for that.
+    support::wait_while_running(
+        "run to stream from the slot",
+        Duration::from_secs(60),
+        &mut child,
+        || async { support::slot_active(&src, "walshuttle").await },
+    )
+    .await;
 
     // A steady writer while verify runs.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -5,7 +5,7 @@
 //! walshuttle speaks this part of the protocol itself on top of postgres-protocol's
 //! message codecs: startup with `replication=database`, cleartext/MD5/SCRAM
 //! authentication, simple queries for `IDENTIFY_SYSTEM` and
-//! `CREATE_REPLICATION_SLOT … (SNAPSHOT 'export')`, then CopyBoth for `START_REPLICATION`
+//! `CREATE_REPLICATION_SLOT` (in the syntax of the server's version), then CopyBoth for `START_REPLICATION`
 //! with XLogData, keepalives and standby status updates.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -105,8 +105,38 @@ pub struct ReplicationClient {
     write_buf: BytesMut,
     /// Server process id, as `pg_stat_replication.pid` shows it.
     pub backend_pid: i32,
-    /// `server_version_num` of the server (e.g. 170004).
-    pub server_version: i32,
+    /// The server's major version (from its `server_version` parameter), 0 while
+    /// unknown: replication commands are spelled differently before 15.
+    pub server_major: u32,
+}
+
+/// The major version in a `server_version` parameter (`14.23`, `15.18 (Debian
+/// 15.18-0+deb12u1)`, `19beta1`), 0 when there is none.
+fn major_of_server_version(version: &str) -> u32 {
+    let digits: String = version.chars().take_while(|c| c.is_ascii_digit()).collect();
+    digits.parse().unwrap_or(0)
+}
+
+/// `CREATE_REPLICATION_SLOT` for a permanent pgoutput slot exporting its snapshot:
+/// PostgreSQL 15 introduced the option list, and 14 knows only the older
+/// `EXPORT_SNAPSHOT` keyword (which 15+ still accept, but only for compatibility).
+///
+/// On PostgreSQL 17+ the slot is a failover slot: a standby with
+/// `sync_replication_slots` keeps a copy, so the stream goes on from it after a
+/// promotion, without a gap and without a catch-up.
+fn create_slot_sql(slot: &str, server_major: u32) -> String {
+    if (1..15).contains(&server_major) {
+        format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(slot)
+        )
+    } else {
+        let failover = if server_major >= 17 { ", FAILOVER" } else { "" };
+        format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export'{failover})",
+            quote_ident(slot)
+        )
+    }
 }
 
 impl ReplicationClient {
@@ -148,7 +178,7 @@ impl ReplicationClient {
             read_buf: BytesMut::with_capacity(64 * 1024),
             write_buf: BytesMut::with_capacity(1024),
             backend_pid: 0,
-            server_version: 0,
+            server_major: 0,
         };
         tokio::time::timeout(crate::pg::connect::LOGIN_TIMEOUT, client.startup(endpoint, options))
             .await
@@ -251,9 +281,8 @@ impl ReplicationClient {
                 }
                 backend::Message::BackendKeyData(body) => self.backend_pid = body.process_id(),
                 backend::Message::ParameterStatus(body) => {
-                    if body.name().ok() == Some("server_version_num") {
-                        self.server_version =
-                            body.value().ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    if body.name()? == "server_version" {
+                        self.server_major = major_of_server_version(body.value()?);
                     }
                 }
                 backend::Message::NoticeResponse(_) => {}
@@ -305,18 +334,7 @@ impl ReplicationClient {
     /// Creates a permanent logical slot with pgoutput and exports its snapshot (a
     /// failover slot on PostgreSQL 17+).
     pub async fn create_slot_exporting_snapshot(&mut self, slot: &str) -> Result<CreateSlotResult> {
-        // On PostgreSQL 17+ the slot is a failover slot: a standby with
-        // `sync_replication_slots` keeps a copy, so the stream goes on from it after a
-        // promotion, without a gap and without a catch-up.
-        let failover = if self.server_version >= 170000 {
-            ", FAILOVER"
-        } else {
-            ""
-        };
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export'{failover})",
-            quote_ident(slot)
-        );
+        let sql = create_slot_sql(slot, self.server_major);
         let rows = self.simple_query(&sql).await?;
         let row = rows.first().ok_or_else(|| {
             ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
@@ -667,5 +685,42 @@ fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
         code: SqlState::from_code(&code),
         message,
         hint,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{create_slot_sql, major_of_server_version};
+
+    #[test]
+    fn server_versions_give_their_major() {
+        assert_eq!(major_of_server_version("14.23"), 14);
+        assert_eq!(
+            major_of_server_version("15.18 (Debian 15.18-0+deb12u1)"),
+            15
+        );
+        assert_eq!(major_of_server_version("19beta1"), 19);
+        assert_eq!(major_of_server_version(""), 0);
+    }
+
+    #[test]
+    fn slots_are_created_with_the_syntax_of_the_servers_version() {
+        assert_eq!(
+            create_slot_sql("s", 14),
+            r#"CREATE_REPLICATION_SLOT "s" LOGICAL pgoutput EXPORT_SNAPSHOT"#
+        );
+        for major in [0, 15, 16] {
+            assert_eq!(
+                create_slot_sql("s", major),
+                r#"CREATE_REPLICATION_SLOT "s" LOGICAL pgoutput (SNAPSHOT 'export')"#
+            );
+        }
+        // Failover slots from 17 on.
+        for major in [17, 18] {
+            assert_eq!(
+                create_slot_sql("s", major),
+                r#"CREATE_REPLICATION_SLOT "s" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER)"#
+            );
+        }
     }
 }

@@ -1,10 +1,12 @@
 //! The cluster harness: throwaway PostgreSQL servers for integration tests.
 //!
-//! Each [`Cluster`] is a fresh `initdb` in a temp directory on a free port with
-//! `wal_level=logical`, started with `pg_ctl`. It can be stopped (fast or immediate,
-//! i.e. a crash), restarted, and is always removed when dropped, even when the test
-//! fails. As root, server binaries run as the `postgres` user through `runuser`,
-//! since initdb and postgres refuse to run as root.
+//! A thin panicking layer over walshuttle's own [`LocalCluster`] (the one harness,
+//! shared with `walshuttle demo`): each [`Cluster`] is a fresh `initdb` in a temp
+//! directory on a free port with `wal_level=logical`, of the machine's default
+//! PostgreSQL or of a chosen major version (fetched by `scripts/fetch-postgres.sh`).
+//! It can be stopped (fast or immediate, i.e. a crash), restarted, and is always
+//! removed when dropped, even when the test fails. As root, server binaries run as
+//! the `postgres` user through `runuser`.
 
 #![allow(dead_code)]
 
@@ -13,6 +15,9 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
+use walshuttle::localpg::{LocalCluster, LocalClusterOptions, StopMode};
+
+pub use walshuttle::localpg::ServerTls;
 
 /// Password of the `postgres` superuser in every test cluster.
 pub const PASSWORD: &str = "harness-secret-pw";
@@ -20,6 +25,10 @@ pub const PASSWORD: &str = "harness-secret-pw";
 /// Extra settings for a cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
+    /// Major version of the server (`Some(17)`); `None` for the machine's default.
+    /// A version that is not on the machine fails the test, saying how to fetch it.
+    /// Defaults to [`default_version`].
+    pub version: Option<u32>,
     /// `wal_level`: `logical` unless a test needs a source without logical decoding.
     pub wal_level: &'static str,
     /// Further `postgresql.conf` lines.
@@ -32,9 +41,22 @@ pub struct ClusterOptions {
     pub hba: Vec<String>,
 }
 
+/// The major version of clusters that ask for none: `WALSHUTTLE_TEST_PG_VERSION`
+/// when set (to run any test file on another version), else the machine's default.
+pub fn default_version() -> Option<u32> {
+    let value = std::env::var("WALSHUTTLE_TEST_PG_VERSION").ok()?;
+    if value.is_empty() {
+        return None;
+    }
+    Some(value.parse().unwrap_or_else(|_| {
+        panic!("WALSHUTTLE_TEST_PG_VERSION={value:?} is not a major version such as 17")
+    }))
+}
+
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
+            version: default_version(),
             wal_level: "logical",
             extra_conf: Vec::new(),
             tls: None,
@@ -43,245 +65,82 @@ impl Default for ClusterOptions {
     }
 }
 
-/// A server certificate and its private key, both PEM.
-#[derive(Clone, Debug)]
-pub struct ServerTls {
-    /// The server certificate (followed by any intermediates).
-    pub cert_pem: String,
-    /// The certificate's private key (PKCS#8 or traditional PEM).
-    pub key_pem: String,
-}
-
 /// A running throwaway PostgreSQL server.
 pub struct Cluster {
-    dir: tempfile::TempDir,
-    bindir: PathBuf,
+    inner: LocalCluster,
     /// TCP port on 127.0.0.1.
     pub port: u16,
-    as_postgres: bool,
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Finds the PostgreSQL server binaries, or panics with how to install them.
+/// Finds the machine's default PostgreSQL server binaries, or panics with how to
+/// install them.
 pub fn bindir() -> PathBuf {
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        if out.status.success() {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_string());
-            if dir.join("initdb").exists() {
-                return dir;
-            }
-        }
-    }
-    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
-        let mut versions: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists())
-            .collect();
-        versions.sort();
-        if let Some(dir) = versions.pop() {
-            return dir;
-        }
-    }
-    panic!(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found: install them, e.g. \
-         `apt-get install -y postgresql` on Debian/Ubuntu, and make sure `pg_config --bindir` points at them"
-    );
+    walshuttle::localpg::find_bindir().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
+fn stop_mode(mode: &str) -> StopMode {
+    mode.parse().unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 impl Cluster {
-    /// Starts a cluster with `wal_level=logical`.
+    /// Starts a cluster of the default version ([`default_version`]) with
+    /// `wal_level=logical`.
     pub fn start() -> Cluster {
         Cluster::start_with(ClusterOptions::default())
     }
 
-    /// Starts a cluster with the given options.
-    pub fn start_with(options: ClusterOptions) -> Cluster {
-        let bindir = bindir();
-        let as_postgres = is_root();
-        let dir = tempfile::Builder::new()
-            .prefix("walshuttle-pg-")
-            .tempdir()
-            .expect("create a temp dir");
-        if as_postgres {
-            chown_postgres(dir.path());
-        }
-        let data = dir.path().join("data");
-        let pwfile = dir.path().join("pwfile");
-        std::fs::write(&pwfile, PASSWORD).expect("write pwfile");
-        if as_postgres {
-            chown_postgres(&pwfile);
-        }
-        let mut cluster = Cluster {
-            dir,
-            bindir,
-            port: 0,
-            as_postgres,
-        };
-        let out = cluster.pg_command(
-            "initdb",
-            &[
-                "-D",
-                data.to_str().expect("utf-8 path"),
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "--pwfile",
-                pwfile.to_str().expect("utf-8 path"),
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "initdb failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut conf = vec![
-            "listen_addresses = '127.0.0.1'".to_string(),
-            format!(
-                "unix_socket_directories = '{}'",
-                cluster.dir.path().display()
-            ),
-            format!("wal_level = {}", options.wal_level),
-            "max_replication_slots = 16".into(),
-            "max_wal_senders = 16".into(),
-            "max_connections = 60".into(),
-            "shared_buffers = 64MB".into(),
-            "fsync = off".into(),
-            "full_page_writes = off".into(),
-            "wal_sender_timeout = 10s".into(),
-            "log_min_messages = warning".into(),
-            "logging_collector = off".into(),
-        ];
-        conf.extend(options.extra_conf);
-        if let Some(tls) = &options.tls {
-            // The server refuses a key readable by others; as root it must also be
-            // owned by the server user.
-            let cert = data.join("server.crt");
-            let key = data.join("server.key");
-            std::fs::write(&cert, &tls.cert_pem).expect("write server.crt");
-            std::fs::write(&key, &tls.key_pem).expect("write server.key");
-            set_mode(&key, 0o600);
-            if as_postgres {
-                chown_postgres(&cert);
-                chown_postgres(&key);
-            }
-            conf.push("ssl = on".into());
-            conf.push("ssl_cert_file = 'server.crt'".into());
-            conf.push("ssl_key_file = 'server.key'".into());
-        }
-        if !options.hba.is_empty() {
-            let mut hba = vec![
-                "local all all trust".to_string(),
-                "local replication all trust".to_string(),
-            ];
-            hba.extend(options.hba.iter().cloned());
-            hba.push(String::new());
-            std::fs::write(data.join("pg_hba.conf"), hba.join("\n")).expect("write pg_hba.conf");
-        }
-        let conf_path = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&conf_path).expect("read postgresql.conf");
-        text.push('\n');
-        text.push_str(&conf.join("\n"));
-        text.push('\n');
-        std::fs::write(&conf_path, text).expect("write postgresql.conf");
-        for attempt in 0..5 {
-            cluster.port = free_port();
-            if cluster.try_start() {
-                return cluster;
-            }
-            eprintln!(
-                "cluster start attempt {attempt} failed on port {}",
-                cluster.port
-            );
-        }
-        panic!("could not start a test cluster:\n{}", cluster.log());
+    /// Starts a cluster of major version `major` with `wal_level=logical`; panics
+    /// saying how to fetch the binaries when they are missing.
+    pub fn start_version(major: u32) -> Cluster {
+        Cluster::start_with(ClusterOptions {
+            version: Some(major),
+            ..ClusterOptions::default()
+        })
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+    /// Starts a cluster with the given options.
+    pub fn start_with(options: ClusterOptions) -> Cluster {
+        let local = LocalClusterOptions {
+            version: options.version,
+            wal_level: options.wal_level.to_string(),
+            password: PASSWORD.to_string(),
+            extra_conf: options.extra_conf,
+            tls: options.tls,
+            hba: options.hba,
+        };
+        let inner = LocalCluster::start(&local)
+            .unwrap_or_else(|e| panic!("could not start a test cluster: {e:#}"));
+        let port = inner.port;
+        Cluster { inner, port }
+    }
+
+    /// The server's major version.
+    pub fn version(&self) -> u32 {
+        self.inner.major()
+    }
+
+    /// The server binaries' directory.
+    pub fn bindir(&self) -> &Path {
+        self.inner.bindir()
     }
 
     /// The server log so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
-    fn pg_command(&self, program: &str, args: &[&str]) -> Output {
-        let path = self.bindir.join(program);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&path);
-            c
-        } else {
-            Command::new(&path)
-        };
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .current_dir(self.dir.path())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()))
-    }
-
-    fn try_start(&self) -> bool {
-        let data = self.data_dir();
-        let log = self.dir.path().join("server.log");
-        let port_opt = format!("-p {}", self.port);
-        let out = self.pg_command(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().expect("utf-8 path"),
-                "-l",
-                log.to_str().expect("utf-8 path"),
-                "-o",
-                &port_opt,
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
-        );
-        out.status.success()
+        self.inner.log()
     }
 
     /// Starts a stopped cluster again on the same port.
     pub fn restart_stopped(&self) {
-        assert!(self.try_start(), "restart failed:\n{}", self.log());
+        if let Err(e) = self.inner.start_again() {
+            panic!("{e:#}");
+        }
     }
 
     /// Stops the server: `fast` (clean) or `immediate` (a crash: no checkpoint).
     pub fn stop(&self, mode: &str) {
-        let data = self.data_dir();
-        let out = self.pg_command(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().expect("utf-8 path"),
-                "-m",
-                mode,
-                "-w",
-                "stop",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl stop -m {mode} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = self.inner.stop(stop_mode(mode)) {
+            panic!("{e:#}");
+        }
     }
 
     /// Stops and starts the server.
@@ -297,10 +156,7 @@ impl Cluster {
 
     /// URL for a given database.
     pub fn url_for(&self, db: &str) -> String {
-        format!(
-            "postgresql://postgres:{PASSWORD}@127.0.0.1:{}/{db}",
-            self.port
-        )
+        self.inner.url_for(db)
     }
 
     /// A connected client for the `postgres` database.
@@ -321,49 +177,10 @@ impl Cluster {
 
     /// Runs SQL through psql (for scripts with psql variables, like the generator).
     pub fn psql_file(&self, file: &Path, vars: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(self.bindir.join("psql"));
-        cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .env("PGPASSWORD", PASSWORD);
-        for (k, v) in vars {
-            cmd.args(["-v", &format!("{k}={v}")]);
-        }
-        cmd.arg("-f").arg(file);
-        cmd.output().expect("run psql")
+        self.inner
+            .psql_file("postgres", file, vars)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let data = self.data_dir();
-        let _ = self.pg_command(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap_or_default(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
-    }
-}
-
-fn chown_postgres(path: &Path) {
-    let status = Command::new("chown")
-        .arg("postgres:")
-        .arg(path)
-        .status()
-        .expect("run chown");
-    assert!(status.success(), "chown postgres {}", path.display());
 }
 
 /// Polls `check` until it returns true or `timeout` passes; panics with `what`.
@@ -773,12 +590,6 @@ pub async fn try_connect(url: &str) -> Option<Client> {
 // Helpers for TLS tests.
 // ---------------------------------------------------------------------------
 
-fn set_mode(path: &Path, mode: u32) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
-}
-
 impl Cluster {
     /// URL for a database through a given host name (e.g. `localhost`, to match a
     /// certificate) with extra query parameters (e.g. `sslmode=verify-full&sslrootcert=…`).
@@ -796,7 +607,7 @@ impl Cluster {
     pub async fn local_client_for(&self, db: &str) -> Client {
         let mut config = tokio_postgres::Config::new();
         config
-            .host_path(self.dir.path())
+            .host_path(self.inner.dir())
             .port(self.port)
             .user("postgres")
             .dbname(db);
