@@ -188,10 +188,7 @@ async fn prepare_copies(
     }
     // Held from the next apply transaction on.
     let mut carried = pipeline.tables.clone();
-    tgt.batch_execute("BEGIN")
-        .await
-        .pg_context(|| "opening a state transaction on the target".into())?;
-    let marked = async {
+    in_transaction(tgt, async {
         for t in &tables {
             state
                 .put_table(tgt, &pipeline.name, &t.name, TableState::Held)
@@ -204,9 +201,8 @@ async fn prepare_copies(
             .set_selection(tgt, &pipeline.name, Some(&carried))
             .await?;
         state.bump_positions_version(tgt, &pipeline.name).await
-    }
-    .await;
-    finish(tgt, marked).await?;
+    })
+    .await?;
     if opts.action == TablesAction::Add {
         let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
         crate::publication::ensure(src, &plan, &carried).await?;
@@ -215,9 +211,16 @@ async fn prepare_copies(
     Ok(Copies { tables, notes })
 }
 
-/// Commits the open state transaction when `outcome` is fine, else rolls it back.
-async fn finish(tgt: &Client, outcome: Result<()>) -> Result<()> {
-    match outcome {
+/// Runs `work` (state writes through `tgt`) in one target transaction: committed
+/// when it succeeds, rolled back otherwise.
+async fn in_transaction(
+    tgt: &Client,
+    work: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    tgt.batch_execute("BEGIN")
+        .await
+        .pg_context(|| "opening a state transaction on the target".into())?;
+    match work.await {
         Ok(()) => tgt
             .batch_execute("COMMIT")
             .await
@@ -403,10 +406,7 @@ async fn remove(
     }
     let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
     crate::publication::ensure(src, &plan, &kept).await?;
-    tgt.batch_execute("BEGIN")
-        .await
-        .pg_context(|| "opening a state transaction on the target".into())?;
-    let removed = async {
+    in_transaction(tgt, async {
         for t in &gone {
             state.remove_table(tgt, &pipeline.name, t).await?;
         }
@@ -414,9 +414,8 @@ async fn remove(
             .set_selection(tgt, &pipeline.name, Some(&kept))
             .await?;
         state.bump_positions_version(tgt, &pipeline.name).await
-    }
-    .await;
-    finish(tgt, removed).await?;
+    })
+    .await?;
     for t in gone {
         lines.push(format!(
             "removed {t}: it left the publication and is no longer applied; its table on the target is left as it is"

@@ -700,9 +700,10 @@ impl Session<'_> {
         if self.batch_txns > 0 && self.current.is_none() {
             self.commit_batch().await?;
         }
-        if self.is_idle() && !(self.held_tables.is_empty() && self.replay_tables.is_empty()) {
+        if self.is_idle() && self.tables_changing().await? {
             // A copy by `walshuttle tables` is running or just in: its held changes
-            // are applied without waiting for the next source transaction.
+            // are applied, and the table joins, without waiting for the next source
+            // transaction.
             loop {
                 let version = self.main.begin().await?;
                 self.refresh_positions(version).await?;
@@ -728,6 +729,21 @@ impl Session<'_> {
             clocks.last_expiry = Instant::now();
         }
         Ok(())
+    }
+
+    /// Whether a `walshuttle tables` command may be waiting on this session: a table
+    /// is held or copied, or the pipeline's tables or positions changed since they
+    /// were read.
+    async fn tables_changing(&self) -> Result<bool> {
+        if !(self.held_tables.is_empty() && self.replay_tables.is_empty()) {
+            return Ok(true);
+        }
+        let version = self
+            .cfg
+            .state
+            .positions_version(&*self.monitor, &self.cfg.slot)
+            .await?;
+        Ok(version != self.positions.version())
     }
 
     fn is_idle(&self) -> bool {
