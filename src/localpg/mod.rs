@@ -359,6 +359,71 @@ impl LocalCluster {
         self.start_again()
     }
 
+    /// Starts a physical standby of this cluster, streaming from it: the primary is
+    /// stopped cleanly for a moment so its data directory can be copied as a
+    /// consistent base (no `pg_basebackup` needed, which the fetched binaries lack),
+    /// then started again. `extra_conf` goes into the standby's `postgresql.conf`
+    /// (e.g. `primary_slot_name`, `hot_standby_feedback`, `sync_replication_slots`).
+    pub fn start_standby(&self, extra_conf: &[String]) -> Result<LocalCluster> {
+        self.stop(StopMode::Fast)?;
+        let dir = tempfile::Builder::new()
+            .prefix("walshuttle-pg-standby-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let mut standby = LocalCluster {
+            dir,
+            binaries: self.binaries.clone(),
+            port: 0,
+            password: self.password.clone(),
+            as_postgres: self.as_postgres,
+        };
+        standby.own(standby.dir.path())?;
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(self.data_dir())
+            .arg(standby.data_dir())
+            .status()
+            .context("copying the primary's data directory")?;
+        self.start_again()?;
+        if !copied.success() {
+            bail!("copying the primary's data directory failed");
+        }
+        let data = standby.data_dir();
+        // The primary's slots are its own.
+        if let Ok(entries) = std::fs::read_dir(data.join("pg_replslot")) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        let signal = data.join("standby.signal");
+        std::fs::write(&signal, "").context("writing standby.signal")?;
+        standby.own(&signal)?;
+        let mut conf = vec![
+            format!(
+                "unix_socket_directories = '{}'",
+                standby.dir.path().display()
+            ),
+            format!(
+                "primary_conninfo = 'host=127.0.0.1 port={} user=postgres password={} dbname=postgres application_name=standby'",
+                self.port, self.password
+            ),
+        ];
+        conf.extend(extra_conf.iter().cloned());
+        let conf_path = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf_path).context("reading postgresql.conf")?;
+        text.push('\n');
+        text.push_str(&conf.join("\n"));
+        text.push('\n');
+        std::fs::write(&conf_path, text).context("writing postgresql.conf")?;
+        for _ in 0..5 {
+            standby.port = free_port()?;
+            if standby.pg_ctl_start()? {
+                return Ok(standby);
+            }
+        }
+        bail!("could not start a standby:\n{}", standby.log())
+    }
+
     /// URL of a database as the superuser, with the password.
     pub fn url_for(&self, db: &str) -> String {
         format!(

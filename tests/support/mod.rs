@@ -114,6 +114,19 @@ impl Cluster {
         Cluster { inner, port }
     }
 
+    /// Starts a physical standby of this cluster (see
+    /// [`LocalCluster::start_standby`]); `extra_conf` lines go into its
+    /// `postgresql.conf`.
+    pub fn start_standby(&self, extra_conf: &[&str]) -> Cluster {
+        let extra: Vec<String> = extra_conf.iter().map(|l| l.to_string()).collect();
+        let inner = self
+            .inner
+            .start_standby(&extra)
+            .unwrap_or_else(|e| panic!("could not start a standby: {e:#}"));
+        let port = inner.port;
+        Cluster { inner, port }
+    }
+
     /// The server's major version.
     pub fn version(&self) -> u32 {
         self.inner.major()
