@@ -167,7 +167,9 @@ pub struct TablePlan {
     pub seen: Vec<SeenColumn>,
 }
 
-/// Commands on a carried table that do not change what the target holds.
+/// Commands on a carried table that do not change what the target holds: the rows
+/// they make the source write (triggers, policies) arrive as rows. A rule is not
+/// among them: it can turn the table into a view.
 const HARMLESS: &[&str] = &[
     "COMMENT",
     "GRANT",
@@ -177,7 +179,6 @@ const HARMLESS: &[&str] = &[
     "ALTER TRIGGER",
     "CREATE POLICY",
     "ALTER POLICY",
-    "CREATE RULE",
     "CREATE STATISTICS",
     "ALTER STATISTICS",
     "ALTER TABLE",

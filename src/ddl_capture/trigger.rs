@@ -127,12 +127,10 @@ pub async fn install(source: &Client, spec: &Spec) -> Result<()> {
         .await
         .pg_context(ctx)?;
     let result = async {
-        let carried = format!(
-            "WITH t AS (SELECT c.oid FROM unnest($1::text[], $2::text[]) AS u(s, n) \
+        let carried = "WITH t AS (SELECT c.oid FROM unnest($1::text[], $2::text[]) AS u(s, n) \
                         JOIN pg_namespace ns ON ns.nspname = u.s \
                         JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = u.n), \
-                  a AS (SELECT t.oid FROM t UNION SELECT p.relid FROM t, pg_partition_ancestors(t.oid) p)"
-        );
+                  a AS (SELECT t.oid FROM t UNION SELECT p.relid FROM t, pg_partition_ancestors(t.oid) p)";
         source
             .execute(
                 &format!("{carried} DELETE FROM {track} WHERE relid NOT IN (SELECT oid FROM a)"),
@@ -162,13 +160,14 @@ pub async fn install(source: &Client, spec: &Spec) -> Result<()> {
 pub async fn installed(source: &Client, slot: &str) -> Result<bool> {
     let names = Names::for_slot(slot);
     Ok(source
-        .query_opt(
-            "SELECT 1 FROM pg_event_trigger WHERE evtname IN ($1, $2)",
-            &[&names.end_trigger, &names.drop_trigger],
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname IN ($1, $2)) \
+                 OR to_regclass($3) IS NOT NULL",
+            &[&names.end_trigger, &names.drop_trigger, &names.object("")],
         )
         .await
         .pg_context(|| "looking up the DDL capture trigger on the source".into())?
-        .is_some())
+        .get(0))
 }
 
 /// Drops the pipeline's trigger, its functions and its table; the schema too when
@@ -364,6 +363,12 @@ BEGIN
       SELECT i.indrelid INTO rel FROM pg_index i WHERE i.indexrelid = cmd.objid;
     ELSIF cmd.object_type = 'table constraint' THEN
       SELECT k.conrelid INTO rel FROM pg_constraint k WHERE k.oid = cmd.objid;
+    ELSIF cmd.object_type = 'rule' THEN
+      SELECT r.ev_class INTO rel FROM pg_rewrite r WHERE r.oid = cmd.objid;
+    ELSIF cmd.object_type = 'trigger' THEN
+      SELECT g.tgrelid INTO rel FROM pg_trigger g WHERE g.oid = cmd.objid;
+    ELSIF cmd.object_type = 'policy' THEN
+      SELECT p.polrelid INTO rel FROM pg_policy p WHERE p.oid = cmd.objid;
     ELSIF cmd.object_type = 'type' THEN
       IF EXISTS (SELECT 1 FROM pg_enum e WHERE e.enumtypid = cmd.objid)
          AND EXISTS (SELECT 1 FROM {TRACK} t, jsonb_array_elements(t.shape->'columns') col

@@ -43,7 +43,7 @@ impl Session<'_> {
             return Ok(());
         }
         if at == RelationAt::Transaction {
-            if !self.current.as_ref().is_some_and(|t| !t.skip) {
+            if self.current.as_ref().is_none_or(|t| t.skip) {
                 return Ok(());
             }
             if self.batch_txns > 0 && !self.main_has_partial {
