@@ -407,6 +407,7 @@ impl VerifyArgs {
             state_schema: self.state_schema.clone(),
             truncate_target: false,
             allow_target_triggers: self.allow_target_triggers,
+            capture_ddl: false,
         }
         .options()?;
         Ok(crate::verify::VerifyOptions {
@@ -522,6 +523,13 @@ pub struct BootstrapArgs {
     /// as for any writer, when the target role cannot use replica mode.
     #[arg(long)]
     pub allow_target_triggers: bool,
+
+    /// Capture DDL on the source with an event trigger (needs a superuser source
+    /// role) and apply it on the target at its place in the log: columns added,
+    /// dropped, renamed or retyped, defaults, NOT NULL, indexes, tables renamed,
+    /// dropped or created, new partitions.
+    #[arg(long)]
+    pub capture_ddl: bool,
 }
 
 impl BootstrapArgs {
@@ -552,6 +560,7 @@ impl BootstrapArgs {
             state_schema: self.state_schema.clone(),
             truncate_target: self.truncate_target,
             allow_target_triggers: self.allow_target_triggers,
+            capture_ddl: self.capture_ddl,
         })
     }
 }

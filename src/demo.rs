@@ -81,6 +81,7 @@ pub async fn demo(opts: &DemoOptions, mut stop: watch::Receiver<bool>) -> Result
         state_schema: "walshuttle".into(),
         truncate_target: false,
         allow_target_triggers: false,
+        capture_ddl: false,
     };
     println!("bootstrapping the target");
     let summary = bootstrap::bootstrap(&source, &target, &boot).await?;

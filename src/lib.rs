@@ -32,6 +32,7 @@ pub mod catchup;
 pub mod cli;
 pub mod compare;
 pub mod config;
+pub mod ddl_capture;
 pub mod demo;
 pub mod localpg;
 pub mod observe;

@@ -123,6 +123,10 @@ async fn run_pipeline(
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<()> {
     ensure_bootstrapped(source, target, &opts.bootstrap, &state).await?;
+    if opts.bootstrap.capture_ddl {
+        crate::ddl_capture::enable_for_pipeline(source, target, &state, &opts.bootstrap.slot)
+            .await?;
+    }
     let (publication, target_setup) = stream_preflight(target, &opts.bootstrap, &state).await?;
     let cfg = StreamConfig {
         slot: opts.bootstrap.slot.clone(),

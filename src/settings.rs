@@ -72,6 +72,8 @@ pub struct FileConfig {
     pub truncate_target: Option<bool>,
     /// Fire target foreign keys and triggers on replicated rows as for any writer.
     pub allow_target_triggers: Option<bool>,
+    /// Capture DDL on the source with an event trigger (`--capture-ddl`).
+    pub capture_ddl: Option<bool>,
     /// Creation-time columns (`column` or `schema.table=column`).
     pub created_column: Option<List>,
     /// Update-time columns.
@@ -330,6 +332,9 @@ impl Resolved {
             {
                 b.allow_target_triggers = v;
             }
+            if let Some(v) = f.capture_ddl.filter(|_| !given("capture_ddl")) {
+                b.capture_ddl = v;
+            }
         };
         let watermarks = |w: &mut WatermarkArgs| {
             if let Some(v) = f
@@ -543,6 +548,7 @@ impl Resolved {
             f.allow_target_triggers.map(|b| b.to_string()),
             "false",
         );
+        plain("capture_ddl", f.capture_ddl.map(|b| b.to_string()), "false");
         plain(
             "created_column",
             f.created_column.as_ref().map(|l| l.items().join(", ")),

@@ -42,12 +42,19 @@ pub struct Plan {
     pub state_rows: bool,
     /// No other pipeline is left in the state schema (so the schema goes too).
     pub drop_schema: bool,
+    /// The pipeline's DDL capture trigger is installed on the source
+    /// (`--capture-ddl`).
+    pub ddl_trigger: bool,
 }
 
 impl Plan {
     /// Whether anything is left to remove.
     pub fn is_empty(&self) -> bool {
-        self.slot.is_none() && self.publication.is_none() && !self.state_rows && !self.drop_schema
+        self.slot.is_none()
+            && self.publication.is_none()
+            && !self.state_rows
+            && !self.drop_schema
+            && !self.ddl_trigger
     }
 
     /// One line per thing to remove.
@@ -66,6 +73,12 @@ impl Plan {
         }
         if let Some(p) = &self.publication {
             lines.push(format!("publication {p} on the source"));
+        }
+        if self.ddl_trigger {
+            lines.push(format!(
+                "the DDL capture event trigger of pipeline {} on the source",
+                opts.slot
+            ));
         }
         if self.state_rows {
             lines.push(format!(
@@ -110,6 +123,7 @@ pub async fn plan(src: &Client, tgt: &Client, opts: &TeardownOptions) -> Result<
         plan.drop_schema = others.is_empty();
     }
     plan.slot = slot_info(src, &opts.slot).await?.map(|s| s.active);
+    plan.ddl_trigger = crate::ddl_capture::trigger::installed(src, &opts.slot).await?;
     let publication = opts
         .publication
         .clone()
@@ -249,6 +263,13 @@ pub async fn teardown(
         summary
             .lines
             .push(format!("dropped publication {p} on the source"));
+    }
+    if plan.ddl_trigger {
+        crate::ddl_capture::trigger::remove(&src, &opts.slot).await?;
+        summary.lines.push(format!(
+            "dropped the DDL capture event trigger of pipeline {} on the source",
+            opts.slot
+        ));
     }
     if plan.state_rows || plan.drop_schema {
         let state = StateStore::new(&opts.state_schema);

@@ -49,6 +49,8 @@ pub struct BootstrapOptions {
     /// Fire foreign keys and triggers of existing target tables on replicated rows
     /// as for any writer (see `target_checks`).
     pub allow_target_triggers: bool,
+    /// Capture DDL on the source (`--capture-ddl`, see [`crate::ddl_capture`]).
+    pub capture_ddl: bool,
 }
 
 /// Rows and bytes copied into one table.
@@ -287,6 +289,19 @@ async fn fresh(
     };
     state.save_pipeline(tgt, &pipeline).await?;
     crate::publication::ensure(src, &checked.publication, &table_names).await?;
+    if opts.capture_ddl {
+        let (every, publication) = (opts.tables.is_none(), &checked.publication.name);
+        crate::ddl_capture::enable(
+            src,
+            tgt,
+            state,
+            &opts.slot,
+            publication,
+            every,
+            &table_names,
+        )
+        .await?;
+    }
     if half_created {
         drop_slot_if_exists(src, &opts.slot).await?;
     }

@@ -106,6 +106,9 @@ pub async fn check(
 ) -> Result<Checked> {
     let slot = opts.slot.as_str();
     check_source_replication(source, slot).await?;
+    if opts.capture_ddl {
+        crate::ddl_capture::trigger::check_privilege(source, slot).await?;
+    }
     state.check_version(target).await?;
     let tables = catalog::list_tables(source, selected, state.schema()).await?;
     if tables.is_empty() {

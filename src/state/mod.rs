@@ -728,6 +728,72 @@ impl StateStore {
         self.clear_positions(client, pipeline, Some(table)).await
     }
 
+    /// Follows a table renamed on the source (`--capture-ddl`): every row of the
+    /// pipeline that names it takes the new name (inside the caller's transaction).
+    pub async fn rename_table(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        from: &QualifiedName,
+        to: &QualifiedName,
+    ) -> Result<()> {
+        for t in [
+            "pipeline_tables",
+            "chunks",
+            "held_changes",
+            "copy_positions",
+            "watermarks",
+        ] {
+            client
+                .execute(
+                    &format!(
+                        "UPDATE {} SET schema_name = $4, table_name = $5 \
+                         WHERE pipeline = $1 AND schema_name = $2 AND table_name = $3",
+                        self.table(t)
+                    ),
+                    &[&pipeline, &from.schema, &from.name, &to.schema, &to.name],
+                )
+                .await
+                .pg_context(|| {
+                    format!("recording that {from} is now {to} in pipeline {pipeline}")
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Records that a pipeline captures DDL on the source (`--capture-ddl`): `run`
+    /// then asks for the event trigger's messages.
+    pub async fn set_capture_ddl(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        on: bool,
+    ) -> Result<()> {
+        self.set_pipeline_column(
+            client,
+            pipeline,
+            "capture_ddl",
+            &on,
+            "whether it captures DDL",
+        )
+        .await
+    }
+
+    /// Whether a pipeline captures DDL on the source.
+    pub async fn capture_ddl(&self, client: &impl GenericClient, pipeline: &str) -> Result<bool> {
+        Ok(client
+            .query_opt(
+                &format!(
+                    "SELECT capture_ddl FROM {} WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("reading whether pipeline {pipeline} captures DDL"))?
+            .is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
     /// A pipeline's tables with their states, in plan order.
     pub async fn table_entries(
         &self,

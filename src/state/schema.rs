@@ -136,5 +136,13 @@ CREATE TABLE {s}.held_changes (
 INSERT INTO {s}.schema_version (version) VALUES (3);
 ";
 
+/// Version 4: whether a pipeline captures DDL on the source with an event trigger
+/// (`pipelines.capture_ddl`, see `ddl_capture`): `run` then asks pgoutput for the
+/// trigger's logical messages.
+pub const V4: &str = "
+ALTER TABLE {s}.pipelines ADD COLUMN capture_ddl boolean NOT NULL DEFAULT false;
+INSERT INTO {s}.schema_version (version) VALUES (4);
+";
+
 /// Every version's block, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];

@@ -31,6 +31,8 @@ use crate::pg::{connect, quote_ident, Lsn, PgResultExt, QualifiedName};
 use crate::state::{Phase, StateStore, TableState};
 use crate::wal_budget;
 
+mod captured_ddl;
+
 /// Most source transactions coalesced into one target transaction.
 const MAX_BATCH_TXNS: usize = 20_000;
 /// Held changes (see [`super::held`]) written to the target in one statement.
@@ -180,6 +182,9 @@ struct Session<'a> {
     receive_timeout: Duration,
     /// `SELECT pg_current_wal_flush_lsn()`, prepared once on `monitor`.
     flush_lsn_query: tokio_postgres::Statement,
+    /// The prefix of the DDL capture trigger's messages, when the pipeline captures
+    /// DDL (`--capture-ddl`, see [`crate::ddl_capture`]).
+    ddl_prefix: Option<String>,
 }
 
 /// Streams changes from the slot into the target until `shutdown` turns true (Ok)
@@ -268,12 +273,18 @@ async fn start<'a>(
         .await
         .with_context(|| format!("opening a replication connection to {}", source.redacted))?;
     let _ = repl.simple_query("IDENTIFY_SYSTEM").await?;
-    let options = vec![
+    let mut options = vec![
         ("proto_version", "2".to_string()),
         ("publication_names", quote_ident(&cfg.publication)),
         ("binary", if binary { "true" } else { "false" }.to_string()),
         ("streaming", "on".to_string()),
     ];
+    let ddl_prefix = if state.capture_ddl(&target_client, &cfg.slot).await? {
+        options.push(("messages", "true".to_string()));
+        Some(crate::ddl_capture::prefix(&cfg.slot))
+    } else {
+        None
+    };
     let replication = match repl.start_replication(&cfg.slot, applied, &options).await {
         Ok(r) => r,
         Err(e) => {
@@ -397,6 +408,7 @@ async fn start<'a>(
         receive_timeout,
         monitor: Arc::new(monitor),
         flush_lsn_query,
+        ddl_prefix,
         cfg,
         source,
         target,
@@ -661,8 +673,15 @@ impl Session<'_> {
                         anyhow::anyhow!("malformed replication message at {wal_start}: {e}")
                     })?;
                 // A spooled transaction's changes go to disk as they came.
+                // Captured DDL is kept like a change of its subtransaction.
+                let sub = change_subxid(&message).or_else(|| match &message {
+                    LogicalMessage::Message(m) if self.ddl_prefix.as_deref() == Some(&m.prefix) => {
+                        m.xid
+                    }
+                    _ => None,
+                });
                 let spool = self.in_stream.and_then(|top| self.spooled.get_mut(&top));
-                match (spool, change_subxid(&message)) {
+                match (spool, sub) {
                     (Some(spool), Some(sub)) => spool.append(sub, &data)?,
                     // Its shape changes are applied at their place when it commits.
                     (Some(spool), None) if matches!(message, LogicalMessage::Relation(_)) => {
@@ -936,7 +955,8 @@ impl Session<'_> {
                 crate::observe::transactions_applied(1, c.commit_time);
                 self.report_after_commit().await?;
             }
-            LogicalMessage::Origin(_) | LogicalMessage::Type(_) | LogicalMessage::Message(_) => {}
+            LogicalMessage::Message(m) => self.on_message(m).await?,
+            LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
         }
         Ok(())
     }
@@ -987,6 +1007,10 @@ impl Session<'_> {
                 // A shape change inside the transaction: at its place.
                 LogicalMessage::Relation(rel) => {
                     self.on_relation(rel, RelationAt::Replay).await?;
+                    continue;
+                }
+                LogicalMessage::Message(m) => {
+                    self.on_captured_ddl(&m, RelationAt::Replay).await?;
                     continue;
                 }
                 _ => continue,
