@@ -34,7 +34,7 @@ use crate::config::Endpoint;
 use crate::pg::{connect, PgResultExt, QualifiedName};
 use crate::rewrite;
 use crate::snapshot::SourceSnapshot;
-use crate::state::{Pipeline, StateStore, StoredScope, TableState};
+use crate::state::{Pipeline, Selection, StateStore, StoredScope, TableState};
 
 /// How long the command waits for source transactions open when a table joined the
 /// publication, and for a moment between two apply transactions.
@@ -188,6 +188,7 @@ async fn prepare_copies(
     }
     // Held from the next apply transaction on.
     let mut carried = pipeline.tables.clone();
+    let selection = state.selection(tgt, &pipeline.name).await?;
     in_transaction(tgt, async {
         for t in &tables {
             state
@@ -197,18 +198,51 @@ async fn prepare_copies(
                 carried.push(t.name.clone());
             }
         }
-        state
-            .set_selection(tgt, &pipeline.name, Some(&carried))
-            .await?;
+        // A pipeline of named tables now names these too; one that carries every
+        // table carries them anyway.
+        if let Selection::Named(mut named) = selection {
+            for t in &tables {
+                if !named.contains(&t.name) {
+                    named.push(t.name.clone());
+                }
+            }
+            state
+                .set_selection(tgt, &pipeline.name, Some(&named))
+                .await?;
+        }
         state.bump_positions_version(tgt, &pipeline.name).await
     })
     .await?;
     if opts.action == TablesAction::Add {
         let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
         crate::publication::ensure(src, &plan, &carried).await?;
+        follow_ddl(src, tgt, state, &pipeline.name).await?;
         wait_for_open_transactions(src).await?;
     }
     Ok(Copies { tables, notes })
+}
+
+/// With `--capture-ddl`, points the pipeline's event trigger on the source at its
+/// tables as they are now, so DDL on a table that joined is captured (and on one
+/// that left is not).
+async fn follow_ddl(src: &Client, tgt: &Client, state: &StateStore, pipeline: &str) -> Result<()> {
+    if !state.capture_ddl(tgt, pipeline).await? {
+        return Ok(());
+    }
+    let Some(p) = state.pipeline(tgt, pipeline).await? else {
+        return Ok(());
+    };
+    let every_table = state.selection(tgt, pipeline).await? == Selection::EveryTable;
+    crate::ddl_capture::enable(
+        src,
+        tgt,
+        state,
+        pipeline,
+        &p.publication,
+        every_table,
+        &p.tables,
+    )
+    .await
 }
 
 /// Runs `work` (state writes through `tgt`) in one target transaction: committed
@@ -410,12 +444,18 @@ async fn remove(
         for t in &gone {
             state.remove_table(tgt, &pipeline.name, t).await?;
         }
+        // The pipeline no longer carries every table, nor these by name.
+        let named = match state.selection(tgt, &pipeline.name).await? {
+            Selection::Named(named) => named.into_iter().filter(|t| !gone.contains(t)).collect(),
+            _ => kept.clone(),
+        };
         state
-            .set_selection(tgt, &pipeline.name, Some(&kept))
+            .set_selection(tgt, &pipeline.name, Some(&named))
             .await?;
         state.bump_positions_version(tgt, &pipeline.name).await
     })
     .await?;
+    follow_ddl(src, tgt, state, &pipeline.name).await?;
     for t in gone {
         lines.push(format!(
             "removed {t}: it left the publication and is no longer applied; its table on the target is left as it is"
