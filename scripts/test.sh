@@ -2,16 +2,16 @@
 # The test suite: every test file of `cargo test`, several at a time.
 #
 # `cargo test` runs one test binary after another; most of walshuttle's tests wait on
-# PostgreSQL servers of their own rather than on the CPU, so running a few binaries
-# side by side (each with two test threads) takes about half the time on a 2-core
-# machine. Each binary's output goes to a log, printed when it fails.
+# PostgreSQL servers of their own rather than on the CPU, so running two binaries
+# side by side (each with two test threads) saves a good part of the time on a
+# 2-core machine. Each binary's output goes to a log, printed when it fails.
 #
 #   scripts/test.sh                 # everything (fetches the other PostgreSQL versions once)
 #   WALSHUTTLE_TEST_JOBS=1 scripts/test.sh   # one binary at a time, as `cargo test` does
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-jobs="${WALSHUTTLE_TEST_JOBS:-3}"
+jobs="${WALSHUTTLE_TEST_JOBS:-2}"
 logs="$(mktemp -d -t walshuttle-tests-XXXXXX)"
 
 # Binaries of the other major versions tests/versions.rs replicates between.

@@ -57,6 +57,22 @@ async fn run_goes_on_from_the_promoted_standby_without_a_gap() {
         .await;
 
     // The slot is a failover slot, and the standby holds a synced copy of it.
+    wait_while_running(
+        "run to create its slot",
+        Duration::from_secs(120),
+        &mut child,
+        || async {
+            p.query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'walshuttle'",
+                &[],
+            )
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+        },
+    )
+    .await;
     let failover: bool = p
         .query_one(
             "SELECT failover FROM pg_replication_slots WHERE slot_name = 'walshuttle'",
