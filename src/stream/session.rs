@@ -166,6 +166,9 @@ struct Session<'a> {
     progress: Arc<std::sync::atomic::AtomicU64>,
     /// Tables being copied while the pipeline streams (`walshuttle tables
     /// add|resync`): their changes are held on the target until the copy is in.
+    /// Tables copied again while the source had columns the target had not yet
+    /// (see `resync_pending`): copied once more when their shape arrives.
+    resync_on_shape: HashSet<QualifiedName>,
     held_tables: HashSet<QualifiedName>,
     /// Held changes not yet written, as `held_changes` rows.
     held_rows: Vec<String>,
@@ -402,6 +405,7 @@ async fn start<'a>(
         progress: Arc::default(),
         held_tables,
         held_rows: Vec::new(),
+        resync_on_shape: HashSet::new(),
         replay_tables,
         ignored: HashSet::new(),
         last_durable_check: Instant::now(),
@@ -1662,6 +1666,9 @@ impl Session<'_> {
             .relations
             .install(&rel, &self.main.client, change, &memory)
             .await?;
+        if changed && self.resync_on_shape.remove(&name) && !self.pending_resync.contains(&name) {
+            self.pending_resync.push(name.clone());
+        }
         if changed {
             self.main.forget_statements();
             for st in self.streams.values_mut() {
@@ -1720,9 +1727,17 @@ impl Session<'_> {
             // Columns the stream has not brought to the target yet are filled in
             // by it when their Relation message arrives.
             if let Some(on_target) = crate::catalog::load_table(&self.main.client, &name).await? {
+                let before = table.columns.len();
                 table
                     .columns
                     .retain(|c| on_target.columns.iter().any(|t| t.name == c.name));
+                if table.columns.len() < before {
+                    // Rows this copy holds that were written after those columns
+                    // were added have values of their own in them, which the columns'
+                    // `ADD` on the target cannot know: copied once more when they
+                    // arrive.
+                    self.resync_on_shape.insert(name.clone());
+                }
             }
             let binary = crate::catalog::check_target(&self.main.client, &table)
                 .await?
