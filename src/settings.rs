@@ -460,6 +460,14 @@ impl Resolved {
                     t.allow_target_triggers = x;
                 }
             }
+            Command::Switchover(x) => {
+                if let Some(v) = f.slot.as_ref().filter(|_| !given("slot")) {
+                    x.slot = v.clone();
+                }
+                if let Some(v) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
+                    x.state_schema = v.clone();
+                }
+            }
             Command::Config(_) | Command::Demo(_) => {}
         }
     }

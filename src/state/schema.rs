@@ -136,5 +136,15 @@ CREATE TABLE {s}.held_changes (
 INSERT INTO {s}.schema_version (version) VALUES (3);
 ";
 
+/// Version 4 (switchover; renumber at merge if another version 4 lands first): the
+/// phase of a `walshuttle switchover` of the pipeline, for `status` while it runs
+/// and after it ends (`done`, or `aborted` with the reason in the detail).
+pub const V4_SWITCHOVER: &str = "
+ALTER TABLE {s}.pipelines ADD COLUMN switchover_phase text;
+ALTER TABLE {s}.pipelines ADD COLUMN switchover_detail text;
+ALTER TABLE {s}.pipelines ADD COLUMN switchover_at timestamptz;
+INSERT INTO {s}.schema_version (version) VALUES (4);
+";
+
 /// Every version's block, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4_SWITCHOVER];
