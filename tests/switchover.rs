@@ -315,6 +315,8 @@ async fn reverse_carries_the_new_primarys_writes_back() {
     let (code, report, err) = switchover(&source, &target, &["--reverse"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(report["reverse"]["pipeline"], "walshuttle_reverse");
+    // The fence ended the test's own source session.
+    let src = source.client().await;
     child.sigterm();
     assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
 
