@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use support::workload::{batch_sql, Writer, BATCH_SCHEMA, BATCH_TABLES};
 use support::{
-    run, wait_for_convergence_running, wait_until, walshuttle,
-    walshuttle_urls, Cluster, RunChild, RunLogs,
+    run, wait_for_convergence_running, wait_until, walshuttle, walshuttle_urls, Cluster, RunChild,
+    RunLogs,
 };
 use tokio_postgres::Client;
 
@@ -54,8 +54,7 @@ async fn streaming(
     let mut cmd = walshuttle(source, target);
     cmd.args(["run", "--status-interval", "0.2"]);
     let mut child = logs.spawn(cmd);
-    wait_for_convergence_running(&mut child, src, tgt, BATCH_TABLES, Duration::from_secs(90))
-        .await;
+    wait_for_convergence_running(&mut child, src, tgt, BATCH_TABLES, Duration::from_secs(90)).await;
     // Converged by the bootstrap alone: wait for the stream itself.
     support::wait_while_running("run to stream", Duration::from_secs(60), &mut child, || {
         support::slot_active(src, "walshuttle")
@@ -103,18 +102,32 @@ async fn switch_over_under_writes(source: Cluster, target: Cluster) {
     // reconnecting.
     let writer = Writer::spawn(source.url(), Duration::from_millis(2), small_txn);
     writer
-        .wait_for_more(&mut child, 300, Duration::from_secs(60), "before the switchover")
+        .wait_for_more(
+            &mut child,
+            300,
+            Duration::from_secs(60),
+            "before the switchover",
+        )
         .await;
     let rate_from = (writer.committed(), std::time::Instant::now());
     writer
-        .wait_for_more(&mut child, 200, Duration::from_secs(60), "to measure the rate")
+        .wait_for_more(
+            &mut child,
+            200,
+            Duration::from_secs(60),
+            "to measure the rate",
+        )
         .await;
     let rate = (writer.committed() - rate_from.0) as f64 / rate_from.1.elapsed().as_secs_f64();
     eprintln!("writer rate before the switchover: {rate:.0} transactions/s");
     let errors_before = writer.errors();
 
-    let (code, report, err) =
-        switchover(&source, &target, &["--max-downtime", "60s", "--fence-timeout", "2s"]).await;
+    let (code, report, err) = switchover(
+        &source,
+        &target,
+        &["--max-downtime", "60s", "--fence-timeout", "2s"],
+    )
+    .await;
     assert_eq!(code, 0, "switchover failed: {err}");
     assert_eq!(report["outcome"], "done");
     let committed_after = writer.committed();
@@ -229,15 +242,19 @@ async fn aborts_leave_the_source_writable_and_streaming() {
     lock.batch_execute("LOCK TABLE acc IN EXCLUSIVE MODE")
         .await
         .unwrap();
-    wait_until("the target to lag 1.5 s", Duration::from_secs(30), || async {
-        tgt.query_one(
-            "SELECT extract(epoch FROM clock_timestamp() - commit_time)::float8 > 1.5 \
+    wait_until(
+        "the target to lag 1.5 s",
+        Duration::from_secs(30),
+        || async {
+            tgt.query_one(
+                "SELECT extract(epoch FROM clock_timestamp() - commit_time)::float8 > 1.5 \
              FROM walshuttle.progress",
-            &[],
-        )
-        .await
-        .is_ok_and(|r| r.get::<_, bool>(0))
-    })
+                &[],
+            )
+            .await
+            .is_ok_and(|r| r.get::<_, bool>(0))
+        },
+    )
     .await;
     let (code, report, _) = switchover(&source, &target, &["--max-lag", "1s"]).await;
     assert_eq!(code, 1);
@@ -253,7 +270,14 @@ async fn aborts_leave_the_source_writable_and_streaming() {
     let (code, report, _) = switchover(
         &source,
         &target,
-        &["--max-lag", "60s", "--max-downtime", "3s", "--fence-timeout", "1s"],
+        &[
+            "--max-lag",
+            "60s",
+            "--max-downtime",
+            "3s",
+            "--fence-timeout",
+            "1s",
+        ],
     )
     .await;
     assert_eq!(code, 1);
@@ -261,21 +285,32 @@ async fn aborts_leave_the_source_writable_and_streaming() {
     assert_eq!(report["fence_lifted"], true);
     assert!(report["fence"]["lsn"].is_string());
     let reason = report["reason"].as_str().unwrap();
-    assert!(reason.contains("the drain") && reason.contains("--max-downtime"), "{reason}");
+    assert!(
+        reason.contains("the drain") && reason.contains("--max-downtime"),
+        "{reason}"
+    );
     // The fence ended the test's own source session.
     let src = source.client().await;
     // Writable again, and the writer's new sessions commit.
     assert_eq!(write_refusal(&source).await, None);
     let from = writer.committed();
-    wait_until("the writer to commit again", Duration::from_secs(30), || async {
-        writer.committed() > from + 20
-    })
+    wait_until(
+        "the writer to commit again",
+        Duration::from_secs(30),
+        || async { writer.committed() > from + 20 },
+    )
     .await;
     lock.rollback().await.unwrap();
     writer.stop().await;
     // Streaming continued.
-    wait_for_convergence_running(&mut child, &src, &tgt, BATCH_TABLES, Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        BATCH_TABLES,
+        Duration::from_secs(60),
+    )
+    .await;
     let mut cmd = walshuttle(&source, &target);
     cmd.args(["status", "--json"]);
     let (_, out, _) = run_blocking(cmd).await;
@@ -339,8 +374,7 @@ async fn reverse_carries_the_new_primarys_writes_back() {
     )
     .await
     .unwrap();
-    wait_for_convergence_running(&mut reverse, &tgt, &src, &tables, Duration::from_secs(60))
-        .await;
+    wait_for_convergence_running(&mut reverse, &tgt, &src, &tables, Duration::from_secs(60)).await;
     let body: String = src
         .query_one("SELECT body FROM note WHERE id = 1", &[])
         .await

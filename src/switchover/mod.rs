@@ -200,7 +200,14 @@ async fn after_fence(
     report.fence = Some(raised);
 
     report.current_step = "the drain";
-    record(tgt, state, opts, "draining", Some(&format!("to {fence_lsn}"))).await;
+    record(
+        tgt,
+        state,
+        opts,
+        "draining",
+        Some(&format!("to {fence_lsn}")),
+    )
+    .await;
     let step = Instant::now();
     report.drained_to = Some(drain(src, tgt, state, &opts.slot, fence_lsn).await?);
     report.times.drain = step.elapsed().as_secs_f64();

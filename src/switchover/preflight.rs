@@ -277,7 +277,10 @@ async fn measure_lag(
         )
         .await
         .pg_context(|| format!("reading replication slot {name} on the source"))?;
-    let lsn = |i: usize| row.get::<_, Option<String>>(i).and_then(|t| t.parse::<Lsn>().ok());
+    let lsn = |i: usize| {
+        row.get::<_, Option<String>>(i)
+            .and_then(|t| t.parse::<Lsn>().ok())
+    };
     plan.source_lsn = lsn(0);
     plan.confirmed_lsn = lsn(1);
     plan.slot_active = row.get(2);
@@ -286,9 +289,9 @@ async fn measure_lag(
         None => (None, None),
     };
     plan.applied_lsn = applied;
-    let caught_up = plan
-        .source_lsn
-        .is_some_and(|c| applied.is_some_and(|a| a >= c) || plan.confirmed_lsn.is_some_and(|f| f >= c));
+    let caught_up = plan.source_lsn.is_some_and(|c| {
+        applied.is_some_and(|a| a >= c) || plan.confirmed_lsn.is_some_and(|f| f >= c)
+    });
     plan.lag_seconds = if caught_up {
         Some(0.0)
     } else {

@@ -160,7 +160,10 @@ impl SwitchoverReport {
             }
         ));
         for problem in &p.problems {
-            out.push_str(&format!("    problem ({}): {}\n", problem.check, problem.message));
+            out.push_str(&format!(
+                "    problem ({}): {}\n",
+                problem.check, problem.message
+            ));
         }
         if matches!(self.outcome, Outcome::DryRun) {
             let e = &p.estimate;
