@@ -106,7 +106,9 @@ async fn dispatch(
             let opts = args.options();
             let source = endpoint(Side::Source, conns.source.as_deref())?;
             let target = endpoint(Side::Target, conns.target.as_deref())?;
-            let report = walshuttle::switchover::switchover(&source, &target, &opts).await?;
+            let report =
+                walshuttle::switchover::switchover(&source, &target, &opts, shutdown_signal())
+                    .await?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

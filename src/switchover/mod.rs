@@ -71,18 +71,22 @@ pub struct SwitchoverOptions {
     pub jobs: usize,
 }
 
+/// The reverse step's name in reports.
+const REVERSE_STEP: &str = "the reverse pipeline";
+
 /// The name of the reverse pipeline (slot and publication) of `slot`.
 pub fn reverse_name(slot: &str) -> String {
     format!("{slot}_reverse")
 }
 
 /// Runs a switchover. `Ok` with an aborted report when it stopped on purpose (a
-/// failed check, a difference, the downtime budget) after undoing the fence; `Err`
-/// only when the fence could not be lifted or nothing could be checked.
+/// failed check, a difference, the downtime budget, `shutdown` turning true) after
+/// lifting the fence; `Err` only when nothing could be checked.
 pub async fn switchover(
     source: &Endpoint,
     target: &Endpoint,
     opts: &SwitchoverOptions,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<SwitchoverReport> {
     let src = connect(source, "switchover").await?;
     let tgt = connect(target, "switchover").await?;
@@ -111,6 +115,13 @@ pub async fn switchover(
         report.outcome = Outcome::DryRun;
         return Ok(report);
     }
+    if *shutdown.borrow() {
+        report.outcome = Outcome::Aborted {
+            reason: "interrupted before the fence".into(),
+            fence_lifted: false,
+        };
+        return Ok(report);
+    }
 
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + opts.max_downtime;
@@ -118,30 +129,46 @@ pub async fn switchover(
         .set_switchover(&tgt, &opts.slot, "fencing", None)
         .await?;
     let mut fence = fence::Fence::open(source, opts.fence).await?;
-    let result = tokio::time::timeout_at(
-        deadline,
-        after_fence(
-            source,
-            target,
-            &src,
-            &tgt,
-            &state,
-            opts,
-            &mut fence,
-            &mut report,
-        ),
-    )
-    .await;
-    let failure = match result {
-        Ok(Ok(None)) => None,
-        Ok(Ok(Some(reason))) => Some(reason),
-        Ok(Err(e)) => Some(format!("{e:#}")),
-        Err(_) => Some(format!(
+    let result = {
+        let steps = tokio::time::timeout_at(
+            deadline,
+            after_fence(
+                source,
+                target,
+                &src,
+                &tgt,
+                &state,
+                opts,
+                &mut fence,
+                &mut report,
+            ),
+        );
+        tokio::select! {
+            r = steps => Some(r),
+            _ = shutdown.wait_for(|stop| *stop) => None,
+        }
+    };
+    let mut failure = match result {
+        Some(Ok(Ok(None))) => None,
+        Some(Ok(Ok(Some(reason)))) => Some(reason),
+        Some(Ok(Err(e))) => Some(format!("{e:#}")),
+        Some(Err(_)) => Some(format!(
             "{} did not finish within --max-downtime {}",
             report.current_step,
             report::seconds(opts.max_downtime.as_secs_f64())
         )),
+        None => Some(format!("interrupted during {}", report.current_step)),
     };
+    if let Some(reason) = failure
+        .as_mut()
+        .filter(|_| report.current_step == REVERSE_STEP)
+    {
+        reason.push_str(&format!(
+            "; the reverse pipeline may be half made: retire it with `walshuttle teardown --source TARGET --target SOURCE --slot {}` (and drop slot {} on the target if it is there)",
+            reverse_name(&opts.slot),
+            reverse_name(&opts.slot)
+        ));
+    }
     report.times.downtime = started.elapsed().as_secs_f64();
     match failure {
         None => {
@@ -264,7 +291,7 @@ async fn after_fence(
     }
 
     if opts.reverse {
-        report.current_step = "the reverse pipeline";
+        report.current_step = REVERSE_STEP;
         record(tgt, state, opts, "reversing", None).await;
         let step = Instant::now();
         report.reverse = Some(reverse::start(src, tgt, &report.plan, opts).await?);
