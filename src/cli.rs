@@ -76,6 +76,11 @@ pub enum Command {
     /// new tables under their own snapshot and streams them, `remove` takes tables
     /// out of the publication and stops applying them, `resync` copies tables again.
     Tables(TablesArgs),
+    /// Move to the target while `run` streams: check, fence the source read-only,
+    /// drain the stream to the fence, set the target's sequences, verify every
+    /// table at the fence. Exit 0 only when everything is equal; an abort lifts the
+    /// fence and exits 1. --reverse starts a pipeline back to the source.
+    Switchover(SwitchoverArgs),
     /// Work with the configuration file.
     Config(ConfigArgs),
     /// See it work: start two throwaway local PostgreSQL clusters, load the demo
@@ -135,6 +140,76 @@ impl StatusArgs {
             created_columns: WatermarkArgs::columns(&self.created_column)?,
             updated_columns: WatermarkArgs::columns(&self.updated_column)?,
         })
+    }
+}
+
+/// Options of `switchover`.
+#[derive(Debug, Args, Clone)]
+pub struct SwitchoverArgs {
+    /// Pipeline (slot) to switch over; `run` must be streaming it.
+    #[arg(long, default_value = "walshuttle")]
+    pub slot: String,
+
+    /// Schema holding walshuttle's state (on the target; with --reverse also on the
+    /// source).
+    #[arg(long, default_value = "walshuttle")]
+    pub state_schema: String,
+
+    /// Refuse to start while the target lags more than this (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_lag: std::time::Duration,
+
+    /// Check and print the plan with estimated timings; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+
+    /// How writes are stopped on the source: `read-only` (the database defaults to
+    /// read-only and earlier sessions are ended) or `none` (the application is
+    /// already stopped).
+    #[arg(long, value_enum, default_value = "read-only", value_name = "METHOD")]
+    pub fence: crate::switchover::FenceMethod,
+
+    /// How long open write transactions get to commit once the fence is up, before
+    /// they are cancelled.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DURATION")]
+    pub fence_timeout: std::time::Duration,
+
+    /// Set every target sequence this many values past the source's next value.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..), value_name = "N")]
+    pub sequence_gap: i64,
+
+    /// Abort (lift the fence, streaming continues, exit 1) when the fence, drain,
+    /// sequences and verify take longer than this together.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_downtime: std::time::Duration,
+
+    /// Start a pipeline back from the target to the source (slot
+    /// `<slot>_reverse`), without a copy, for `walshuttle run` to stream.
+    #[arg(long)]
+    pub reverse: bool,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl SwitchoverArgs {
+    /// Resolves the options.
+    pub fn options(&self) -> crate::switchover::SwitchoverOptions {
+        crate::switchover::SwitchoverOptions {
+            slot: self.slot.clone(),
+            state_schema: self.state_schema.clone(),
+            max_lag: self.max_lag,
+            dry_run: self.dry_run,
+            fence: self.fence,
+            fence_timeout: self.fence_timeout,
+            sequence_gap: self.sequence_gap,
+            max_downtime: self.max_downtime,
+            reverse: self.reverse,
+            jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! - [`catchup`]: gap repair from watermarks when the WAL is gone.
 //! - [`observe`]: metrics, `/metrics` and `/healthz` for `run --metrics-addr`.
 //! - [`status`]: where every pipeline stands (`walshuttle status`).
+//! - [`switchover`]: the verified move to the target, with a way back (`walshuttle switchover`).
 //! - [`teardown`]: retiring a pipeline (`walshuttle teardown`).
 //! - [`wal_budget`]: the slot's retained WAL against `--max-retained-wal`.
 //! - [`publication`]: each pipeline's own publication, never another's.
@@ -47,6 +48,7 @@ pub mod snapshot;
 pub mod state;
 pub mod status;
 pub mod stream;
+pub mod switchover;
 pub mod tables;
 pub mod target_checks;
 pub mod teardown;

@@ -102,6 +102,24 @@ async fn dispatch(
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Switchover(args) => {
+            let opts = args.options();
+            let source = endpoint(Side::Source, conns.source.as_deref())?;
+            let target = endpoint(Side::Target, conns.target.as_deref())?;
+            let report =
+                walshuttle::switchover::switchover(&source, &target, &opts, shutdown_signal())
+                    .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{}", report.render());
+            }
+            Ok(if report.succeeded() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Command::Tables(args) => {
             let opts = args.options()?;
             let source = endpoint(Side::Source, conns.source.as_deref())?;

@@ -98,6 +98,16 @@ pub struct FileConfig {
     pub max_retained_wal: Option<Quantity>,
     /// How often `run` brings target sequences up to the source's (`30s`).
     pub sync_sequences: Option<Quantity>,
+    /// Lag above which `switchover` refuses to start (`5s`).
+    pub max_lag: Option<Quantity>,
+    /// How `switchover` stops writes on the source: `read-only` or `none`.
+    pub fence: Option<String>,
+    /// How long `switchover` lets open write transactions finish (`10s`).
+    pub fence_timeout: Option<Quantity>,
+    /// Values `switchover` sets target sequences past the source's.
+    pub sequence_gap: Option<i64>,
+    /// Fence to done, past which `switchover` aborts (`30s`).
+    pub max_downtime: Option<Quantity>,
 }
 
 /// The file's values, parsed and checked.
@@ -123,6 +133,14 @@ pub struct Resolved {
     pub max_retained_wal: Option<u64>,
     /// Parsed `sync_sequences`.
     pub sync_sequences: Option<Duration>,
+    /// Parsed `max_lag`.
+    pub max_lag: Option<Duration>,
+    /// Parsed `fence`.
+    pub fence: Option<crate::switchover::FenceMethod>,
+    /// Parsed `fence_timeout`.
+    pub fence_timeout: Option<Duration>,
+    /// Parsed `max_downtime`.
+    pub max_downtime: Option<Duration>,
 }
 
 /// A size setting: a whole number of bytes, or text with a unit (`"1GB"`).
@@ -224,6 +242,15 @@ impl FileConfig {
                 )
             })?),
         };
+        let fence = match self.fence.as_deref() {
+            None => None,
+            Some("read-only") => Some(crate::switchover::FenceMethod::ReadOnly),
+            Some("none") => Some(crate::switchover::FenceMethod::None),
+            Some(other) => bail!("`fence` is `{other}`: use \"read-only\" or \"none\""),
+        };
+        if self.sequence_gap.is_some_and(|g| g < 0) {
+            bail!("`sequence_gap` must be 0 or more");
+        }
         let warn_retained_bytes = bytes("warn_retained_bytes", &self.warn_retained_bytes)?;
         let max_retained_wal = bytes("max_retained_wal", &self.max_retained_wal)?;
         Ok(Resolved {
@@ -236,6 +263,10 @@ impl FileConfig {
             warn_retained_bytes,
             max_retained_wal,
             sync_sequences: duration("sync_sequences", &self.sync_sequences)?,
+            max_lag: duration("max_lag", &self.max_lag)?,
+            fence,
+            fence_timeout: duration("fence_timeout", &self.fence_timeout)?,
+            max_downtime: duration("max_downtime", &self.max_downtime)?,
             file: self,
         })
     }
@@ -465,6 +496,29 @@ impl Resolved {
                     t.allow_target_triggers = x;
                 }
             }
+            Command::Switchover(x) => {
+                if let Some(v) = f.slot.as_ref().filter(|_| !given("slot")) {
+                    x.slot = v.clone();
+                }
+                if let Some(v) = f.state_schema.as_ref().filter(|_| !given("state_schema")) {
+                    x.state_schema = v.clone();
+                }
+                if let Some(v) = self.max_lag.filter(|_| !given("max_lag")) {
+                    x.max_lag = v;
+                }
+                if let Some(v) = self.fence.filter(|_| !given("fence")) {
+                    x.fence = v;
+                }
+                if let Some(v) = self.fence_timeout.filter(|_| !given("fence_timeout")) {
+                    x.fence_timeout = v;
+                }
+                if let Some(v) = f.sequence_gap.filter(|_| !given("sequence_gap")) {
+                    x.sequence_gap = v;
+                }
+                if let Some(v) = self.max_downtime.filter(|_| !given("max_downtime")) {
+                    x.max_downtime = v;
+                }
+            }
             Command::Config(_) | Command::Demo(_) => {}
         }
     }
@@ -591,6 +645,19 @@ impl Resolved {
             self.sync_sequences.map(|d| format!("{d:?}")),
             "(off)",
         );
+        plain("max_lag", self.max_lag.map(|d| format!("{d:?}")), "5s");
+        plain("fence", f.fence.clone(), "read-only");
+        plain(
+            "fence_timeout",
+            self.fence_timeout.map(|d| format!("{d:?}")),
+            "10s",
+        );
+        plain("sequence_gap", f.sequence_gap.map(|g| g.to_string()), "0");
+        plain(
+            "max_downtime",
+            self.max_downtime.map(|d| format!("{d:?}")),
+            "30s",
+        );
         let width = lines.iter().map(|(k, _, _)| k.len()).max().unwrap_or(0);
         let mut out = String::new();
         for (k, v, o) in lines {
@@ -617,6 +684,13 @@ mod tests {
         assert_eq!(r.status_interval, Some(2.0));
         assert_eq!(r.warn_retained_bytes, Some(2 << 30));
         assert_eq!(r.tables, Some(vec!["a".to_string(), "b.c".to_string()]));
+        let file: FileConfig =
+            toml::from_str("fence = \"none\"\nmax_downtime = \"45s\"\nsequence_gap = 100").unwrap();
+        let r = file.resolve().unwrap();
+        assert_eq!(r.fence, Some(crate::switchover::FenceMethod::None));
+        assert_eq!(r.max_downtime, Some(Duration::from_secs(45)));
+        let file: FileConfig = toml::from_str("fence = \"off\"").unwrap();
+        assert!(file.resolve().is_err());
         let file: FileConfig = toml::from_str("margin = \"5 fortnights\"").unwrap();
         assert!(file.resolve().is_err());
         let file: FileConfig =

@@ -100,6 +100,9 @@ pub struct PipelineStatus {
     /// Why `run` last stopped on an error retrying cannot fix (where, and what to
     /// do); null when it did not, and cleared when streaming starts again.
     pub stop_reason: Option<String>,
+    /// The last `walshuttle switchover` of the pipeline (its phase while it runs,
+    /// then `done` or `aborted`); null when none ran.
+    pub switchover: Option<SwitchoverStatus>,
     /// Per table.
     pub tables: Vec<TableStatus>,
     /// Tables on the source (`schema.table`) the pipeline does not carry but would
@@ -107,6 +110,18 @@ pub struct PipelineStatus {
     pub untracked_tables: Option<Vec<String>>,
     /// Warnings about this pipeline.
     pub warnings: Vec<String>,
+}
+
+/// The last switchover of a pipeline, as recorded.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SwitchoverStatus {
+    /// `fencing`, `draining`, `sequences`, `verifying`, `reversing`, `done` or
+    /// `aborted`.
+    pub phase: String,
+    /// The fence LSN while draining, the summary when done, the reason when aborted.
+    pub detail: Option<String>,
+    /// When the phase was recorded (target clock).
+    pub since: String,
 }
 
 /// One table of a pipeline.
@@ -350,6 +365,14 @@ async fn pipeline_status(
     }
 
     let tables = table_status(tgt, state, &pipeline.tables, name, opts).await?;
+    let switchover = state
+        .switchover(tgt, name)
+        .await?
+        .map(|(phase, detail, since)| SwitchoverStatus {
+            phase,
+            detail,
+            since,
+        });
     Ok(PipelineStatus {
         pipeline: name.to_string(),
         publication: pipeline.publication.clone(),
@@ -378,6 +401,7 @@ async fn pipeline_status(
         chunks_done: tables.iter().map(|t| t.chunks_done).sum(),
         chunks_total: tables.iter().map(|t| t.chunks_total).sum(),
         stop_reason: pipeline.stop_reason.clone(),
+        switchover,
         tables,
         untracked_tables: untracked.map(|l| l.iter().map(|t| t.to_string()).collect()),
         warnings,
@@ -572,6 +596,17 @@ impl StatusReport {
             ));
             if let Some(reason) = &p.stop_reason {
                 out.push_str(&format!("  stopped by       {reason}\n"));
+            }
+            if let Some(s) = &p.switchover {
+                out.push_str(&format!(
+                    "  switchover       {} (since {}){}\n",
+                    s.phase,
+                    s.since,
+                    s.detail
+                        .as_deref()
+                        .map(|d| format!(": {d}"))
+                        .unwrap_or_default()
+                ));
             }
             out.push_str(&format!(
                 "  source LSN       {}\n",

@@ -587,6 +587,56 @@ impl StateStore {
             .await
     }
 
+    /// Records the phase of a `walshuttle switchover` of the pipeline (`fencing`,
+    /// `draining`, ..., `done`, `aborted`) with a detail line, for `status`.
+    pub async fn set_switchover(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        phase: &str,
+        detail: Option<&str>,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET switchover_phase = $2, switchover_detail = $3, switchover_at = now() \
+                     WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline, &phase, &detail],
+            )
+            .await
+            .pg_context(|| format!("recording the switchover phase of pipeline {pipeline}"))?;
+        Ok(())
+    }
+
+    /// The last recorded switchover of the pipeline: (phase, detail, when), `None`
+    /// when it never had one.
+    pub async fn switchover(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<Option<(String, Option<String>, String)>> {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT switchover_phase, switchover_detail, switchover_at::text FROM {} \
+                     WHERE pipeline = $1 AND switchover_phase IS NOT NULL",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("reading the switchover phase of pipeline {pipeline}"))?;
+        Ok(row.map(|r| {
+            (
+                r.get(0),
+                r.get(1),
+                r.get::<_, Option<String>>(2).unwrap_or_default(),
+            )
+        }))
+    }
+
     /// Records which tables the pipeline was asked to carry: `--tables`, or every
     /// table (`None`).
     pub async fn set_selection(

@@ -144,5 +144,15 @@ ALTER TABLE {s}.pipelines ADD COLUMN capture_ddl boolean NOT NULL DEFAULT false;
 INSERT INTO {s}.schema_version (version) VALUES (4);
 ";
 
+/// Version 5: the phase of a `walshuttle switchover` of the pipeline, for `status`
+/// while it runs and after it ends (`done`, or `aborted` with the reason in the
+/// detail).
+pub const V5: &str = "
+ALTER TABLE {s}.pipelines ADD COLUMN switchover_phase text;
+ALTER TABLE {s}.pipelines ADD COLUMN switchover_detail text;
+ALTER TABLE {s}.pipelines ADD COLUMN switchover_at timestamptz;
+INSERT INTO {s}.schema_version (version) VALUES (5);
+";
+
 /// Every version's block, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
