@@ -99,7 +99,16 @@ pub async fn run(
         observe::serve(addr, &opts.bootstrap.slot, opts.healthz_max_lag).await?;
     }
     observe::set_phase(RunPhase::Starting, None);
-    let result = run_pipeline(source, target, opts, state, &mut shutdown).await;
+    // The deadline covers every step, start-up included: a server that accepts the
+    // connection and then says nothing must not keep SIGTERM from working.
+    let mut watcher = shutdown.clone();
+    let result = tokio::select! {
+        result = run_pipeline(source, target, opts, state, &mut shutdown) => result,
+        _ = stop_deadline(&mut watcher) => {
+            tracing::warn!("the stop did not finish within {} s (a server is not answering): exiting anyway; nothing is lost, unconfirmed changes are sent again", STOP_GRACE.as_secs());
+            Ok(())
+        }
+    };
     let reason = match &result {
         Ok(()) => "stopped on request".to_string(),
         Err(e) => {
@@ -151,14 +160,7 @@ async fn run_pipeline(
             return Ok(());
         }
         let streamed = AtomicBool::new(false);
-        let mut watcher = shutdown.clone();
-        let outcome = tokio::select! {
-            outcome = session::stream(source, target, &cfg, shutdown, &streamed) => outcome,
-            _ = stop_deadline(&mut watcher) => {
-                tracing::warn!("the stop did not finish within {} s (a server is not answering): exiting anyway; nothing is lost, unconfirmed changes are sent again", STOP_GRACE.as_secs());
-                return Ok(());
-            }
-        };
+        let outcome = session::stream(source, target, &cfg, shutdown, &streamed).await;
         if streamed.load(Ordering::Relaxed) {
             // It got as far as streaming: the next fault starts the backoff afresh.
             backoff = BACKOFF_START;

@@ -576,11 +576,16 @@ pub async fn applied_beyond(target: &Client, pipeline: &str, lsn: Option<&str>) 
         .unwrap_or(false)
 }
 
-/// Whether a replication slot exists on the source and a WAL sender is attached to it.
+/// Whether a WAL sender streams from a replication slot on the source (START_REPLICATION
+/// issued: state catchup or streaming). A slot is also `active` while the connection
+/// that creates it exports its snapshot to a bootstrap's copy, which is not streaming.
 pub async fn slot_active(source: &Client, slot: &str) -> bool {
     source
         .query_opt(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+            "SELECT s.active AND EXISTS (SELECT 1 FROM pg_stat_replication r \
+                                          WHERE r.pid = s.active_pid \
+                                            AND r.state IN ('catchup', 'streaming')) \
+               FROM pg_replication_slots s WHERE s.slot_name = $1",
             &[&slot],
         )
         .await
