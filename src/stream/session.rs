@@ -1726,18 +1726,11 @@ impl Session<'_> {
             };
             // Columns the stream has not brought to the target yet are filled in
             // by it when their Relation message arrives.
-            if let Some(on_target) = crate::catalog::load_table(&self.main.client, &name).await? {
-                let before = table.columns.len();
+            let on_target = crate::catalog::load_table(&self.main.client, &name).await?;
+            if let Some(on_target) = &on_target {
                 table
                     .columns
                     .retain(|c| on_target.columns.iter().any(|t| t.name == c.name));
-                if table.columns.len() < before {
-                    // Rows this copy holds that were written after those columns
-                    // were added have values of their own in them, which the columns'
-                    // `ADD` on the target cannot know: copied once more when they
-                    // arrive.
-                    self.resync_on_shape.insert(name.clone());
-                }
             }
             let binary = crate::catalog::check_target(&self.main.client, &table)
                 .await?
@@ -1756,6 +1749,23 @@ impl Session<'_> {
                 },
             )
             .await?;
+            // Rows this copy holds that were written after a column the target
+            // lacks was added have values of their own in it, which the column's
+            // `ADD` on the target cannot know: copied once more when it arrives.
+            // The source's columns are read again after the copy's snapshot, so a
+            // column added between the first read and the snapshot counts too.
+            if let (Some(now), Some(on_target)) = (
+                crate::catalog::load_table(&self.source_sql, &name).await?,
+                &on_target,
+            ) {
+                if now
+                    .columns
+                    .iter()
+                    .any(|c| !on_target.columns.iter().any(|t| t.name == c.name))
+                {
+                    self.resync_on_shape.insert(name.clone());
+                }
+            }
             self.cfg
                 .state
                 .set_table_state(
