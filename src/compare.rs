@@ -257,7 +257,22 @@ pub async fn row_hashes(
     compared: Compared,
     only: Option<&[Key]>,
 ) -> Result<HashMap<Key, i64>> {
+    row_hashes_where(client, table, range, compared, only, None).await
+}
+
+/// [`row_hashes`], narrowed further by `extra` (a predicate on the row).
+async fn row_hashes_where(
+    client: &impl GenericClient,
+    table: &Table,
+    range: &KeyRange,
+    compared: Compared,
+    only: Option<&[Key]>,
+    extra: Option<&str>,
+) -> Result<HashMap<Key, i64>> {
     let mut filter = range.predicate(table);
+    if let Some(extra) = extra {
+        filter = format!("{filter} AND {extra}");
+    }
     if let Some(keys) = only {
         if table.key.is_empty() {
             filter = format!(
@@ -364,9 +379,23 @@ pub async fn diff_keys(
     if only.is_some_and(|k| k.is_empty()) {
         return Ok(KeyDiff::default());
     }
+    // A range of an integer key is narrowed to its differing buckets first: one
+    // grouped pass per side returns a few thousand bucket digests instead of every
+    // row's hash, and only the rows of differing buckets are hashed one by one.
+    let buckets = match (range, only) {
+        (KeyRange::Int { .. }, None) if table.key.len() == 1 => {
+            Some(differing_buckets(source, target, table, range, compared).await?)
+        }
+        _ => None,
+    };
+    let extra = match &buckets {
+        Some(b) if b.ids.is_empty() => return Ok(KeyDiff::default()),
+        Some(b) => Some(b.predicate(table)),
+        None => None,
+    };
     let (s, t) = tokio::try_join!(
-        row_hashes(source, table, range, compared, only),
-        row_hashes(target, table, range, compared, only)
+        row_hashes_where(source, table, range, compared, only, extra.as_deref()),
+        row_hashes_where(target, table, range, compared, only, extra.as_deref())
     )?;
     let mut diff = KeyDiff::default();
     for (k, h) in &s {
@@ -385,4 +414,95 @@ pub async fn diff_keys(
     diff.to_copy.sort();
     diff.to_delete.sort();
     Ok(diff)
+}
+
+/// How many buckets a key range is cut into to narrow a difference down.
+const BUCKETS_PER_RANGE: i128 = 4096;
+
+/// The buckets of a key range (`key / width`) whose count or hash differ.
+struct Buckets {
+    width: i64,
+    ids: Vec<i64>,
+}
+
+impl Buckets {
+    /// The rows of these buckets.
+    fn predicate(&self, table: &Table) -> String {
+        let ids = self
+            .ids
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        format!(
+            "({} / {}) = ANY('{{{ids}}}'::bigint[])",
+            quote_ident(&table.key[0]),
+            self.width
+        )
+    }
+}
+
+/// Compares the digests of a key range's buckets on both sides; returns the ones
+/// that differ.
+async fn differing_buckets(
+    source: &impl GenericClient,
+    target: &impl GenericClient,
+    table: &Table,
+    range: &KeyRange,
+    compared: Compared,
+) -> Result<Buckets> {
+    let width = match range {
+        KeyRange::Int { lo, hi } => {
+            let span = i128::from(*hi) - i128::from(*lo);
+            i64::try_from((span / BUCKETS_PER_RANGE).max(1)).unwrap_or(i64::MAX)
+        }
+        KeyRange::All => i64::MAX,
+    };
+    let sql = format!(
+        "SELECT ({k} / {width})::bigint, count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text \
+           FROM ONLY {} WHERE {} GROUP BY 1",
+        row_expr(table, compared),
+        table.name.quoted(),
+        range.predicate(table),
+        k = quote_ident(&table.key[0]),
+    );
+    let (s, t) = tokio::try_join!(
+        bucket_digests(source, &sql, table, range),
+        bucket_digests(target, &sql, table, range)
+    )?;
+    let mut ids: Vec<i64> = s
+        .iter()
+        .filter(|(b, d)| t.get(b) != Some(d))
+        .map(|(b, _)| *b)
+        .chain(t.keys().filter(|b| !s.contains_key(b)).copied())
+        .collect();
+    ids.sort_unstable();
+    Ok(Buckets { width, ids })
+}
+
+/// Bucket digests by bucket id, from one side.
+async fn bucket_digests(
+    client: &impl GenericClient,
+    sql: &str,
+    table: &Table,
+    range: &KeyRange,
+) -> Result<HashMap<i64, (i64, String)>> {
+    Ok(client
+        .query(sql, &[])
+        .await
+        .pg_context(|| {
+            format!(
+                "hashing the buckets of {} ({})",
+                table.name,
+                range.describe(table)
+            )
+        })?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                (r.get::<_, i64>(1), r.get::<_, String>(2)),
+            )
+        })
+        .collect())
 }
