@@ -511,10 +511,18 @@ async fn repair_table(
     let mut keyless_differs = false;
     let ranges = compare::plan_ranges(src, &tx, table, 1).await?;
     for range in ranges {
-        let s = compare::digest(src, table, &range, Compared::WholeRows).await?;
-        let t = compare::digest(&tx, table, &range, Compared::WholeRows).await?;
-        if s == t {
-            continue;
+        // A range of an integer key goes straight to its bucket digests (one pass
+        // per side says both whether and where it differs); any other range is
+        // hashed whole first, both sides at once.
+        let bucketed = matches!(range, compare::KeyRange::Int { .. }) && table.key.len() == 1;
+        if !bucketed {
+            let (s, t) = tokio::try_join!(
+                compare::digest(src, table, &range, Compared::WholeRows),
+                compare::digest(&tx, table, &range, Compared::WholeRows)
+            )?;
+            if s == t {
+                continue;
+            }
         }
         if table.key.is_empty() {
             keyless_differs = true;
