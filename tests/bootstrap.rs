@@ -353,3 +353,66 @@ async fn every_type_and_quoted_identifier_survives_and_empty_target_gets_schema(
     let fp = table_fingerprint(&tgt, r#""Sales Dept"."Order Items""#).await;
     assert_eq!(fp.0, 3);
 }
+
+/// A bootstrap killed after it created its slot but before its plan was recorded
+/// (here: held at the plan by a lock on the state) is started afresh by the next
+/// one. The tables it was creating must not stay behind keyless: the rerun would
+/// take them for the user's own and refuse them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_killed_before_its_plan_is_recorded_starts_afresh() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    src.batch_execute(
+        "CREATE TABLE first (id int PRIMARY KEY);
+         CREATE TABLE t (id bigint PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 1000) g;",
+    )
+    .await
+    .unwrap();
+    // Another pipeline's bootstrap leaves the state schema there, to be locked.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--slot", "other", "--tables", "first"]);
+    let (code, _, stderr) = run(cmd);
+    assert_eq!(code, 0, "{stderr}");
+
+    let mut locker = target.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK walshuttle.chunks IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--tables", "t"]);
+    let mut child = cmd.spawn().unwrap();
+    let tgt = target.client().await;
+    wait_until(
+        "the bootstrap to wait for the lock on its plan",
+        Duration::from_secs(60),
+        || async {
+            tgt.query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%chunks%'",
+                &[],
+            )
+            .await
+            .map(|r| r.get::<_, i64>(0) > 0)
+            .unwrap_or(false)
+        },
+    )
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    lock.rollback().await.unwrap();
+    src.batch_execute("INSERT INTO t SELECT g, 'late' FROM generate_series(1001, 1100) g")
+        .await
+        .unwrap();
+
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--tables", "t"]);
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "the rerun failed:\n{stdout}{stderr}");
+    assert_tables_equal(&src, &tgt, &["t"]).await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["verify"]);
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "verify:\n{stdout}{stderr}");
+}

@@ -307,25 +307,6 @@ async fn fresh(
     }
     let snapshot = create_slot_with_snapshot(source, src, &opts.slot, &table_names).await?;
 
-    for (table, fit) in checked.tables.iter().zip(&checked.fits) {
-        match fit {
-            TargetFit::Missing { .. } => {
-                catalog::create_missing_types(src, tgt, table).await?;
-                tgt.batch_execute(&catalog::create_table_sql(table))
-                    .await
-                    .pg_context(|| format!("creating table {} on the target", table.name))?;
-                tracing::info!(table = %table.name, "created table on the target");
-            }
-            TargetFit::Exists { .. } if opts.truncate_target => {
-                tgt.batch_execute(&format!("TRUNCATE {}", table.name.quoted()))
-                    .await
-                    .pg_context(|| format!("truncating {} on the target", table.name))?;
-                tracing::info!(table = %table.name, "truncated target table (--truncate-target)");
-            }
-            TargetFit::Exists { .. } => {}
-        }
-    }
-
     let total_blocks: i64 = checked.tables.iter().map(|t| t.blocks).sum();
     let size = plan::chunk_blocks(total_blocks, opts.jobs);
     let mut by_size: Vec<&Table> = checked.tables.iter().collect();
@@ -354,6 +335,28 @@ async fn fresh(
             .transaction()
             .await
             .pg_context(|| "recording the plan".into())?;
+        // Tables are created in the transaction that records the plan: a bootstrap
+        // killed before it commits leaves no table behind that a rerun would have
+        // to tell apart from the user's own (created without their keys, which
+        // are built after the copy).
+        for (table, fit) in checked.tables.iter().zip(&checked.fits) {
+            match fit {
+                TargetFit::Missing { .. } => {
+                    catalog::create_missing_types(src, &tx, table).await?;
+                    tx.batch_execute(&catalog::create_table_sql(table))
+                        .await
+                        .pg_context(|| format!("creating table {} on the target", table.name))?;
+                    tracing::info!(table = %table.name, "created table on the target");
+                }
+                TargetFit::Exists { .. } if opts.truncate_target => {
+                    tx.batch_execute(&format!("TRUNCATE {}", table.name.quoted()))
+                        .await
+                        .pg_context(|| format!("truncating {} on the target", table.name))?;
+                    tracing::info!(table = %table.name, "truncated target table (--truncate-target)");
+                }
+                TargetFit::Exists { .. } => {}
+            }
+        }
         state.save_pipeline(&tx, &pipeline).await?;
         state
             .set_selection(&tx, &pipeline.name, opts.tables.as_deref())

@@ -64,7 +64,11 @@ const CLOSURE_SQL: &str = "WITH RECURSIVE edges(parent, child) AS ( \
 
 /// Creates on the target the types `table` uses that are missing there (and the
 /// extensions that provide types), dependencies first.
-pub async fn create_missing_types(source: &Client, target: &Client, table: &Table) -> Result<()> {
+pub async fn create_missing_types(
+    source: &Client,
+    target: &impl tokio_postgres::GenericClient,
+    table: &Table,
+) -> Result<()> {
     let oids: Vec<u32> = table.columns.iter().map(|c| c.type_oid).collect();
     let types: BTreeMap<u32, UsedType> = source
         .query(CLOSURE_SQL, &[&oids])
@@ -173,7 +177,12 @@ fn dependency_order(types: &BTreeMap<u32, UsedType>) -> Vec<u32> {
     out
 }
 
-async fn create_extension(target: &Client, table: &Table, ext: &str, schema: &str) -> Result<()> {
+async fn create_extension(
+    target: &impl tokio_postgres::GenericClient,
+    table: &Table,
+    ext: &str,
+    schema: &str,
+) -> Result<()> {
     // In the source's schema, so the schema-qualified type names match; under the
     // pinned search_path an unplaced extension would land in pg_catalog.
     let mut sql = String::new();
@@ -197,7 +206,10 @@ async fn create_extension(target: &Client, table: &Table, ext: &str, schema: &st
     })
 }
 
-async fn exists_on_target(target: &Client, name: &QualifiedName) -> Result<bool> {
+async fn exists_on_target(
+    target: &impl tokio_postgres::GenericClient,
+    name: &QualifiedName,
+) -> Result<bool> {
     Ok(target
         .query_opt(
             "SELECT 1 FROM pg_catalog.pg_type t JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace \
