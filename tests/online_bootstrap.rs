@@ -136,6 +136,17 @@ async fn finish(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_online_copies_while_streaming_and_the_slot_moves() {
     let (source, target, src, tgt) = setup().await;
+    // `big` exists (empty) on the target, and a session holds it in SHARE mode: the
+    // copy takes its snapshot, then waits to replace the rows, for as long as the
+    // test needs to watch the slot during a copy.
+    tgt.batch_execute("CREATE TABLE big (id bigserial PRIMARY KEY, v int NOT NULL, pad text)")
+        .await
+        .expect("target big");
+    let blocker = target.client().await;
+    blocker
+        .batch_execute("BEGIN; LOCK TABLE big IN SHARE MODE")
+        .await
+        .expect("lock target big");
     let writer = Writer::spawn(source.url(), Duration::from_millis(10), write_sql);
     let mut logs = RunLogs::new();
     let mut child = logs.spawn(run_cmd(&source, &target, true));
@@ -149,7 +160,7 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
     )
     .await;
     let started: String = one(&src, "SELECT pg_current_wal_lsn()::text").await;
-    assert_ne!(table_state(&tgt, "big").await.as_deref(), Some("ready"));
+    assert_eq!(table_state(&tgt, "big").await.as_deref(), Some("held"));
 
     let mut status = walshuttle(&source, &target);
     status.args(["status", "--json"]);
@@ -193,6 +204,11 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
         moved_before_ready.get(),
         "the slot's confirmed position moved only once the big table was ready"
     );
+    assert!(big_being_read(&src).await, "the copy of big ended early");
+    blocker
+        .batch_execute("COMMIT")
+        .await
+        .expect("unlock target big");
 
     wait_while_running(
         "every table ready",
