@@ -287,6 +287,15 @@ async fn bootstrap_online_then_run() {
     assert_eq!(one::<i64>(&tgt, "SELECT count(*) FROM big").await, 0);
     // No snapshot was exported: nothing reads the tables on the source.
     assert!(!big_being_read(&src).await);
+    // A held table may also be copied by `tables add` (the copy lock keeps it the
+    // only copier); `run` then only applies what the stream held meanwhile.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["tables", "add", "kl"]);
+    let (code, out, err) = tokio::task::spawn_blocking(move || run(cmd))
+        .await
+        .expect("tables add");
+    assert_eq!(code, 0, "tables add of a held table:\n{out}\n{err}");
+    assert_eq!(table_state(&tgt, "kl").await.as_deref(), Some("copied"));
 
     let mut logs = RunLogs::new();
     let mut child = logs.spawn(run_cmd(&source, &target, false));
