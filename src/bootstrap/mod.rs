@@ -163,6 +163,9 @@ pub async fn bootstrap(
             online_tables: online::tables_to_copy(&tgt, &state, &opts.slot).await?,
         }),
         Some(p) if p.phase == Phase::Bootstrapping => {
+            if opts.online {
+                tracing::warn!(slot = %opts.slot, "an interrupted one-snapshot bootstrap of this pipeline is resumed as it was begun (--online applies to a new pipeline)");
+            }
             resume(source, target, &src, &tgt, &state, opts, p, started).await
         }
         other => {
