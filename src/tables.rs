@@ -411,6 +411,9 @@ pub async fn copy_held(
         bail!("no session reads under the snapshot of {}", table.name);
     };
     let binary = catalog::check_target(tgt, table).await?.binary();
+    // Indexes the target table lacks (an online bootstrap builds only its key up
+    // front) are built after the rows are in, in the same transaction.
+    let deferred = catalog::index_sql(&session.client, tgt, table).await?;
     let ctx = || format!("copying {} on the target", table.name);
     let tx = tgt.transaction().await.pg_context(ctx)?;
     // DELETE rather than TRUNCATE: readers of the target table, and the stream
@@ -429,6 +432,13 @@ pub async fn copy_held(
         &|_| {},
     )
     .await?;
+    // The rows are read: the source's snapshot (and its lock) can go.
+    let _ = session.client.batch_execute("COMMIT").await;
+    for sql in &deferred {
+        tx.batch_execute(sql)
+            .await
+            .pg_context(|| format!("building on the target: {sql}"))?;
+    }
     let id = state
         .record_snapshot(&tx, pipeline, &view, "tables")
         .await?;
@@ -440,7 +450,6 @@ pub async fn copy_held(
         .await?;
     state.bump_positions_version(&tx, pipeline).await?;
     tx.commit().await.pg_context(ctx)?;
-    let _ = session.client.batch_execute("COMMIT").await;
     tracing::info!(table = %table.name, rows = copied, "copied; the stream applies the changes it held");
     Ok((copied, lsn))
 }

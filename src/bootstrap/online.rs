@@ -66,9 +66,10 @@ pub(super) async fn start(
                 .pg_context(|| format!("creating table {} on the target", table.name))?;
             tracing::info!(table = %table.name, "created table on the target");
         }
-        // Keys first: the held changes are applied through them once the copy is in.
-        // (An existing table's rows are replaced by its copy, in one transaction.)
-        for sql in catalog::index_sql(src, tgt, table).await? {
+        // The key the held changes are applied through; the other indexes are built
+        // in the table's copy transaction, after its rows are in (an existing
+        // table's rows are replaced by its copy there too).
+        for sql in catalog::identity_index_sql(src, tgt, table).await? {
             tgt.batch_execute(&sql)
                 .await
                 .pg_context(|| format!("building on the target: {sql}"))?;
