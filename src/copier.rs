@@ -71,8 +71,19 @@ impl Copier {
         };
         Copier(tokio::spawn(async move {
             let mut backoff = Duration::from_secs(1);
+            // The session that looks at the tables, kept across rounds.
+            let mut lister: Option<Client> = None;
             loop {
-                match round(&job).await {
+                let pass = async {
+                    let client = match lister.take() {
+                        Some(c) if !c.is_closed() => c,
+                        _ => connect(&job.target, "online copy").await?,
+                    };
+                    let copied = round(&job, &client).await;
+                    lister = Some(client);
+                    copied
+                };
+                match pass.await {
                     Ok(0) => {
                         backoff = Duration::from_secs(1);
                         tokio::time::sleep(IDLE_POLL).await;
@@ -90,11 +101,10 @@ impl Copier {
 }
 
 /// One pass: copies every held table nobody else copies; returns how many.
-async fn round(job: &Job) -> Result<usize> {
-    let tgt = connect(&job.target, "online copy").await?;
+async fn round(job: &Job, tgt: &Client) -> Result<usize> {
     let held: Vec<QualifiedName> = job
         .state
-        .table_entries(&tgt, &job.pipeline)
+        .table_entries(tgt, &job.pipeline)
         .await?
         .into_iter()
         .filter(|e| e.state == TableState::Held)
@@ -103,7 +113,7 @@ async fn round(job: &Job) -> Result<usize> {
     if held.is_empty() {
         return Ok(0);
     }
-    let Some(pipeline) = job.state.pipeline(&tgt, &job.pipeline).await? else {
+    let Some(pipeline) = job.state.pipeline(tgt, &job.pipeline).await? else {
         return Ok(0);
     };
     if !pipeline.phase.copied() {
