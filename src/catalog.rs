@@ -604,6 +604,26 @@ pub fn create_table_sql(table: &Table) -> String {
 /// Statements that build the table's primary key, unique constraints and indexes on
 /// the target, each idempotent, each independent (so they can run in parallel).
 pub async fn index_sql(source: &Client, target: &Client, table: &Table) -> Result<Vec<String>> {
+    indexes_sql(source, target, table, false).await
+}
+
+/// [`index_sql`] for the primary key and the replica identity index only: what the
+/// stream needs to apply changes. An online bootstrap builds the others inside each
+/// table's copy, after its rows are in.
+pub async fn identity_index_sql(
+    source: &Client,
+    target: &Client,
+    table: &Table,
+) -> Result<Vec<String>> {
+    indexes_sql(source, target, table, true).await
+}
+
+async fn indexes_sql(
+    source: &Client,
+    target: &Client,
+    table: &Table,
+    identity_only: bool,
+) -> Result<Vec<String>> {
     let ctx = || format!("reading the indexes of {}", table.name);
     let existing: BTreeSet<String> = target
         .query(
@@ -621,8 +641,9 @@ pub async fn index_sql(source: &Client, target: &Client, table: &Table) -> Resul
             "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid), con.contype::text \
              FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
              LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
-             WHERE i.indrelid = $1 ORDER BY i.indisprimary DESC, ic.relname",
-            &[&table.oid],
+             WHERE i.indrelid = $1 AND (NOT $2 OR i.indisprimary OR i.indisreplident) \
+             ORDER BY i.indisprimary DESC, ic.relname",
+            &[&table.oid, &identity_only],
         )
         .await
         .pg_context(ctx)?;

@@ -483,6 +483,7 @@ impl VerifyArgs {
             truncate_target: false,
             allow_target_triggers: self.allow_target_triggers,
             capture_ddl: false,
+            online: false,
         }
         .options()?;
         Ok(crate::verify::VerifyOptions {
@@ -605,6 +606,13 @@ pub struct BootstrapArgs {
     /// dropped or created, new partitions.
     #[arg(long)]
     pub capture_ddl: bool,
+
+    /// bootstrap and run: copy each table under a short snapshot of its own while
+    /// the stream runs (`run` does the copying), instead of every table under one
+    /// snapshot held for the whole copy: the source keeps no old snapshot and the
+    /// slot little WAL during the copy.
+    #[arg(long)]
+    pub online: bool,
 }
 
 impl BootstrapArgs {
@@ -636,6 +644,7 @@ impl BootstrapArgs {
             truncate_target: self.truncate_target,
             allow_target_triggers: self.allow_target_triggers,
             capture_ddl: self.capture_ddl,
+            online: self.online,
         })
     }
 }

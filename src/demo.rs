@@ -82,6 +82,7 @@ pub async fn demo(opts: &DemoOptions, mut stop: watch::Receiver<bool>) -> Result
         truncate_target: false,
         allow_target_triggers: false,
         capture_ddl: false,
+        online: false,
     };
     println!("bootstrapping the target");
     let summary = bootstrap::bootstrap(&source, &target, &boot).await?;

@@ -33,6 +33,7 @@ pub mod catchup;
 pub mod cli;
 pub mod compare;
 pub mod config;
+pub mod copier;
 pub mod ddl_capture;
 pub mod demo;
 pub mod localpg;

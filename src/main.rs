@@ -161,6 +161,11 @@ async fn dispatch(
             Ok(ExitCode::SUCCESS)
         }
         Command::CatchUp(args) => {
+            if args.bootstrap.online {
+                anyhow::bail!(
+                    "--online applies to `bootstrap` and `run`, not to `catch-up`: run catch-up without it"
+                );
+            }
             let b = args.bootstrap.options()?;
             let opts = args.watermarks.catch_up_options(&b, args.poll.is_some())?;
             let source = endpoint(Side::Source, conns.source.as_deref())?;

@@ -149,6 +149,16 @@ async fn run_pipeline(
         memory: Default::default(),
     };
     record_wal_budget(target, &cfg).await;
+    // Held tables (an online bootstrap's, an interrupted `tables add`'s) are copied
+    // while the stream runs.
+    let _copier = crate::copier::Copier::start(
+        source,
+        target,
+        &cfg.state,
+        &cfg.slot,
+        &cfg.target,
+        opts.bootstrap.jobs,
+    );
     let _sequences = opts
         .sync_sequences
         .map(|every| SequenceSync::start(source, target, &cfg, every));
@@ -286,10 +296,14 @@ async fn ensure_bootstrapped(
     ) {
         return Ok(());
     }
-    tracing::info!(slot = %opts.slot, "no finished bootstrap: bootstrapping first");
+    tracing::info!(slot = %opts.slot, online = opts.online, "no finished bootstrap: bootstrapping first");
     observe::set_phase(
         RunPhase::Bootstrapping,
-        Some("bootstrapping: copying the tables".into()),
+        Some(if opts.online {
+            "bootstrapping online: creating the slot and the target tables".into()
+        } else {
+            "bootstrapping: copying the tables".into()
+        }),
     );
     let summary = bootstrap::bootstrap(source, target, opts).await?;
     eprintln!("{}", summary.render());

@@ -74,6 +74,9 @@ pub struct FileConfig {
     pub allow_target_triggers: Option<bool>,
     /// Capture DDL on the source with an event trigger (`--capture-ddl`).
     pub capture_ddl: Option<bool>,
+    /// Online bootstrap: each table copied under its own snapshot while `run`
+    /// streams (`--online`).
+    pub online: Option<bool>,
     /// Creation-time columns (`column` or `schema.table=column`).
     pub created_column: Option<List>,
     /// Update-time columns.
@@ -366,6 +369,9 @@ impl Resolved {
             if let Some(v) = f.capture_ddl.filter(|_| !given("capture_ddl")) {
                 b.capture_ddl = v;
             }
+            if let Some(v) = f.online.filter(|_| !given("online")) {
+                b.online = v;
+            }
         };
         let watermarks = |w: &mut WatermarkArgs| {
             if let Some(v) = f
@@ -603,6 +609,7 @@ impl Resolved {
             "false",
         );
         plain("capture_ddl", f.capture_ddl.map(|b| b.to_string()), "false");
+        plain("online", f.online.map(|b| b.to_string()), "false");
         plain(
             "created_column",
             f.created_column.as_ref().map(|l| l.items().join(", ")),

@@ -53,9 +53,14 @@ pub struct PipelineStatus {
     /// Publication on the source.
     pub publication: String,
     /// What the pipeline is doing: the recorded phase, or `reconciling` (copied or
-    /// streaming but not yet consistent), or `stopped` (streaming recorded but no
+    /// streaming but not yet consistent), or `copying` (streaming while tables are
+    /// copied, see `copy_progress`), or `stopped` (streaming recorded but no
     /// consumer on the slot).
     pub phase: String,
+    /// While tables are copied as the pipeline streams (`copying`: an online
+    /// bootstrap, or `tables add|resync`), how far: `3 of 10 tables copied`; null
+    /// otherwise.
+    pub copy_progress: Option<String>,
     /// The phase as recorded in the state schema.
     pub recorded_phase: String,
     /// Whether the target is a consistent copy (not still reconciling).
@@ -365,6 +370,26 @@ async fn pipeline_status(
     }
 
     let tables = table_status(tgt, state, &pipeline.tables, name, opts).await?;
+    // Tables being copied while the pipeline streams (an online bootstrap, `tables
+    // add|resync`): the target is not a consistent copy until they are ready.
+    let being_copied = tables
+        .iter()
+        .filter(|t| t.state == "held" || t.state == "copied")
+        .count();
+    let copy_progress = (being_copied > 0).then(|| {
+        format!(
+            "{} of {} tables copied",
+            tables.len() - being_copied,
+            tables.len()
+        )
+    });
+    let consistent = consistent && being_copied == 0;
+    let phase =
+        if being_copied > 0 && matches!(phase.as_str(), "streaming" | "copied" | "reconciling") {
+            "copying".to_string()
+        } else {
+            phase
+        };
     let switchover = state
         .switchover(tgt, name)
         .await?
@@ -377,6 +402,7 @@ async fn pipeline_status(
         pipeline: name.to_string(),
         publication: pipeline.publication.clone(),
         phase,
+        copy_progress,
         recorded_phase: recorded.as_str().to_string(),
         consistent,
         source_current_lsn: current,
@@ -582,8 +608,12 @@ impl StatusReport {
                 p.pipeline, p.publication
             ));
             out.push_str(&format!(
-                "  phase            {}{}\n",
+                "  phase            {}{}{}\n",
                 p.phase,
+                p.copy_progress
+                    .as_deref()
+                    .map(|c| format!("; {c}"))
+                    .unwrap_or_default(),
                 if p.phase != p.recorded_phase {
                     format!(" (recorded: {})", p.recorded_phase)
                 } else {

@@ -91,6 +91,11 @@ pub async fn change(
             opts.slot
         );
     }
+    // One copier per table: `run` copies the held tables of an online bootstrap
+    // (or of an interrupted `tables add`) that no command is working on.
+    for name in &opts.tables {
+        lock_copy(&tgt, &state, &pipeline.name, name, true).await?;
+    }
     match opts.action {
         TablesAction::Remove => remove(&src, &tgt, &state, &pipeline, opts).await,
         TablesAction::Add | TablesAction::Resync => {
@@ -104,7 +109,7 @@ pub async fn change(
             .await?;
             crate::target_checks::prepare_session(&tgt, &setup).await?;
             for table in &todo.tables {
-                let (rows, lsn) = copy_table(source, &mut tgt, &state, &opts.slot, table).await?;
+                let (rows, lsn) = copy_held(source, &mut tgt, &state, &opts.slot, table).await?;
                 lines.push(format!(
                     "{} {}: {rows} rows copied under a snapshot at {lsn}; the stream applies its changes since and carries it on",
                     if opts.action == TablesAction::Add { "added" } else { "resynced" },
@@ -282,7 +287,7 @@ async fn has_rows(tgt: &Client, table: &QualifiedName) -> Result<bool> {
 /// made before a table joined the publication are not decoded for that table (the
 /// catalog as of each change decides), so a copy must see every such transaction:
 /// its snapshot is taken only after they end.
-async fn wait_for_open_transactions(src: &Client) -> Result<()> {
+pub(crate) async fn wait_for_open_transactions(src: &Client) -> Result<()> {
     let ctx = || "reading the source's open transactions".to_string();
     let horizon: i64 = src
         .query_one(
@@ -322,9 +327,68 @@ async fn wait_for_open_transactions(src: &Client) -> Result<()> {
     }
 }
 
-/// Copies `table` under a new snapshot while the stream holds its changes; returns
-/// the rows copied and the snapshot's WAL position.
-async fn copy_table(
+/// The SQL key of the advisory lock a copier of `table` holds on the target.
+fn copy_lock_key(state: &StateStore, pipeline: &str, table: &QualifiedName) -> String {
+    format!(
+        "hashtextextended({}, 7082)",
+        crate::pg::quote_literal(&format!(
+            "walshuttle copy {}.{pipeline} {}",
+            state.schema(),
+            table.quoted()
+        ))
+    )
+}
+
+/// Takes the session lock that makes this target session the only copier of
+/// `table` (held until [`unlock_copy`] or the session ends, so a crash frees it);
+/// with `wait`, waits for another copier to finish, else returns false at once.
+pub async fn lock_copy(
+    tgt: &Client,
+    state: &StateStore,
+    pipeline: &str,
+    table: &QualifiedName,
+    wait: bool,
+) -> Result<bool> {
+    let key = copy_lock_key(state, pipeline, table);
+    let ctx = || format!("locking {table} for its copy on the target");
+    let got: bool = tgt
+        .query_one(&format!("SELECT pg_try_advisory_lock({key})"), &[])
+        .await
+        .pg_context(ctx)?
+        .get(0);
+    if got || !wait {
+        return Ok(got);
+    }
+    tracing::info!(table = %table, "another walshuttle process is copying the table (`run` copying it online, or another `tables` command): waiting for it to finish");
+    tgt.batch_execute(&format!("SELECT pg_advisory_lock({key})"))
+        .await
+        .pg_context(ctx)?;
+    Ok(true)
+}
+
+/// Releases the lock [`lock_copy`] took.
+pub async fn unlock_copy(
+    tgt: &Client,
+    state: &StateStore,
+    pipeline: &str,
+    table: &QualifiedName,
+) -> Result<()> {
+    tgt.batch_execute(&format!(
+        "SELECT pg_advisory_unlock({})",
+        copy_lock_key(state, pipeline, table)
+    ))
+    .await
+    .pg_context(|| format!("unlocking {table} after its copy on the target"))
+}
+
+/// Copies `table`, which is `held`, under a new snapshot of its own while the stream
+/// holds its changes: barrier, snapshot, then in one target transaction its rows
+/// replaced by the snapshot's, the snapshot recorded as its copy position and the
+/// table marked `copied` (a crash before the commit leaves it `held`, to copy
+/// again). Returns the rows copied and the snapshot's WAL position. The caller
+/// holds the table's copy lock ([`lock_copy`]) and has prepared `tgt` for writing
+/// replicated rows.
+pub async fn copy_held(
     source: &Endpoint,
     tgt: &mut Client,
     state: &StateStore,
@@ -347,6 +411,9 @@ async fn copy_table(
         bail!("no session reads under the snapshot of {}", table.name);
     };
     let binary = catalog::check_target(tgt, table).await?.binary();
+    // Indexes the target table lacks (an online bootstrap builds only its key up
+    // front) are built after the rows are in, in the same transaction.
+    let deferred = catalog::index_sql(&session.client, tgt, table).await?;
     let ctx = || format!("copying {} on the target", table.name);
     let tx = tgt.transaction().await.pg_context(ctx)?;
     // DELETE rather than TRUNCATE: readers of the target table, and the stream
@@ -365,6 +432,13 @@ async fn copy_table(
         &|_| {},
     )
     .await?;
+    // The rows are read: the source's snapshot (and its lock) can go.
+    let _ = session.client.batch_execute("COMMIT").await;
+    for sql in &deferred {
+        tx.batch_execute(sql)
+            .await
+            .pg_context(|| format!("building on the target: {sql}"))?;
+    }
     let id = state
         .record_snapshot(&tx, pipeline, &view, "tables")
         .await?;
@@ -376,7 +450,6 @@ async fn copy_table(
         .await?;
     state.bump_positions_version(&tx, pipeline).await?;
     tx.commit().await.pg_context(ctx)?;
-    let _ = session.client.batch_execute("COMMIT").await;
     tracing::info!(table = %table.name, rows = copied, "copied; the stream applies the changes it held");
     Ok((copied, lsn))
 }

@@ -9,6 +9,7 @@
 //! range it copies (see [`crate::positions`]).
 
 pub mod copy;
+pub mod online;
 pub mod plan;
 pub mod preflight;
 pub mod progress;
@@ -51,6 +52,9 @@ pub struct BootstrapOptions {
     pub allow_target_triggers: bool,
     /// Capture DDL on the source (`--capture-ddl`, see [`crate::ddl_capture`]).
     pub capture_ddl: bool,
+    /// Online bootstrap (`--online`, see [`online`]): no snapshot held for the whole
+    /// copy; `run` copies each table under its own while it streams.
+    pub online: bool,
 }
 
 /// Rows and bytes copied into one table.
@@ -82,11 +86,17 @@ pub struct BootstrapSummary {
     /// Ranges copied under a later snapshot than the slot's (a resumed bootstrap):
     /// the stream skips what their snapshot already saw.
     pub copy_positions: usize,
+    /// Tables an online bootstrap left for `run` to copy while it streams (those
+    /// still `held`); 0 for a one-snapshot bootstrap.
+    pub online_tables: usize,
 }
 
 impl BootstrapSummary {
     /// The summary as lines for a person: one per table, then the totals.
     pub fn render(&self) -> String {
+        if self.online_tables > 0 {
+            return online::render(self);
+        }
         if self.already_done {
             return format!(
                 "bootstrap already finished (streaming starts at {}); nothing copied",
@@ -150,8 +160,12 @@ pub async fn bootstrap(
             seconds: started.elapsed().as_secs_f64(),
             stream_start_lsn: p.stream_start_lsn,
             copy_positions: 0,
+            online_tables: online::tables_to_copy(&tgt, &state, &opts.slot).await?,
         }),
         Some(p) if p.phase == Phase::Bootstrapping => {
+            if opts.online {
+                tracing::warn!(slot = %opts.slot, "an interrupted one-snapshot bootstrap of this pipeline is resumed as it was begun (--online applies to a new pipeline)");
+            }
             resume(source, target, &src, &tgt, &state, opts, p, started).await
         }
         other => {
@@ -304,6 +318,9 @@ async fn fresh(
     }
     if half_created {
         drop_slot_if_exists(src, &opts.slot).await?;
+    }
+    if opts.online {
+        return online::start(source, src, tgt, state, opts, &checked, pipeline, started).await;
     }
     let snapshot = create_slot_with_snapshot(source, src, &opts.slot, &table_names).await?;
 
@@ -575,6 +592,7 @@ async fn copy_and_finish(
         seconds: started.elapsed().as_secs_f64(),
         stream_start_lsn: pipeline.stream_start_lsn,
         copy_positions: positions,
+        online_tables: 0,
     })
 }
 

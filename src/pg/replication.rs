@@ -125,16 +125,29 @@ fn major_of_server_version(version: &str) -> u32 {
 /// `sync_replication_slots` keeps a copy, so the stream goes on from it after a
 /// promotion, without a gap and without a catch-up.
 fn create_slot_sql(slot: &str, server_major: u32) -> String {
+    create_slot_sql_with(slot, server_major, true)
+}
+
+/// [`create_slot_sql`], or with `export` false the same slot without a snapshot
+/// (`NOEXPORT_SNAPSHOT`, `SNAPSHOT 'nothing'`): an online bootstrap copies each
+/// table under a snapshot of its own instead.
+fn create_slot_sql_with(slot: &str, server_major: u32, export: bool) -> String {
     if (1..15).contains(&server_major) {
         format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-            quote_ident(slot)
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {}",
+            quote_ident(slot),
+            if export {
+                "EXPORT_SNAPSHOT"
+            } else {
+                "NOEXPORT_SNAPSHOT"
+            }
         )
     } else {
         let failover = if server_major >= 17 { ", FAILOVER" } else { "" };
         format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT 'export'{failover})",
-            quote_ident(slot)
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{}'{failover})",
+            quote_ident(slot),
+            if export { "export" } else { "nothing" }
         )
     }
 }
@@ -354,6 +367,20 @@ impl ReplicationClient {
             consistent_point,
             snapshot_name,
         })
+    }
+
+    /// Creates a permanent logical slot with pgoutput holding no snapshot (a failover
+    /// slot on PostgreSQL 17+); returns its consistent point, where its stream
+    /// begins.
+    pub async fn create_slot_without_snapshot(&mut self, slot: &str) -> Result<Lsn> {
+        let sql = create_slot_sql_with(slot, self.server_major, false);
+        let rows = self.simple_query(&sql).await?;
+        let row = rows.first().ok_or_else(|| {
+            ReplicationError::Protocol("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
+        row.get("consistent_point")
+            .and_then(|v| v.parse::<Lsn>().ok())
+            .ok_or_else(|| ReplicationError::Protocol("no consistent_point in slot reply".into()))
     }
 
     /// Starts logical streaming from `start` and turns this connection into a stream.
@@ -690,7 +717,7 @@ fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
 
 #[cfg(test)]
 mod tests {
-    use super::{create_slot_sql, major_of_server_version};
+    use super::{create_slot_sql, create_slot_sql_with, major_of_server_version};
 
     #[test]
     fn server_versions_give_their_major() {
@@ -722,5 +749,18 @@ mod tests {
                 r#"CREATE_REPLICATION_SLOT "s" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER)"#
             );
         }
+        // Without a snapshot (online bootstrap).
+        assert_eq!(
+            create_slot_sql_with("s", 14, false),
+            r#"CREATE_REPLICATION_SLOT "s" LOGICAL pgoutput NOEXPORT_SNAPSHOT"#
+        );
+        assert_eq!(
+            create_slot_sql_with("s", 16, false),
+            r#"CREATE_REPLICATION_SLOT "s" LOGICAL pgoutput (SNAPSHOT 'nothing')"#
+        );
+        assert_eq!(
+            create_slot_sql_with("s", 17, false),
+            r#"CREATE_REPLICATION_SLOT "s" LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)"#
+        );
     }
 }
