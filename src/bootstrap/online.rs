@@ -58,24 +58,6 @@ pub(super) async fn start(
     repl.close().await;
     tracing::info!(slot = %opts.slot, %lsn, "created replication slot (no snapshot: each table is copied under its own)");
 
-    for (table, fit) in checked.tables.iter().zip(&checked.fits) {
-        if let TargetFit::Missing { .. } = fit {
-            catalog::create_missing_types(src, tgt, table).await?;
-            tgt.batch_execute(&catalog::create_table_sql(table))
-                .await
-                .pg_context(|| format!("creating table {} on the target", table.name))?;
-            tracing::info!(table = %table.name, "created table on the target");
-        }
-        // The key the held changes are applied through; the other indexes are built
-        // in the table's copy transaction, after its rows are in (an existing
-        // table's rows are replaced by its copy there too).
-        for sql in catalog::identity_index_sql(src, tgt, table).await? {
-            tgt.batch_execute(&sql)
-                .await
-                .pg_context(|| format!("building on the target: {sql}"))?;
-        }
-    }
-
     let entries: Vec<TableEntry> = checked
         .tables
         .iter()
@@ -87,14 +69,34 @@ pub(super) async fn start(
         .collect();
     pipeline.phase = Phase::Copied;
     pipeline.stream_start_lsn = Some(lsn);
-    // One target transaction: a crash before it commits leaves the pipeline in
-    // `creating_slot`, which the next bootstrap starts again.
+    // One target transaction, tables included: a crash before it commits leaves
+    // the pipeline in `creating_slot` and no table behind, and the next bootstrap
+    // starts again.
     let tx_client = tgt;
     tx_client
         .batch_execute("BEGIN")
         .await
         .pg_context(|| "recording the online bootstrap".into())?;
     let recorded = async {
+        for (table, fit) in checked.tables.iter().zip(&checked.fits) {
+            if let TargetFit::Missing { .. } = fit {
+                catalog::create_missing_types(src, tx_client, table).await?;
+                tx_client
+                    .batch_execute(&catalog::create_table_sql(table))
+                    .await
+                    .pg_context(|| format!("creating table {} on the target", table.name))?;
+                tracing::info!(table = %table.name, "created table on the target");
+            }
+            // The key the held changes are applied through; the other indexes are built
+            // in the table's copy transaction, after its rows are in (an existing
+            // table's rows are replaced by its copy there too).
+            for sql in catalog::identity_index_sql(src, tx_client, table).await? {
+                tx_client
+                    .batch_execute(&sql)
+                    .await
+                    .pg_context(|| format!("building on the target: {sql}"))?;
+            }
+        }
         state.save_pipeline(tx_client, &pipeline).await?;
         state
             .set_selection(tx_client, &pipeline.name, opts.tables.as_deref())
