@@ -41,6 +41,7 @@ pub mod observe;
 pub mod pg;
 pub mod positions;
 pub mod publication;
+pub mod range_copy;
 pub mod rewrite;
 pub mod run;
 pub mod sequences;

@@ -397,6 +397,18 @@ pub async fn copy_held(
 ) -> Result<(u64, crate::pg::Lsn)> {
     barrier(tgt, state, pipeline).await?;
     tracing::info!(table = %table.name, "the stream holds the table's changes now: copying it");
+    // A large table with an integer key is copied range by range, each under a
+    // short snapshot of its own.
+    let src = connect(source, "tables").await?;
+    if let Some((column, slices)) = crate::range_copy::plan(&src, table).await? {
+        drop(src);
+        tracing::info!(table = %table.name, ranges = slices.len(), "copying by key ranges, each under its own snapshot");
+        let (copied, lsn) =
+            crate::range_copy::copy(source, tgt, state, pipeline, table, &column, &slices).await?;
+        tracing::info!(table = %table.name, rows = copied, "copied; the stream applies the changes it held");
+        return Ok((copied, lsn));
+    }
+    drop(src);
     let snapshot = SourceSnapshot::take(source, std::slice::from_ref(&table.name)).await?;
     let Some(view) = snapshot.view.clone() else {
         bail!("the snapshot of {} has no visibility recorded", table.name);

@@ -233,6 +233,13 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
         "run did the copies:\n{}",
         support::tail(&child.log(), 40)
     );
+    // 300,000 rows: copied in key ranges, each under a snapshot of its own, and the
+    // changes held meanwhile replayed range by range (the tables end equal above).
+    assert!(
+        child.log().contains("copying by key ranges") && child.log().contains("ranges=3"),
+        "big was not copied by key ranges:\n{}",
+        support::tail(&child.log(), 40)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,6 +67,37 @@ impl StreamPositions {
     ) -> Result<StreamPositions> {
         let version = state.positions_version(target, pipeline).await?;
         let stored = state.live_positions(target, pipeline, applied).await?;
+        Self::build(target, source, stored, version, binary).await
+    }
+
+    /// Every copy position of one table, however far the stream is past them: what
+    /// the changes held while the table was copied are replayed through (see
+    /// [`super::held`]), range by range when it was copied by key ranges.
+    pub async fn for_table(
+        state: &StateStore,
+        target: &Client,
+        source: &Client,
+        pipeline: &str,
+        table: &QualifiedName,
+        binary: bool,
+    ) -> Result<StreamPositions> {
+        let version = state.positions_version(target, pipeline).await?;
+        let stored = state
+            .live_positions(target, pipeline, Lsn(0))
+            .await?
+            .into_iter()
+            .filter(|p| &p.table == table)
+            .collect();
+        Self::build(target, source, stored, version, binary).await
+    }
+
+    async fn build(
+        target: &Client,
+        source: &Client,
+        stored: Vec<crate::state::StoredPosition>,
+        version: i64,
+        binary: bool,
+    ) -> Result<StreamPositions> {
         let mut positions = Vec::with_capacity(stored.len());
         let mut tables: HashMap<QualifiedName, Option<crate::catalog::Table>> = HashMap::new();
         for p in stored {

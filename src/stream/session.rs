@@ -1238,21 +1238,27 @@ impl Session<'_> {
                     oid
                 }
             };
-            let Some(snapshot) = self
-                .cfg
-                .state
-                .table_copy_snapshot(&self.main.client, &self.cfg.slot, &table)
-                .await?
-            else {
+            // What the table's copies saw (one snapshot, or one per key range),
+            // however far the stream is past them now.
+            let copies = StreamPositions::for_table(
+                &self.cfg.state,
+                &self.main.client,
+                &self.source_sql,
+                &self.cfg.slot,
+                &table,
+                self.binary,
+            )
+            .await?;
+            if copies.is_empty() {
                 return Err(Fatal(format!(
                     "{table} is marked copied but its copy position is missing: run `walshuttle tables resync {}`",
                     table.quoted()
                 ))
                 .into());
-            };
+            }
             let started = Instant::now();
             let drained = loop {
-                let drained = self.replay_chunk(&table, oid, &snapshot).await?;
+                let drained = self.replay_chunk(&table, oid, &copies).await?;
                 if drained || started.elapsed() >= REPLAY_SLICE {
                     break drained;
                 }
@@ -1287,7 +1293,7 @@ impl Session<'_> {
         &mut self,
         table: &QualifiedName,
         oid: u32,
-        snapshot: &crate::positions::SnapshotView,
+        copies: &StreamPositions,
     ) -> Result<bool> {
         let held = self
             .cfg
@@ -1298,10 +1304,6 @@ impl Session<'_> {
         let mut seqs = Vec::with_capacity(held.len());
         for (seq, xid, binary, change) in held {
             seqs.push(seq);
-            // What the copy's snapshot saw, the copy holds already.
-            if snapshot.sees(xid) {
-                continue;
-            }
             if binary != self.binary {
                 return Err(Fatal(format!(
                     "changes of {table} were held with values in {} but the stream now receives them in {} (the pipeline's tables changed meanwhile): run `walshuttle tables resync {}`",
@@ -1328,6 +1330,10 @@ impl Session<'_> {
                     old: m.old,
                 },
                 LogicalMessage::Truncate(t) => {
+                    // Skipped when the copies saw it, applied when none did.
+                    if !copies.truncate(table, xid)? {
+                        continue;
+                    }
                     if let Some(sql) = self.truncate_sql(&[oid], t.restart_identity)? {
                         self.main.flush(&self.relations).await?;
                         self.main.execute_in_txn(&sql).await?;
@@ -1335,6 +1341,19 @@ impl Session<'_> {
                     continue;
                 }
                 _ => continue,
+            };
+            // What the copy holding the row saw, the copy holds already.
+            let columns = &self.relations.get(oid)?.column_names;
+            let op = match copies.decide(table, columns, xid, op) {
+                Decision::Apply(op) => op,
+                Decision::Skip => continue,
+                Decision::Refetch => {
+                    return Err(Fatal(format!(
+                        "a key change in {table} moved a row with unchanged TOASTed values between key ranges copied under different snapshots: run `walshuttle tables resync {}`",
+                        table.quoted()
+                    ))
+                    .into())
+                }
             };
             self.main.push(op);
             if self.main.buffered_bytes() >= FLUSH_BYTES {
