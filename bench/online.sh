@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What a bootstrap costs the source: the slot's retained WAL and the age of the
 # oldest snapshot, sampled every second, for the one-snapshot bootstrap
-# (`walshuttle bootstrap`, then `walshuttle run` until caught up) and for the online
-# one (`walshuttle run --online` until every table is ready and caught up), on the
-# same demo data under the same light writer, on two throwaway local clusters.
+# (`walshuttle bootstrap`, then `walshuttle run` until caught up), the online one
+# (`walshuttle run --online` until every table is ready and caught up), pgcopydb
+# `clone` (when installed) and a native subscription, on the same demo data under
+# the same light writer, on two throwaway local clusters.
 #
 #   bench/online.sh [--scale N] [--jobs J] [--rate R] [--port P] [--out FILE]
 #
@@ -151,17 +152,35 @@ measure() {   # mode
     sampler "$samples" & local smp=$!; PIDS+=("$smp")
     sleep 2
     t0=$(date +%s.%N)
-    if [ "$mode" = one-snapshot ]; then
-        "$WS" bootstrap --jobs "$JOBS" >"$WORK/logs/$mode-bootstrap.log" 2>&1
-        "$WS" run --jobs "$JOBS" >"$WORK/logs/$mode-run.log" 2>&1 & runpid=$!
-    else
-        "$WS" run --online --jobs "$JOBS" >"$WORK/logs/$mode-run.log" 2>&1 & runpid=$!
-    fi
-    PIDS+=("$runpid")
-    all_ready; caught_up
+    runpid=
+    case "$mode" in
+        one-snapshot)
+            "$WS" bootstrap --jobs "$JOBS" >"$WORK/logs/$mode-bootstrap.log" 2>&1
+            "$WS" run --jobs "$JOBS" >"$WORK/logs/$mode-run.log" 2>&1 & runpid=$!
+            PIDS+=("$runpid"); all_ready; caught_up ;;
+        online)
+            "$WS" run --online --jobs "$JOBS" >"$WORK/logs/$mode-run.log" 2>&1 & runpid=$!
+            PIDS+=("$runpid"); all_ready; caught_up ;;
+        native)
+            # As an operator would: the schema first, then a subscription that copies
+            # every table (one tablesync worker and temporary slot per table) and
+            # streams; done when every table is ready and the slot caught up.
+            pg_dump -s -h 127.0.0.1 -p "$SP" -U postgres bench | q "$TP" bench >/dev/null
+            qs "CREATE PUBLICATION walshuttle FOR ALL TABLES" >/dev/null
+            qt "ALTER SYSTEM SET max_sync_workers_per_subscription = $JOBS" >/dev/null
+            qt "SELECT pg_reload_conf()" >/dev/null
+            qt "CREATE SUBSCRIPTION walshuttle CONNECTION 'host=127.0.0.1 port=$SP user=postgres password=bench dbname=bench' PUBLICATION walshuttle WITH (binary = true)" >/dev/null
+            until [ "$(qt "SELECT count(*) FILTER (WHERE srsubstate <> 'r') = 0 AND count(*) > 0 FROM pg_subscription_rel")" = t ]; do sleep 1; done
+            caught_up ;;
+        pgcopydb)
+            # A one-snapshot copy without a slot (no --follow): what its snapshot costs.
+            pgcopydb clone --source "$WALSHUTTLE_SOURCE" --target "$WALSHUTTLE_TARGET" \
+                --table-jobs "$JOBS" --index-jobs "$JOBS" --dir "$WORK/pgcopydb" \
+                >"$WORK/logs/$mode.log" 2>&1 ;;
+    esac
     t1=$(date +%s.%N)
-    kill "$runpid" "$writer" "$smp" 2>/dev/null || true
-    wait "$runpid" "$writer" "$smp" 2>/dev/null || true
+    kill $runpid "$writer" "$smp" 2>/dev/null || true
+    wait $runpid "$writer" "$smp" 2>/dev/null || true
     local wal age
     wal=$(awk 'BEGIN { m = 0 } $1 > m { m = $1 } END { printf "%.1f", m / 1048576 }' "$samples")
     age=$(awk 'BEGIN { m = 0 } $2 > m { m = $2 } END { printf "%.1f", m }' "$samples")
@@ -173,6 +192,8 @@ measure() {   # mode
 : >"$WORK/rows"
 measure one-snapshot
 measure online
+if command -v pgcopydb >/dev/null 2>&1; then measure pgcopydb; fi
+measure native
 
 {
     echo "# Online bootstrap: what the source pays"
