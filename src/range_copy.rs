@@ -1,6 +1,8 @@
-//! A held table copied key range by key range, each range under a short snapshot
-//! of its own, so that no snapshot on the source lives longer than one range's copy
-//! (`walshuttle tables add|resync` and the online bootstrap, see [`crate::tables`]).
+//! The copy of a held table (`walshuttle tables add|resync` and the online
+//! bootstrap, see [`crate::tables`]): key range by key range, each range under a
+//! short snapshot of its own, so that no snapshot on the source lives longer than
+//! one range's copy; a small table, or one without a single integer key, as one
+//! range under one snapshot (recorded as a whole-table position).
 //!
 //! Each range is one target transaction: its rows are replaced by the snapshot's and
 //! the snapshot is recorded as the range's copy position. The stream holds the
@@ -33,6 +35,9 @@ pub struct Slice {
 }
 
 impl Slice {
+    /// The whole table, for a table copied under one snapshot.
+    pub const WHOLE: Slice = Slice { lo: None, hi: None };
+
     fn predicate(&self, column: &str) -> String {
         let k = quote_ident(column);
         match (self.lo, self.hi) {
@@ -48,7 +53,7 @@ impl Slice {
 /// above.
 pub fn cut(min: i64, max: i64, count: i64) -> Vec<Slice> {
     if count <= 1 || max <= min {
-        return vec![Slice { lo: None, hi: None }];
+        return vec![Slice::WHOLE];
     }
     let span = i128::from(max) - i128::from(min) + 1;
     let step = (span / i128::from(count)).max(1);
@@ -112,15 +117,17 @@ pub async fn plan(src: &Client, table: &Table) -> Result<Option<(String, Vec<Sli
     Ok(Some((key.clone(), cut(min, max, count))))
 }
 
-/// Copies a held table range by range (see the module docs); marks it `copied`
-/// with the last range. Returns the rows copied and the last snapshot's position.
+/// Copies a held table range by range on integer key `column` (see the module
+/// docs), or whole under one snapshot when `column` is `None` (`slices` is then
+/// [`Slice::WHOLE`]); marks it `copied` with the last range. Returns the rows
+/// copied and the last snapshot's position.
 pub async fn copy(
     source: &Endpoint,
     tgt: &mut Client,
     state: &StateStore,
     pipeline: &str,
     table: &Table,
-    column: &str,
+    column: Option<&str>,
     slices: &[Slice],
 ) -> Result<(u64, Lsn)> {
     let binary = catalog::check_target(tgt, table).await?.binary();
@@ -148,7 +155,10 @@ pub async fn copy(
         } else {
             Vec::new()
         };
-        let predicate = slice.predicate(column);
+        let predicate = match column {
+            Some(column) => slice.predicate(column),
+            None => "true".to_string(),
+        };
         let ctx = || format!("copying {} ({predicate}) on the target", table.name);
         let tx = tgt.transaction().await.pg_context(ctx)?;
         if first {
@@ -183,10 +193,13 @@ pub async fn copy(
         let id = state
             .record_snapshot(&tx, pipeline, &view, "tables")
             .await?;
-        let scope = StoredScope::Range {
-            column: column.to_string(),
-            lo: slice.lo,
-            hi: slice.hi,
+        let scope = match column {
+            Some(column) => StoredScope::Range {
+                column: column.to_string(),
+                lo: slice.lo,
+                hi: slice.hi,
+            },
+            None => StoredScope::Table,
         };
         state
             .add_position(&tx, pipeline, &table.name, &scope, id)

@@ -32,9 +32,7 @@ use tokio_postgres::Client;
 use crate::catalog::{self, Table, TargetFit};
 use crate::config::Endpoint;
 use crate::pg::{connect, PgResultExt, QualifiedName};
-use crate::rewrite;
-use crate::snapshot::SourceSnapshot;
-use crate::state::{Pipeline, Selection, StateStore, StoredScope, TableState};
+use crate::state::{Pipeline, Selection, StateStore, TableState};
 
 /// How long the command waits for source transactions open when a table joined the
 /// publication, and for a moment between two apply transactions.
@@ -398,70 +396,27 @@ pub async fn copy_held(
     barrier(tgt, state, pipeline).await?;
     tracing::info!(table = %table.name, "the stream holds the table's changes now: copying it");
     // A large table with an integer key is copied range by range, each under a
-    // short snapshot of its own.
+    // short snapshot of its own; any other in one range, the whole table.
     let src = connect(source, "tables").await?;
-    if let Some((column, slices)) = crate::range_copy::plan(&src, table).await? {
-        drop(src);
-        tracing::info!(table = %table.name, ranges = slices.len(), "copying by key ranges, each under its own snapshot");
-        let (copied, lsn) =
-            crate::range_copy::copy(source, tgt, state, pipeline, table, &column, &slices).await?;
-        tracing::info!(table = %table.name, rows = copied, "copied; the stream applies the changes it held");
-        return Ok((copied, lsn));
-    }
+    let plan = crate::range_copy::plan(&src, table).await?;
     drop(src);
-    let snapshot = SourceSnapshot::take(source, std::slice::from_ref(&table.name)).await?;
-    let Some(view) = snapshot.view.clone() else {
-        bail!("the snapshot of {} has no visibility recorded", table.name);
+    let (column, slices) = match plan {
+        Some((column, slices)) => {
+            tracing::info!(table = %table.name, ranges = slices.len(), "copying by key ranges, each under its own snapshot");
+            (Some(column), slices)
+        }
+        None => (None, vec![crate::range_copy::Slice::WHOLE]),
     };
-    let lsn = view.lsn;
-    let Some(session) = snapshot
-        .into_sessions(source, "tables", 1)
-        .await?
-        .into_iter()
-        .next()
-    else {
-        bail!("no session reads under the snapshot of {}", table.name);
-    };
-    let binary = catalog::check_target(tgt, table).await?.binary();
-    // Indexes the target table lacks (an online bootstrap builds only its key up
-    // front) are built after the rows are in, in the same transaction.
-    let deferred = catalog::index_sql(&session.client, tgt, table).await?;
-    let ctx = || format!("copying {} on the target", table.name);
-    let tx = tgt.transaction().await.pg_context(ctx)?;
-    // DELETE rather than TRUNCATE: readers of the target table, and the stream
-    // reading its definition, never wait behind the copy; they see the old rows
-    // until it commits.
-    tx.execute(&format!("DELETE FROM ONLY {}", table.name.quoted()), &[])
-        .await
-        .pg_context(ctx)?;
-    let (copied, _) = rewrite::copy_rows(
-        &session.client,
-        &tx,
-        &table.name,
-        &table.copied_column_list(),
-        "true",
-        binary,
-        &|_| {},
+    let (copied, lsn) = crate::range_copy::copy(
+        source,
+        tgt,
+        state,
+        pipeline,
+        table,
+        column.as_deref(),
+        &slices,
     )
     .await?;
-    // The rows are read: the source's snapshot (and its lock) can go.
-    let _ = session.client.batch_execute("COMMIT").await;
-    for sql in &deferred {
-        tx.batch_execute(sql)
-            .await
-            .pg_context(|| format!("building on the target: {sql}"))?;
-    }
-    let id = state
-        .record_snapshot(&tx, pipeline, &view, "tables")
-        .await?;
-    state
-        .add_position(&tx, pipeline, &table.name, &StoredScope::Table, id)
-        .await?;
-    state
-        .put_table(&tx, pipeline, &table.name, TableState::Copied)
-        .await?;
-    state.bump_positions_version(&tx, pipeline).await?;
-    tx.commit().await.pg_context(ctx)?;
     tracing::info!(table = %table.name, rows = copied, "copied; the stream applies the changes it held");
     Ok((copied, lsn))
 }
