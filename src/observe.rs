@@ -61,6 +61,32 @@ pub mod names {
     /// Gauge: the retained WAL at which `run` drops the slot on purpose
     /// (`--max-retained-wal`, or 95% of `max_slot_wal_keep_size`).
     pub const WAL_BUDGET: &str = "walshuttle_slot_wal_budget_bytes";
+    /// Gauge, label `phase`: 1 for the phase of the pipeline's last `walshuttle
+    /// switchover` as recorded on the target, 0 for the other phases.
+    pub const SWITCHOVER_PHASE: &str = "walshuttle_switchover_phase";
+}
+
+/// The phases a `walshuttle switchover` records, in order.
+const SWITCHOVER_PHASES: [&str; 7] = [
+    "fencing",
+    "draining",
+    "sequences",
+    "verifying",
+    "reversing",
+    "done",
+    "aborted",
+];
+
+/// Shows the phase of the pipeline's switchover (run by another process, read from
+/// the target's state), so a dashboard sees the cutover while it happens.
+pub fn switchover_phase(phase: Option<&str>) {
+    for p in SWITCHOVER_PHASES {
+        metrics::gauge!(names::SWITCHOVER_PHASE, "phase" => p).set(if phase == Some(p) {
+            1.0
+        } else {
+            0.0
+        });
+    }
 }
 
 /// What `run` is doing, as `/healthz` reports it.
@@ -406,6 +432,10 @@ fn describe() {
         names::WAL_BUDGET,
         Unit::Bytes,
         "Retained WAL at which run drops the slot on purpose"
+    );
+    describe_gauge!(
+        names::SWITCHOVER_PHASE,
+        "1 for the phase of the pipeline's last walshuttle switchover"
     );
     describe_gauge!(
         names::WAL_KEEP_LIMIT,

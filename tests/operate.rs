@@ -5,38 +5,14 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::{
-    run, tail, wait_for_convergence_running, wait_until, wait_while_running, walshuttle, Cluster,
-    RunChild, RunLogs, PASSWORD,
+    free_port, http_get, run, tail, wait_for_convergence_running, wait_until, wait_while_running,
+    walshuttle, Cluster, RunChild, RunLogs, PASSWORD,
 };
 use tokio_postgres::Client;
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// `GET path` on 127.0.0.1:port: (status code, body), `None` when nothing answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
 
 async fn get(port: u16, path: &'static str) -> Option<(u16, String)> {
     tokio::task::spawn_blocking(move || http_get(port, path))

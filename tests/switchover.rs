@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use support::workload::{batch_sql, Writer, BATCH_SCHEMA, BATCH_TABLES};
 use support::{
-    run, wait_for_convergence_running, wait_until, walshuttle, walshuttle_urls, Cluster, RunChild,
-    RunLogs,
+    free_port, http_get, run, wait_for_convergence_running, wait_until, walshuttle,
+    walshuttle_urls, Cluster, RunChild, RunLogs,
 };
 use tokio_postgres::Client;
 
@@ -50,9 +50,11 @@ async fn streaming(
     target: &Cluster,
     src: &Client,
     tgt: &Client,
+    metrics_port: u16,
 ) -> RunChild {
     let mut cmd = walshuttle(source, target);
     cmd.args(["run", "--status-interval", "0.2"]);
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{}", metrics_port)]);
     let mut child = logs.spawn(cmd);
     wait_for_convergence_running(&mut child, src, tgt, BATCH_TABLES, Duration::from_secs(90)).await;
     // Converged by the bootstrap alone: wait for the stream itself.
@@ -96,7 +98,8 @@ async fn switch_over_under_writes(source: Cluster, target: Cluster) {
     .await
     .unwrap();
     let mut logs = RunLogs::new();
-    let mut child = streaming(&mut logs, &source, &target, &src, &tgt).await;
+    let metrics_port = free_port();
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, metrics_port).await;
 
     // A few hundred small transactions a second, riding through errors by
     // reconnecting.
@@ -195,6 +198,25 @@ async fn switch_over_under_writes(source: Cluster, target: Cluster) {
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["pipelines"][0]["switchover"]["phase"], "done");
+    // So does run's /metrics.
+    wait_until(
+        "/metrics to show the switchover done",
+        Duration::from_secs(30),
+        || async move {
+            tokio::task::spawn_blocking(move || http_get(metrics_port, "/metrics"))
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|(_, body)| {
+                    body.lines().any(|l| {
+                        l.starts_with("walshuttle_switchover_phase")
+                            && l.contains("phase=\"done\"")
+                            && l.ends_with(" 1")
+                    })
+                })
+        },
+    )
+    .await;
     child.sigterm();
     assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
 }
@@ -222,7 +244,7 @@ async fn aborts_leave_the_source_writable_and_streaming() {
     let tgt = target.client().await;
     src.batch_execute(BATCH_SCHEMA).await.unwrap();
     let mut logs = RunLogs::new();
-    let mut child = streaming(&mut logs, &source, &target, &src, &tgt).await;
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
 
     // A dry run changes nothing and plans the sequences.
     let (code, report, err) = switchover(&source, &target, &["--dry-run"]).await;
@@ -341,7 +363,7 @@ async fn reverse_carries_the_new_primarys_writes_back() {
     .unwrap();
     let tables = ["ev", "ev_log", "acc", "note"];
     let mut logs = RunLogs::new();
-    let mut child = streaming(&mut logs, &source, &target, &src, &tgt).await;
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
     wait_for_convergence_running(&mut child, &src, &tgt, &tables, Duration::from_secs(60)).await;
     for i in 1..=20 {
         src.batch_execute(&batch_sql(i)).await.unwrap();

@@ -56,6 +56,7 @@ enum Event {
 /// Times the loop keeps across events.
 struct Clocks {
     last_expiry: Instant,
+    last_switchover: Instant,
 }
 
 /// Settings of a replication session.
@@ -593,6 +594,7 @@ impl Session<'_> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut clocks = Clocks {
             last_expiry: Instant::now(),
+            last_switchover: Instant::now(),
         };
         loop {
             if *shutdown.borrow() {
@@ -751,6 +753,22 @@ impl Session<'_> {
         self.publish_flush();
         let applied = self.flush_position().max(self.applied);
         crate::observe::stream_position(self.received, applied, self.is_idle());
+        if clocks.last_switchover.elapsed() >= Duration::from_secs(1) {
+            // A `walshuttle switchover` records its phase on the target; /metrics
+            // shows it while it runs.
+            clocks.last_switchover = Instant::now();
+            match self
+                .cfg
+                .state
+                .switchover(&*self.monitor, &self.cfg.slot)
+                .await
+            {
+                Ok(s) => crate::observe::switchover_phase(s.as_ref().map(|(p, _, _)| p.as_str())),
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "could not read the switchover phase")
+                }
+            }
+        }
         if clocks.last_expiry.elapsed() >= Duration::from_secs(10) {
             // Copy positions the stream has passed are forgotten on the target too.
             self.cfg
