@@ -9,17 +9,14 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use support::workload::RowWriter;
 use support::{
-    run, slot_active, wait_for_convergence_running, wait_until, wait_while_running, walshuttle,
-    Cluster, ClusterOptions, RunChild, RunLogs,
+    run, wait_for_convergence_running, wait_streaming, walshuttle, Cluster, ClusterOptions,
+    RunChild, RunLogs,
 };
 use tokio_postgres::Client;
-
-const PIPELINE: &str = "walshuttle";
 
 fn spawn_run(logs: &mut RunLogs, source: &Cluster, target: &Cluster) -> RunChild {
     let mut cmd = walshuttle(source, target);
@@ -60,57 +57,6 @@ async fn scalar_i64(client: &Client, sql: &str) -> i64 {
         .get(0)
 }
 
-/// Inserts one row per transaction (`sql` takes the row number as `$1`) until
-/// stopped.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    next: Arc<AtomicI64>,
-    handle: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(client: Client, sql: &'static str, first: i64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let next = Arc::new(AtomicI64::new(first));
-        let (s, n) = (Arc::clone(&stop), Arc::clone(&next));
-        let handle = tokio::spawn(async move {
-            while !s.load(Ordering::Relaxed) {
-                let id = n.load(Ordering::Relaxed);
-                client
-                    .execute(sql, &[&id])
-                    .await
-                    .unwrap_or_else(|e| panic!("writer: {sql}: {e:?}"));
-                n.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        Writer { stop, next, handle }
-    }
-
-    async fn wait_for(&self, rows: i64) {
-        let goal = self.next.load(Ordering::Relaxed) + rows;
-        wait_until("the writer to go on", Duration::from_secs(60), || async {
-            self.next.load(Ordering::Relaxed) >= goal
-        })
-        .await;
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.await.expect("the writer failed");
-    }
-}
-
-async fn wait_streaming(run: &mut RunChild, src: &Client) {
-    wait_while_running(
-        "the slot to be streamed from",
-        Duration::from_secs(120),
-        run,
-        || async { slot_active(src, PIPELINE).await },
-    )
-    .await;
-}
-
 async fn converge(run: &mut RunChild, src: &Client, tgt: &Client, tables: &[&str]) {
     wait_for_convergence_running(run, src, tgt, tables, Duration::from_secs(90)).await;
 }
@@ -138,7 +84,7 @@ async fn column_dropped_and_another_renamed_under_inserts_and_an_index_created()
     let mut logs = RunLogs::new();
     let mut child = spawn_run(&mut logs, &source, &target);
     wait_streaming(&mut child, &src).await;
-    let writer = Writer::start(
+    let writer = RowWriter::start(
         source.client().await,
         "INSERT INTO t (id, c) VALUES ($1, 7)",
         1000,
@@ -214,7 +160,7 @@ async fn a_drop_inside_a_large_streamed_transaction() {
     let mut logs = RunLogs::new();
     let mut child = spawn_run(&mut logs, &source, &target);
     wait_streaming(&mut child, &src).await;
-    let writer = Writer::start(source.client().await, "INSERT INTO small VALUES ($1)", 1);
+    let writer = RowWriter::start(source.client().await, "INSERT INTO small VALUES ($1)", 1);
     src.batch_execute(
         "BEGIN;
          INSERT INTO big SELECT g, repeat('x', 200), 'v' || g FROM generate_series(1, 5000) g;
@@ -253,7 +199,7 @@ async fn columns_added_with_volatile_and_stable_defaults() {
     let mut logs = RunLogs::new();
     let mut child = spawn_run(&mut logs, &source, &target);
     wait_streaming(&mut child, &src).await;
-    let writer = Writer::start(
+    let writer = RowWriter::start(
         source.client().await,
         "INSERT INTO d (id, v) VALUES ($1, 1)",
         1000,
@@ -306,7 +252,7 @@ async fn a_table_created_and_filled_in_one_transaction_and_new_partitions() {
     let mut logs = RunLogs::new();
     let mut child = spawn_run(&mut logs, &source, &target);
     wait_streaming(&mut child, &src).await;
-    let writer = Writer::start(source.client().await, "INSERT INTO base VALUES ($1)", 1);
+    let writer = RowWriter::start(source.client().await, "INSERT INTO base VALUES ($1)", 1);
     src.batch_execute(
         "BEGIN;
          CREATE TABLE fresh (id int PRIMARY KEY, v text);

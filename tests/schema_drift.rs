@@ -7,12 +7,11 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use support::workload::RowWriter;
 use support::{
-    assert_tables_equal, run, slot_active, tail, wait_for_convergence_running, wait_until,
+    assert_tables_equal, run, tail, wait_for_convergence_running, wait_streaming,
     wait_while_running, walshuttle, Cluster, ClusterOptions, RunChild, RunLogs,
 };
 use tokio_postgres::Client;
@@ -64,58 +63,6 @@ fn names(cols: &[(String, bool)]) -> Vec<&str> {
     cols.iter().map(|(n, _)| n.as_str()).collect()
 }
 
-/// Inserts one row per transaction (`sql` takes the row number as `$1`, a bigint)
-/// until stopped: a steady writer whose statements stay valid across the DDL.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    next: Arc<AtomicI64>,
-    handle: tokio::task::JoinHandle<()>,
-}
-
-impl Writer {
-    fn start(client: Client, sql: &'static str, first: i64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let next = Arc::new(AtomicI64::new(first));
-        let (s, n) = (Arc::clone(&stop), Arc::clone(&next));
-        let handle = tokio::spawn(async move {
-            while !s.load(Ordering::Relaxed) {
-                let id = n.load(Ordering::Relaxed);
-                client
-                    .execute(sql, &[&id])
-                    .await
-                    .unwrap_or_else(|e| panic!("writer: {sql}: {e:?}"));
-                n.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        });
-        Writer { stop, next, handle }
-    }
-
-    /// Waits until `rows` more rows are written.
-    async fn wait_for(&self, rows: i64) {
-        let goal = self.next.load(Ordering::Relaxed) + rows;
-        wait_until("the writer to go on", Duration::from_secs(60), || async {
-            self.next.load(Ordering::Relaxed) >= goal
-        })
-        .await;
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle.await.expect("the writer failed");
-    }
-}
-
-async fn wait_streaming(run: &mut RunChild, src: &Client) {
-    wait_while_running(
-        "the slot to be streamed from",
-        Duration::from_secs(120),
-        run,
-        || async { slot_active(src, PIPELINE).await },
-    )
-    .await;
-}
-
 /// Transactions the source streamed in progress through the pipeline's slot.
 async fn streamed_txns(src: &Client) -> i64 {
     src.query_one(
@@ -150,7 +97,7 @@ async fn column_dropped_and_another_renamed_under_a_stream_of_inserts() {
     let mut child = spawn_run(&mut logs, &source, &target, &[]);
     wait_streaming(&mut child, &src).await;
 
-    let writer = Writer::start(
+    let writer = RowWriter::start(
         source.client().await,
         "INSERT INTO t (id, c) VALUES ($1::bigint, $1::bigint * 10)",
         100_000,
@@ -208,7 +155,7 @@ async fn column_dropped_inside_a_large_streamed_transaction() {
     let mut child = spawn_run(&mut logs, &source, &target, &[]);
     wait_streaming(&mut child, &src).await;
 
-    let writer = Writer::start(source.client().await, "INSERT INTO side VALUES ($1, $1)", 1);
+    let writer = RowWriter::start(source.client().await, "INSERT INTO side VALUES ($1, $1)", 1);
     // Rows written before the drop and after it, in one transaction large enough to
     // be streamed while it runs.
     let big = source.client().await;
@@ -478,7 +425,7 @@ async fn volatile_stable_and_constant_defaults_added_while_streaming() {
     let mut logs = RunLogs::new();
     let mut child = spawn_run(&mut logs, &source, &target, &[]);
     wait_streaming(&mut child, &src).await;
-    let writer = Writer::start(
+    let writer = RowWriter::start(
         source.client().await,
         "INSERT INTO d (id, v) VALUES ($1, 'w')",
         10_000,

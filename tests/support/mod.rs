@@ -681,3 +681,15 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let code = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((code, body.to_string()))
 }
+
+/// Waits until `run` streams from the pipeline's slot `walshuttle` (not just
+/// bootstraps), failing early if it exits.
+pub async fn wait_streaming(run: &mut RunChild, src: &Client) {
+    wait_while_running(
+        "the slot to be streamed from",
+        Duration::from_secs(120),
+        run,
+        || async { slot_active(src, "walshuttle").await },
+    )
+    .await;
+}

@@ -1,14 +1,15 @@
 //! Writers for fault tests: a writer that rides through server restarts and lost
-//! connections by reconnecting, and a small batch workload whose tables show
-//! duplicates and partially applied transactions.
+//! connections by reconnecting, a small batch workload whose tables show
+//! duplicates and partially applied transactions, and a steady row writer for DDL
+//! tests.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::{try_connect, RunChild};
+use super::{try_connect, wait_until, RunChild};
 
 /// A writer task committing one SQL text (usually `BEGIN; …; COMMIT;`) per
 /// iteration until stopped. On any error it drops the connection and reconnects, so
@@ -184,4 +185,48 @@ pub async fn assert_batches_exactly_once(tgt: &Client) {
         partial.is_empty(),
         "ev_log batches applied partially or twice on the target: {partial:?}"
     );
+}
+
+/// Inserts one row per transaction (`sql` takes the row number as `$1`, a bigint)
+/// until stopped: a steady writer whose statements stay valid across the DDL.
+pub struct RowWriter {
+    stop: Arc<AtomicBool>,
+    next: Arc<AtomicI64>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl RowWriter {
+    /// Starts writing, the first row numbered `first`.
+    pub fn start(client: Client, sql: &'static str, first: i64) -> RowWriter {
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicI64::new(first));
+        let (s, n) = (Arc::clone(&stop), Arc::clone(&next));
+        let handle = tokio::spawn(async move {
+            while !s.load(Ordering::Relaxed) {
+                let id = n.load(Ordering::Relaxed);
+                client
+                    .execute(sql, &[&id])
+                    .await
+                    .unwrap_or_else(|e| panic!("writer: {sql}: {e:?}"));
+                n.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        RowWriter { stop, next, handle }
+    }
+
+    /// Waits until `rows` more rows are written.
+    pub async fn wait_for(&self, rows: i64) {
+        let goal = self.next.load(Ordering::Relaxed) + rows;
+        wait_until("the writer to go on", Duration::from_secs(60), || async {
+            self.next.load(Ordering::Relaxed) >= goal
+        })
+        .await;
+    }
+
+    /// Stops it; panics if a write failed.
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.await.expect("the writer failed");
+    }
 }
