@@ -160,7 +160,7 @@ pub struct Position {
 /// A live key range: column, bounds, position id, snapshot.
 type LiveRange = (String, Option<i64>, Option<i64>, i64, Arc<SnapshotView>);
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct TablePositions {
     whole: Option<(i64, Arc<SnapshotView>)>,
     ranges: Vec<LiveRange>,
@@ -209,6 +209,23 @@ impl LivePositions {
     /// Whether no position is live (the common case: nothing to check).
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()
+    }
+
+    /// Takes `table`'s positions from `copies` (every copy of the table, as read
+    /// when its copy went in), replacing any this set had for it, and forgets those
+    /// the stream has passed at `applied`. A table that joins the stream after its
+    /// copy is decided by exactly the copies its held changes were replayed through,
+    /// however this set was read.
+    pub fn adopt(&mut self, table: &QualifiedName, copies: &LivePositions, applied: Lsn) {
+        match copies.tables.get(table) {
+            Some(t) => {
+                self.tables.insert(table.clone(), t.clone());
+            }
+            None => {
+                self.tables.remove(table);
+            }
+        }
+        self.expire(applied);
     }
 
     /// Whether `table` has live positions.
@@ -412,6 +429,36 @@ mod tests {
         assert!(live.newest_copy(&t, &columns, &row(7)).is_some());
         live.expire(Lsn(90));
         assert!(live.is_empty());
+    }
+
+    #[test]
+    fn a_table_joining_the_stream_takes_its_copies_whatever_was_read_before() {
+        let t = QualifiedName::new("public", "t");
+        let other = QualifiedName::new("public", "o");
+        let whole = |id, table: &QualifiedName, snap: &str, lsn| Position {
+            id,
+            table: table.clone(),
+            scope: Scope::Table,
+            snapshot: Arc::new(SnapshotView::parse(snap, Lsn(lsn)).unwrap()),
+        };
+        // Read before `t`'s copy committed: only the other table's position.
+        let mut live = LivePositions::new(vec![whole(1, &other, "5:6:", 70)]);
+        let copies = LivePositions::new(vec![whole(2, &t, "20:25:22", 80)]);
+        live.adopt(&t, &copies, Lsn(50));
+        let columns = vec!["id".to_string()];
+        let row = [TupleValue::Null];
+        let snap = live
+            .newest_copy(&t, &columns, &row)
+            .expect("t's copy adopted");
+        assert!(snap.sees(21) && !snap.sees(22) && !snap.sees(25));
+        assert!(live.newest_copy(&other, &columns, &row).is_some());
+        // A copy the stream already passed is not kept.
+        live.adopt(
+            &t,
+            &LivePositions::new(vec![whole(3, &t, "20:25:", 40)]),
+            Lsn(50),
+        );
+        assert!(!live.covers_table(&t));
     }
 
     #[test]

@@ -147,6 +147,11 @@ impl StreamPositions {
         self.live.is_empty()
     }
 
+    /// Takes `table`'s positions from `copies` (see [`LivePositions::adopt`]).
+    pub fn adopt(&mut self, table: &QualifiedName, copies: &StreamPositions, applied: Lsn) {
+        self.live.adopt(table, &copies.live, applied);
+    }
+
     /// Forgets positions the stream has passed.
     pub fn expire(&mut self, applied: Lsn) {
         self.live.expire(applied);

@@ -1082,6 +1082,12 @@ impl Session<'_> {
         if version == self.positions.version() {
             return Ok(());
         }
+        // The tables first, then the positions: a copy commits its table's state and
+        // its positions together, so positions read after the states hold those of
+        // every table seen copied. (Read the other way round, a copy committing
+        // between the two reads left a table replayed and joined to the stream with
+        // no positions to skip what its snapshot saw: a duplicate row.)
+        self.reload_tables().await?;
         self.positions = StreamPositions::load(
             &self.cfg.state,
             &self.monitor,
@@ -1091,7 +1097,7 @@ impl Session<'_> {
             self.binary,
         )
         .await?;
-        self.reload_tables().await
+        Ok(())
     }
 
     /// Reads the pipeline's tables again (`walshuttle tables add|remove|resync`
@@ -1300,6 +1306,9 @@ impl Session<'_> {
                 .await?;
             self.held_tables.remove(&table);
             self.replay_tables.remove(&table);
+            // From here its changes are decided by the copies its held changes were
+            // replayed through, until the stream passes them.
+            self.positions.adopt(&table, &copies, self.applied);
             tracing::info!(table = %table, "the table's copy is in and the changes held meanwhile are applied: it streams with the others now");
         }
         Ok(())
