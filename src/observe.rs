@@ -64,6 +64,9 @@ pub mod names {
     /// Gauge, label `phase`: 1 for the phase of the pipeline's last `walshuttle
     /// switchover` as recorded on the target, 0 for the other phases.
     pub const SWITCHOVER_PHASE: &str = "walshuttle_switchover_phase";
+    /// Tables of the pipeline whose copy is not in the stream yet (being copied
+    /// online, or their held changes being applied).
+    pub const TABLES_COPYING: &str = "walshuttle_tables_copying";
 }
 
 /// The phases a `walshuttle switchover` records, in order.
@@ -136,6 +139,8 @@ struct HealthState {
     retained_wal: Option<u64>,
     /// Retained WAL at which the slot is released.
     wal_budget: Option<u64>,
+    /// Tables whose copy has not joined the stream yet.
+    tables_copying: Option<u64>,
 }
 
 static HEALTH: Mutex<HealthState> = Mutex::new(HealthState {
@@ -147,6 +152,7 @@ static HEALTH: Mutex<HealthState> = Mutex::new(HealthState {
     last_commit_micros: None,
     retained_wal: None,
     wal_budget: None,
+    tables_copying: None,
 });
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -265,6 +271,9 @@ pub struct HealthReport {
     pub retained_wal_bytes: Option<u64>,
     /// Retained WAL at which the slot is released on purpose; null without a budget.
     pub wal_budget_bytes: Option<u64>,
+    /// Tables still being copied (online) or having their held changes applied;
+    /// null before the stream started.
+    pub tables_copying: Option<u64>,
     /// Why it is unhealthy; null when ok.
     pub reason: Option<String>,
 }
@@ -309,6 +318,7 @@ pub fn health_report(max_lag: Duration) -> HealthReport {
         lag_bytes,
         retained_wal_bytes: h.retained_wal,
         wal_budget_bytes: h.wal_budget,
+        tables_copying: h.tables_copying,
         reason,
     }
 }
@@ -442,6 +452,16 @@ fn describe() {
         Unit::Bytes,
         "The source's max_slot_wal_keep_size, past which it invalidates the slot"
     );
+    describe_gauge!(
+        names::TABLES_COPYING,
+        "Tables being copied online or having the changes held meanwhile applied"
+    );
+}
+
+/// Records how many of the pipeline's tables have not joined the stream yet.
+pub fn tables_copying(count: usize) {
+    metrics::gauge!(names::TABLES_COPYING).set(count as f64);
+    health().tables_copying = Some(count as u64);
 }
 
 /// Records the WAL the slot holds back on the source, the server's limit for it and
@@ -560,6 +580,7 @@ mod tests {
             last_commit_micros: None,
             retained_wal: None,
             wal_budget: None,
+            tables_copying: None,
         };
         assert_eq!(lag(&h), (None, None));
         h.source_end = Lsn(1000);

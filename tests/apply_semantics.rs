@@ -9,8 +9,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    assert_tables_equal, run, wait_for_convergence_running, wait_until, walshuttle, Cluster,
-    ClusterOptions, RunChild, RunLogs,
+    assert_tables_equal, free_port, run, wait_for_convergence_running, wait_until, walshuttle,
+    Cluster, ClusterOptions, RunChild, RunLogs,
 };
 use tokio_postgres::Client;
 
@@ -218,26 +218,9 @@ async fn a_rename_through_a_free_value_in_one_transaction_is_applied() {
     assert_no_retries(&logs);
 }
 
-/// A free TCP port on 127.0.0.1.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
-}
-
 /// The body of `GET /metrics` on 127.0.0.1:`port`, `None` when nothing answers.
 fn metrics(port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).ok()?;
-    raw.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
+    support::http_get(port, "/metrics").map(|(_, body)| body)
 }
 
 /// A sample's value from Prometheus text: the first line starting with `series`

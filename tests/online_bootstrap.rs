@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use support::workload::Writer;
 use support::{
-    run, wait_for_convergence_running, wait_while_running, walshuttle, Cluster, RunLogs,
+    free_port, http_get, run, wait_for_convergence_running, wait_while_running, walshuttle,
+    Cluster, RunLogs,
 };
 use tokio_postgres::Client;
 
@@ -98,8 +99,19 @@ async fn setup() -> (Cluster, Cluster, Client, Client) {
 }
 
 fn run_cmd(source: &Cluster, target: &Cluster, online: bool) -> std::process::Command {
+    run_cmd_serving(source, target, online, free_port())
+}
+
+/// `run_cmd`, serving `/metrics` and `/healthz` on `port`.
+fn run_cmd_serving(
+    source: &Cluster,
+    target: &Cluster,
+    online: bool,
+    port: u16,
+) -> std::process::Command {
     let mut cmd = walshuttle(source, target);
     cmd.args(["run", "--jobs", "2", "--status-interval", "0.2"]);
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
     if online {
         cmd.arg("--online");
     }
@@ -149,7 +161,8 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
         .expect("lock target big");
     let writer = Writer::spawn(source.url(), Duration::from_millis(10), write_sql);
     let mut logs = RunLogs::new();
-    let mut child = logs.spawn(run_cmd(&source, &target, true));
+    let port = free_port();
+    let mut child = logs.spawn(run_cmd_serving(&source, &target, true, port));
 
     // The big table's copy is under way: its snapshot reads it on the source.
     wait_while_running(
@@ -176,6 +189,35 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
             .as_str()
             .is_some_and(|c| c.ends_with("of 4 tables copied")),
         "{p:#}"
+    );
+    // /healthz and /metrics say how many tables have not joined the stream yet.
+    wait_while_running(
+        "/healthz to count the tables still copying",
+        Duration::from_secs(30),
+        &mut child,
+        || async {
+            let body = tokio::task::spawn_blocking(move || http_get(port, "/healthz"))
+                .await
+                .ok()
+                .flatten()
+                .map(|(_, b)| b)
+                .unwrap_or_default();
+            serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v["tables_copying"].as_u64())
+                .is_some_and(|n| n >= 1)
+        },
+    )
+    .await;
+    let (_, metrics) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+        .await
+        .expect("metrics")
+        .expect("/metrics answers");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("walshuttle_tables_copying") && !l.ends_with(" 0")),
+        "{metrics}"
     );
 
     // The slot keeps confirming while the big table is copied: the source keeps no
@@ -227,6 +269,11 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
     writer
         .wait_for_more(&mut child, 30, Duration::from_secs(30), "after the copy")
         .await;
+    let (_, health) = tokio::task::spawn_blocking(move || http_get(port, "/healthz"))
+        .await
+        .expect("healthz")
+        .expect("/healthz answers");
+    assert!(health.contains("\"tables_copying\":0"), "{health}");
     finish(writer, &mut child, &source, &target, &src, &tgt).await;
     assert!(
         child.log().contains("copied online"),

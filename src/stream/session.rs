@@ -270,6 +270,7 @@ async fn start<'a>(
     // Tables being copied while the pipeline streams (their changes are held).
     let entries = state.table_entries(&target_client, &cfg.slot).await?;
     let (held_tables, replay_tables) = held_sets(&entries);
+    crate::observe::tables_copying(held_tables.len());
     let binary = !cfg.memory.text_only()
         && binary_capable(&source_sql, &target_client, &pipeline.tables).await?;
 
@@ -1128,6 +1129,7 @@ impl Session<'_> {
             self.ignored.insert(oid);
             self.relation_cache.remove(&oid);
         }
+        crate::observe::tables_copying(held.len());
         self.held_tables = held;
         self.replay_tables = replay;
         Ok(())
@@ -1306,6 +1308,7 @@ impl Session<'_> {
                 .await?;
             self.held_tables.remove(&table);
             self.replay_tables.remove(&table);
+            crate::observe::tables_copying(self.held_tables.len());
             // From here its changes are decided by the copies its held changes were
             // replayed through, until the stream passes them.
             self.positions.adopt(&table, &copies, self.applied);
