@@ -219,6 +219,14 @@ pub async fn catch_up(
     .await?;
     state.migrate(&tgt).await?;
     let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
+    if use_slot {
+        // A copy of a held table (`run`'s online copier, a `tables add|resync`) may
+        // be in flight: it finishes before the tables are repaired, and no new one
+        // starts while this session holds the tables' copy locks (to its end).
+        for name in &names {
+            crate::tables::lock_copy(&tgt, &state, &opts.slot, name, true).await?;
+        }
+    }
     let mut pipeline = pipeline.unwrap_or(Pipeline {
         name: opts.slot.clone(),
         publication: publication.name.clone(),
@@ -295,6 +303,9 @@ pub async fn catch_up(
             // describe nothing it will send.
             pipeline.stream_start_lsn = Some(snapshot.lsn);
             state.clear_positions(&tgt, &opts.slot, None).await?;
+            // Changes held for tables being copied came from the old slot: the
+            // repair below makes those tables equal to the new slot's snapshot.
+            state.clear_held(&tgt, &opts.slot).await?;
             state.save_pipeline(&tgt, &pipeline).await?;
             (snapshot, None)
         }

@@ -372,3 +372,77 @@ async fn bootstrap_online_then_run() {
         .await;
     finish(writer, &mut child, &source, &target, &src, &tgt).await;
 }
+
+/// The slot is lost while tables are still held (one mid-copy, the others with
+/// changes held): the next `run` repairs every table from a new slot's snapshot,
+/// drops the changes held for the old slot, and streams; nothing is lost or doubled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_lost_while_tables_are_held_is_repaired() {
+    let (source, target, src, tgt) = setup().await;
+    let writer = Writer::spawn(source.url(), Duration::from_millis(10), write_sql);
+    let mut logs = RunLogs::new();
+    let mut child = logs.spawn(run_cmd(&source, &target, true));
+    wait_while_running(
+        "the copy of big to start",
+        Duration::from_secs(60),
+        &mut child,
+        || big_being_read(&src),
+    )
+    .await;
+    child.kill9();
+    assert_eq!(table_state(&tgt, "big").await.as_deref(), Some("held"));
+    support::wait_until(
+        "the killed run's source sessions to end",
+        Duration::from_secs(30),
+        || async {
+            !big_being_read(&src).await
+                && one::<i64>(
+                    &src,
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshuttle' AND active",
+                )
+                .await
+                    == 0
+        },
+    )
+    .await;
+    src.batch_execute("SELECT pg_drop_replication_slot('walshuttle')")
+        .await
+        .expect("drop the slot");
+    let before = writer.committed();
+    support::wait_until(
+        "writes while the slot is gone",
+        Duration::from_secs(30),
+        || async { writer.committed() >= before + 30 },
+    )
+    .await;
+
+    let mut child = logs.spawn(run_cmd(&source, &target, false));
+    wait_while_running(
+        "every table ready after the repair",
+        Duration::from_secs(120),
+        &mut child,
+        || async {
+            let ready: i64 = one(
+                &tgt,
+                "SELECT count(*) FROM walshuttle.pipeline_tables WHERE state = 'ready'",
+            )
+            .await;
+            ready == TABLES.len() as i64
+        },
+    )
+    .await;
+    assert_eq!(
+        one::<i64>(&tgt, "SELECT count(*) FROM walshuttle.held_changes").await,
+        0,
+        "changes held for the lost slot are gone"
+    );
+    writer
+        .wait_for_more(&mut child, 30, Duration::from_secs(30), "after the repair")
+        .await;
+    finish(writer, &mut child, &source, &target, &src, &tgt).await;
+    assert!(
+        child.log().contains("the replication slot is gone"),
+        "{}",
+        support::tail(&child.log(), 40)
+    );
+}

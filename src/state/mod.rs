@@ -756,6 +756,22 @@ impl StateStore {
         Ok(())
     }
 
+    /// Forgets every change held for a pipeline's tables (its stream starts afresh
+    /// from a new slot, after everything they describe).
+    pub async fn clear_held(&self, client: &impl GenericClient, pipeline: &str) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE pipeline = $1",
+                    self.table("held_changes")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("clearing the held changes of pipeline {pipeline}"))?;
+        Ok(())
+    }
+
     /// Removes `table` from a pipeline, with its plan, positions and held changes.
     pub async fn remove_table(
         &self,
