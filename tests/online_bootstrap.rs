@@ -28,9 +28,11 @@ const SCHEMA: &str = "
     ALTER TABLE kl REPLICA IDENTITY FULL;
     INSERT INTO kl SELECT g % 50, 'v' || g FROM generate_series(1, 5000) g;
     CREATE TABLE small (id bigserial PRIMARY KEY, i bigint NOT NULL);
+    CREATE TABLE pairs (a int NOT NULL, b int NOT NULL, v int NOT NULL, PRIMARY KEY (a, b));
+    INSERT INTO pairs SELECT g / 100, g % 100, 0 FROM generate_series(0, 119999) g;
 ";
 
-const TABLES: &[&str] = &["big", "uq", "kl", "small"];
+const TABLES: &[&str] = &["big", "uq", "kl", "small", "pairs"];
 
 /// One writer transaction touching every table: the new `uq` row takes the code of
 /// the row deleted just before it (applied out of order, the UNIQUE would fail).
@@ -47,6 +49,10 @@ fn write_sql(i: u64) -> String {
          UPDATE kl SET v = v || '+' WHERE ctid = (SELECT ctid FROM kl WHERE k = {} LIMIT 1);
          DELETE FROM kl WHERE ctid = (SELECT ctid FROM kl WHERE k = {} LIMIT 1);
          INSERT INTO small (i) VALUES ({i});
+         INSERT INTO pairs VALUES (5000 + {i}, {i} % 100, {i});
+         UPDATE pairs SET v = v + 1 WHERE a = ({i} * 37) % 1200 AND b = {i} % 100;
+         DELETE FROM pairs WHERE a = ({i} * 53 + 7) % 1200 AND b = ({i} + 3) % 100;
+         UPDATE pairs SET a = a + 2000 WHERE a = ({i} * 71 + 11) % 1200 AND b = ({i} + 5) % 100;
          COMMIT;",
         1 + (i * 7919) % BIG_ROWS as u64,
         1 + (i * 104_729 + 13) % BIG_ROWS as u64,
@@ -187,7 +193,7 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
     assert!(
         p["copy_progress"]
             .as_str()
-            .is_some_and(|c| c.ends_with("of 4 tables copied")),
+            .is_some_and(|c| c.ends_with("of 5 tables copied")),
         "{p:#}"
     );
     // /healthz and /metrics say how many tables have not joined the stream yet.
@@ -285,6 +291,12 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
     assert!(
         child.log().contains("copying by key ranges") && child.log().contains("ranges=3"),
         "big was not copied by key ranges:\n{}",
+        support::tail(&child.log(), 40)
+    );
+    // A composite key is cut on its first column.
+    assert!(
+        child.log().contains("table=public.pairs ranges=2"),
+        "pairs was not copied by key ranges:\n{}",
         support::tail(&child.log(), 40)
     );
 }
