@@ -103,6 +103,11 @@ async fn resumed_bootstrap_is_exact_when_rows_move_between_ranges() {
     )
     .await
     .unwrap();
+    // A value of the secondary UNIQUE passes from a row of the range copied before
+    // the kill to a row of a range copied after it.
+    src.batch_execute("UPDATE big SET u = 'u5' WHERE id = 390001")
+        .await
+        .unwrap();
     src.batch_execute("VACUUM big").await.unwrap();
     src.batch_execute("UPDATE big SET n = n + 7, u = u || 'm' WHERE id > 399000 AND id % 2 = 0")
         .await

@@ -23,7 +23,7 @@ const SCHEMA: &str = "
     CREATE TABLE big (id bigserial PRIMARY KEY, v int NOT NULL, pad text);
     INSERT INTO big (v, pad) SELECT 0, repeat('x', 200) FROM generate_series(1, 300000);
     CREATE TABLE uq (id int PRIMARY KEY, code text NOT NULL UNIQUE, v int NOT NULL);
-    INSERT INTO uq SELECT g, 'c' || g, 0 FROM generate_series(1, 3000) g;
+    INSERT INTO uq SELECT g, 'c' || g, 0 FROM generate_series(1, 120000) g;
     CREATE TABLE kl (k int NOT NULL, v text NOT NULL);
     ALTER TABLE kl REPLICA IDENTITY FULL;
     INSERT INTO kl SELECT g % 50, 'v' || g FROM generate_series(1, 5000) g;
@@ -43,7 +43,7 @@ fn write_sql(i: u64) -> String {
          UPDATE big SET v = v + 1 WHERE id = {};
          DELETE FROM big WHERE id = {};
          WITH d AS (DELETE FROM uq WHERE id = (SELECT min(id) FROM uq) RETURNING code)
-           INSERT INTO uq (id, code, v) SELECT 100000 + {i}, code, {i} FROM d;
+           INSERT INTO uq (id, code, v) SELECT 1000000 + {i}, code, {i} FROM d;
          UPDATE uq SET v = v + 1 WHERE id = (SELECT max(id) FROM uq);
          INSERT INTO kl VALUES ({}, 'n{i}');
          UPDATE kl SET v = v || '+' WHERE ctid = (SELECT ctid FROM kl WHERE k = {} LIMIT 1);

@@ -51,14 +51,17 @@ pub fn chunk_blocks(total_blocks: i64, jobs: usize) -> i64 {
 
 /// The integer column a table's chunks are key ranges of, if it has one: its single
 /// identity key column, or its single primary-key column under `REPLICA IDENTITY
-/// FULL` (full row images carry every column).
+/// FULL` (full row images carry every column), when its ranges may be copied under
+/// different snapshots (a resumed bootstrap does; see [`Table::ranges_independent`]).
 pub fn chunk_column(table: &Table) -> Option<String> {
     if table.key.len() != 1 {
         return None;
     }
     let name = &table.key[0];
     let col = table.columns.iter().find(|c| &c.name == name)?;
-    matches!(col.type_sql.as_str(), "smallint" | "integer" | "bigint").then(|| name.clone())
+    (matches!(col.type_sql.as_str(), "smallint" | "integer" | "bigint")
+        && table.ranges_independent(name))
+    .then(|| name.clone())
 }
 
 /// Cuts one table of `blocks` heap blocks into block chunks of `size` blocks.
