@@ -258,20 +258,7 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
         .await
         .expect("unlock target big");
 
-    wait_while_running(
-        "every table ready",
-        Duration::from_secs(90),
-        &mut child,
-        || async {
-            let ready: i64 = one(
-                &tgt,
-                "SELECT count(*) FROM walshuttle.pipeline_tables WHERE state = 'ready'",
-            )
-            .await;
-            ready == TABLES.len() as i64
-        },
-    )
-    .await;
+    wait_all_ready(&mut child, &tgt, "every table ready", 90).await;
     writer
         .wait_for_more(&mut child, 30, Duration::from_secs(30), "after the copy")
         .await;
@@ -301,35 +288,72 @@ async fn run_online_copies_while_streaming_and_the_slot_moves() {
     );
 }
 
+/// Starts an online `run` under `writer`'s load, kills it (-9) while the copy of
+/// `big` is under way, and waits until nothing of it is left on the source: `big`
+/// is still `held`, its copy rolled back.
+async fn kill_run_mid_copy(
+    logs: &mut RunLogs,
+    source: &Cluster,
+    target: &Cluster,
+    src: &Client,
+    tgt: &Client,
+) {
+    let mut child = logs.spawn(run_cmd(source, target, true));
+    wait_while_running(
+        "the copy of big to start",
+        Duration::from_secs(60),
+        &mut child,
+        || big_being_read(src),
+    )
+    .await;
+    child.kill9();
+    // The copy was one target transaction: rolled back, the table still held.
+    assert_eq!(table_state(tgt, "big").await.as_deref(), Some("held"));
+    support::wait_until(
+        "the killed run's source sessions to end",
+        Duration::from_secs(30),
+        || async {
+            !big_being_read(src).await
+                && one::<i64>(
+                    src,
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshuttle' AND active",
+                )
+                .await
+                    == 0
+        },
+    )
+    .await;
+}
+
+/// Waits while `child` runs until every table of the pipeline is `ready`.
+async fn wait_all_ready(child: &mut support::RunChild, tgt: &Client, what: &str, secs: u64) {
+    wait_while_running(what, Duration::from_secs(secs), child, || async {
+        let ready: i64 = one(
+            tgt,
+            "SELECT count(*) FROM walshuttle.pipeline_tables WHERE state = 'ready'",
+        )
+        .await;
+        ready == TABLES.len() as i64
+    })
+    .await;
+}
+
+/// Waits until `writer` committed `more` transactions beyond what it has now.
+async fn writes_meanwhile(writer: &Writer, more: u64, what: &str) {
+    let before = writer.committed();
+    support::wait_until(what, Duration::from_secs(30), || async {
+        writer.committed() >= before + more
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_killed_mid_copy_copies_the_table_again() {
     let (source, target, src, tgt) = setup().await;
     let writer = Writer::spawn(source.url(), Duration::from_millis(10), write_sql);
     let mut logs = RunLogs::new();
-    let mut child = logs.spawn(run_cmd(&source, &target, true));
-    wait_while_running(
-        "the copy of big to start",
-        Duration::from_secs(60),
-        &mut child,
-        || big_being_read(&src),
-    )
-    .await;
-    child.kill9();
-    // The copy was one target transaction: rolled back, the table still held.
-    assert_eq!(table_state(&tgt, "big").await.as_deref(), Some("held"));
-    support::wait_until(
-        "the killed copy's source sessions to end",
-        Duration::from_secs(30),
-        || async { !big_being_read(&src).await },
-    )
-    .await;
-    let before = writer.committed();
-    support::wait_until(
-        "writes while run is down",
-        Duration::from_secs(30),
-        || async { writer.committed() >= before + 30 },
-    )
-    .await;
+    kill_run_mid_copy(&mut logs, &source, &target, &src, &tgt).await;
+    writes_meanwhile(&writer, 30, "writes while run is down").await;
 
     let mut child = logs.spawn(run_cmd(&source, &target, false));
     finish(writer, &mut child, &source, &target, &src, &tgt).await;
@@ -365,20 +389,7 @@ async fn bootstrap_online_then_run() {
 
     let mut logs = RunLogs::new();
     let mut child = logs.spawn(run_cmd(&source, &target, false));
-    wait_while_running(
-        "every table ready",
-        Duration::from_secs(90),
-        &mut child,
-        || async {
-            let ready: i64 = one(
-                &tgt,
-                "SELECT count(*) FROM walshuttle.pipeline_tables WHERE state = 'ready'",
-            )
-            .await;
-            ready == TABLES.len() as i64
-        },
-    )
-    .await;
+    wait_all_ready(&mut child, &tgt, "every table ready", 90).await;
     writer
         .wait_for_more(&mut child, 30, Duration::from_secs(30), "after the copy")
         .await;
@@ -393,56 +404,14 @@ async fn slot_lost_while_tables_are_held_is_repaired() {
     let (source, target, src, tgt) = setup().await;
     let writer = Writer::spawn(source.url(), Duration::from_millis(10), write_sql);
     let mut logs = RunLogs::new();
-    let mut child = logs.spawn(run_cmd(&source, &target, true));
-    wait_while_running(
-        "the copy of big to start",
-        Duration::from_secs(60),
-        &mut child,
-        || big_being_read(&src),
-    )
-    .await;
-    child.kill9();
-    assert_eq!(table_state(&tgt, "big").await.as_deref(), Some("held"));
-    support::wait_until(
-        "the killed run's source sessions to end",
-        Duration::from_secs(30),
-        || async {
-            !big_being_read(&src).await
-                && one::<i64>(
-                    &src,
-                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walshuttle' AND active",
-                )
-                .await
-                    == 0
-        },
-    )
-    .await;
+    kill_run_mid_copy(&mut logs, &source, &target, &src, &tgt).await;
     src.batch_execute("SELECT pg_drop_replication_slot('walshuttle')")
         .await
         .expect("drop the slot");
-    let before = writer.committed();
-    support::wait_until(
-        "writes while the slot is gone",
-        Duration::from_secs(30),
-        || async { writer.committed() >= before + 30 },
-    )
-    .await;
+    writes_meanwhile(&writer, 30, "writes while the slot is gone").await;
 
     let mut child = logs.spawn(run_cmd(&source, &target, false));
-    wait_while_running(
-        "every table ready after the repair",
-        Duration::from_secs(120),
-        &mut child,
-        || async {
-            let ready: i64 = one(
-                &tgt,
-                "SELECT count(*) FROM walshuttle.pipeline_tables WHERE state = 'ready'",
-            )
-            .await;
-            ready == TABLES.len() as i64
-        },
-    )
-    .await;
+    wait_all_ready(&mut child, &tgt, "every table ready after the repair", 120).await;
     assert_eq!(
         one::<i64>(&tgt, "SELECT count(*) FROM walshuttle.held_changes").await,
         0,
