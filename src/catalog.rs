@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 
 use anyhow::{bail, Context, Result};
+use futures_util::{StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
 use crate::pg::{quote_ident, quote_literal, PgResultExt, QualifiedName};
@@ -180,13 +181,27 @@ pub async fn list_tables(
         Some(list) => expand_selection(client, list).await?,
         None => every_table_name(client, exclude_schema).await?,
     };
-    let mut tables = Vec::with_capacity(names.len());
     let mut seen = BTreeSet::new();
-    for name in names {
-        if !seen.insert(name.clone()) {
-            continue;
-        }
-        match load_table(client, &name).await? {
+    let names: Vec<QualifiedName> = names
+        .into_iter()
+        .filter(|n| seen.insert(n.clone()))
+        .collect();
+    // The futures are made first: a closure inside the stream would not be `Send`
+    // for every lifetime, which spawned callers need.
+    let reads: Vec<_> = names
+        .into_iter()
+        .map(|name| async move {
+            let table = load_table(client, &name).await?;
+            Ok::<_, anyhow::Error>((name, table))
+        })
+        .collect();
+    let loaded: Vec<(QualifiedName, Option<Table>)> = futures_util::stream::iter(reads)
+        .buffered(PIPELINE_DEPTH)
+        .try_collect()
+        .await?;
+    let mut tables = Vec::with_capacity(loaded.len());
+    for (name, table) in loaded {
+        match table {
             Some(t) => tables.push(t),
             None => bail!(
                 "table {name} does not exist on the source: check --tables (names are case-sensitive; write schema.table)"
@@ -195,6 +210,11 @@ pub async fn list_tables(
     }
     Ok(tables)
 }
+
+/// How many tables' catalog reads are in flight at once on one connection
+/// (tokio-postgres pipelines the queries of concurrent futures): with thousands of
+/// tables, start-up is bound by round trips, not by the server's work.
+pub const PIPELINE_DEPTH: usize = 16;
 
 /// Every permanent ordinary table outside system schemas and `exclude_schema`,
 /// partitions included (each is replicated as a table of its own), but not tables

@@ -558,7 +558,27 @@ async fn binary_capable(
     target: &Client,
     tables: &[QualifiedName],
 ) -> Result<bool> {
-    for name in tables {
+    use futures_util::{StreamExt, TryStreamExt};
+    // The futures are made first: a closure inside the stream would not be `Send`
+    // for every lifetime, which `tokio::spawn` of `run` needs.
+    let checks: Vec<_> = tables
+        .iter()
+        .map(|name| table_binary_capable(source, target, name))
+        .collect();
+    let each: Vec<bool> = futures_util::stream::iter(checks)
+        .buffered(crate::catalog::PIPELINE_DEPTH)
+        .try_collect()
+        .await?;
+    Ok(each.into_iter().all(|b| b))
+}
+
+/// [`binary_capable`] for one table.
+async fn table_binary_capable(
+    source: &Client,
+    target: &Client,
+    name: &QualifiedName,
+) -> Result<bool> {
+    {
         let Some(table) = crate::catalog::load_table(source, name).await? else {
             return Err(Fatal(format!(
                 "table {name} of this pipeline no longer exists on the source"
@@ -579,14 +599,12 @@ async fn binary_capable(
             }
         }
         match crate::catalog::check_target(target, &table).await {
-            Ok(fit) if fit.binary() => {}
-            Ok(_) => return Ok(false),
+            Ok(fit) => Ok(fit.binary()),
             // A lost connection is retried; an incompatible table is not.
-            Err(e) if source.is_closed() || target.is_closed() => return Err(e),
-            Err(e) => return Err(Fatal(e.to_string()).into()),
+            Err(e) if source.is_closed() || target.is_closed() => Err(e),
+            Err(e) => Err(Fatal(e.to_string()).into()),
         }
     }
-    Ok(true)
 }
 
 impl Session<'_> {
