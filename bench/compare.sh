@@ -1373,6 +1373,7 @@ fi
 # the Other figures' columns: the streaming tools
 OCOLS=(walshuttle native)
 [ "$PG17" = 1 ] && OCOLS+=(walshuttle17 native17)
+[ "$MANY" = 1 ] && OCOLS+=(pgcopydb)
 
 fmt() { [ -n "$1" ] && echo "$1" || echo "—"; }
 

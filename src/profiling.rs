@@ -46,6 +46,11 @@ impl Profile {
             }
         };
         drop(self.guard);
+        let samples: isize = report.data.values().sum();
+        if samples == 0 {
+            tracing::warn!(path = %self.path.display(), "profiling: no samples taken (the command ran too briefly): no flamegraph written");
+            return;
+        }
         let file = match std::fs::File::create(&self.path) {
             Ok(file) => file,
             Err(e) => {
@@ -56,7 +61,7 @@ impl Profile {
         match report.flamegraph(file) {
             Ok(()) => tracing::info!(
                 path = %self.path.display(),
-                samples = report.data.values().sum::<isize>(),
+                samples,
                 "profiling: flamegraph written"
             ),
             Err(e) => {
