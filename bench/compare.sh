@@ -5,6 +5,7 @@
 #
 #   bench/compare.sh [--scale N] [--jobs J] [--fast] [--port P] [--build] [--keep]
 #                    [--only copy] [--out NAME] [--wait-load L]
+#                    [--tpcb] [--pg17] [--many-tables] [--profile] [--no-floor]
 #
 # Results: bench/results/latest.json, bench/results/latest.md, bench/results/logs/
 # (with --out NAME: NAME.json, NAME.md, logs/NAME/).
@@ -34,6 +35,20 @@ ONLY=all
 OUT=latest
 WAIT_LOAD=""
 WAIT_MAX=1200
+FLOOR=1
+TPCB=0
+TPCB_SECONDS=60
+TPCB_CLIENTS=8
+TPCB_SCALE=10
+PG17=0
+PG17_HOME=${PG17_HOME:-/var/cache/walshuttle/postgres/17}
+MANY=0
+MANY_COUNT=2000
+MANY_ROWS=100
+MIXED_COUNT=50
+MIXED_MAX=200000
+MANY_TIMEOUT=1800
+PROFILE=0
 
 usage() {
     cat <<'EOF'
@@ -62,12 +77,39 @@ usage: bench/compare.sh [options]
                         average is below L (polled every 30 s; default: do not wait)
   --wait-max S          give up waiting after S seconds and measure anyway, with a
                         note (default 1200)
+  --no-floor            skip the floor (the target alone loading COPY TO files with
+                        one COPY FROM per worker, then keys and indexes; default: on)
+  --tpcb                TPC-B at full speed: pgbench -b tpcb-like (own database,
+                        pgbench -i -s --tpcb-scale) for --tpcb-seconds with
+                        --tpcb-clients clients while walshuttle / native stream it; lag
+                        sampled every 0.2 s, drain after pgbench ends, tps
+  --tpcb-seconds T      pgbench -T of the TPC-B load (default 60)
+  --tpcb-clients C      pgbench -c of the TPC-B load (default 8)
+  --tpcb-scale S        pgbench -i -s of the TPC-B database (default 10)
+  --pg17                a second pair of clusters from PostgreSQL 17 (PG17_HOME, default
+                        /var/cache/walshuttle/postgres/17): walshuttle and native with
+                        WITH (binary = true, streaming = parallel) measured there too
+                        (everything but the copy-only tools; TPC-B with --tpcb)
+  --many-tables         bootstrap of --many-count tables of --many-rows rows and of
+                        --mixed-count tables of 10..--mixed-max rows: walshuttle,
+                        pgcopydb and native; walshuttle run's start-up time on each
+  --many-count N        tables of the many-tables schema (default 2000)
+  --many-rows N         rows in each of them (default 100)
+  --mixed-count N       tables of the mixed schema (default 50)
+  --mixed-max N         rows of its largest table (default 200000; the smallest has 10)
+  --many-timeout S      give up on one tool's many-tables bootstrap after S s (default 1800)
+  --profile             with --tpcb: walshuttle's TPC-B run uses a binary built with
+                        --features profiling (WALSHUTTLE_PROFILE_BIN, or built into
+                        target-prof/) and writes bench/results/tpcb-flamegraph.svg
   -h, --help            this text
 
 Environment: WALSHUTTLE_BIN (default target/release/walshuttle), WALSHUTTLE_BIN_REV
 (what the binary was built from, e.g. a commit, recorded in the results), WALSHUTTLE_RUN_ARGS
 (extra flags for `walshuttle run`, e.g. "--status-interval 0.2"), PGBIN (default
-/usr/lib/postgresql/15/bin, else `pg_config --bindir`).
+/usr/lib/postgresql/15/bin, else `pg_config --bindir`), PG17_HOME (--pg17's server
+binaries: PG17_HOME/bin/{initdb,pg_ctl,postgres}; clients stay PGBIN's),
+WALSHUTTLE_PROFILE_BIN (--profile: a binary built with --features profiling; default:
+cargo build --release --features profiling into target-prof/).
 EOF
 }
 
@@ -89,11 +131,25 @@ while [ $# -gt 0 ]; do
         --out) OUT=$2; shift 2 ;;
         --wait-load) WAIT_LOAD=$2; shift 2 ;;
         --wait-max) WAIT_MAX=$2; shift 2 ;;
+        --no-floor) FLOOR=0; shift ;;
+        --tpcb) TPCB=1; shift ;;
+        --tpcb-seconds) TPCB_SECONDS=$2; shift 2 ;;
+        --tpcb-clients) TPCB_CLIENTS=$2; shift 2 ;;
+        --tpcb-scale) TPCB_SCALE=$2; shift 2 ;;
+        --pg17) PG17=1; shift ;;
+        --many-tables) MANY=1; shift ;;
+        --many-count) MANY_COUNT=$2; shift 2 ;;
+        --many-rows) MANY_ROWS=$2; shift 2 ;;
+        --mixed-count) MIXED_COUNT=$2; shift 2 ;;
+        --mixed-max) MIXED_MAX=$2; shift 2 ;;
+        --many-timeout) MANY_TIMEOUT=$2; shift 2 ;;
+        --profile) PROFILE=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
-for v in SCALE JOBS BASE_PORT BULK_ROWS BACKLOG_TXNS STEADY_RATE STEADY_SECONDS WAIT_MAX; do
+for v in SCALE JOBS BASE_PORT BULK_ROWS BACKLOG_TXNS STEADY_RATE STEADY_SECONDS WAIT_MAX \
+         TPCB_SECONDS TPCB_CLIENTS TPCB_SCALE MANY_COUNT MANY_ROWS MIXED_COUNT MIXED_MAX MANY_TIMEOUT; do
     if ! [[ ${!v} =~ ^[0-9]+$ ]] || [ "${!v}" -lt 1 ]; then
         echo "compare.sh: ${v,,} must be a positive integer" >&2; exit 2
     fi
@@ -101,6 +157,11 @@ done
 case "$NATIVE_STREAMING" in on|off) ;; *) echo "compare.sh: --native-streaming on|off" >&2; exit 2 ;; esac
 case "$ONLY" in all|copy) ;; *) echo "compare.sh: --only copy (or all, the default)" >&2; exit 2 ;; esac
 if ! [[ $OUT =~ ^[A-Za-z0-9._-]+$ ]]; then echo "compare.sh: --out must be a plain file name" >&2; exit 2; fi
+if [ "$PROFILE" = 1 ] && [ "$TPCB" = 0 ]; then echo "compare.sh: --profile profiles the TPC-B run: give --tpcb too" >&2; exit 2; fi
+if [ "$MIXED_COUNT" -lt 2 ] || [ "$MIXED_MAX" -lt 10 ]; then echo "compare.sh: --mixed-count must be at least 2 and --mixed-max at least 10" >&2; exit 2; fi
+if [ "$ONLY" = copy ] && { [ "$TPCB" = 1 ] || [ "$MANY" = 1 ]; }; then
+    echo "compare.sh: --only copy measures the initial copy only: drop --tpcb / --many-tables" >&2; exit 2
+fi
 if [ -n "$WAIT_LOAD" ] && ! [[ $WAIT_LOAD =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
     echo "compare.sh: --wait-load must be a number (e.g. 0.8)" >&2; exit 2
 fi
@@ -138,6 +199,23 @@ WS_SRC_BIN=${WALSHUTTLE_BIN:-$REPO/target/release/walshuttle}
 for tool in initdb pg_ctl postgres pgbench psql pg_dump; do
     [ -x "$PGBIN/$tool" ] || die "$PGBIN/$tool not found (set PGBIN)"
 done
+WS_PROF_SRC_BIN=""
+if [ "$PROFILE" = 1 ]; then
+    if [ -n "${WALSHUTTLE_PROFILE_BIN:-}" ]; then
+        WS_PROF_SRC_BIN=$WALSHUTTLE_PROFILE_BIN
+    else
+        log "building the profiling binary (cargo build --release --features profiling, target dir target-prof)"
+        (cd "$REPO" && CARGO_TARGET_DIR="$REPO/target-prof" cargo build --release --features profiling) >&2 \
+            || die "cargo build --release --features profiling failed"
+        WS_PROF_SRC_BIN=$REPO/target-prof/release/walshuttle
+    fi
+    [ -x "$WS_PROF_SRC_BIN" ] || die "no profiling binary at $WS_PROF_SRC_BIN"
+fi
+if [ "$PG17" = 1 ]; then
+    for tool in initdb pg_ctl postgres; do
+        [ -x "$PG17_HOME/bin/$tool" ] || die "$PG17_HOME/bin/$tool not found: run scripts/fetch-postgres.sh (or set PG17_HOME)"
+    done
+fi
 
 # --------------------------------------------------------------- workspace ---
 WORK=$(mktemp -d /tmp/walshuttle-bench.XXXXXX)
@@ -153,6 +231,12 @@ WS="$WORK/walshuttle"
 cp "$WS_SRC_BIN" "$WS"
 WS_BUILT=$(date -u -r "$WS_SRC_BIN" +%Y-%m-%dT%H:%M:%SZ)
 WS_SHA=$(sha256sum "$WS" | cut -c1-16)
+WS_PROF=""; WS_PROF_SHA=""
+if [ -n "$WS_PROF_SRC_BIN" ]; then
+    WS_PROF="$WORK/walshuttle-profiling"
+    cp "$WS_PROF_SRC_BIN" "$WS_PROF"
+    WS_PROF_SHA=$(sha256sum "$WS_PROF" | cut -c1-16)
+fi
 
 IS_ROOT=0; [ "$(id -u)" = 0 ] && IS_ROOT=1
 as_pg() { if [ "$IS_ROOT" = 1 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
@@ -177,14 +261,17 @@ cleanup() {
             [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
         done <"$PIDS"
     fi
-    for d in "$WORK/source" "$WORK/target"; do
-        [ -f "$d/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
-    done
+    # every cluster started, each stopped with its own major's pg_ctl
+    if [ -f "$WORK/clusters" ]; then
+        while read -r d bin; do
+            [ -f "$d/postmaster.pid" ] && as_pg "$bin/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
+        done <"$WORK/clusters"
+    fi
     if [ -d "$WORK/logs" ]; then
         mkdir -p "$LOGDIR"
         rm -f "$LOGDIR"/*.log "$LOGDIR"/*.txt
         cp "$WORK"/logs/*.log "$WORK"/logs/*.txt "$LOGDIR/" 2>/dev/null
-        for d in source target; do
+        for d in source target source17 target17; do
             [ -f "$WORK/$d.log" ] && tail -n 400 "$WORK/$d.log" >"$LOGDIR/postgres-$d.log"
         done
     fi
@@ -212,16 +299,19 @@ export PGPASSWORD=$PASSWORD
 printf '%s\n' "$PASSWORD" >"$WORK/pwfile"
 chmod 644 "$WORK/pwfile"
 
-start_cluster() {   # name port
-    local name=$1 port=$2 dir="$WORK/$1"
+start_cluster() {   # name port [server bindir]
+    local name=$1 port=$2 dir="$WORK/$1" bin=${3:-$PGBIN}
     mkdir -p "$dir"
     [ "$IS_ROOT" = 1 ] && chown postgres "$dir"
     chmod 700 "$dir"
-    as_pg "$PGBIN/initdb" -D "$dir" -U postgres --pwfile="$WORK/pwfile" \
+    echo "$dir $bin" >>"$WORK/clusters"
+    as_pg "$bin/initdb" -D "$dir" -U postgres --pwfile="$WORK/pwfile" \
         --auth-host=scram-sha-256 --auth-local=trust -E UTF8 --locale=C >"$WORK/logs/initdb-$name.log" 2>&1 \
         || die "initdb of $name failed: $(tail -n 5 "$WORK/logs/initdb-$name.log")"
     local workers=$((JOBS + 6)); [ $workers -lt 8 ] && workers=8
     local lrworkers=$((JOBS + 2)); [ $lrworkers -lt 4 ] && lrworkers=4
+    # PostgreSQL 16+: room for streaming = parallel's apply workers (2 by default)
+    if [ "$bin" != "$PGBIN" ]; then lrworkers=$((lrworkers + 2)); workers=$((workers + 2)); fi
     cat >>"$dir/postgresql.conf" <<EOF
 
 # ---- walshuttle bench/compare.sh: identical on source and target ----
@@ -239,25 +329,42 @@ max_worker_processes = $workers
 max_logical_replication_workers = $lrworkers
 max_sync_workers_per_subscription = $JOBS
 EOF
+    # --many-tables: thousands of tables in one snapshot or schema transaction
+    [ "$MANY" = 1 ] && echo "max_locks_per_transaction = 256" >>"$dir/postgresql.conf"
     : >"$WORK/$name.log"
     [ "$IS_ROOT" = 1 ] && chown postgres "$WORK/$name.log"
-    as_pg "$PGBIN/pg_ctl" -D "$dir" -l "$WORK/$name.log" -w -t 60 start >/dev/null \
+    as_pg "$bin/pg_ctl" -D "$dir" -l "$WORK/$name.log" -w -t 60 start >/dev/null \
         || die "starting $name failed: $(tail -n 5 "$WORK/$name.log")"
 }
 
 # psql helpers: q PORT [DB] -c ... ; qs/qt run one statement on source/target bench
 q() { local port=$1 db=$2; shift 2; "$PSQL" -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d "$db" "$@"; }
-qs() { q "$SP" bench -c "$1"; }
-qt() { q "$TP" bench -c "$1"; }
+# DB: the database every helper works on (bench; tpcb, many, mixed in their parts)
+DB=bench
+qs() { q "$SP" "$DB" -c "$1"; }
+qt() { q "$TP" "$DB" -c "$1"; }
 qs_admin() { q "$SP" postgres -c "$1"; }
 qt_admin() { q "$TP" postgres -c "$1"; }
 checkpoint_both() { qs_admin "CHECKPOINT" >/dev/null; qt_admin "CHECKPOINT" >/dev/null; }
 
 SP=$(next_port "$BASE_PORT")
 TP=$(next_port $((SP + 1)))
-SRC_URL="postgresql://postgres:$PASSWORD@127.0.0.1:$SP/bench"
-TGT_URL="postgresql://postgres:$PASSWORD@127.0.0.1:$TP/bench"
-SRC_CONNINFO="host=127.0.0.1 port=$SP dbname=bench user=postgres password=$PASSWORD"
+SP15=$SP; TP15=$TP; SP17=""; TP17=""
+set_urls() {
+    SRC_URL="postgresql://postgres:$PASSWORD@127.0.0.1:$SP/$DB"
+    TGT_URL="postgresql://postgres:$PASSWORD@127.0.0.1:$TP/$DB"
+    SRC_CONNINFO="host=127.0.0.1 port=$SP dbname=$DB user=postgres password=$PASSWORD"
+}
+set_urls
+# use_pair 15|17 [DB]: point every helper at one pair of clusters and one database
+use_pair() {
+    case "$1" in
+        15) SP=$SP15; TP=$TP15 ;;
+        17) SP=$SP17; TP=$TP17 ;;
+    esac
+    DB=${2:-bench}
+    set_urls
+}
 
 log "workspace $WORK; source on port $SP, target on port $TP; fsync $([ "$FAST" = 1 ] && echo off || echo on)"
 start_cluster source "$SP"
@@ -299,30 +406,41 @@ SCHEMA_PRE="$WORK/schema-pre.sql"; SCHEMA_POST="$WORK/schema-post.sql"
 # source's bench database, then recreates the target's bench database.
 reset_target() {
     local subs s
-    subs=$(q "$TP" bench -c "SELECT subname FROM pg_subscription" 2>/dev/null || true)
+    subs=$(q "$TP" "$DB" -c "SELECT subname FROM pg_subscription WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())" 2>/dev/null || true)
     for s in $subs; do
         qt "ALTER SUBSCRIPTION $s DISABLE" >/dev/null
         qt "ALTER SUBSCRIPTION $s SET (slot_name = NONE)" >/dev/null
         qt "DROP SUBSCRIPTION $s" >/dev/null
     done
     drop_source_replication
-    qt_admin "DROP DATABASE IF EXISTS bench WITH (FORCE)" >/dev/null
-    qt_admin "CREATE DATABASE bench" >/dev/null
+    PGOPTIONS="-c client_min_messages=warning" qt_admin "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
+    qt_admin "CREATE DATABASE $DB" >/dev/null
 }
 drop_source_replication() {
     local i
-    qs_admin "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = 'bench' AND active_pid IS NOT NULL" >/dev/null
+    qs_admin "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '$DB' AND active_pid IS NOT NULL" >/dev/null
     for i in $(seq 1 100); do
-        [ "$(qs_admin "SELECT count(*) FROM pg_replication_slots WHERE database = 'bench' AND active")" = 0 ] && break
+        [ "$(qs_admin "SELECT count(*) FROM pg_replication_slots WHERE database = '$DB' AND active")" = 0 ] && break
         sleep 0.1
     done
-    qs_admin "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = 'bench'" >/dev/null
+    qs_admin "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
     qs "DO \$\$ DECLARE p text; BEGIN FOR p IN SELECT pubname FROM pg_publication LOOP EXECUTE format('DROP PUBLICATION %I', p); END LOOP; END \$\$" >/dev/null
+}
+# free_slot NAME: drops that slot on the source cluster, whichever database holds it
+# (slot names are cluster-wide; a part that stopped early may have left one)
+free_slot() {
+    local i
+    qs_admin "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '$1' AND active_pid IS NOT NULL" >/dev/null
+    for i in $(seq 1 100); do
+        [ "$(qs_admin "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$1' AND active")" = 0 ] && break
+        sleep 0.1
+    done
+    qs_admin "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$1'" >/dev/null
 }
 reset_source() {
     drop_source_replication
-    qs_admin "DROP DATABASE bench WITH (FORCE)" >/dev/null
-    qs_admin "CREATE DATABASE bench TEMPLATE bench_tpl STRATEGY FILE_COPY" >/dev/null
+    qs_admin "DROP DATABASE $DB WITH (FORCE)" >/dev/null
+    qs_admin "CREATE DATABASE $DB TEMPLATE ${DB}_tpl STRATEGY FILE_COPY" >/dev/null
 }
 
 # poll_until PORT SQL TIMEOUT [INTERVAL]: SQL must return `bool`; one psql session
@@ -331,7 +449,7 @@ reset_source() {
 poll_until() {
     local port=$1 sql=$2 timeout=$3 interval=${4:-0.05}
     { printf 'SELECT extract(epoch FROM clock_timestamp()), (%s)\n\\watch %s\n' "$sql" "$interval" |
-        timeout "$timeout" "$PSQL" -X -At -F ' ' -h 127.0.0.1 -p "$port" -U postgres -d bench 2>>"$WORK/logs/poll.log" || true; } |
+        timeout "$timeout" "$PSQL" -X -At -F ' ' -h 127.0.0.1 -p "$port" -U postgres -d "$DB" 2>>"$WORK/logs/poll.log" || true; } |
         { while read -r ts ok; do
               if [ "$ok" = t ]; then echo "$ts"; break; fi
           done; }
@@ -510,9 +628,11 @@ steady_state() {
 
 # ------------------------------------------------------ walshuttle process ---
 WS_PID=""
+WS_TOOL=walshuttle   # the tool name ws_stop records under (walshuttle17 on the 17 pair)
+WS_RUN_BIN=""        # the binary of ws_start_run (default $WS; the profiling one for TPC-B)
 ws_start_run() {   # logname
     # shellcheck disable=SC2086  # WALSHUTTLE_RUN_ARGS: extra flags, split on spaces
-    "$WS" --source "$SRC_URL" --target "$TGT_URL" run ${WALSHUTTLE_RUN_ARGS:-} >"$WORK/logs/walshuttle-$1.log" 2>&1 &
+    "${WS_RUN_BIN:-$WS}" --source "$SRC_URL" --target "$TGT_URL" run ${WALSHUTTLE_RUN_ARGS:-} >"$WORK/logs/$1.log" 2>&1 &
     WS_PID=$!; track "$WS_PID"
 }
 # waits until the walshuttle slot has an active consumer
@@ -520,7 +640,7 @@ ws_wait_streaming() {
     local seen
     seen=$(poll_until "$SP" "EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'walshuttle' AND active)" 120 0.1)
     if [ -z "$seen" ] || ! kill -0 "$WS_PID" 2>/dev/null; then
-        broke "walshuttle run did not start streaming within 120 s: $(tail -n 5 "$WORK/logs/walshuttle-$1.log" | tr '\n' ' ')"
+        broke "walshuttle run did not start streaming within 120 s: $(tail -n 5 "$WORK/logs/$1.log" | tr '\n' ' ')"
         return 1
     fi
 }
@@ -530,23 +650,23 @@ ws_stop() {   # phase logname
     hwm=$(hwm_kib "$WS_PID")
     if ! kill -0 "$WS_PID" 2>/dev/null; then
         wait "$WS_PID" || rc=$?
-        broke "walshuttle run ($name) had already exited (code $rc) before it was stopped: $(tail -n 5 "$WORK/logs/walshuttle-$name.log" | tr '\n' ' ')"
+        broke "walshuttle run ($name) had already exited (code $rc) before it was stopped: $(tail -n 5 "$WORK/logs/$name.log" | tr '\n' ' ')"
         return 1
     fi
-    [ -n "$hwm" ] && record "peak_rss_mib_$phase" walshuttle "$(kib_to_mib "$hwm")"
+    [ -n "$hwm" ] && record "peak_rss_mib_$phase" "$WS_TOOL" "$(kib_to_mib "$hwm")"
     local t0; t0=$(now)
     kill -TERM "$WS_PID"
     for i in $(seq 1 600); do kill -0 "$WS_PID" 2>/dev/null || break; sleep 0.1; done
     if kill -0 "$WS_PID" 2>/dev/null; then
         kill -KILL "$WS_PID" 2>/dev/null || true
         wait "$WS_PID" 2>/dev/null || true
-        broke "walshuttle run ($name) did not exit within 60 s of SIGTERM (killed): $(tail -n 5 "$WORK/logs/walshuttle-$name.log" | tr '\n' ' ')"
+        broke "walshuttle run ($name) did not exit within 60 s of SIGTERM (killed): $(tail -n 5 "$WORK/logs/$name.log" | tr '\n' ' ')"
         return 1
     fi
     wait "$WS_PID" || rc=$?
-    record "sigterm_exit_s_$phase" walshuttle "$(elapsed "$t0" "$(now)")"
+    record "sigterm_exit_s_$phase" "$WS_TOOL" "$(elapsed "$t0" "$(now)")"
     if [ "$rc" != 0 ]; then
-        broke "walshuttle run ($name) exited $rc on SIGTERM: $(tail -n 5 "$WORK/logs/walshuttle-$name.log" | tr '\n' ' ')"
+        broke "walshuttle run ($name) exited $rc on SIGTERM: $(tail -n 5 "$WORK/logs/$name.log" | tr '\n' ' ')"
         return 1
     fi
     WS_PID=""
@@ -640,113 +760,476 @@ run_psql_pipe() {
 }
 
 # --- walshuttle: bootstrap, bulk apply, backlog drain, steady state ------------
-run_walshuttle() {
-    set_step "walshuttle: reset"
+run_walshuttle() { walshuttle_all 15 walshuttle; }
+run_walshuttle17() { walshuttle_all 17 walshuttle17; }
+walshuttle_all() {   # pair tool
+    use_pair "$1"
+    local tool=$2
+    WS_TOOL=$tool
+    set_step "$tool: reset"
     reset_target; reset_source; checkpoint_both
-    set_step "walshuttle bootstrap"
-    log "walshuttle: bootstrap --jobs $JOBS"
+    set_step "$tool bootstrap"
+    log "$tool: bootstrap --jobs $JOBS"
     local t0 t1 rc=0 wd seen
-    copy_clock_start walshuttle
+    copy_clock_start "$tool"
     t0=$(now)
-    "$WS" --source "$SRC_URL" --target "$TGT_URL" bootstrap --jobs "$JOBS" >"$WORK/logs/walshuttle-bootstrap.log" 2>&1 &
+    "$WS" --source "$SRC_URL" --target "$TGT_URL" bootstrap --jobs "$JOBS" >"$WORK/logs/$tool-bootstrap.log" 2>&1 &
     local pid=$!; track "$pid"
-    watchdog "$pid" 900 "$WORK/hwm-bootstrap" & wd=$!; track "$wd"
+    watchdog "$pid" 900 "$WORK/hwm-bootstrap-$tool" & wd=$!; track "$wd"
     wait "$pid" || rc=$?
     t1=$(now)
-    copy_clock_end walshuttle
+    copy_clock_end "$tool"
     wait "$wd" 2>/dev/null || true
-    [ -f "$WORK/hwm-bootstrap" ] && record peak_rss_mib_bootstrap walshuttle "$(kib_to_mib "$(cat "$WORK/hwm-bootstrap")")"
-    if [ -f "$WORK/hwm-bootstrap.timeout" ]; then
-        broke "walshuttle bootstrap did not finish within 900 s (killed): $(tail -n 5 "$WORK/logs/walshuttle-bootstrap.log" | tr '\n' ' ')"
+    [ -f "$WORK/hwm-bootstrap-$tool" ] && record peak_rss_mib_bootstrap "$tool" "$(kib_to_mib "$(cat "$WORK/hwm-bootstrap-$tool")")"
+    if [ -f "$WORK/hwm-bootstrap-$tool.timeout" ]; then
+        broke "$tool bootstrap did not finish within 900 s (killed): $(tail -n 5 "$WORK/logs/$tool-bootstrap.log" | tr '\n' ' ')"
         return 1
     fi
     if [ "$rc" != 0 ]; then
-        broke "walshuttle bootstrap exited $rc: $(tail -n 5 "$WORK/logs/walshuttle-bootstrap.log" | tr '\n' ' ')"
+        broke "$tool bootstrap exited $rc: $(tail -n 5 "$WORK/logs/$tool-bootstrap.log" | tr '\n' ' ')"
         return 1
     fi
-    check_counts walshuttle
-    record initial_copy_s walshuttle "$(elapsed "$t0" "$t1")"
-    log "walshuttle: initial copy $(elapsed "$t0" "$t1") s"
+    check_counts "$tool"
+    record initial_copy_s "$tool" "$(elapsed "$t0" "$t1")"
+    log "$tool: initial copy $(elapsed "$t0" "$t1") s"
     [ "$ONLY" = copy ] && return 0
 
-    set_step "walshuttle: bulk apply"
-    ws_start_run run-bulk
-    ws_wait_streaming run-bulk
+    set_step "$tool: bulk apply"
+    ws_start_run "$tool-run-bulk"
+    ws_wait_streaming "$tool-run-bulk"
     sleep 2
-    bulk_apply walshuttle
-    set_step "walshuttle: backlog drain"
-    ws_stop bulk_apply run-bulk
-    backlog_write walshuttle
-    log "walshuttle: backlog: starting walshuttle run again"
+    bulk_apply "$tool"
+    set_step "$tool: backlog drain"
+    ws_stop bulk_apply "$tool-run-bulk"
+    backlog_write "$tool"
+    log "$tool: backlog: starting walshuttle run again"
     t0=$(now)
-    ws_start_run run-backlog
+    ws_start_run "$tool-run-backlog"
     seen=$(wait_marker "$MARK_SEQ" 900)
-    [ -n "$seen" ] || { broke "walshuttle: backlog not drained within 900 s: $(tail -n 5 "$WORK/logs/walshuttle-run-backlog.log" | tr '\n' ' ')"; return 1; }
-    record backlog_drain_s walshuttle "$(elapsed "$t0" "$seen")"
-    log "walshuttle: backlog drained in $(elapsed "$t0" "$seen") s (from process start)"
-    check_consistent walshuttle backlog_drain
-    ws_stop backlog_drain run-backlog
+    [ -n "$seen" ] || { broke "$tool: backlog not drained within 900 s: $(tail -n 5 "$WORK/logs/$tool-run-backlog.log" | tr '\n' ' ')"; return 1; }
+    record backlog_drain_s "$tool" "$(elapsed "$t0" "$seen")"
+    log "$tool: backlog drained in $(elapsed "$t0" "$seen") s (from process start)"
+    check_consistent "$tool" backlog_drain
+    ws_stop backlog_drain "$tool-run-backlog"
 
-    set_step "walshuttle: steady state"
-    ws_start_run run-steady
-    ws_wait_streaming run-steady
+    set_step "$tool: steady state"
+    ws_start_run "$tool-run-steady"
+    ws_wait_streaming "$tool-run-steady"
     seen=$(wait_marker "$(source_marker)" 120)
-    [ -n "$seen" ] || { broke "walshuttle: not caught up before the steady-state load"; return 1; }
-    idle_latency walshuttle
-    steady_state walshuttle walshuttle
-    ws_stop steady_state run-steady
+    [ -n "$seen" ] || { broke "$tool: not caught up before the steady-state load"; return 1; }
+    idle_latency "$tool"
+    steady_state "$tool" walshuttle
+    ws_stop steady_state "$tool-run-steady"
+    drop_source_replication
 }
 
 # --- native logical replication ----------------------------------------------------
-run_native() {
-    set_step "native: reset"
+run_native() { native_all 15 native "streaming = $NATIVE_STREAMING"; }
+# PostgreSQL 17, as a careful operator sets it up: binary COPY and transfer, large
+# transactions applied by parallel workers while they stream
+run_native17() { native_all 17 native17 "binary = true, streaming = parallel"; }
+native_all() {   # pair tool subscription-options
+    use_pair "$1"
+    local tool=$2 subopts=$3
+    set_step "$tool: reset"
     reset_target; reset_source
-    q "$TP" bench -f "$SCHEMA_PRE" >/dev/null 2>"$WORK/logs/native-schema.log"
-    q "$TP" bench -f "$SCHEMA_POST" >/dev/null 2>>"$WORK/logs/native-schema.log"
+    q "$TP" bench -f "$SCHEMA_PRE" >/dev/null 2>"$WORK/logs/$tool-schema.log"
+    q "$TP" bench -f "$SCHEMA_POST" >/dev/null 2>>"$WORK/logs/$tool-schema.log"
     qs "CREATE PUBLICATION bench_pub FOR ALL TABLES" >/dev/null
     checkpoint_both
-    set_step "native: initial copy"
-    log "native: CREATE SUBSCRIPTION ... WITH (copy_data = true, streaming = $NATIVE_STREAMING)"
+    set_step "$tool: initial copy"
+    log "$tool: CREATE SUBSCRIPTION ... WITH (copy_data = true, $subopts)"
     local t0 t1 seen
-    copy_clock_start native
+    copy_clock_start "$tool"
     t0=$(now)
-    qt "CREATE SUBSCRIPTION bench_sub CONNECTION '$SRC_CONNINFO' PUBLICATION bench_pub WITH (copy_data = true, streaming = $NATIVE_STREAMING)" >/dev/null 2>>"$WORK/logs/native-schema.log"
+    qt "CREATE SUBSCRIPTION bench_sub CONNECTION '$SRC_CONNINFO' PUBLICATION bench_pub WITH (copy_data = true, $subopts)" >/dev/null 2>>"$WORK/logs/$tool-schema.log"
     seen=$(poll_until "$TP" "(SELECT count(*) FILTER (WHERE srsubstate = 'r') = $NTABLES AND count(*) = $NTABLES FROM pg_subscription_rel)" 1800 0.05)
-    copy_clock_end native
-    [ -n "$seen" ] || { broke "native: subscription tables not all ready within 1800 s"; return 1; }
-    record initial_copy_s native "$(elapsed "$t0" "$seen")"
-    log "native: initial copy $(elapsed "$t0" "$seen") s"
-    check_counts native
+    copy_clock_end "$tool"
+    [ -n "$seen" ] || { broke "$tool: subscription tables not all ready within 1800 s"; return 1; }
+    record initial_copy_s "$tool" "$(elapsed "$t0" "$seen")"
+    log "$tool: initial copy $(elapsed "$t0" "$seen") s"
+    check_counts "$tool"
     [ "$ONLY" = copy ] && return 0
 
-    set_step "native: bulk apply"
+    set_step "$tool: bulk apply"
     seen=$(poll_until "$SP" "EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_sub' AND active)" 120 0.1)
-    [ -n "$seen" ] || { broke "native: apply worker not streaming"; return 1; }
+    [ -n "$seen" ] || { broke "$tool: apply worker not streaming"; return 1; }
     sleep 2
-    bulk_apply native
+    bulk_apply "$tool"
 
-    set_step "native: backlog drain"
+    set_step "$tool: backlog drain"
     qt "ALTER SUBSCRIPTION bench_sub DISABLE" >/dev/null
     seen=$(poll_until "$SP" "NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_sub' AND active)" 120 0.1)
-    [ -n "$seen" ] || { broke "native: apply worker did not stop after DISABLE"; return 1; }
-    backlog_write native
-    log "native: backlog: ALTER SUBSCRIPTION ... ENABLE"
+    [ -n "$seen" ] || { broke "$tool: apply worker did not stop after DISABLE"; return 1; }
+    backlog_write "$tool"
+    log "$tool: backlog: ALTER SUBSCRIPTION ... ENABLE"
     t0=$(now)
     qt "ALTER SUBSCRIPTION bench_sub ENABLE" >/dev/null
     seen=$(wait_marker "$MARK_SEQ" 900)
-    [ -n "$seen" ] || { broke "native: backlog not drained within 900 s"; return 1; }
-    record backlog_drain_s native "$(elapsed "$t0" "$seen")"
-    log "native: backlog drained in $(elapsed "$t0" "$seen") s (from ENABLE)"
-    check_consistent native backlog_drain
+    [ -n "$seen" ] || { broke "$tool: backlog not drained within 900 s"; return 1; }
+    record backlog_drain_s "$tool" "$(elapsed "$t0" "$seen")"
+    log "$tool: backlog drained in $(elapsed "$t0" "$seen") s (from ENABLE)"
+    check_consistent "$tool" backlog_drain
 
-    set_step "native: steady state"
-    idle_latency native
-    steady_state native bench_sub
+    set_step "$tool: steady state"
+    idle_latency "$tool"
+    steady_state "$tool" bench_sub
     local wrss
     wrss=$(qt "SELECT pid FROM pg_stat_subscription WHERE subname = 'bench_sub' AND relid IS NULL" || true)
     if [ -n "$wrss" ] && [ -r "/proc/$wrss/status" ]; then
-        record peak_rss_mib_steady_state native_apply_worker "$(kib_to_mib "$(hwm_kib "$wrss")")"
+        record peak_rss_mib_steady_state "${tool}_apply_worker" "$(kib_to_mib "$(hwm_kib "$wrss")")"
     fi
+    # done: no apply worker may stay behind while other parts are measured
+    reset_target
+}
+
+# --- the floor: the target alone loading local files ------------------------------
+# The source's rows are written beforehand (untimed) by COPY TO, in binary, into J
+# files per table (pages split modulo J); then, timed, J sessions on the target each
+# run one COPY FROM per table of its share, and J sessions build the keys' unique
+# indexes and the other indexes (biggest table first, round robin), then the keys are
+# attached (ADD CONSTRAINT ... USING INDEX) and any other constraint added.
+run_floor() {
+    use_pair 15
+    set_step "floor: files"
+    local dir="$WORK/floor" t k i n stmt t0 t1 t2 pids=() rc=0
+    rm -rf "$dir"; mkdir -p "$dir"; [ "$IS_ROOT" = 1 ] && chown postgres "$dir"
+    for t in $TABLES; do
+        for k in $(seq 0 $((JOBS - 1))); do
+            qs "COPY (SELECT * FROM $t WHERE ((ctid::text::point)[0])::bigint % $JOBS = $k) TO '$dir/$t.$k' (FORMAT binary)" >/dev/null
+        done
+    done
+    record floor_file_bytes floor "$(du -sb "$dir" | cut -f1)"
+    # the target's work, one SQL file per worker
+    for k in $(seq 0 $((JOBS - 1))); do
+        : >"$dir/load-$k.sql"
+        for t in $TABLES; do echo "COPY $t FROM '$dir/$t.$k' (FORMAT binary);" >>"$dir/load-$k.sql"; done
+        : >"$dir/index-$k.sql"
+    done
+    # unique indexes of primary keys / unique constraints, and plain indexes, biggest
+    # table first; then the constraints that attach them, and any other constraint
+    i=0
+    while IFS= read -r stmt; do
+        [ -n "$stmt" ] || continue
+        echo "$stmt" >>"$dir/index-$((i % JOBS)).sql"; i=$((i + 1))
+    done < <(qs "SELECT pg_get_indexdef(x.indexrelid) || ';'
+                   FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid
+                  WHERE c.relnamespace = 'public'::regnamespace
+                  ORDER BY pg_relation_size(x.indrelid) DESC, c.relname")
+    qs "SELECT format('ALTER TABLE %s ADD CONSTRAINT %I %s USING INDEX %I;', conrelid::regclass, conname,
+                      CASE contype WHEN 'p' THEN 'PRIMARY KEY' ELSE 'UNIQUE' END, (SELECT relname FROM pg_class WHERE oid = conindid))
+          FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND contype IN ('p', 'u')
+        UNION ALL
+        SELECT format('ALTER TABLE %s ADD CONSTRAINT %I %s;', conrelid::regclass, conname, pg_get_constraintdef(oid))
+          FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND contype IN ('f', 'x')" >"$dir/constraints.sql"
+    [ "$IS_ROOT" = 1 ] && chown -R postgres "$dir"
+    reset_target
+    q "$TP" bench -f "$SCHEMA_PRE" >/dev/null 2>"$WORK/logs/floor-schema.log"
+    set_step "floor: load"
+    log "floor: $JOBS sessions, one COPY FROM (binary, local file) per table each, then keys and indexes in $JOBS sessions"
+    copy_clock_start floor
+    t0=$(now)
+    for k in $(seq 0 $((JOBS - 1))); do
+        q "$TP" bench -f "$dir/load-$k.sql" >>"$WORK/logs/floor.log" 2>&1 & pids+=($!); track $!
+    done
+    for i in "${pids[@]}"; do wait "$i" || rc=1; done
+    t1=$(now)
+    pids=()
+    for k in $(seq 0 $((JOBS - 1))); do
+        q "$TP" bench -f "$dir/index-$k.sql" >>"$WORK/logs/floor.log" 2>&1 & pids+=($!); track $!
+    done
+    for i in "${pids[@]}"; do wait "$i" || rc=1; done
+    q "$TP" bench -f "$dir/constraints.sql" >>"$WORK/logs/floor.log" 2>&1 || rc=1
+    t2=$(now)
+    copy_clock_end floor
+    rm -f "$dir"/*.[0-9]*
+    [ "$rc" = 0 ] || { broke "floor: a COPY FROM or an index build failed: $(tail -n 3 "$WORK/logs/floor.log" | tr '\n' ' ')"; return 1; }
+    check_counts floor || return 0
+    record initial_copy_s floor "$(elapsed "$t0" "$t2")"
+    record initial_copy_data_only_s floor "$(elapsed "$t0" "$t1")"
+    record initial_copy_index_build_s floor "$(elapsed "$t1" "$t2")"
+    log "floor: $(elapsed "$t0" "$t2") s (data $(elapsed "$t0" "$t1") s + keys/indexes $(elapsed "$t1" "$t2") s)"
+}
+
+# --- PostgreSQL 17 pair -------------------------------------------------------------
+# Two more clusters from PG17_HOME with the same settings; the bench database is
+# restored from the 15 source's template (pg_dump 15 | psql), so it holds the same rows.
+setup_pg17() {
+    set_step "pg17: clusters"
+    SP17=$(next_port $((TP15 + 1)))
+    TP17=$(next_port $((SP17 + 1)))
+    log "PostgreSQL 17 pair: source on port $SP17, target on port $TP17 ($PG17_HOME)"
+    start_cluster source17 "$SP17" "$PG17_HOME/bin"
+    start_cluster target17 "$TP17" "$PG17_HOME/bin"
+    use_pair 17
+    PG17_VERSION=$(qs_admin "SHOW server_version")
+    qs_admin "CREATE DATABASE bench" >/dev/null
+    qt_admin "CREATE DATABASE bench" >/dev/null
+    set_step "pg17: data"
+    local t0; t0=$(now)
+    "$PGBIN/pg_dump" -h 127.0.0.1 -p "$SP15" -U postgres -d bench_tpl --no-owner --no-acl 2>"$WORK/logs/pg17-load.log" |
+        q "$SP" bench >/dev/null 2>>"$WORK/logs/pg17-load.log" || die "loading the 17 source failed: $(tail -n 3 "$WORK/logs/pg17-load.log")"
+    qs "VACUUM (FREEZE, ANALYZE)" >/dev/null
+    qs_admin "CREATE DATABASE bench_tpl TEMPLATE bench STRATEGY FILE_COPY" >/dev/null
+    [ "$(qs "SELECT count(*) FROM recommendations")" = "$SRC_ROWS" ] || die "the 17 source has $(qs "SELECT count(*) FROM recommendations") recommendation rows, not $SRC_ROWS"
+    log "PostgreSQL $PG17_VERSION source loaded in $(elapsed "$t0" "$(now)") s"
+    use_pair 15
+}
+
+# --- TPC-B at full speed --------------------------------------------------------------
+# prepare_tpcb PAIR: database tpcb on that pair's source, pgbench -i -s TPCB_SCALE, a
+# primary key on pgbench_history (every table replicated needs one), the heartbeat
+# table; saved as template tpcb_tpl.
+prepare_tpcb() {
+    use_pair "$1" tpcb
+    set_step "tpcb: pgbench -i ($1)"
+    qs_admin "CREATE DATABASE tpcb" >/dev/null
+    "$PGBIN/pgbench" -i -q -s "$TPCB_SCALE" -h 127.0.0.1 -p "$SP" -U postgres tpcb >"$WORK/logs/pgbench-init-tpcb-$1.log" 2>&1 \
+        || die "pgbench -i on the $1 source failed: $(tail -n 3 "$WORK/logs/pgbench-init-tpcb-$1.log")"
+    qs "ALTER TABLE pgbench_history ADD COLUMN hid bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY;
+        CREATE TABLE public.bench_heartbeat (id int PRIMARY KEY, seq bigint NOT NULL, ts timestamptz NOT NULL);
+        INSERT INTO public.bench_heartbeat VALUES (1, 0, clock_timestamp());" >/dev/null
+    qs "VACUUM (FREEZE, ANALYZE)" >/dev/null
+    qs_admin "CREATE DATABASE tpcb_tpl TEMPLATE tpcb STRATEGY FILE_COPY" >/dev/null
+    if [ "$1" = 15 ]; then
+        "$PGBIN/pg_dump" -h 127.0.0.1 -p "$SP" -U postgres -d tpcb --schema-only --no-owner --no-acl >"$WORK/tpcb-schema.sql"
+    fi
+    use_pair 15
+}
+
+tpcb_checksum_sql="SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ':' || (SELECT sum(bbalance) FROM pgbench_branches) || ':' || (SELECT count(*) FROM pgbench_history)"
+
+# tpcb_load TOOL SLOT: the replicator streams database tpcb (use_pair PAIR tpcb done);
+# pgbench -b tpcb-like at full speed while a heartbeat commits every 100 ms and the
+# target's heartbeat age is sampled every 0.2 s; then the drain after pgbench ends
+tpcb_load() {
+    local tool=$1 slot=$2 hbpid pbpid smpid tps seq seen t_end s t
+    local secs="$WORK/tpcb-lag-$tool.txt"
+    : >"$secs"
+    log "$tool: TPC-B: pgbench -b tpcb-like -c $TPCB_CLIENTS -T $TPCB_SECONDS (scale $TPCB_SCALE), lag sampled every 0.2 s"
+    checkpoint_both
+    q "$SP" tpcb -c "DO \$\$ DECLARE stop timestamptz := clock_timestamp() + interval '$((TPCB_SECONDS + 2)) seconds';
+        BEGIN WHILE clock_timestamp() < stop LOOP
+            UPDATE bench_heartbeat SET seq = seq + 1, ts = clock_timestamp() WHERE id = 1; COMMIT;
+            PERFORM pg_sleep(0.1);
+        END LOOP; END \$\$" >"$WORK/logs/tpcb-heartbeat-$tool.log" 2>&1 &
+    hbpid=$!; track "$hbpid"
+    sleep 1
+    "$PGBIN/pgbench" -n -b tpcb-like -c "$TPCB_CLIENTS" -j 2 -T "$TPCB_SECONDS" -P 10 -h 127.0.0.1 -p "$SP" -U postgres tpcb \
+        >"$WORK/logs/pgbench-tpcb-$tool.log" 2>&1 &
+    pbpid=$!; track "$pbpid"
+    # one psql session samples the target's heartbeat age for the whole load
+    { printf 'SELECT round(extract(epoch FROM clock_timestamp() - ts)::numeric, 3) FROM bench_heartbeat WHERE id = 1\n\\watch 0.2\n' |
+        timeout "$TPCB_SECONDS" "$PSQL" -X -At -h 127.0.0.1 -p "$TP" -U postgres -d tpcb 2>>"$WORK/logs/poll.log" || true; } |
+        grep -E '^-?[0-9.]+$' >"$secs" &
+    smpid=$!; track "$smpid"
+    wait "$pbpid" || broke "$tool: pgbench (TPC-B) failed: $(tail -n 3 "$WORK/logs/pgbench-tpcb-$tool.log")"
+    t_end=$(now)
+    seq=$(source_marker)
+    seen=$(wait_marker "$seq" 900)
+    wait "$smpid" 2>/dev/null || true
+    wait "$hbpid" 2>/dev/null || true
+    [ -n "$seen" ] || { broke "$tool: TPC-B: target did not catch up within 900 s after pgbench ended"; return 1; }
+    record tpcb_drain_s "$tool" "$(elapsed "$t_end" "$seen")"
+    tps=$(awk '/^tps = / { print $3; exit }' "$WORK/logs/pgbench-tpcb-$tool.log")
+    record tpcb_pgbench_tps "$tool" "${tps:-null}"
+    record tpcb_lag_samples "$tool" "$(wc -l <"$secs")"
+    if [ -s "$secs" ]; then
+        record tpcb_lag_seconds_p50 "$tool" "$(percentile 0.50 "$secs")"
+        record tpcb_lag_seconds_p99 "$tool" "$(percentile 0.99 "$secs")"
+        record tpcb_lag_seconds_max "$tool" "$(sort -g "$secs" | tail -n 1)"
+    else
+        broke "$tool: TPC-B: no lag samples"
+    fi
+    cp "$secs" "$WORK/logs/" 2>/dev/null || true
+    s=$(qs "$tpcb_checksum_sql"); t=$(qt "$tpcb_checksum_sql")
+    if [ "$s" = "$t" ]; then record consistent_after_tpcb "$tool" true
+    else record consistent_after_tpcb "$tool" false; broke "$tool: after TPC-B the target ($t) differs from the source ($s)"; fi
+    log "$tool: TPC-B: $tps tps; lag p50 $(percentile 0.50 "$secs") s, p99 $(percentile 0.99 "$secs") s, max $(sort -g "$secs" | tail -n 1) s; drained $(elapsed "$t_end" "$seen") s after pgbench ended"
+}
+
+run_tpcb_walshuttle() { tpcb_walshuttle 15 walshuttle; }
+run_tpcb_walshuttle17() { tpcb_walshuttle 17 walshuttle17; }
+tpcb_walshuttle() {   # pair tool
+    use_pair "$1" tpcb
+    local tool=$2 rc=0 t0 seen prof=""
+    WS_TOOL=$tool
+    set_step "$tool: TPC-B bootstrap"
+    free_slot walshuttle; reset_target; reset_source; checkpoint_both
+    t0=$(now)
+    "$WS" --source "$SRC_URL" --target "$TGT_URL" bootstrap --jobs "$JOBS" >"$WORK/logs/$tool-tpcb-bootstrap.log" 2>&1 || rc=$?
+    [ "$rc" = 0 ] || { broke "$tool: TPC-B bootstrap exited $rc: $(tail -n 5 "$WORK/logs/$tool-tpcb-bootstrap.log" | tr '\n' ' ')"; return 1; }
+    record tpcb_initial_copy_s "$tool" "$(elapsed "$t0" "$(now)")"
+    set_step "$tool: TPC-B"
+    if [ -n "$WS_PROF" ] && [ "$tool" = walshuttle ]; then
+        prof="$WORK/tpcb-flamegraph.svg"
+        WS_RUN_BIN=$WS_PROF
+        export WALSHUTTLE_PROFILE=$prof
+        log "$tool: TPC-B run with the profiling binary (sha256 $WS_PROF_SHA…), flamegraph to $prof"
+    fi
+    ws_start_run "$tool-run-tpcb"
+    unset WALSHUTTLE_PROFILE; WS_RUN_BIN=""
+    ws_wait_streaming "$tool-run-tpcb"
+    seen=$(wait_marker "$(source_marker)" 120)
+    [ -n "$seen" ] || { broke "$tool: not caught up before the TPC-B load"; return 1; }
+    tpcb_load "$tool" walshuttle
+    # the profiler's own sample tables (pprof allocates ~100 MiB and more) would pass
+    # for walshuttle's memory: a profiled run's peak RSS goes under its own name
+    if [ -n "$prof" ]; then ws_stop tpcb_profiled "$tool-run-tpcb"; else ws_stop tpcb "$tool-run-tpcb"; fi
+    if [ -n "$prof" ]; then
+        if [ -s "$prof" ]; then
+            mkdir -p "$RESULTS" "$LOGDIR"
+            cp "$prof" "$RESULTS/tpcb-flamegraph.svg"; cp "$prof" "$LOGDIR/tpcb-flamegraph.svg"
+            note "walshuttle's TPC-B figures are of the profiling binary (sampling at 99 Hz); its peak RSS, which includes pprof's sample tables, is under Other figures as peak_rss_mib_tpcb_profiled; flamegraph: bench/results/tpcb-flamegraph.svg"
+        else
+            broke "$tool: the profiling binary wrote no flamegraph: $(grep -i profil "$WORK/logs/$tool-run-tpcb.log" | tail -n 3 | tr '\n' ' ')"
+        fi
+    fi
+    drop_source_replication
+}
+
+run_tpcb_native() { tpcb_native 15 native "streaming = $NATIVE_STREAMING"; }
+run_tpcb_native17() { tpcb_native 17 native17 "binary = true, streaming = parallel"; }
+tpcb_native() {   # pair tool subscription-options
+    use_pair "$1" tpcb
+    local tool=$2 subopts=$3 t0 seen
+    set_step "$tool: TPC-B subscription"
+    reset_target; reset_source
+    q "$TP" tpcb -f "$WORK/tpcb-schema.sql" >/dev/null 2>"$WORK/logs/$tool-tpcb-schema.log"
+    qs "CREATE PUBLICATION bench_pub FOR ALL TABLES" >/dev/null
+    checkpoint_both
+    t0=$(now)
+    qt "CREATE SUBSCRIPTION tpcb_sub CONNECTION '$SRC_CONNINFO' PUBLICATION bench_pub WITH (copy_data = true, $subopts)" >/dev/null 2>>"$WORK/logs/$tool-tpcb-schema.log"
+    seen=$(poll_until "$TP" "(SELECT count(*) FILTER (WHERE srsubstate = 'r') = 5 AND count(*) = 5 FROM pg_subscription_rel)" 1800 0.05)
+    [ -n "$seen" ] || { broke "$tool: TPC-B subscription not ready within 1800 s"; return 1; }
+    record tpcb_initial_copy_s "$tool" "$(elapsed "$t0" "$seen")"
+    seen=$(poll_until "$SP" "EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'tpcb_sub' AND active)" 120 0.1)
+    [ -n "$seen" ] || { broke "$tool: TPC-B apply worker not streaming"; return 1; }
+    seen=$(wait_marker "$(source_marker)" 120)
+    [ -n "$seen" ] || { broke "$tool: not caught up before the TPC-B load"; return 1; }
+    set_step "$tool: TPC-B"
+    tpcb_load "$tool" tpcb_sub
+    reset_target
+}
+
+# --- many tables ------------------------------------------------------------------------
+# prepare_many: on the 15 source, database many (MANY_COUNT tables of MANY_ROWS rows,
+# each with a primary key) and database mixed (MIXED_COUNT tables from 10 to MIXED_MAX
+# rows in a geometric progression, a primary key and one secondary index each)
+prepare_many() {
+    use_pair 15
+    set_step "many tables: schema"
+    local t0; t0=$(now)
+    qs_admin "CREATE DATABASE many" >/dev/null
+    qs_admin "CREATE DATABASE mixed" >/dev/null
+    q "$SP" many -c "DO \$\$ BEGIN FOR i IN 1..$MANY_COUNT LOOP
+            EXECUTE format('CREATE TABLE public.t%s (id int PRIMARY KEY, v int NOT NULL, note text NOT NULL, ts timestamptz NOT NULL DEFAULT now())', lpad(i::text, 5, '0'));
+            EXECUTE format('INSERT INTO public.t%s (id, v, note) SELECT g, g * 7 %% 1000, md5(g::text) FROM generate_series(1, $MANY_ROWS) g', lpad(i::text, 5, '0'));
+            IF i % 100 = 0 THEN COMMIT; END IF;
+        END LOOP; END \$\$" >/dev/null
+    q "$SP" mixed -c "DO \$\$ DECLARE n bigint; BEGIN FOR i IN 0..$((MIXED_COUNT - 1)) LOOP
+            n := round(10 * power($MIXED_MAX / 10.0, i / $((MIXED_COUNT - 1)).0));
+            EXECUTE format('CREATE TABLE public.m%s (id bigint PRIMARY KEY, v int NOT NULL, note text NOT NULL, ts timestamptz NOT NULL)', lpad(i::text, 3, '0'));
+            EXECUTE format('INSERT INTO public.m%s SELECT g, (g * 7919) %% 100000, md5(g::text) || md5((g + 1)::text), now() - g * interval ''1 s'' FROM generate_series(1, %s) g', lpad(i::text, 3, '0'), n);
+            EXECUTE format('CREATE INDEX ON public.m%s (v)', lpad(i::text, 3, '0'));
+            COMMIT;
+        END LOOP; END \$\$" >/dev/null
+    q "$SP" many -c "VACUUM (FREEZE, ANALYZE)" >/dev/null
+    q "$SP" mixed -c "VACUUM (FREEZE, ANALYZE)" >/dev/null
+    MIXED_ROWS=$(q "$SP" mixed -c "SELECT sum(n_live_tup) FROM pg_stat_user_tables")
+    echo "$MIXED_ROWS" >"$WORK/mixed_rows"
+    log "many tables: $MANY_COUNT tables x $MANY_ROWS rows ($(q "$SP" many -c "SELECT pg_size_pretty(pg_database_size('many'))")), $MIXED_COUNT mixed tables, $MIXED_ROWS rows ($(q "$SP" mixed -c "SELECT pg_size_pretty(pg_database_size('mixed'))")); made in $(elapsed "$t0" "$(now)") s"
+}
+
+# row counts of every table in DB equal on both sides (one query a side)
+counts_sql="SELECT string_agg(relname || '=' || n, ',' ORDER BY relname) FROM (SELECT c.relname, (xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %I.%I', 'public', c.relname), false, true, '')))[1]::text AS n FROM pg_class c WHERE c.relnamespace = 'public'::regnamespace AND c.relkind = 'r') s"
+many_check() {   # tool key
+    local s t
+    s=$(qs "$counts_sql"); t=$(qt "$counts_sql")
+    if [ "$s" = "$t" ]; then record "${2}_consistent" "$1" true
+    else record "${2}_consistent" "$1" false; broke "$1: $2: the target's tables or row counts differ from the source's"; return 1; fi
+}
+
+run_many_walshuttle() { many_walshuttle many; many_walshuttle mixed; }
+many_walshuttle() {   # db
+    use_pair 15 "$1"
+    local key=$1 t0 t1 rc=0 wd seen
+    WS_TOOL=walshuttle
+    set_step "walshuttle: $key bootstrap"
+    free_slot walshuttle; reset_target; drop_source_replication
+    copy_clock_start "walshuttle_$key"
+    t0=$(now)
+    "$WS" --source "$SRC_URL" --target "$TGT_URL" bootstrap --jobs "$JOBS" >"$WORK/logs/walshuttle-$key-bootstrap.log" 2>&1 &
+    local pid=$!; track "$pid"
+    watchdog "$pid" "$MANY_TIMEOUT" "$WORK/hwm-$key" & wd=$!; track "$wd"
+    wait "$pid" || rc=$?
+    t1=$(now)
+    wait "$wd" 2>/dev/null || true
+    [ -f "$WORK/hwm-$key" ] && record "peak_rss_mib_${key}_bootstrap" walshuttle "$(kib_to_mib "$(cat "$WORK/hwm-$key")")"
+    [ -f "$WORK/hwm-$key.timeout" ] && { broke "walshuttle: $key bootstrap did not finish within $MANY_TIMEOUT s (killed)"; return 1; }
+    [ "$rc" = 0 ] || { broke "walshuttle: $key bootstrap exited $rc: $(tail -n 5 "$WORK/logs/walshuttle-$key-bootstrap.log" | tr '\n' ' ')"; return 1; }
+    record "${key}_bootstrap_s" walshuttle "$(elapsed "$t0" "$t1")"
+    log "walshuttle: $key bootstrap $(elapsed "$t0" "$t1") s"
+    many_check walshuttle "$key"
+    set_step "walshuttle: $key run start-up"
+    t0=$(now)
+    ws_start_run "walshuttle-$key-run"
+    seen=$(poll_until "$SP" "EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'walshuttle' AND active)" 300 0.02)
+    [ -n "$seen" ] || { broke "walshuttle: $key: run did not start streaming within 300 s"; return 1; }
+    record "${key}_run_startup_s" walshuttle "$(elapsed "$t0" "$seen")"
+    log "walshuttle: $key run streaming $(elapsed "$t0" "$seen") s after the process started"
+    sleep 1
+    ws_stop "${key}_run" "walshuttle-$key-run"
+    drop_source_replication
+}
+
+run_many_pgcopydb() {
+    command -v pgcopydb >/dev/null 2>&1 || { note "SKIP pgcopydb many tables: not installed"; return 0; }
+    many_pgcopydb many; many_pgcopydb mixed
+}
+many_pgcopydb() {   # db
+    use_pair 15 "$1"
+    local key=$1 t0 t1 rc=0 dir="$WORK/pgcopydb-$1"
+    set_step "pgcopydb: $key clone"
+    reset_target; rm -rf "$dir"
+    copy_clock_start "pgcopydb_$key"
+    t0=$(now)
+    timeout "$MANY_TIMEOUT" pgcopydb clone --source "$SRC_URL" --target "$TGT_URL" --dir "$dir" \
+        --table-jobs "$JOBS" --index-jobs "$JOBS" --no-owner --no-acl --no-comments --skip-extensions \
+        >"$WORK/logs/pgcopydb-$key.log" 2>&1 || rc=$?
+    t1=$(now)
+    [ "$rc" = 0 ] || { broke "pgcopydb: $key clone exited $rc: $(grep -E 'ERROR|FATAL' "$WORK/logs/pgcopydb-$key.log" | tail -n 3 | tr '\n' ' ')"; return 0; }
+    record "${key}_bootstrap_s" pgcopydb "$(elapsed "$t0" "$t1")"
+    log "pgcopydb: $key clone $(elapsed "$t0" "$t1") s"
+    many_check pgcopydb "$key"
+    rm -rf "$dir"
+}
+
+run_many_native() { many_native many; many_native mixed; }
+many_native() {   # db
+    use_pair 15 "$1"
+    local key=$1 t0 seen n ready
+    set_step "native: $key subscription"
+    reset_target; drop_source_replication
+    n=$(qs "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+    "$PGBIN/pg_dump" -h 127.0.0.1 -p "$SP" -U postgres -d "$key" --schema-only --no-owner --no-acl >"$WORK/$key-schema.sql"
+    q "$TP" "$key" -f "$WORK/$key-schema.sql" >/dev/null 2>"$WORK/logs/native-$key-schema.log"
+    qs "CREATE PUBLICATION bench_pub FOR ALL TABLES" >/dev/null
+    copy_clock_start "native_$key"
+    t0=$(now)
+    qt "CREATE SUBSCRIPTION ${key}_sub CONNECTION '$SRC_CONNINFO' PUBLICATION bench_pub WITH (copy_data = true, streaming = $NATIVE_STREAMING)" >/dev/null 2>>"$WORK/logs/native-$key-schema.log"
+    seen=$(poll_until "$TP" "(SELECT count(*) FILTER (WHERE srsubstate = 'r') = $n AND count(*) = $n FROM pg_subscription_rel)" "$MANY_TIMEOUT" 0.2)
+    if [ -z "$seen" ]; then
+        ready=$(qt "SELECT count(*) FILTER (WHERE srsubstate = 'r') FROM pg_subscription_rel")
+        record "${key}_tables_ready_at_timeout" native "$ready"
+        note "native: $key: only $ready of $n tables ready after $MANY_TIMEOUT s (--many-timeout); no time recorded"
+        reset_target
+        return 0
+    fi
+    record "${key}_bootstrap_s" native "$(elapsed "$t0" "$seen")"
+    log "native: $key all $n tables ready $(elapsed "$t0" "$seen") s after CREATE SUBSCRIPTION"
+    many_check native "$key"
+    reset_target
 }
 
 # run each part in a subshell so that one failing does not stop the others;
@@ -771,8 +1254,33 @@ fi
 T_ALL0=$(now)
 part run_pgcopydb
 part run_psql_pipe
+[ "$FLOOR" = 1 ] && part run_floor
 part run_walshuttle
 part run_native
+PG17_VERSION=""
+if [ "$PG17" = 1 ]; then
+    setup_pg17
+    part run_walshuttle17
+    part run_native17
+fi
+if [ "$TPCB" = 1 ]; then
+    log "TPC-B: preparing database tpcb (pgbench -i -s $TPCB_SCALE)"
+    prepare_tpcb 15
+    [ "$PG17" = 1 ] && prepare_tpcb 17
+    part run_tpcb_walshuttle
+    part run_tpcb_native
+    if [ "$PG17" = 1 ]; then
+        part run_tpcb_walshuttle17
+        part run_tpcb_native17
+    fi
+fi
+MIXED_ROWS=""
+if [ "$MANY" = 1 ]; then
+    prepare_many
+    part run_many_walshuttle
+    part run_many_pgcopydb
+    part run_many_native
+fi
 T_ALL1=$(now)
 log "all measurements done in $(elapsed "$T_ALL0" "$T_ALL1") s"
 
@@ -808,12 +1316,66 @@ ROWDEFS=(
     "peak_rss_mib_backlog_drain|walshuttle peak RSS: run, backlog drain|MiB"
     "peak_rss_mib_steady_state|walshuttle peak RSS: run, steady state|MiB"
 )
+if [ "$TPCB" = 1 ]; then
+    ROWDEFS+=(
+        "tpcb_lag_seconds_p50|TPC-B lag p50 (heartbeat, every 0.2 s)|s"
+        "tpcb_lag_seconds_p99|TPC-B lag p99 (heartbeat, every 0.2 s)|s"
+        "tpcb_drain_s|TPC-B drain after end|s"
+        "peak_rss_mib_tpcb|walshuttle peak RSS: run, TPC-B|MiB"
+    )
+fi
+if [ "$MANY" = 1 ]; then
+    ROWDEFS+=(
+        "many_bootstrap_s|Bootstrap, ${MANY_COUNT} tables x ${MANY_ROWS} rows|s"
+        "mixed_bootstrap_s|Bootstrap, ${MIXED_COUNT} tables of 10..${MIXED_MAX} rows|s"
+        "many_run_startup_s|run start-up to streaming, ${MANY_COUNT} tables|s"
+        "mixed_run_startup_s|run start-up to streaming, ${MIXED_COUNT} tables|s"
+        "peak_rss_mib_many_bootstrap|walshuttle peak RSS: bootstrap, ${MANY_COUNT} tables|MiB"
+        "peak_rss_mib_mixed_bootstrap|walshuttle peak RSS: bootstrap, ${MIXED_COUNT} tables|MiB"
+    )
+fi
+# the value columns (tool names as recorded), then the ratio columns (a:b = a / b;
+# best = the lowest of pgcopydb, native and the psql pipe)
 PEERS=(pgcopydb native psql_pipe)
+VCOLS=(walshuttle pgcopydb native psql_pipe)
+RCOLS=(walshuttle:pgcopydb walshuttle:native walshuttle:psql_pipe walshuttle:best)
+if [ "$FLOOR" = 1 ]; then VCOLS+=(floor); RCOLS+=(walshuttle:floor); fi
+if [ "$PG17" = 1 ]; then VCOLS+=(walshuttle17 native17); RCOLS+=(walshuttle17:native17); fi
+col_label() {
+    case "$1" in
+        psql_pipe) echo "psql pipe" ;;
+        walshuttle17) echo "ws (PG 17)" ;;
+        native17) echo "native 17" ;;
+        walshuttle:pgcopydb) echo "ws/pgcopydb" ;;
+        walshuttle:native) echo "ws/native" ;;
+        walshuttle:psql_pipe) echo "ws/psql pipe" ;;
+        walshuttle:best) echo "ws/best peer" ;;
+        walshuttle:floor) echo "ws/floor" ;;
+        walshuttle17:native17) echo "ws(17)/native 17" ;;
+        *) echo "$1" ;;
+    esac
+}
+# value of a ratio column for a key
+rval() {   # key a:b
+    local a=${2%%:*} b=${2#*:} bv
+    if [ "$b" = best ]; then
+        bv=$(for p in "${PEERS[@]}"; do val "$1" "$p"; done | sort -g | head -n 1)
+    else
+        bv=$(val "$1" "$b")
+    fi
+    ratio "$(val "$1" "$a")" "$bv"
+}
 OTHER_KEYS=(bulk_source_txn_s backlog_write_s backlog_wal_bytes steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes)
+[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb)
+[ "$MANY" = 1 ] && OTHER_KEYS+=(many_consistent mixed_consistent many_tables_ready_at_timeout mixed_tables_ready_at_timeout peak_rss_mib_many_run peak_rss_mib_mixed_run)
 if [ "$ONLY" = copy ]; then
     ROWDEFS=("${ROWDEFS[0]}" "peak_rss_mib_bootstrap|walshuttle peak RSS: bootstrap|MiB")
     OTHER_KEYS=(initial_copy_target_indexes)
 fi
+# the Other figures' columns: the streaming tools
+OCOLS=(walshuttle native)
+[ "$PG17" = 1 ] && OCOLS+=(walshuttle17 native17)
+[ "$MANY" = 1 ] && OCOLS+=(pgcopydb)
 
 fmt() { [ -n "$1" ] && echo "$1" || echo "—"; }
 
@@ -824,37 +1386,49 @@ MD="$RESULTS/$OUT.md"
     echo
     echo "- machine: $NPROC CPUs ($CPU_MODEL), $RAM_GIB GiB RAM"
     echo "- PostgreSQL $PG_VERSION (source and target clusters on this machine, fsync $([ "$FAST" = 1 ] && echo off || echo on))"
+    [ "$PG17" = 1 ] && echo "- --pg17: a second pair of clusters, PostgreSQL ${PG17_VERSION:-?} ($PG17_HOME), same settings and data: columns *ws (PG 17)* and *native 17* (subscription WITH (binary = true, streaming = parallel))"
+    [ "$FLOOR" = 1 ] && echo "- floor: the target alone, $JOBS sessions each loading one local binary COPY TO file per table, then the same keys and indexes in $JOBS sessions"
+    [ "$TPCB" = 1 ] && echo "- TPC-B: pgbench -b tpcb-like, scale $TPCB_SCALE (own database tpcb, pgbench_history given a primary key), $TPCB_CLIENTS clients, $TPCB_SECONDS s, full speed; native 15 with streaming = $NATIVE_STREAMING"
+    [ -n "$WS_PROF_SHA" ] && echo "- --profile: walshuttle's TPC-B run used a binary built with --features profiling (sha256 $WS_PROF_SHA…, sampling at 99 Hz): bench/results/tpcb-flamegraph.svg"
+    [ "$MANY" = 1 ] && echo "- many tables (PostgreSQL 15 pair): $MANY_COUNT tables x $MANY_ROWS rows (int key, 4 columns); $MIXED_COUNT tables of 10..$MIXED_MAX rows (${MIXED_ROWS:-?} rows in all, a key and one index each); max_locks_per_transaction = 256 on every cluster"
     echo "- walshuttle $WS_VERSION: binary sha256 $WS_SHA… built $WS_BUILT${WALSHUTTLE_BIN_REV:+ from $WALSHUTTLE_BIN_REV}; repository HEAD $GIT_REV$([ "$GIT_DIRTY" = true ] && echo " with uncommitted changes in src (the binary may predate them)")"
     echo "- pgcopydb ${PGCOPYDB_VERSION:-not installed}"
     echo "- data: scale $SCALE = $SRC_ROWS recommendation rows, source database $DB_PRETTY; --jobs $JOBS"
     [ -n "${WALSHUTTLE_RUN_ARGS:-}" ] && echo "- extra \`walshuttle run\` flags: ${WALSHUTTLE_RUN_ARGS}"
     echo "- total measurement time $(elapsed "$T_ALL0" "$T_ALL1") s; 1-minute load average before the run $LOAD_START, at the start of each part: $(awk -F'\t' '$1 == "load_avg_1m_at_start" { printf "%s%s %s", sep, $2, $3; sep = ", " }' "$METRICS")"
-    echo "- 1-minute load average when each initial copy's clock started → stopped: $(for t in walshuttle "${PEERS[@]}"; do a=$(val initial_copy_load_start "$t"); b=$(val initial_copy_load_end "$t"); [ -n "$a" ] && printf '%s%s %s → %s' "${sep-}" "$t" "$a" "${b:-?}" && sep=", "; done; unset sep)$([ -n "$WAIT_LOAD" ] && echo "; each waited for a load below $WAIT_LOAD (at most $WAIT_MAX s)")"
+    echo "- 1-minute load average when each initial copy's clock started → stopped: $(for t in "${VCOLS[@]}"; do a=$(val initial_copy_load_start "$t"); b=$(val initial_copy_load_end "$t"); [ -n "$a" ] && printf '%s%s %s → %s' "${sep-}" "$t" "$a" "${b:-?}" && sep=", "; done; unset sep)$([ -n "$WAIT_LOAD" ] && echo "; each waited for a load below $WAIT_LOAD (at most $WAIT_MAX s)")"
     echo
     echo "Times and lag: lower is better; a ratio is walshuttle / peer (below 1 = walshuttle better)."
     echo
-    echo "| measurement | unit | walshuttle | pgcopydb | native | psql pipe | ws/pgcopydb | ws/native | ws/psql pipe |"
-    echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+    line="| measurement | unit"; sepl="|---|---"
+    for c in "${VCOLS[@]}" "${RCOLS[@]}"; do line="$line | $(col_label "$c")"; sepl="$sepl|---:"; done
+    echo "$line |"; echo "$sepl|"
     for def in "${ROWDEFS[@]}"; do
         IFS='|' read -r key label unit <<<"$def"
-        w=$(val "$key" walshuttle)
-        line="| $label | $unit | $(fmt "$w")"
-        for p in "${PEERS[@]}"; do line="$line | $(fmt "$(val "$key" "$p")")"; done
-        for p in "${PEERS[@]}"; do line="$line | $(fmt "$(ratio "$w" "$(val "$key" "$p")")")"; done
+        line="| $label | $unit"
+        for c in "${VCOLS[@]}"; do line="$line | $(fmt "$(val "$key" "$c")")"; done
+        for c in "${RCOLS[@]}"; do line="$line | $(fmt "$(rval "$key" "$c")")"; done
         echo "$line |"
     done
     echo
     echo "Other figures:"
     echo
-    echo "| figure | walshuttle | native |"
-    echo "|---|---:|---:|"
+    line="| figure"; sepl="|---"
+    for c in "${OCOLS[@]}"; do line="$line | $(col_label "$c")"; sepl="$sepl|---:"; done
+    echo "$line |"; echo "$sepl|"
     for key in "${OTHER_KEYS[@]}"; do
-        echo "| $key | $(fmt "$(val "$key" walshuttle)") | $(fmt "$(val "$key" native)") |"
+        line="| $key"; any=""
+        for c in "${OCOLS[@]}"; do v=$(val "$key" "$c"); [ -n "$v" ] && any=1; line="$line | $(fmt "$v")"; done
+        [ -n "$any" ] && echo "$line |"
     done
     pd=$(val initial_copy_data_only_s psql_pipe); pi=$(val initial_copy_index_build_s psql_pipe)
     [ -n "$pd" ] && echo && echo "psql pipe breakdown: data $pd s + keys/indexes $pi s."
-    ar=$(val peak_rss_mib_steady_state native_apply_worker)
-    [ -n "$ar" ] && echo && echo "Native apply worker (a backend process) peak RSS after steady state: $ar MiB (includes shared memory it touched)."
+    pd=$(val initial_copy_data_only_s floor); pi=$(val initial_copy_index_build_s floor)
+    [ -n "$pd" ] && echo && echo "floor breakdown: data $pd s + keys/indexes $pi s ($(val floor_file_bytes floor) bytes of COPY files)."
+    for c in native native17; do
+        ar=$(val peak_rss_mib_steady_state "${c}_apply_worker")
+        [ -n "$ar" ] && echo && echo "$(col_label "$c") apply worker (a backend process) peak RSS after steady state: $ar MiB (includes shared memory it touched)."
+    done
     if [ -s "$NOTES" ]; then
         echo
         echo "Notes:"
@@ -872,21 +1446,25 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\
     echo "  \"date\": $(json_str "$DATE"),"
     echo "  \"machine\": {\"nproc\": $NPROC, \"ram_gib\": $RAM_GIB, \"cpu\": $(json_str "$CPU_MODEL")},"
     echo "  \"postgresql\": $(json_str "$PG_VERSION"),"
+    echo "  \"postgresql17\": $(json_str "${PG17_VERSION:-}"),"
+    echo "  \"profiling_binary_sha256_prefix\": $(json_str "$WS_PROF_SHA"),"
     echo "  \"walshuttle\": {\"version\": $(json_str "$WS_VERSION"), \"binary_sha256_prefix\": $(json_str "$WS_SHA"), \"binary_built\": $(json_str "$WS_BUILT"), \"binary_rev\": $(json_str "${WALSHUTTLE_BIN_REV:-}"), \"repo_head\": $(json_str "$GIT_REV"), \"src_dirty\": $GIT_DIRTY},"
     echo "  \"pgcopydb\": $(json_str "${PGCOPYDB_VERSION:-}"),"
-    echo "  \"params\": {\"scale\": $SCALE, \"jobs\": $JOBS, \"fsync\": $([ "$FAST" = 1 ] && echo false || echo true), \"rows\": $SRC_ROWS, \"load_avg_1m_before\": $LOAD_START, \"source_db_bytes\": $DB_BYTES, \"bulk_rows\": $BULK_ROWS, \"backlog_txns\": $BACKLOG_TXNS, \"steady_rate\": $STEADY_RATE, \"steady_seconds\": $STEADY_SECONDS, \"pgcopydb_split\": $(json_str "$SPLIT_THRESHOLD"), \"native_streaming\": $(json_str "$NATIVE_STREAMING"), \"walshuttle_run_args\": $(json_str "${WALSHUTTLE_RUN_ARGS:-}"), \"only\": $(json_str "$ONLY"), \"out\": $(json_str "$OUT"), \"wait_load\": $([ -n "$WAIT_LOAD" ] && echo "$WAIT_LOAD" || echo null)},"
-    echo "  \"ratio_definition\": \"walshuttle / peer; lower is better for every measurement\","
+    echo "  \"params\": {\"scale\": $SCALE, \"jobs\": $JOBS, \"fsync\": $([ "$FAST" = 1 ] && echo false || echo true), \"rows\": $SRC_ROWS, \"load_avg_1m_before\": $LOAD_START, \"source_db_bytes\": $DB_BYTES, \"bulk_rows\": $BULK_ROWS, \"backlog_txns\": $BACKLOG_TXNS, \"steady_rate\": $STEADY_RATE, \"steady_seconds\": $STEADY_SECONDS, \"pgcopydb_split\": $(json_str "$SPLIT_THRESHOLD"), \"native_streaming\": $(json_str "$NATIVE_STREAMING"), \"walshuttle_run_args\": $(json_str "${WALSHUTTLE_RUN_ARGS:-}"), \"only\": $(json_str "$ONLY"), \"out\": $(json_str "$OUT"), \"wait_load\": $([ -n "$WAIT_LOAD" ] && echo "$WAIT_LOAD" || echo null), \"floor\": $([ "$FLOOR" = 1 ] && echo true || echo false), \"pg17\": $([ "$PG17" = 1 ] && echo true || echo false), \"tpcb\": $([ "$TPCB" = 1 ] && echo "{\"seconds\": $TPCB_SECONDS, \"clients\": $TPCB_CLIENTS, \"scale\": $TPCB_SCALE}" || echo null), \"many_tables\": $([ "$MANY" = 1 ] && echo "{\"count\": $MANY_COUNT, \"rows\": $MANY_ROWS, \"mixed_count\": $MIXED_COUNT, \"mixed_max\": $MIXED_MAX, \"mixed_rows\": ${MIXED_ROWS:-null}}" || echo null)},"
+    echo "  \"ratio_definition\": \"walshuttle / peer (walshuttle17 / native17 on the PostgreSQL 17 pair; best_peer: the lowest of pgcopydb, native, psql_pipe); lower is better for every measurement\","
     echo "  \"measurements\": ["
     n=${#ROWDEFS[@]}; i=0
     for def in "${ROWDEFS[@]}"; do
         i=$((i + 1))
         IFS='|' read -r key label unit <<<"$def"
-        w=$(val "$key" walshuttle)
-        printf '    {"name": %s, "label": %s, "unit": %s, "walshuttle": %s' "$(json_str "$key")" "$(json_str "$label")" "$(json_str "$unit")" "$(json_num "$w")"
-        for p in "${PEERS[@]}"; do printf ', "%s": %s' "$p" "$(json_num "$(val "$key" "$p")")"; done
+        printf '    {"name": %s, "label": %s, "unit": %s' "$(json_str "$key")" "$(json_str "$label")" "$(json_str "$unit")"
+        for c in "${VCOLS[@]}"; do printf ', "%s": %s' "$c" "$(json_num "$(val "$key" "$c")")"; done
         printf ', "ratios": {'
         sep=""
-        for p in "${PEERS[@]}"; do printf '%s"%s": %s' "$sep" "$p" "$(json_num "$(ratio "$w" "$(val "$key" "$p")")")"; sep=", "; done
+        for c in "${RCOLS[@]}"; do
+            case "$c" in walshuttle:best) rk=best_peer ;; walshuttle:*) rk=${c#walshuttle:} ;; *) rk=${c/:/\/} ;; esac
+            printf '%s"%s": %s' "$sep" "$rk" "$(json_num "$(rval "$key" "$c")")"; sep=", "
+        done
         printf '}}'
         [ "$i" -lt "$n" ] && printf ','
         printf '\n'
@@ -897,10 +1475,10 @@ json_str() { printf '"%s"' "$(printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\
     echo "  ],"
     echo "  \"samples\": {"
     sep=""
-    for tool in walshuttle native; do
+    for tool in "${OCOLS[@]}"; do
         printf '%s    "%s": {' "$sep" "$tool"; sep=$',\n'
         isep=""
-        for kind in lag-seconds lag-bytes idle-latency; do
+        for kind in lag-seconds lag-bytes idle-latency tpcb-lag; do
             f="$WORK/$kind-$tool.txt"
             printf '%s"%s": [%s]' "$isep" "${kind//-/_}" "$( [ -f "$f" ] && grep -E '^-?[0-9.]+$' "$f" | paste -sd, - )"
             isep=", "
@@ -918,13 +1496,15 @@ if command -v jq >/dev/null 2>&1; then jq empty "$JSON" || log "warning: $JSON i
 
 # ---- terminal ----
 echo
-printf '%-44s %12s %12s %12s %12s %10s %10s %10s\n' "measurement" "walshuttle" "pgcopydb" "native" "psql pipe" "ws/pgcdb" "ws/native" "ws/psql"
+printf '%-44s' "measurement"
+for c in "${VCOLS[@]}"; do printf ' %11s' "$(col_label "$c" | cut -c1-11)"; done
+for c in "${RCOLS[@]}"; do printf ' %11s' "$(col_label "$c" | cut -c1-11)"; done
+printf '\n'
 for def in "${ROWDEFS[@]}"; do
     IFS='|' read -r key label unit <<<"$def"
-    w=$(val "$key" walshuttle)
-    printf '%-44s %12s' "$label ($unit)" "$(fmt "$w")"
-    for p in "${PEERS[@]}"; do printf ' %12s' "$(fmt "$(val "$key" "$p")")"; done
-    for p in "${PEERS[@]}"; do printf ' %10s' "$(fmt "$(ratio "$w" "$(val "$key" "$p")")")"; done
+    printf '%-44s' "$(printf '%s (%s)' "$label" "$unit" | cut -c1-44)"
+    for c in "${VCOLS[@]}"; do printf ' %11s' "$(fmt "$(val "$key" "$c")")"; done
+    for c in "${RCOLS[@]}"; do printf ' %11s' "$(fmt "$(rval "$key" "$c")")"; done
     printf '\n'
 done
 echo

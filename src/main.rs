@@ -8,6 +8,9 @@ use walshuttle::cli::{Cli, Command, ConfigAction};
 use walshuttle::config::{endpoint, Side};
 use walshuttle::settings::{FileConfig, Resolved};
 
+#[cfg(feature = "profiling")]
+mod profiling;
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let mut cli = match Cli::from_arg_matches(&matches) {
@@ -33,6 +36,8 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.connections.log_format);
+    #[cfg(feature = "profiling")]
+    let profile = profiling::start();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -43,7 +48,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(dispatch(cli, file, matches)) {
+    let result = runtime.block_on(dispatch(cli, file, matches));
+    #[cfg(feature = "profiling")]
+    if let Some(profile) = profile {
+        profile.finish();
+    }
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
