@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use futures_util::{StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
 use crate::catalog::{self, Table, TargetFit};
@@ -330,8 +331,18 @@ async fn fresh(
     by_size.sort_by_key(|t| std::cmp::Reverse(t.blocks));
     let mut chunks = Vec::new();
     let mut columns: HashMap<QualifiedName, Option<String>> = HashMap::new();
-    for t in by_size {
-        let (c, column) = plan::plan_table(snapshot.holder(), t, size).await?;
+    // One query per table, pipelined on the snapshot's session (the futures are
+    // made first: a closure inside the stream would not be `Send` for every
+    // lifetime).
+    let plans: Vec<_> = by_size
+        .iter()
+        .map(|t| plan::plan_table(snapshot.holder(), t, size))
+        .collect();
+    let planned: Vec<(Vec<ChunkRow>, Option<String>)> = futures_util::stream::iter(plans)
+        .buffered(catalog::PIPELINE_DEPTH)
+        .try_collect()
+        .await?;
+    for (t, (c, column)) in by_size.iter().zip(planned) {
         chunks.extend(c);
         columns.insert(t.name.clone(), column);
     }
@@ -356,14 +367,14 @@ async fn fresh(
         // killed before it commits leaves no table behind that a rerun would have
         // to tell apart from the user's own (created without their keys, which
         // are built after the copy).
+        // The CREATE TABLEs go out in batches of statements (one round trip each),
+        // after every type they use exists.
+        let mut creates: Vec<(&QualifiedName, String)> = Vec::new();
         for (table, fit) in checked.tables.iter().zip(&checked.fits) {
             match fit {
                 TargetFit::Missing { .. } => {
                     catalog::create_missing_types(src, &tx, table).await?;
-                    tx.batch_execute(&catalog::create_table_sql(table))
-                        .await
-                        .pg_context(|| format!("creating table {} on the target", table.name))?;
-                    tracing::info!(table = %table.name, "created table on the target");
+                    creates.push((&table.name, catalog::create_table_sql(table)));
                 }
                 TargetFit::Exists { .. } if opts.truncate_target => {
                     tx.batch_execute(&format!("TRUNCATE {}", table.name.quoted()))
@@ -372,6 +383,19 @@ async fn fresh(
                     tracing::info!(table = %table.name, "truncated target table (--truncate-target)");
                 }
                 TargetFit::Exists { .. } => {}
+            }
+        }
+        for batch in creates.chunks(CREATE_BATCH) {
+            let sql: Vec<&str> = batch.iter().map(|(_, sql)| sql.as_str()).collect();
+            tx.batch_execute(&sql.join(";\n")).await.pg_context(|| {
+                format!(
+                    "creating tables {} to {} on the target",
+                    batch[0].0,
+                    batch[batch.len() - 1].0
+                )
+            })?;
+            for (name, _) in batch {
+                tracing::info!(table = %name, "created table on the target");
             }
         }
         state.save_pipeline(&tx, &pipeline).await?;
@@ -537,6 +561,9 @@ async fn resume(
     )
     .await
 }
+
+/// How many CREATE TABLE statements go to the target in one round trip.
+const CREATE_BATCH: usize = 200;
 
 /// The steps every bootstrap ends with, fresh or resumed: copy the chunks, build keys
 /// and indexes, record the finish, and sum up.

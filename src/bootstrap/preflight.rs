@@ -2,6 +2,7 @@
 //! message naming the setting, table or column and the fix.
 
 use anyhow::{bail, Result};
+use futures_util::{StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 
 use crate::bootstrap::BootstrapOptions;
@@ -121,37 +122,18 @@ pub async fn check(
     }
     let publication =
         publication::plan(source, target, state, slot, opts.publication.as_deref()).await?;
-    let mut fits = Vec::with_capacity(tables.len());
-    let mut target_keys = Vec::with_capacity(tables.len());
-    for table in &tables {
-        let fit = catalog::check_target(target, table).await?;
-        target_keys.push(match fit {
-            TargetFit::Exists { .. } if !owned.contains(&table.name) => {
-                target_key(target, table).await?
-            }
-            _ => TargetKey::FromSource,
-        });
-        if matches!(fit, TargetFit::Exists { .. })
-            && !truncate_target
-            && !owned.contains(&table.name)
-        {
-            let has_rows = target
-                .query_opt(
-                    &format!("SELECT 1 FROM {} LIMIT 1", table.name.quoted()),
-                    &[],
-                )
-                .await
-                .pg_context(|| format!("checking whether {} is empty on the target", table.name))?
-                .is_some();
-            if has_rows {
-                bail!(
-                    "table {} already holds rows on the target that walshuttle did not copy: empty it, or pass --truncate-target to replace them with the source's rows",
-                    table.name
-                );
-            }
-        }
-        fits.push(fit);
-    }
+    // One table's checks are a few round trips; thousands of tables go out
+    // pipelined (the futures are made first: a closure inside the stream would not
+    // be `Send` for every lifetime).
+    let checks: Vec<_> = tables
+        .iter()
+        .map(|table| check_target_table(target, table, owned, truncate_target))
+        .collect();
+    let checked: Vec<(TargetFit, TargetKey)> = futures_util::stream::iter(checks)
+        .buffered(catalog::PIPELINE_DEPTH)
+        .try_collect()
+        .await?;
+    let (fits, target_keys): (Vec<TargetFit>, Vec<TargetKey>) = checked.into_iter().unzip();
     let target_setup = target_checks::decide(
         target,
         tables.iter().map(|t| &t.name),
@@ -165,6 +147,40 @@ pub async fn check(
         publication,
         target: target_setup,
     })
+}
+
+/// How `table` stands on the target, and how an existing target table finds its
+/// rows; refuses an existing table that holds rows walshuttle did not copy.
+async fn check_target_table(
+    target: &Client,
+    table: &Table,
+    owned: &[QualifiedName],
+    truncate_target: bool,
+) -> Result<(TargetFit, TargetKey)> {
+    let fit = catalog::check_target(target, table).await?;
+    let key = match fit {
+        TargetFit::Exists { .. } if !owned.contains(&table.name) => {
+            target_key(target, table).await?
+        }
+        _ => TargetKey::FromSource,
+    };
+    if matches!(fit, TargetFit::Exists { .. }) && !truncate_target && !owned.contains(&table.name) {
+        let has_rows = target
+            .query_opt(
+                &format!("SELECT 1 FROM {} LIMIT 1", table.name.quoted()),
+                &[],
+            )
+            .await
+            .pg_context(|| format!("checking whether {} is empty on the target", table.name))?
+            .is_some();
+        if has_rows {
+            bail!(
+                "table {} already holds rows on the target that walshuttle did not copy: empty it, or pass --truncate-target to replace them with the source's rows",
+                table.name
+            );
+        }
+    }
+    Ok((fit, key))
 }
 
 /// How an existing target table finds the rows the source identifies: it needs a
