@@ -75,26 +75,9 @@ pub struct Table {
     pub blocks: i64,
     /// Planner's row estimate, for progress display.
     pub estimated_rows: i64,
-    /// The key columns of every unique index (expression columns left out), `None`
-    /// for an exclusion constraint: which rows may collide with which.
-    #[serde(skip)]
-    pub unique_indexes: Vec<Option<Vec<String>>>,
 }
 
 impl Table {
-    /// Whether key ranges of `column` may be copied under different snapshots: no
-    /// two rows of different ranges can collide on a unique or exclusion constraint,
-    /// since every unique index has `column` among its keys (equal keys, one range)
-    /// and there is no exclusion constraint. Otherwise a value that passed from a row
-    /// of a range copied earlier to a row of one copied later would be on the target
-    /// twice until the stream caught up, and the constraint would refuse it.
-    pub fn ranges_independent(&self, column: &str) -> bool {
-        self.unique_indexes.iter().all(|u| {
-            u.as_ref()
-                .is_some_and(|cols| cols.iter().any(|c| c == column))
-        })
-    }
-
     /// Names of the columns that rows carry (generated columns excluded).
     pub fn copied_columns(&self) -> Vec<&Column> {
         self.columns.iter().filter(|c| c.is_copied()).collect()
@@ -300,6 +283,27 @@ async fn expand_selection(client: &Client, list: &[QualifiedName]) -> Result<Vec
     Ok(out)
 }
 
+/// Whether key ranges of `column` of `table` may be copied under different
+/// snapshots: no two rows of different ranges can collide on a unique or exclusion
+/// constraint, since every unique index has `column` among its keys (equal keys,
+/// one range) and there is no exclusion constraint. Otherwise a value that passed
+/// from a row of a range copied earlier to a row of one copied later would be on the
+/// target twice until the stream caught up, and the constraint would refuse it.
+pub async fn ranges_independent(client: &Client, table: &Table, column: &str) -> Result<bool> {
+    Ok(client
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = $1 \
+                 AND (i.indisexclusion OR (i.indisunique AND NOT EXISTS ( \
+                     SELECT 1 FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS u(k, o) \
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.k \
+                     WHERE u.o <= i.indnkeyatts AND a.attname = $2))))",
+            &[&table.oid, &column],
+        )
+        .await
+        .pg_context(|| format!("reading the unique indexes of {}", table.name))?
+        .get(0))
+}
+
 /// Reads one table's definition, or `None` when it does not exist.
 pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<Table>> {
     let ctx = || format!("reading the definition of {name}");
@@ -356,20 +360,6 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
         load_identity(client, oid, &replica_identity)
             .await
             .with_context(ctx)?;
-    let unique_indexes = client
-        .query(
-            "SELECT i.indisexclusion, \
-                    ARRAY(SELECT a.attname::text FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS u(k, o) \
-                          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = u.k \
-                          WHERE u.o <= i.indnkeyatts ORDER BY u.o) \
-             FROM pg_index i WHERE i.indrelid = $1 AND (i.indisunique OR i.indisexclusion)",
-            &[&oid],
-        )
-        .await
-        .pg_context(ctx)?
-        .iter()
-        .map(|r| (!r.get::<_, bool>(0)).then(|| r.get::<_, Vec<String>>(1)))
-        .collect();
     Ok(Some(Table {
         oid,
         name: name.clone(),
@@ -381,7 +371,6 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
         identity_gap,
         blocks: rel.get(2),
         estimated_rows: rel.get(3),
-        unique_indexes,
     }))
 }
 

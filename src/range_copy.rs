@@ -93,7 +93,7 @@ pub async fn plan(src: &Client, table: &Table) -> Result<Option<(String, Vec<Sli
     if !int_key {
         return Ok(None);
     }
-    if !table.ranges_independent(key) {
+    if !catalog::ranges_independent(src, table, key).await? {
         tracing::info!(table = %table.name, "copying under one snapshot: a unique or exclusion constraint without the key's first column could collide across ranges copied under different snapshots");
         return Ok(None);
     }

@@ -51,17 +51,14 @@ pub fn chunk_blocks(total_blocks: i64, jobs: usize) -> i64 {
 
 /// The integer column a table's chunks are key ranges of, if it has one: its single
 /// identity key column, or its single primary-key column under `REPLICA IDENTITY
-/// FULL` (full row images carry every column), when its ranges may be copied under
-/// different snapshots (a resumed bootstrap does; see [`Table::ranges_independent`]).
+/// FULL` (full row images carry every column).
 pub fn chunk_column(table: &Table) -> Option<String> {
     if table.key.len() != 1 {
         return None;
     }
     let name = &table.key[0];
     let col = table.columns.iter().find(|c| &c.name == name)?;
-    (matches!(col.type_sql.as_str(), "smallint" | "integer" | "bigint")
-        && table.ranges_independent(name))
-    .then(|| name.clone())
+    matches!(col.type_sql.as_str(), "smallint" | "integer" | "bigint").then(|| name.clone())
 }
 
 /// Cuts one table of `blocks` heap blocks into block chunks of `size` blocks.
@@ -139,7 +136,13 @@ pub async fn plan_table(
     chunk_size_blocks: i64,
 ) -> Result<(Vec<ChunkRow>, Option<String>)> {
     let count = ((table.blocks + chunk_size_blocks - 1) / chunk_size_blocks.max(1)).max(1);
-    let Some(column) = chunk_column(table) else {
+    // Key ranges only where they may be copied under different snapshots (a
+    // resumed bootstrap does; see [`crate::catalog::ranges_independent`]).
+    let column = match chunk_column(table) {
+        Some(c) if crate::catalog::ranges_independent(client, table, &c).await? => Some(c),
+        _ => None,
+    };
+    let Some(column) = column else {
         return Ok((
             split_blocks(&table.name, table.blocks, chunk_size_blocks),
             None,

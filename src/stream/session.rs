@@ -578,32 +578,29 @@ async fn table_binary_capable(
     target: &Client,
     name: &QualifiedName,
 ) -> Result<bool> {
-    {
-        let Some(table) = crate::catalog::load_table(source, name).await? else {
-            return Err(Fatal(format!(
-                "table {name} of this pipeline no longer exists on the source"
-            ))
-            .into());
-        };
-        // Columns added on the source since the target table was made are added by
-        // the stream when their first change arrives (see `added_columns`).
-        let mut table = table;
-        if let Some(existing) = crate::catalog::load_table(target, name).await? {
-            let (present, added): (Vec<_>, Vec<_>) = table
-                .columns
-                .into_iter()
-                .partition(|c| existing.columns.iter().any(|t| t.name == c.name));
-            table.columns = present;
-            if added.iter().any(|c| !c.binary_portable) {
-                return Ok(false);
-            }
+    let Some(mut table) = crate::catalog::load_table(source, name).await? else {
+        return Err(Fatal(format!(
+            "table {name} of this pipeline no longer exists on the source"
+        ))
+        .into());
+    };
+    // Columns added on the source since the target table was made are added by
+    // the stream when their first change arrives (see `added_columns`).
+    if let Some(existing) = crate::catalog::load_table(target, name).await? {
+        let (present, added): (Vec<_>, Vec<_>) = table
+            .columns
+            .into_iter()
+            .partition(|c| existing.columns.iter().any(|t| t.name == c.name));
+        table.columns = present;
+        if added.iter().any(|c| !c.binary_portable) {
+            return Ok(false);
         }
-        match crate::catalog::check_target(target, &table).await {
-            Ok(fit) => Ok(fit.binary()),
-            // A lost connection is retried; an incompatible table is not.
-            Err(e) if source.is_closed() || target.is_closed() => Err(e),
-            Err(e) => Err(Fatal(e.to_string()).into()),
-        }
+    }
+    match crate::catalog::check_target(target, &table).await {
+        Ok(fit) => Ok(fit.binary()),
+        // A lost connection is retried; an incompatible table is not.
+        Err(e) if source.is_closed() || target.is_closed() => Err(e),
+        Err(e) => Err(Fatal(e.to_string()).into()),
     }
 }
 
