@@ -6,34 +6,18 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
 use support::workload::Writer;
 use support::{
-    run, wait_for_convergence_running, wait_while_running, walshuttle, Cluster, RunLogs, PASSWORD,
+    free_port, run, wait_for_convergence_running, wait_while_running, walshuttle, Cluster, RunLogs,
+    PASSWORD,
 };
 
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// `GET path` on 127.0.0.1:port: the whole response, `None` when nothing answers.
+/// `GET path` on 127.0.0.1:port: the body, `None` when nothing answers.
 fn http_get(port: u16, path: &str) -> Option<String> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).ok()?;
-    Some(raw)
+    support::http_get(port, path).map(|(_, body)| body)
 }
 
 /// Every output collected, labelled.
