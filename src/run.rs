@@ -71,8 +71,10 @@ impl RunOptions {
 }
 
 /// How long a stop may take before walshuttle exits without finishing it (a server
-/// that stopped answering must not keep SIGTERM from working).
-const STOP_GRACE: Duration = Duration::from_secs(8);
+/// that stopped answering must not keep SIGTERM from working): the session's own
+/// bounded steps, plus the wait for the slot's restart point after a large
+/// transaction (`stream::restart_point`).
+const STOP_GRACE: Duration = Duration::from_secs(8 + crate::stream::restart_point::WAIT.as_secs());
 
 /// Resolves `STOP_GRACE` after a stop was requested.
 async fn stop_deadline(watcher: &mut watch::Receiver<bool>) {

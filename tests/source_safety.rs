@@ -400,3 +400,96 @@ async fn superuser_target_applies_in_replica_mode() {
     )
     .await;
 }
+
+/// A clean stop soon after a large transaction leaves the slot's restart point past
+/// it: otherwise the next start makes the source read and decode the whole
+/// transaction again (spilling it to disk) before it sends anything new. The source
+/// logs the running transactions that move a restart point only every 15 s, so a
+/// `run` stopped a moment after applying a bulk load kept the point before the load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_after_a_large_transaction_moves_the_restart_point_past_it() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    src.batch_execute(
+        "CREATE TABLE bulk (id bigint PRIMARY KEY, payload text NOT NULL,
+                            code int UNIQUE);
+         INSERT INTO bulk SELECT g, 'seed', g FROM generate_series(1, 100) g;",
+    )
+    .await
+    .unwrap();
+    let mut logs = RunLogs::new();
+    let mut child = logs.spawn({
+        let mut cmd = walshuttle(&source, &target);
+        cmd.arg("run");
+        cmd
+    });
+    let tgt = target.client().await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["bulk"], Duration::from_secs(120)).await;
+
+    // About 100 MB of WAL in one transaction.
+    src.batch_execute(
+        "INSERT INTO bulk SELECT g, repeat(md5(g::text), 16), g FROM generate_series(101, 150000) g",
+    )
+    .await
+    .unwrap();
+    let after_bulk: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_while_running(
+        "the bulk transaction on the target",
+        Duration::from_secs(120),
+        &mut child,
+        || async {
+            tgt.query_one("SELECT count(*) FROM bulk", &[])
+                .await
+                .map(|r| r.get::<_, i64>(0) == 150_000)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    child.sigterm();
+    let status = child.wait_exit(Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "run did not stop cleanly: {status:?}\n{}",
+        support::tail(&child.log(), 40)
+    );
+    let behind: i64 = src
+        .query_one(
+            "SELECT pg_wal_lsn_diff($1::text::pg_lsn, restart_lsn)::bigint
+               FROM pg_replication_slots WHERE slot_name = 'walshuttle'",
+            &[&after_bulk],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        behind <= 0,
+        "the slot's restart point is {behind} bytes before the end of the bulk transaction: \
+         the next start decodes it again\n{}",
+        support::tail(&child.log(), 20)
+    );
+
+    // Writes while stopped, then a start that carries them.
+    src.batch_execute("UPDATE bulk SET payload = 'after the stop' WHERE id % 1000 = 0; DELETE FROM bulk WHERE id BETWEEN 500 AND 520;")
+        .await
+        .unwrap();
+    let mut child = logs.spawn({
+        let mut cmd = walshuttle(&source, &target);
+        cmd.arg("run");
+        cmd
+    });
+    wait_for_convergence_running(&mut child, &src, &tgt, &["bulk"], Duration::from_secs(120)).await;
+    child.sigterm();
+    assert!(child
+        .wait_exit(Duration::from_secs(60))
+        .await
+        .is_some_and(|s| s.success()));
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("verify");
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "verify: {out}\n{err}");
+}

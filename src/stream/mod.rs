@@ -10,6 +10,7 @@
 //! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
 //! - [`apply`]: batching changes into target transactions.
 //! - [`copy_positions`]: which changes the ranges copied outside the stream already hold.
+//! - [`restart_point`]: a clean stop leaves the slot's restart point past what was applied.
 //! - [`io`]: the replication connection's own task: read-ahead, keepalives, timeouts.
 //! - [`session`]: one replication session, transaction boundaries and feedback.
 //! - [`spool`]: streamed transactions past the connection cap, on disk until they commit.
@@ -27,6 +28,7 @@ pub mod held;
 pub mod io;
 pub mod memory;
 pub mod relations;
+pub mod restart_point;
 pub mod session;
 pub mod spool;
 pub mod values;

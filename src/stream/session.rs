@@ -24,6 +24,7 @@ use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
 use super::io::{Incoming, StreamIo};
 use super::memory::StreamMemory;
 use super::relations::{Fatal, Relations};
+use super::restart_point;
 use super::spool::Spool;
 use crate::config::Endpoint;
 use crate::pg::replication::ReplicationClient;
@@ -616,13 +617,21 @@ impl Session<'_> {
             if *shutdown.borrow() {
                 // A stalled target must not keep a stop from finishing: what was
                 // not confirmed is simply streamed again next time.
-                return match tokio::time::timeout(STOP_TIMEOUT, self.stop()).await {
-                    Ok(result) => result,
+                match tokio::time::timeout(STOP_TIMEOUT, self.stop()).await {
+                    Ok(result) => result?,
                     Err(_) => {
                         tracing::warn!("the target did not answer while stopping; stopping anyway (nothing is lost: unconfirmed changes are sent again)");
-                        Ok(())
+                        return Ok(());
                     }
-                };
+                }
+                self.settle_restart_point().await;
+                // The replication task sends the final position, asks for a reply
+                // and waits for it: the walsender answers after it has taken the
+                // position in, so the slot shows it once this process is gone.
+                self.publish_flush();
+                self.io.stop_gracefully().await;
+                tracing::info!(applied = %self.applied, flushed = %self.flush_position(), "stopped cleanly");
+                return Ok(());
             }
             let event = tokio::select! {
                 message = self.io.recv() => Event::Message(message?),
@@ -1974,12 +1983,68 @@ impl Session<'_> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // The replication task sends the final position, asks for a reply and waits
-        // for it: the walsender answers after it has taken the position in, so the
-        // slot shows it once this process is gone.
-        self.publish_flush();
-        self.io.stop_gracefully().await;
-        tracing::info!(applied = %self.applied, flushed = %self.flush_position(), "stopped cleanly");
         Ok(())
+    }
+
+    /// After a clean stop's last commit: when the slot's restart point lags what is
+    /// confirmed by more than [`restart_point::WORTH_WAITING`] (a large transaction
+    /// committed moments ago), keeps confirming the source's keepalives until the
+    /// walsender decodes a record of running transactions and moves the point, at
+    /// most [`restart_point::WAIT`]. Best effort: a new transaction arriving, or a
+    /// source that does not answer, ends the wait.
+    async fn settle_restart_point(&mut self) {
+        if !(self.is_idle() && self.pending_durable.is_empty()) {
+            return;
+        }
+        let confirmed = self.flush_position();
+        let Some(first) = restart_point::read(&self.source_sql, &self.cfg.slot).await else {
+            return;
+        };
+        if !restart_point::worth_waiting(first, confirmed) {
+            return;
+        }
+        let behind_mib = (confirmed.0 - first.0) >> 20;
+        let requested = restart_point::request_running_xacts(&self.source_sql).await;
+        tracing::info!(
+            restart = %first,
+            behind_mib,
+            requested,
+            "waiting (at most {} s) for the source to move the slot's restart point past what was applied, so that the next start does not decode it again",
+            restart_point::WAIT.as_secs()
+        );
+        let deadline = tokio::time::Instant::now() + restart_point::WAIT;
+        let mut poll = tokio::time::interval(Duration::from_millis(200));
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = self.io.recv() => match message {
+                    Ok(Incoming::Keepalive { wal_end }) => {
+                        // Idle: everything up to the walsender's position is applied.
+                        self.idle_wal_end = self.idle_wal_end.max(wal_end);
+                        if self.send_status(false).await.is_err() {
+                            return;
+                        }
+                    }
+                    // A new transaction: it is not applied while stopping, so
+                    // nothing past it can be confirmed.
+                    Ok(Incoming::Data { .. }) | Err(_) => {
+                        tracing::info!("the source sent a new transaction; stopping without waiting for the restart point");
+                        return;
+                    }
+                },
+                _ = poll.tick() => match restart_point::read(&self.source_sql, &self.cfg.slot).await {
+                    Some(now) if now > first => {
+                        tracing::info!(restart = %now, "the slot's restart point moved");
+                        return;
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    tracing::info!(restart = %first, "the slot's restart point did not move in time; the next start decodes from it");
+                    return;
+                }
+            }
+        }
     }
 }
