@@ -905,8 +905,8 @@ async fn large_transaction_streams_with_bounded_memory() {
         table_fingerprint(&tgt, "big").await
     );
     assert!(
-        peak_kb < 256 * 1024,
-        "walshuttle peaked at {} MiB RSS applying one 2,000,000-row transaction (limit 256 MiB)",
+        peak_kb < 128 * 1024,
+        "walshuttle peaked at {} MiB RSS applying one 2,000,000-row transaction (limit 128 MiB)",
         peak_kb / 1024
     );
 }

@@ -98,6 +98,35 @@ pub struct CreateSlotResult {
     pub snapshot_name: String,
 }
 
+/// Size of the blocks the replication connection reads into.
+const READ_BLOCK: usize = 64 * 1024;
+/// Free space below which a read starts a new block instead of filling the current
+/// one further (a read into less would return a fraction of a message).
+const READ_MIN_SPACE: usize = 8 * 1024;
+/// Most reserved at once for a long frame (the length comes from the server; a
+/// longer frame grows in steps of this).
+const READ_MAX_STEP: usize = 16 * 1024 * 1024;
+
+/// How much to reserve in the read buffer before the next read, if anything:
+/// `free` bytes are left in its current block, `buffered` bytes are unparsed, and
+/// the frame at the front is `frame_len` bytes long (0 while its header is
+/// incomplete).
+///
+/// Messages are split off the buffer without copying, so a block stays allocated
+/// while any message read into it is alive, and a streamed transaction's buffered
+/// changes hold thousands. Reserving a whole block before every read started a new
+/// 64 KiB block per read however little the read then brought: a 2,000,000-row
+/// transaction kept 1,798 blocks (118 MB) alive for about 20,000 buffered rows
+/// (dhat). A block is now filled before the next one starts, and a frame longer
+/// than the block gets its whole length at once (read 64 KiB at a time, a large
+/// row was copied again at every step).
+fn reserve_before_read(free: usize, buffered: usize, frame_len: usize) -> Option<usize> {
+    let wanted = frame_len
+        .saturating_sub(buffered)
+        .clamp(READ_MIN_SPACE, READ_MAX_STEP);
+    (free < wanted).then_some(wanted.max(READ_BLOCK))
+}
+
 /// A connection in `replication=database` mode, before streaming starts.
 pub struct ReplicationClient {
     io: Box<dyn Transport>,
@@ -188,7 +217,7 @@ impl ReplicationClient {
             })??;
         let mut client = ReplicationClient {
             io,
-            read_buf: BytesMut::with_capacity(64 * 1024),
+            read_buf: BytesMut::with_capacity(READ_BLOCK),
             write_buf: BytesMut::with_capacity(1024),
             backend_pid: 0,
             server_major: 0,
@@ -455,8 +484,22 @@ impl ReplicationClient {
         }
     }
 
+    /// The whole length of the frame at the front of the buffer, once its header is
+    /// in (0 before).
+    fn buffered_frame_len(&self) -> usize {
+        match self.read_buf.get(..5) {
+            Some(h) => 1 + u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize,
+            None => 0,
+        }
+    }
+
     async fn fill(&mut self) -> Result<()> {
-        self.read_buf.reserve(64 * 1024);
+        let free = self.read_buf.capacity() - self.read_buf.len();
+        if let Some(more) =
+            reserve_before_read(free, self.read_buf.len(), self.buffered_frame_len())
+        {
+            self.read_buf.reserve(more);
+        }
         let n = self.io.read_buf(&mut self.read_buf).await?;
         if n == 0 {
             return Err(ReplicationError::Io(std::io::Error::new(
@@ -717,7 +760,34 @@ fn server_error(body: &backend::ErrorResponseBody) -> ReplicationError {
 
 #[cfg(test)]
 mod tests {
-    use super::{create_slot_sql, create_slot_sql_with, major_of_server_version};
+    use super::{
+        create_slot_sql, create_slot_sql_with, major_of_server_version, reserve_before_read,
+        READ_BLOCK, READ_MIN_SPACE,
+    };
+
+    #[test]
+    fn a_read_block_is_filled_before_the_next_is_reserved() {
+        // Room for more messages: no new block (each new block stays allocated as
+        // long as one message read into it is).
+        assert_eq!(reserve_before_read(60_000, 0, 0), None);
+        assert_eq!(reserve_before_read(READ_MIN_SPACE, 100, 300), None);
+        // Too little room left for a useful read: a new block.
+        assert_eq!(
+            reserve_before_read(READ_MIN_SPACE - 1, 0, 0),
+            Some(READ_BLOCK)
+        );
+        // A frame longer than the room left: its whole remaining length at once.
+        assert_eq!(
+            reserve_before_read(40_000, 10_000, 1_000_000),
+            Some(990_000)
+        );
+        assert_eq!(reserve_before_read(1_000_000, 10_000, 1_000_000), None);
+        // A huge length is not trusted with one allocation.
+        assert_eq!(
+            reserve_before_read(0, 5, u32::MAX as usize),
+            Some(super::READ_MAX_STEP)
+        );
+    }
 
     #[test]
     fn server_versions_give_their_major() {

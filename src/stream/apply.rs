@@ -527,13 +527,7 @@ impl TargetSession {
     }
 
     async fn copy_inserts(&mut self, shape: &TableShape, run: &[Op]) -> Result<()> {
-        let mut enc = CopyEncoder::new(shape.binary);
-        for op in run {
-            if let Op::Insert { new, .. } = op {
-                enc.push_row(new.columns.iter());
-            }
-        }
-        let rows = enc.rows() as u64;
+        let rows = run.len() as u64;
         let format = if shape.binary { " (FORMAT binary)" } else { "" };
         let sql = format!(
             "COPY {} ({}) FROM STDIN{format}",
@@ -548,6 +542,18 @@ impl TargetSession {
             .await
             .pg_context(ctx)?;
         futures_util::pin_mut!(sink);
+        // Sent in chunks as it is encoded: a run's data in one piece (several MiB
+        // for a flush of a streamed transaction) was held twice, encoded and in the
+        // connection's write buffer, which then kept that size.
+        let mut enc = CopyEncoder::new(shape.binary);
+        for op in run {
+            if let Op::Insert { new, .. } = op {
+                enc.push_row(new.columns.iter());
+            }
+            if enc.len() >= COPY_CHUNK {
+                sink.feed(enc.take()).await.pg_context(ctx)?;
+            }
+        }
         sink.send(enc.finish()).await.pg_context(ctx)?;
         sink.finish().await.pg_context(ctx)?;
         self.counts.inserted += rows;
