@@ -15,6 +15,7 @@ use crate::observe::{self, RunPhase};
 use crate::pg::connect;
 use crate::state::{Phase, StateStore};
 use crate::stream::faults::{self, Class, Fatal};
+use crate::stream::restart_point::StopExtension;
 use crate::stream::session::{self, StreamConfig};
 use crate::target_checks::{self, TargetSetup};
 
@@ -71,19 +72,26 @@ impl RunOptions {
 }
 
 /// How long a stop may take before walshuttle exits without finishing it (a server
-/// that stopped answering must not keep SIGTERM from working): the session's own
-/// bounded steps, plus the wait for the slot's restart point after a large
-/// transaction (`stream::restart_point`).
-const STOP_GRACE: Duration = Duration::from_secs(8 + crate::stream::restart_point::WAIT.as_secs());
+/// that stopped answering must not keep SIGTERM from working).
+const STOP_GRACE: Duration = Duration::from_secs(8);
 
-/// Resolves `STOP_GRACE` after a stop was requested.
-async fn stop_deadline(watcher: &mut watch::Receiver<bool>) {
+/// Resolves `STOP_GRACE` after a stop was requested, or later when the session
+/// lengthened it (it waits for the slot's restart point, `stream::restart_point`,
+/// which it does only with a source that answers).
+async fn stop_deadline(watcher: &mut watch::Receiver<bool>, extension: &StopExtension) {
     while !*watcher.borrow() {
         if watcher.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
     }
-    tokio::time::sleep(STOP_GRACE).await;
+    let mut deadline = tokio::time::Instant::now() + STOP_GRACE;
+    loop {
+        tokio::time::sleep_until(deadline).await;
+        match extension.until() {
+            Some(later) if later > deadline => deadline = later,
+            _ => return,
+        }
+    }
 }
 
 const BACKOFF_START: Duration = Duration::from_millis(500);
@@ -104,9 +112,10 @@ pub async fn run(
     // The deadline covers every step, start-up included: a server that accepts the
     // connection and then says nothing must not keep SIGTERM from working.
     let mut watcher = shutdown.clone();
+    let extension = StopExtension::default();
     let result = tokio::select! {
-        result = run_pipeline(source, target, opts, state, &mut shutdown) => result,
-        _ = stop_deadline(&mut watcher) => {
+        result = run_pipeline(source, target, opts, state, &mut shutdown, &extension) => result,
+        _ = stop_deadline(&mut watcher, &extension) => {
             tracing::warn!("the stop did not finish within {} s (a server is not answering): exiting anyway; nothing is lost, unconfirmed changes are sent again", STOP_GRACE.as_secs());
             Ok(())
         }
@@ -132,6 +141,7 @@ async fn run_pipeline(
     opts: &RunOptions,
     state: StateStore,
     shutdown: &mut watch::Receiver<bool>,
+    stop_extension: &StopExtension,
 ) -> Result<()> {
     ensure_bootstrapped(source, target, &opts.bootstrap, &state).await?;
     if opts.bootstrap.capture_ddl {
@@ -149,6 +159,7 @@ async fn run_pipeline(
         max_retained_wal: opts.max_retained_wal,
         keep_dropped_columns: opts.keep_dropped_columns,
         memory: Default::default(),
+        stop_extension: stop_extension.clone(),
     };
     record_wal_budget(target, &cfg).await;
     // Held tables (an online bootstrap's, an interrupted `tables add`'s) are copied

@@ -12,8 +12,10 @@
 //! anything new: 2,000,000 inserted rows doubled the next backlog drain
 //! (bench/results/arena2m.md). A clean stop now waits, bounded, for the point to move.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_postgres::Client;
 
 use crate::pg::Lsn;
@@ -75,6 +77,26 @@ pub async fn request_running_xacts(source: &Client) -> bool {
             false
         }
         Err(_) => false,
+    }
+}
+
+/// Lets the session lengthen `run`'s stop deadline while it waits for the restart
+/// point, and only then: a stop with a server that does not answer keeps its short
+/// deadline (the wait starts only after the source answered).
+#[derive(Clone, Debug, Default)]
+pub struct StopExtension(Arc<Mutex<Option<Instant>>>);
+
+impl StopExtension {
+    /// The stop may go on until `until`.
+    pub fn extend_until(&self, until: Instant) {
+        if let Ok(mut at) = self.0.lock() {
+            *at = Some(at.map_or(until, |t| t.max(until)));
+        }
+    }
+
+    /// Until when the stop was allowed to go on, if it was.
+    pub fn until(&self) -> Option<Instant> {
+        self.0.lock().ok().and_then(|at| *at)
     }
 }
 

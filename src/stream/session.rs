@@ -82,6 +82,9 @@ pub struct StreamConfig {
     pub keep_dropped_columns: bool,
     /// What this process learnt in earlier sessions (shared by them).
     pub memory: Arc<StreamMemory>,
+    /// Lengthens `run`'s stop deadline while a clean stop waits for the slot's
+    /// restart point.
+    pub stop_extension: restart_point::StopExtension,
 }
 
 /// The transaction being received (between Begin and Commit).
@@ -2003,6 +2006,11 @@ impl Session<'_> {
         if !restart_point::worth_waiting(first, confirmed) {
             return;
         }
+        // The source answered: `run`'s stop deadline now covers the request, the
+        // wait and the final status update.
+        self.cfg.stop_extension.extend_until(
+            tokio::time::Instant::now() + restart_point::WAIT + Duration::from_secs(10),
+        );
         let behind_mib = (confirmed.0 - first.0) >> 20;
         let requested = restart_point::request_running_xacts(&self.source_sql).await;
         tracing::info!(
