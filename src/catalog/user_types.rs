@@ -62,6 +62,10 @@ const CLOSURE_SQL: &str = "WITH RECURSIVE edges(parent, child) AS ( \
     LEFT JOIN pg_catalog.pg_namespace xn ON xn.oid = x.extnamespace \
     ORDER BY t.oid";
 
+/// PostgreSQL's `FirstNormalObjectId`: every object made after initdb has an oid at
+/// or above it.
+const FIRST_NORMAL_OBJECT_ID: u32 = 16384;
+
 /// Creates on the target the types `table` uses that are missing there (and the
 /// extensions that provide types), dependencies first.
 pub async fn create_missing_types(
@@ -70,6 +74,13 @@ pub async fn create_missing_types(
     table: &Table,
 ) -> Result<()> {
     let oids: Vec<u32> = table.columns.iter().map(|c| c.type_oid).collect();
+    // Types made by initdb (all in pg_catalog and information_schema, which are
+    // never created) have oids below this, and so have the types they are built
+    // from: a table of such types needs no look (one round trip and a recursive
+    // query per table was about 8 of a 28 s bootstrap of 2,000 small tables).
+    if oids.iter().all(|&oid| oid < FIRST_NORMAL_OBJECT_ID) {
+        return Ok(());
+    }
     let types: BTreeMap<u32, UsedType> = source
         .query(CLOSURE_SQL, &[&oids])
         .await
