@@ -416,27 +416,24 @@ reset_target() {
     PGOPTIONS="-c client_min_messages=warning" qt_admin "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null
     qt_admin "CREATE DATABASE $DB" >/dev/null
 }
-drop_source_replication() {
+# drop_slots_where COND: terminates the walsenders of the source's slots matching the
+# SQL condition COND on pg_replication_slots, waits for them to let go, drops the slots
+drop_slots_where() {
     local i
-    qs_admin "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '$DB' AND active_pid IS NOT NULL" >/dev/null
+    qs_admin "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE $1 AND active_pid IS NOT NULL" >/dev/null
     for i in $(seq 1 100); do
-        [ "$(qs_admin "SELECT count(*) FROM pg_replication_slots WHERE database = '$DB' AND active")" = 0 ] && break
+        [ "$(qs_admin "SELECT count(*) FROM pg_replication_slots WHERE $1 AND active")" = 0 ] && break
         sleep 0.1
     done
-    qs_admin "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
+    qs_admin "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE $1" >/dev/null
+}
+drop_source_replication() {
+    drop_slots_where "database = '$DB'"
     qs "DO \$\$ DECLARE p text; BEGIN FOR p IN SELECT pubname FROM pg_publication LOOP EXECUTE format('DROP PUBLICATION %I', p); END LOOP; END \$\$" >/dev/null
 }
 # free_slot NAME: drops that slot on the source cluster, whichever database holds it
 # (slot names are cluster-wide; a part that stopped early may have left one)
-free_slot() {
-    local i
-    qs_admin "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '$1' AND active_pid IS NOT NULL" >/dev/null
-    for i in $(seq 1 100); do
-        [ "$(qs_admin "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$1' AND active")" = 0 ] && break
-        sleep 0.1
-    done
-    qs_admin "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$1'" >/dev/null
-}
+free_slot() { drop_slots_where "slot_name = '$1'"; }
 reset_source() {
     drop_source_replication
     qs_admin "DROP DATABASE $DB WITH (FORCE)" >/dev/null
