@@ -33,6 +33,10 @@ use crate::state::{Phase, StateStore, TableState};
 use crate::wal_budget;
 
 mod captured_ddl;
+mod watchdog;
+
+pub use watchdog::SelfWait;
+use watchdog::{source_fault, watch_target};
 
 /// Most source transactions coalesced into one target transaction.
 const MAX_BATCH_TXNS: usize = 20_000;
@@ -475,74 +479,6 @@ async fn backend_pid(client: &Client) -> Result<i32> {
         .get(0))
 }
 
-/// Resolves with why when the replication task reports the source silent or the
-/// connection broken.
-async fn source_fault(mut fault: watch::Receiver<Option<String>>) -> anyhow::Error {
-    loop {
-        if let Some(why) = fault.borrow().clone() {
-            return anyhow::anyhow!("{why}");
-        }
-        if fault.changed().await.is_err() {
-            return anyhow::anyhow!("the replication connection ended");
-        }
-    }
-}
-
-/// How often a step in progress is checked on the target.
-const PROBE_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Resolves with why when the target stops answering (a probe takes longer than
-/// `limit`) or none of walshuttle's apply sessions on it (`pids`) has been active
-/// for `limit` while a step waits for it: a stalled network. A step whose session
-/// works, or waits for a lock, is never cut short.
-async fn watch_target(
-    monitor: Arc<Client>,
-    pids: Vec<i32>,
-    progress: Arc<std::sync::atomic::AtomicU64>,
-    limit: Duration,
-) -> anyhow::Error {
-    let mut quiet_since: Option<Instant> = None;
-    let mut seen = progress.load(std::sync::atomic::Ordering::Relaxed);
-    loop {
-        tokio::time::sleep(PROBE_INTERVAL).await;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&pids];
-        let probe = monitor.query_one(
-            "SELECT count(*) FILTER (WHERE state = 'active') FROM pg_stat_activity WHERE pid = ANY($1)",
-            &params,
-        );
-        let active: i64 = match tokio::time::timeout(limit, probe).await {
-            Err(_) => {
-                return anyhow::anyhow!(
-                    "the target did not answer a liveness check within {} s (stalled connection?): reconnecting",
-                    limit.as_secs()
-                )
-            }
-            Ok(Err(e)) => {
-                return anyhow::anyhow!(
-                    "checking the apply sessions on the target: {}",
-                    crate::pg::connect::describe(&e)
-                )
-            }
-            Ok(Ok(row)) => row.get(0),
-        };
-        let now = progress.load(std::sync::atomic::Ordering::Relaxed);
-        if active > 0 || now != seen {
-            seen = now;
-            quiet_since = None;
-            continue;
-        }
-        // Quiet at two probes at least `limit` apart: a moment between two
-        // statements does not count.
-        let since = *quiet_since.get_or_insert_with(Instant::now);
-        if since.elapsed() >= limit {
-            return anyhow::anyhow!(
-                "a step on the target made no progress for {} s (no apply session active: stalled connection?): reconnecting",
-                limit.as_secs()
-            );
-        }
-    }
-}
-
 /// The subtransaction of a change message inside a streamed block (`None` for any
 /// other message).
 fn change_subxid(message: &LogicalMessage) -> Option<u32> {
@@ -652,19 +588,24 @@ impl Session<'_> {
                 Arc::clone(&self.progress),
                 self.receive_timeout,
             );
-            let mut step = std::pin::pin!(self.on_event(event, &mut clocks));
-            // Most messages are handled without waiting for anything (a change is
-            // buffered for the next flush): those never arm the watchdogs (a timer
-            // and a watch per message were about a quarter of walshuttle's CPU in a
-            // backlog of single-row transactions, bench/backlog.sh).
-            if let Some(done) = futures_util::FutureExt::now_or_never(step.as_mut()) {
-                done?;
-                continue;
-            }
-            tokio::select! {
-                done = step => done?,
-                why = source_fault(fault) => return Err(why),
-                why = watchdog => return Err(why),
+            let alarm = {
+                let mut step = std::pin::pin!(self.on_event(event, &mut clocks));
+                // Most messages are handled without waiting for anything (a change is
+                // buffered for the next flush): those never arm the watchdogs (a timer
+                // and a watch per message were about a quarter of walshuttle's CPU in a
+                // backlog of single-row transactions, bench/backlog.sh).
+                if let Some(done) = futures_util::FutureExt::now_or_never(step.as_mut()) {
+                    done?;
+                    continue;
+                }
+                tokio::select! {
+                    done = step => { done?; None }
+                    why = source_fault(fault) => Some(why),
+                    why = watchdog => Some(why),
+                }
+            };
+            if let Some(why) = alarm {
+                return Err(self.on_watchdog(why));
             }
         }
     }
@@ -703,6 +644,47 @@ impl Session<'_> {
         let mut pids = vec![self.main_pid];
         pids.extend(self.streams.values().map(|s| s.pid));
         pids
+    }
+
+    /// What a watchdog's alarm means for this session. A wait on itself is resolved
+    /// the way a streamed transaction that changes a table's definition is: the
+    /// streamed transaction holding the lock is rolled back (when the session ends)
+    /// and received again from its start, to be applied whole at its commit, after
+    /// every transaction committed before it; the waiter then goes first. A holder
+    /// that is not a streamed transaction cannot happen (the main connection commits
+    /// before a streamed block is applied): the session ends and reconnects.
+    fn on_watchdog(&mut self, why: anyhow::Error) -> anyhow::Error {
+        let Some(wait) = why.downcast_ref::<SelfWait>() else {
+            return why;
+        };
+        let (waiter, holder) = (wait.waiter, wait.holder);
+        let role = |pid: i32| -> String {
+            if pid == self.main_pid {
+                return "the main apply session".into();
+            }
+            match self.streams.iter().find(|(_, s)| s.pid == pid) {
+                Some((xid, _)) => format!("streamed source transaction {xid}"),
+                None => "an apply session".into(),
+            }
+        };
+        let (waiter_role, holder_role) = (role(waiter), role(holder));
+        let held_by = self
+            .streams
+            .iter()
+            .find(|(_, s)| s.pid == holder)
+            .map(|(xid, _)| *xid);
+        tracing::warn!(waiter, holder, waiter_is = %waiter_role, holder_is = %holder_role, "an apply session waits for walshuttle's own session on the target (a constraint only the target has, such as a unique index, makes two source transactions collide)");
+        match held_by {
+            Some(xid) => {
+                self.cfg.memory.apply_whole(xid);
+                anyhow::anyhow!(
+                    "{waiter_role} (pid {waiter}) waits for walshuttle's own {holder_role} (pid {holder}) on the target, which commits later on the source: a constraint only the target has (a unique index?) makes them collide; receiving transaction {xid} again, to apply it whole at its commit after the ones before it; reconnecting"
+                )
+            }
+            None => why.context(format!(
+                "{waiter_role} waits for walshuttle's own {holder_role}: reconnecting"
+            )),
+        }
     }
 
     async fn on_event(&mut self, event: Event, clocks: &mut Clocks) -> Result<()> {
