@@ -43,7 +43,7 @@ const MAX_BATCH_TXNS: usize = 20_000;
 /// Held changes (see [`super::held`]) written to the target in one statement.
 const HELD_BATCH: usize = 1000;
 /// Held changes read back at a time.
-const REPLAY_CHUNK: i64 = 250;
+const REPLAY_CHUNK: i64 = 2000;
 /// How long one target transaction spends applying a table's held changes: the
 /// other tables stream in between, while a long copy's backlog drains.
 const REPLAY_SLICE: Duration = Duration::from_millis(150);
