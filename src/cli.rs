@@ -527,6 +527,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1000), value_name = "N")]
     pub max_stream_connections: u32,
 
+    /// Target connections applying committed source transactions at once: a batch
+    /// of transactions runs beside the ones in flight when none of its rows (by
+    /// replica identity) is theirs, and every batch commits in the source's commit
+    /// order. 1 applies on one connection.
+    #[arg(long, default_value_t = crate::run::DEFAULT_APPLY_LANES as u32, value_parser = clap::value_parser!(u32).range(1..=64), value_name = "N")]
+    pub apply_lanes: u32,
+
     /// WAL the slot may hold back on the source (bytes, or 512MB, 20GB): past it the
     /// slot is dropped on purpose (the source frees the WAL) and the gap is later
     /// repaired by catch-up; a warning comes at 80%. Without it the source's
@@ -559,6 +566,7 @@ impl RunArgs {
             metrics_addr: self.metrics_addr,
             healthz_max_lag: self.healthz_max_lag,
             max_stream_connections: self.max_stream_connections as usize,
+            apply_lanes: self.apply_lanes as usize,
             max_retained_wal: self.max_retained_wal,
             sync_sequences: self.sync_sequences,
             keep_dropped_columns: self.keep_dropped_columns,

@@ -34,6 +34,8 @@ pub struct RunOptions {
     pub healthz_max_lag: Duration,
     /// Streamed transactions applied at once on connections of their own.
     pub max_stream_connections: usize,
+    /// Target connections applying committed transactions at once (`--apply-lanes`).
+    pub apply_lanes: usize,
     /// WAL the slot may hold back before it is released on purpose.
     pub max_retained_wal: Option<u64>,
     /// How often the target's sequences are brought up to the source's.
@@ -64,12 +66,17 @@ impl RunOptions {
             metrics_addr: None,
             healthz_max_lag: Duration::from_secs(60),
             max_stream_connections: 4,
+            apply_lanes: DEFAULT_APPLY_LANES,
             max_retained_wal: None,
             sync_sequences: None,
             keep_dropped_columns: false,
         }
     }
 }
+
+/// Target connections applying committed transactions at once unless
+/// `--apply-lanes` says otherwise (see `stream::lanes`).
+pub const DEFAULT_APPLY_LANES: usize = 4;
 
 /// How long a stop may take before walshuttle exits without finishing it (a server
 /// that stopped answering must not keep SIGTERM from working).
@@ -156,6 +163,7 @@ async fn run_pipeline(
         status_interval: opts.status_interval,
         target: target_setup,
         max_stream_connections: opts.max_stream_connections,
+        apply_lanes: opts.apply_lanes,
         max_retained_wal: opts.max_retained_wal,
         keep_dropped_columns: opts.keep_dropped_columns,
         memory: Default::default(),

@@ -93,6 +93,8 @@ pub struct FileConfig {
     pub healthz_max_lag: Option<Quantity>,
     /// Streamed transactions `run` applies on connections of their own at once.
     pub max_stream_connections: Option<usize>,
+    /// Target connections `run` applies committed transactions on at once.
+    pub apply_lanes: Option<usize>,
     /// `run` keeps columns dropped on the source on the target.
     pub keep_dropped_columns: Option<bool>,
     /// Retained WAL above which `status` warns (`1GB`, or bytes).
@@ -213,6 +215,9 @@ impl FileConfig {
         }
         if self.max_stream_connections == Some(0) {
             bail!("`max_stream_connections` must be at least 1");
+        }
+        if matches!(self.apply_lanes, Some(n) if !(1..=64).contains(&n)) {
+            bail!("`apply_lanes` must be between 1 and 64");
         }
         if self.jobs == Some(0) {
             bail!("`jobs` must be at least 1");
@@ -418,6 +423,9 @@ impl Resolved {
                 {
                     r.max_stream_connections = u32::try_from(v).unwrap_or(u32::MAX);
                 }
+                if let Some(v) = f.apply_lanes.filter(|_| !given("apply_lanes")) {
+                    r.apply_lanes = u32::try_from(v).unwrap_or(1);
+                }
                 if let Some(v) = f
                     .keep_dropped_columns
                     .filter(|_| !given("keep_dropped_columns"))
@@ -587,6 +595,11 @@ impl Resolved {
             "max_stream_connections",
             f.max_stream_connections.map(|n| n.to_string()),
             "4",
+        );
+        plain(
+            "apply_lanes",
+            f.apply_lanes.map(|n| n.to_string()),
+            &crate::run::DEFAULT_APPLY_LANES.to_string(),
         );
         plain(
             "keep_dropped_columns",

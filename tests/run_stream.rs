@@ -554,6 +554,12 @@ async fn sigterm_exits_zero_and_next_run_neither_loses_nor_repeats() {
     let applied = applied_lsn(&tgt, PIPELINE)
         .await
         .expect("applied_lsn after SIGTERM");
+    // The walsender ends a moment after the process has gone (on a loaded machine,
+    // not always before the next query here).
+    let released = Instant::now() + Duration::from_secs(10);
+    while slot_active(&src, PIPELINE).await && Instant::now() < released {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let row = src
         .query_one(
             "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn >= $1::text::pg_lsn, active \

@@ -41,6 +41,9 @@ pub struct TargetConstraints {
     /// Columns whose type has a default btree operator class, so `column = value`
     /// can narrow a whole-row match through an index.
     pub ordered: Vec<String>,
+    /// Whether any trigger (foreign keys' included) is enabled on the table: its
+    /// changes may touch or wait for rows of other tables.
+    pub has_triggers: bool,
 }
 
 impl TargetConstraints {
@@ -102,7 +105,31 @@ impl TargetConstraints {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        Ok(TargetConstraints { indexes, ordered })
+        let has_triggers = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = $1::text::regclass AND tgenabled <> 'D')",
+                &[&table.quoted()],
+            )
+            .await
+            .pg_context(ctx)?
+            .get(0);
+        Ok(TargetConstraints {
+            indexes,
+            ordered,
+            has_triggers,
+        })
+    }
+
+    /// Whether rows of different identities (`key`) can never wait on or collide
+    /// with each other on the target: no trigger, no exclusion constraint, and every
+    /// unique index holds every identity column among its plain columns (so two
+    /// rows of different identities differ in it, partial or not). With an empty
+    /// `key`, whether the table has no unique index at all.
+    pub fn identities_independent(&self, key: &[String]) -> bool {
+        !self.has_triggers
+            && self.indexes.iter().all(|ix| {
+                !key.is_empty() && !ix.exclusion && key.iter().all(|k| ix.columns.contains(k))
+            })
     }
 
     /// The unique index that identifies rows by exactly the columns `key`.
@@ -180,6 +207,7 @@ mod tests {
                 index(&["code"], false, false, false),
             ],
             ordered: vec![],
+            has_triggers: false,
         };
         assert_eq!(c.guarded(&key, &cols), vec![false, true, false, false]);
         assert!(c.identity_index(&key).is_some());
@@ -193,18 +221,45 @@ mod tests {
         let partial = TargetConstraints {
             indexes: vec![index(&["a"], true, true, false)],
             ordered: vec![],
+            has_triggers: false,
         };
         assert_eq!(partial.guarded(&key, &cols), vec![true, true, true]);
         // A partial index holding the key still cannot collide.
         let partial_key = TargetConstraints {
             indexes: vec![index(&["id", "a"], true, true, false)],
             ordered: vec![],
+            has_triggers: false,
         };
         assert_eq!(partial_key.guarded(&key, &cols), vec![false, false, false]);
         let exclusion = TargetConstraints {
             indexes: vec![index(&["id", "b"], false, true, true)],
             ordered: vec![],
+            has_triggers: false,
         };
         assert_eq!(exclusion.guarded(&key, &cols), vec![true, false, true]);
+    }
+
+    #[test]
+    fn identities_are_independent_only_when_every_unique_index_holds_the_key() {
+        let key = names(&["id"]);
+        let with = |indexes: Vec<UniqueIndex>, has_triggers: bool| TargetConstraints {
+            indexes,
+            ordered: vec![],
+            has_triggers,
+        };
+        assert!(with(vec![index(&["id"], false, true, false)], false).identities_independent(&key));
+        assert!(
+            with(vec![index(&["id", "a"], true, false, false)], false).identities_independent(&key)
+        );
+        assert!(
+            !with(vec![index(&["name"], false, true, false)], false).identities_independent(&key)
+        );
+        assert!(
+            !with(vec![index(&["id", "b"], false, true, true)], false).identities_independent(&key)
+        );
+        assert!(!with(vec![index(&["id"], false, true, false)], true).identities_independent(&key));
+        // No identity: independent only without any unique index.
+        assert!(with(vec![], false).identities_independent(&[]));
+        assert!(!with(vec![index(&["a"], false, true, false)], false).identities_independent(&[]));
     }
 }

@@ -38,6 +38,8 @@ struct Inner {
     text_only: bool,
     /// (relation oid, column) already warned about.
     warned: HashSet<(u32, String)>,
+    /// Two apply lanes waited on each other: apply on one connection from now on.
+    serial_apply: bool,
 }
 
 impl StreamMemory {
@@ -70,6 +72,17 @@ impl StreamMemory {
     /// Records the columns described for relation `oid`.
     pub fn remember_shape(&self, oid: u32, columns: Vec<SeenColumn>) {
         self.lock().shapes.insert(oid, columns);
+    }
+
+    /// From now on, committed transactions are applied on one connection (two
+    /// lanes were seen waiting on each other, see `stream::lanes`).
+    pub fn apply_serially(&self) {
+        self.lock().serial_apply = true;
+    }
+
+    /// Whether committed transactions must be applied on one connection.
+    pub fn serial_apply(&self) -> bool {
+        self.lock().serial_apply
     }
 
     /// From now on, values arrive as text.

@@ -9,6 +9,7 @@
 //! - [`constraints`]: the target's unique constraints, which decide set-based updates.
 //! - [`values`]: raw values framed as parameters and COPY data, never re-parsed.
 //! - [`apply`]: batching changes into target transactions.
+//! - [`lanes`]: batches finishing on connections of their own, committed in source order.
 //! - [`copy_positions`]: which changes the ranges copied outside the stream already hold.
 //! - [`restart_point`]: a clean stop leaves the slot's restart point past what was applied.
 //! - [`io`]: the replication connection's own task: read-ahead, keepalives, timeouts.
@@ -26,6 +27,7 @@ pub mod drift;
 pub mod faults;
 pub mod held;
 pub mod io;
+pub mod lanes;
 pub mod memory;
 pub mod relations;
 pub mod restart_point;

@@ -17,6 +17,7 @@ use super::constraints::TargetConstraints;
 use super::decoder::{Relation, ReplicaIdentity};
 use super::drift::{self, Change, Refusal, SentColumn};
 pub use super::faults::Fatal;
+use super::lanes::{bytewise_type, LaneRule};
 use super::memory::{SeenColumn, StreamMemory};
 use crate::catalog;
 use crate::pg::{quote_ident, PgResultExt, QualifiedName};
@@ -55,6 +56,8 @@ pub struct TableShape {
     pub set_guarded: Vec<bool>,
     /// Whether values arrive in binary format.
     pub binary: bool,
+    /// How its changes may be applied beside other batches' (see [`super::lanes`]).
+    pub lane: LaneRule,
 }
 
 impl TableShape {
@@ -105,6 +108,7 @@ pub struct SchemaChange {
 }
 
 /// Relation oid → shape, for one replication session.
+#[derive(Clone)]
 pub struct Relations {
     shapes: HashMap<u32, TableShape>,
     type_names: HashMap<(u32, i32), String>,
@@ -390,7 +394,19 @@ impl Relations {
         } else {
             constraints.guarded(&key_names, &column_names)
         };
+        let lane = if !match_full_row
+            && !key.is_empty()
+            && key.iter().all(|&k| bytewise_type(rel.columns[k].type_oid))
+            && constraints.identities_independent(&key_names)
+        {
+            LaneRule::Keyed
+        } else if (match_full_row || key.is_empty()) && constraints.identities_independent(&[]) {
+            LaneRule::InsertsFree
+        } else {
+            LaneRule::Serial
+        };
         let shape = TableShape {
+            lane,
             name,
             column_names,
             columns,

@@ -22,6 +22,7 @@ use super::apply::{Op, TargetSession, FLUSH_BYTES};
 use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
 use super::io::{Incoming, StreamIo};
+use super::lanes::{Batch, ConflictKeys, Lanes};
 use super::memory::StreamMemory;
 use super::relations::{Fatal, Relations};
 use super::restart_point;
@@ -40,6 +41,9 @@ use watchdog::{source_fault, watch_target};
 
 /// Most source transactions coalesced into one target transaction.
 const MAX_BATCH_TXNS: usize = 20_000;
+/// Most source transactions in one batch when several lanes apply at once: small
+/// enough that batches of changes to random rows of a large table rarely share one.
+const MAX_LANE_BATCH_TXNS: usize = 500;
 /// Held changes (see [`super::held`]) written to the target in one statement.
 const HELD_BATCH: usize = 1000;
 /// Held changes read back at a time.
@@ -80,6 +84,9 @@ pub struct StreamConfig {
     /// Streamed transactions applied at once on connections of their own; more are
     /// spooled to local disk until they commit.
     pub max_stream_connections: usize,
+    /// Target connections applying committed transactions at once (see
+    /// [`super::lanes`]); 1 applies on the main connection alone.
+    pub apply_lanes: usize,
     /// WAL the slot may hold back on the source before it is released on purpose.
     pub max_retained_wal: Option<u64>,
     /// Keep columns dropped on the source on the target (`--keep-dropped-columns`).
@@ -133,13 +140,21 @@ struct Session<'a> {
     /// trusted (a column added with a volatile default rewrote them on the source).
     pending_resync: Vec<QualifiedName>,
     source_sql: Client,
-    relations: Relations,
+    /// Shared with the lanes sending a batch's statements (changed only when none is
+    /// in flight).
+    relations: Arc<Relations>,
     relation_cache: HashMap<u32, Relation>,
     /// Relation messages of transactions already applied (skipped): taken in at the
     /// next change of their table that is applied, without running any DDL for
     /// the skipped transaction.
     pending_relations: HashMap<u32, Relation>,
     main: TargetSession,
+    /// Batches finishing on connections of their own (see [`super::lanes`]).
+    lanes: Lanes,
+    /// The rows the complete source transactions in the open main transaction touch.
+    main_keys: ConflictKeys,
+    /// The rows the current source transaction touched so far.
+    txn_keys: ConflictKeys,
     streams: HashMap<u32, StreamedTxn>,
     /// Streamed transactions past the connection cap, on disk until they commit.
     spooled: HashMap<u32, Spool>,
@@ -428,11 +443,18 @@ async fn start<'a>(
         target,
         pending_resync,
         source_sql,
-        relations: Relations::new(binary, pipeline.tables.clone()),
+        relations: Arc::new(Relations::new(binary, pipeline.tables.clone())),
         relation_cache: HashMap::new(),
         pending_relations: HashMap::new(),
         main: TargetSession::new(target_client, &cfg.target, state.apply_begin_sql(&cfg.slot))
             .await?,
+        lanes: Lanes::new(if cfg.memory.serial_apply() {
+            1
+        } else {
+            cfg.apply_lanes
+        }),
+        main_keys: ConflictKeys::default(),
+        txn_keys: ConflictKeys::default(),
         streams: HashMap::new(),
         spooled: HashMap::new(),
         in_stream: None,
@@ -643,6 +665,7 @@ impl Session<'_> {
     fn backend_pids(&self) -> Vec<i32> {
         let mut pids = vec![self.main_pid];
         pids.extend(self.streams.values().map(|s| s.pid));
+        pids.extend(self.lanes.pids());
         pids
     }
 
@@ -662,6 +685,9 @@ impl Session<'_> {
             if pid == self.main_pid {
                 return "the main apply session".into();
             }
+            if self.lanes.has_pid(pid) {
+                return "an apply lane (a batch committed earlier on the source)".into();
+            }
             match self.streams.iter().find(|(_, s)| s.pid == pid) {
                 Some((xid, _)) => format!("streamed source transaction {xid}"),
                 None => "an apply session".into(),
@@ -680,6 +706,15 @@ impl Session<'_> {
                 anyhow::anyhow!(
                     "{waiter_role} (pid {waiter}) waits for walshuttle's own {holder_role} (pid {holder}) on the target, which commits later on the source: a constraint only the target has (a unique index?) makes them collide; receiving transaction {xid} again, to apply it whole at its commit after the ones before it; reconnecting"
                 )
+            }
+            None if self.lanes.has_pid(holder) || self.lanes.has_pid(waiter) => {
+                // The lane rule should make this impossible; should a target's
+                // schema still make two batches wait on each other, this process
+                // applies on one connection from now on.
+                self.cfg.memory.apply_serially();
+                why.context(format!(
+                    "{waiter_role} waits for walshuttle's own {holder_role}: applying on one connection from now on; reconnecting"
+                ))
             }
             None => why.context(format!(
                 "{waiter_role} waits for walshuttle's own {holder_role}: reconnecting"
@@ -733,7 +768,7 @@ impl Session<'_> {
             && self.in_stream.is_none()
             && !self.io.has_waiting()
         {
-            self.commit_batch().await?;
+            self.commit_all().await?;
         }
         Ok(())
     }
@@ -741,8 +776,10 @@ impl Session<'_> {
     /// The periodic work: commit a waiting batch, learn what is durable, report to
     /// the source, record the oldest open source transaction.
     async fn on_tick(&mut self, clocks: &mut Clocks) -> Result<()> {
-        if self.batch_txns > 0 && self.current.is_none() {
-            self.commit_batch().await?;
+        if self.current.is_none() {
+            self.commit_all().await?;
+        } else {
+            self.collect_ready().await?;
         }
         if self.is_idle() && self.tables_changing().await? {
             // A copy by `walshuttle tables` is running or just in: its held changes
@@ -811,6 +848,7 @@ impl Session<'_> {
             && self.streams.is_empty()
             && self.spooled.is_empty()
             && self.batch_txns == 0
+            && self.lanes.is_empty()
             && !self.main.in_txn()
             && self.main.buffered() == 0
     }
@@ -838,10 +876,12 @@ impl Session<'_> {
                 }
                 self.main_mark = self.main.buffered();
                 self.main_has_partial = false;
+                self.main_keys.extend(std::mem::take(&mut self.txn_keys));
                 self.batch_txns += 1;
                 self.batch_last = Some((c.end_lsn, c.commit_time));
-                if !self.io.has_waiting()
-                    || self.batch_txns >= MAX_BATCH_TXNS
+                if !self.io.has_waiting() {
+                    self.commit_all().await?;
+                } else if self.batch_txns >= self.max_batch_txns()
                     || self.main.buffered_bytes() >= FLUSH_BYTES
                     || self.batch_started.elapsed() >= MAX_BATCH_AGE
                 {
@@ -893,7 +933,7 @@ impl Session<'_> {
             LogicalMessage::StreamStart(s) => {
                 // The main batch commits first: it must not hold locks a streamed
                 // transaction waits for.
-                self.commit_batch().await?;
+                self.commit_all().await?;
                 // A transaction that changed a table's definition after writing to
                 // it is kept on disk and applied whole at its commit (see
                 // `on_relation`).
@@ -958,7 +998,7 @@ impl Session<'_> {
                 }
             }
             LogicalMessage::StreamCommit(c) if self.spooled.contains_key(&c.xid) => {
-                self.commit_batch().await?;
+                self.commit_all().await?;
                 if let Some(spool) = self.spooled.remove(&c.xid) {
                     let xid = c.xid;
                     self.apply_spooled(spool, c).await?;
@@ -981,7 +1021,7 @@ impl Session<'_> {
                 }
             }
             LogicalMessage::StreamCommit(c) => {
-                self.commit_batch().await?;
+                self.commit_all().await?;
                 let Some(mut st) = self.streams.remove(&c.xid) else {
                     return Ok(());
                 };
@@ -1008,6 +1048,7 @@ impl Session<'_> {
         if c.commit_lsn < self.applied {
             return Ok(());
         }
+        self.barrier().await?;
         let messages = spool.messages();
         let mut reader = spool.into_reader()?;
         self.main.note_source_txn(c.commit_lsn);
@@ -1133,7 +1174,7 @@ impl Session<'_> {
             );
         }
         let names: Vec<QualifiedName> = entries.into_iter().map(|e| e.name).collect();
-        for oid in self.relations.set_allowed(names) {
+        for oid in Arc::make_mut(&mut self.relations).set_allowed(names) {
             // Removed from the pipeline: its changes still in flight are not applied.
             self.ignored.insert(oid);
             self.relation_cache.remove(&oid);
@@ -1184,6 +1225,7 @@ impl Session<'_> {
         let Some(table) = self.held_table(op.rel())? else {
             return Ok(false);
         };
+        self.barrier().await?;
         self.hold_change(&table, commit_lsn, xid, &super::held::encode(op))
             .await?;
         Ok(true)
@@ -1259,6 +1301,7 @@ impl Session<'_> {
         if self.replay_tables.is_empty() {
             return Ok(());
         }
+        self.barrier().await?;
         self.flush_held().await?;
         let tables: Vec<QualifiedName> = self.replay_tables.iter().cloned().collect();
         for table in tables {
@@ -1497,6 +1540,18 @@ impl Session<'_> {
         let Some(op) = self.filter(xid, op)? else {
             return Ok(());
         };
+        // The lane rule: a change touching a row of a batch in flight is sent only
+        // once that batch (and every one before it) has committed. Buffered
+        // changes are checked when they are sent (see `send_main`); one with
+        // nothing buffered before it may be sent at once.
+        if self.lanes.parallel() {
+            let keys = ConflictKeys::of_op(self.relations.get(op.rel())?, &op);
+            if self.main.buffered() == 0 {
+                self.commit_lanes(self.lanes.must_commit_before(&keys))
+                    .await?;
+            }
+            self.txn_keys.extend(keys);
+        }
         if self.main.push_or_stream(op, &self.relations).await? {
             // Rows of this unfinished transaction are in the target transaction now.
             self.main_mark = 0;
@@ -1511,7 +1566,7 @@ impl Session<'_> {
                 self.commit_batch().await?;
                 self.main.restore(tail);
             }
-            self.main.flush(&self.relations).await?;
+            self.send_main().await?;
             self.main_mark = 0;
             self.main_has_partial = true;
         }
@@ -1580,6 +1635,7 @@ impl Session<'_> {
         for oid in oids {
             self.ensure_relation(*oid, RelationAt::Transaction).await?;
         }
+        self.barrier().await?;
         let version = self.main.begin().await?;
         self.refresh_positions(version).await?;
         self.replay_held().await?;
@@ -1661,9 +1717,10 @@ impl Session<'_> {
             // The transactions batched before this one commit before the table's
             // shape can change.
             let tail = self.main.split_off(self.main_mark);
-            self.commit_batch().await?;
+            self.commit_all().await?;
             self.main.restore(tail);
         }
+        self.barrier().await?;
         // Ops buffered under the old shape go out before the shape changes.
         // Flushing also ends an open COPY, which must not be left open while the
         // catalog is read on this connection.
@@ -1679,8 +1736,7 @@ impl Session<'_> {
             st.session.flush(&self.relations).await?;
         }
         let memory = Arc::clone(&self.cfg.memory);
-        let change = self
-            .relations
+        let change = Arc::make_mut(&mut self.relations)
             .plan(
                 &rel,
                 &self.source_sql,
@@ -1729,8 +1785,7 @@ impl Session<'_> {
                 }
             }
         }
-        let changed = self
-            .relations
+        let changed = Arc::make_mut(&mut self.relations)
             .install(&rel, &self.main.client, change, &memory)
             .await?;
         if changed && self.resync_on_shape.remove(&name) && !self.pending_resync.contains(&name) {
@@ -1738,11 +1793,12 @@ impl Session<'_> {
         }
         if changed {
             self.main.forget_statements();
+            self.lanes.forget_statements();
             for st in self.streams.values_mut() {
                 st.session.forget_statements();
             }
         }
-        for t in self.relations.take_resync() {
+        for t in Arc::make_mut(&mut self.relations).take_resync() {
             if !self.pending_resync.contains(&t) {
                 self.pending_resync.push(t);
             }
@@ -1751,7 +1807,8 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// Commits the coalesced complete source transactions of the main session.
+    /// Closes the batch of complete source transactions in the main session: hands
+    /// it to a lane when lanes are on (it commits later, in order), else commits it.
     async fn commit_batch(&mut self) -> Result<()> {
         if self.batch_txns == 0 {
             return Ok(());
@@ -1759,11 +1816,58 @@ impl Session<'_> {
         let Some((end_lsn, commit_time)) = self.batch_last else {
             return Ok(());
         };
+        if !(self.lanes.parallel() && self.held_rows.is_empty() && self.pending_resync.is_empty()) {
+            return self.commit_batch_here(end_lsn, commit_time).await;
+        }
+        if self.lanes.full() {
+            self.commit_lanes(1).await?;
+        }
+        let (next, next_pid) = match self.lanes.take_idle() {
+            Some(idle) => idle,
+            None => {
+                let client = connect(self.target, "apply lane").await?;
+                let pid = backend_pid(&client).await?;
+                client
+                    .batch_execute("SET idle_in_transaction_session_timeout = '5min'")
+                    .await
+                    .pg_context(|| "configuring an apply lane on the target".into())?;
+                let session = TargetSession::new(
+                    client,
+                    &self.cfg.target,
+                    self.cfg.state.apply_begin_sql(&self.cfg.slot),
+                )
+                .await?;
+                (session, pid)
+            }
+        };
+        let session = std::mem::replace(&mut self.main, next);
+        let pid = std::mem::replace(&mut self.main_pid, next_pid);
+        let batch = Batch {
+            session,
+            pid,
+            keys: std::mem::take(&mut self.main_keys),
+            end_lsn,
+            commit_time,
+            txns: self.batch_txns,
+            commit_sql: self.progress_sql(end_lsn, commit_time),
+        };
+        self.lanes.hand_off(batch, Arc::clone(&self.relations));
+        self.batch_txns = 0;
+        self.main_mark = 0;
+        self.main_has_partial = false;
+        self.batch_last = None;
+        self.collect_ready().await
+    }
+
+    /// Commits the batch of the main session on it, after every batch in flight.
+    async fn commit_batch_here(&mut self, end_lsn: Lsn, commit_time: PgTimestamp) -> Result<()> {
+        self.drain_lanes().await?;
         self.main.flush(&self.relations).await?;
         self.main.begin().await?;
         self.flush_held().await?;
         let sql = self.progress_sql(end_lsn, commit_time);
         let target_lsn = self.main.commit(&sql).await?;
+        self.main_keys = ConflictKeys::default();
         self.committed(end_lsn, target_lsn);
         crate::observe::transactions_applied(self.batch_txns, commit_time);
         self.batch_txns = 0;
@@ -1772,6 +1876,85 @@ impl Session<'_> {
         self.batch_last = None;
         self.report_after_commit().await?;
         self.resync_pending().await
+    }
+
+    /// Closes the batch and commits everything in flight: when the stream is
+    /// quiet, and before anything that must see every earlier transaction applied.
+    async fn commit_all(&mut self) -> Result<()> {
+        self.commit_batch().await?;
+        self.drain_lanes().await
+    }
+
+    /// Commits every batch in flight, in order.
+    async fn drain_lanes(&mut self) -> Result<()> {
+        self.commit_lanes(self.lanes.len()).await
+    }
+
+    /// Before work on the main connection that is not a row change named by its
+    /// conflict keys (a TRUNCATE, a table's shape, held changes): every batch in
+    /// flight commits first, and the main transaction counts as touching every row.
+    async fn barrier(&mut self) -> Result<()> {
+        if !self.lanes.parallel() {
+            return Ok(());
+        }
+        self.drain_lanes().await?;
+        self.main_keys = ConflictKeys::all();
+        Ok(())
+    }
+
+    /// Sends the main session's buffered changes once every batch in flight that
+    /// shares a row with them has committed.
+    async fn send_main(&mut self) -> Result<()> {
+        let n = self
+            .lanes
+            .must_commit_before(&self.main_keys)
+            .max(self.lanes.must_commit_before(&self.txn_keys));
+        self.commit_lanes(n).await?;
+        self.main.flush(&self.relations).await
+    }
+
+    /// Commits the oldest `n` batches in flight, in order (waiting for each to have
+    /// sent its statements).
+    async fn commit_lanes(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        for _ in 0..n {
+            let Some(done) = self.lanes.commit_oldest().await? else {
+                break;
+            };
+            self.committed(done.end_lsn, done.target_lsn);
+            crate::observe::transactions_applied(done.txns, done.commit_time);
+        }
+        self.report_after_commit().await
+    }
+
+    /// Commits the oldest batches in flight that have sent everything, without
+    /// waiting for any.
+    async fn collect_ready(&mut self) -> Result<()> {
+        let mut n = 0;
+        while self.lanes.oldest_ready() {
+            let Some(done) = self.lanes.commit_oldest().await? else {
+                break;
+            };
+            self.committed(done.end_lsn, done.target_lsn);
+            crate::observe::transactions_applied(done.txns, done.commit_time);
+            n += 1;
+        }
+        if n > 0 {
+            self.report_after_commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Most source transactions in one batch: smaller batches when lanes are on, so
+    /// that several are in flight at once.
+    fn max_batch_txns(&self) -> usize {
+        if self.lanes.parallel() {
+            MAX_LANE_BATCH_TXNS
+        } else {
+            MAX_BATCH_TXNS
+        }
     }
 
     /// Copies again, each under a new snapshot recorded as its copy position, the
@@ -1786,6 +1969,7 @@ impl Session<'_> {
         {
             return Ok(());
         }
+        self.drain_lanes().await?;
         let progress = Arc::clone(&self.progress);
         for name in std::mem::take(&mut self.pending_resync) {
             let Some(mut table) = crate::catalog::load_table(&self.source_sql, &name).await? else {
@@ -1944,7 +2128,7 @@ impl Session<'_> {
             }
             self.current = None;
         }
-        self.commit_batch().await?;
+        self.commit_all().await?;
         for (_, mut st) in self.streams.drain() {
             st.session.rollback().await?;
         }

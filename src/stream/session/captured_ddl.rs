@@ -8,6 +8,8 @@
 //! join, are renamed or are dropped change the pipeline's state in that same target
 //! transaction, so a crash finds the shape, the rows and the state agreeing.
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 
 use super::{RelationAt, Session};
@@ -48,10 +50,11 @@ impl Session<'_> {
             }
             if self.batch_txns > 0 && !self.main_has_partial {
                 let tail = self.main.split_off(self.main_mark);
-                self.commit_batch().await?;
+                self.commit_all().await?;
                 self.main.restore(tail);
             }
         }
+        self.barrier().await?;
         let had_work = self.main.buffered() > 0;
         self.main.flush(&self.relations).await?;
         if had_work {
@@ -106,7 +109,7 @@ impl Session<'_> {
                     .await?;
                 let rest: Vec<QualifiedName> =
                     carried.into_iter().filter(|t| *t != table).collect();
-                for oid in self.relations.set_allowed(rest) {
+                for oid in Arc::make_mut(&mut self.relations).set_allowed(rest) {
                     self.ignored.insert(oid);
                     self.relation_cache.remove(&oid);
                 }
@@ -164,7 +167,7 @@ impl Session<'_> {
         }
         // Shapes of renamed tables are forgotten; their next Relation message
         // installs them again (their changes are still wanted).
-        let _ = self.relations.set_allowed(tables);
+        let _ = Arc::make_mut(&mut self.relations).set_allowed(tables);
         self.ignored.remove(&plan.oid);
         self.relation_cache.remove(&plan.oid);
         self.cfg.memory.remember_shape(plan.oid, plan.seen);
@@ -175,6 +178,7 @@ impl Session<'_> {
             tracing::info!(table = %plan.to, "{note}");
         }
         self.main.forget_statements();
+        self.lanes.forget_statements();
         for st in self.streams.values_mut() {
             st.session.forget_statements();
         }
