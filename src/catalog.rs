@@ -75,6 +75,11 @@ pub struct Table {
     pub blocks: i64,
     /// Planner's row estimate, for progress display.
     pub estimated_rows: i64,
+    /// The target copy's column types (`format_type`), by column name, once a
+    /// comparison has read them ([`crate::compare::note_target_types`]): a widened
+    /// column is compared as exactly as its target type allows.
+    #[serde(skip)]
+    pub target_types: std::collections::BTreeMap<String, String>,
 }
 
 impl Table {
@@ -371,6 +376,7 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
         identity_gap,
         blocks: rel.get(2),
         estimated_rows: rel.get(3),
+        target_types: Default::default(),
     }))
 }
 

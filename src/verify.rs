@@ -214,6 +214,13 @@ pub async fn verify(
         let missing = on_target.is_none();
         // Compare the columns both sides have; the others are a difference of
         // their own.
+        if let Some(t) = &on_target {
+            table.target_types = t
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.type_sql.clone()))
+                .collect();
+        }
         let missing_columns: Vec<String> = on_target
             .map(|t| {
                 let absent: Vec<String> = table

@@ -1,0 +1,150 @@
+//! Edges where walshuttle must not be silently wrong (issue 22): `verify` never says
+//! equal while a value differs in the source's type (json text, numeric scale);
+//! `--capture-ddl` never publishes a table the source would then refuse updates of;
+//! inheritance children are carried only when named; a partition attached to a
+//! carried parent is never silently missing.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{run, wait_for_convergence_running, wait_streaming, walshuttle, Cluster, RunLogs};
+use tokio_postgres::Client;
+
+/// Runs `walshuttle verify <extra>`: (exit code, stdout and stderr).
+fn verify(source: &Cluster, target: &Cluster, extra: &[&str]) -> (i32, String) {
+    let mut cmd = walshuttle(source, target);
+    cmd.arg("verify").args(extra);
+    let (code, stdout, stderr) = run(cmd);
+    (code, format!("{stdout}{stderr}"))
+}
+
+/// Runs `walshuttle bootstrap <extra>` and asserts it succeeds.
+fn bootstrap_ok(source: &Cluster, target: &Cluster, extra: &[&str]) {
+    let mut cmd = walshuttle(source, target);
+    cmd.args(["bootstrap", "--jobs", "2"]).args(extra);
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "bootstrap failed:\n{stdout}\n{stderr}");
+}
+
+async fn exec(client: &Client, sql: &str) {
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn scalar_i64(client: &Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+// ---------------------------------------------------------------------------
+// Item 5: verify compares in the source's types, never more loosely.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_compares_json_text_and_numeric_scale_exactly() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        r#"CREATE TABLE docs (id int PRIMARY KEY, j json, n numeric(10,2), "Note" text);
+           INSERT INTO docs VALUES (1, '{"a": 1, "b": 2}', 1.23, 'x'),
+                                   (2, '{"a":1}', 2.50, 'y'),
+                                   (3, '[1, 2]', -0.01, NULL);
+           CREATE TABLE "Wide Docs" (id int PRIMARY KEY, j json, n numeric(10,2));
+           INSERT INTO "Wide Docs" VALUES (1, '{"b": 1,  "a": [2]}', 1.23),
+                                          (2, '{}', 7.00);"#,
+    )
+    .await;
+    // The target's own widened copy: json into jsonb, numeric(10,2) into numeric(14,6).
+    exec(
+        &tgt,
+        r#"CREATE TABLE "Wide Docs" (id int PRIMARY KEY, j jsonb, n numeric(14,6))"#,
+    )
+    .await;
+    bootstrap_ok(&source, &target, &[]);
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "a fresh copy must verify equal:\n{out}");
+
+    // json is compared by its text: key order, spacing and duplicate keys differ.
+    for (id, value) in [
+        (1, r#"{"b": 2, "a": 1}"#),
+        (1, r#"{"a":1,"b":2}"#),
+        (2, r#"{"a":1,"a":1}"#),
+    ] {
+        let original: String = src
+            .query_one("SELECT j::text FROM docs WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        tgt.execute(
+            "UPDATE docs SET j = $2::text::json WHERE id = $1",
+            &[&id, &value],
+        )
+        .await
+        .unwrap();
+        let (code, out) = verify(&source, &target, &["--tables", "docs"]);
+        assert_eq!(
+            code, 1,
+            "json {value} on the target against {original} on the source must differ:\n{out}"
+        );
+        assert!(out.contains("DIFFERENT"), "{out}");
+        tgt.execute(
+            "UPDATE docs SET j = $2::text::json WHERE id = $1",
+            &[&id, &original],
+        )
+        .await
+        .unwrap();
+    }
+
+    // A widened numeric: 1.230000 is the source's 1.23; 1.234900 is not.
+    let (code, out) = verify(&source, &target, &["--tables", r#""Wide Docs""#]);
+    assert_eq!(code, 0, "a widened copy holding the same numbers:\n{out}");
+    exec(&tgt, r#"UPDATE "Wide Docs" SET n = 1.2349 WHERE id = 1"#).await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 1, "1.2349 on the target against 1.23:\n{out}");
+    assert!(out.contains(r#"public."Wide Docs": DIFFERENT"#), "{out}");
+    exec(&tgt, r#"UPDATE "Wide Docs" SET n = 7.001 WHERE id = 2"#).await;
+    exec(&tgt, r#"UPDATE "Wide Docs" SET n = 1.23 WHERE id = 1"#).await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 1, "7.001 on the target against 7.00:\n{out}");
+    exec(&tgt, r#"UPDATE "Wide Docs" SET n = 7 WHERE id = 2"#).await;
+    // json widened into jsonb is compared as jsonb (the target cannot hold the
+    // text): the same value is equal, another value is not.
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "the widened copy restored:\n{out}");
+    exec(
+        &tgt,
+        r#"UPDATE "Wide Docs" SET j = '{"a": [2], "b": 2}' WHERE id = 1"#,
+    )
+    .await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 1, "another jsonb value:\n{out}");
+
+    // numeric of the same type: a value of another scale cannot be stored, but a
+    // value rounded differently can: 2.50 against 2.51.
+    exec(
+        &tgt,
+        r#"UPDATE "Wide Docs" SET j = '{"a": [2], "b": 1}' WHERE id = 1"#,
+    )
+    .await;
+    exec(&tgt, "UPDATE docs SET n = 2.51 WHERE id = 2").await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 1, "2.51 against 2.50:\n{out}");
+    // --repair makes them equal again, and verify agrees.
+    let (code, out) = verify(&source, &target, &["--repair"]);
+    assert_eq!(code, 0, "verify --repair:\n{out}");
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "after the repair:\n{out}");
+    assert_eq!(
+        scalar_i64(&tgt, "SELECT count(*) FROM docs WHERE n = 2.50").await,
+        1
+    );
+}
