@@ -15,8 +15,15 @@ mod user_types;
 pub use type_compat::{types_compatible, TypeSpec};
 pub use user_types::create_missing_types;
 
-/// Schemas never replicated: the system's own, and any walshuttle state schema.
-const SYSTEM_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast"];
+/// Schemas never replicated: the system's own, and walshuttle's own on the source
+/// (the `--capture-ddl` trigger's, [`crate::ddl_capture::trigger::SCHEMA`]); the
+/// state schema is excluded by name where it is known.
+const SYSTEM_SCHEMAS: &[&str] = &[
+    "pg_catalog",
+    "information_schema",
+    "pg_toast",
+    crate::ddl_capture::trigger::SCHEMA,
+];
 
 /// One column of a source table.
 #[derive(Clone, Debug, serde::Serialize)]

@@ -148,3 +148,101 @@ async fn verify_compares_json_text_and_numeric_scale_exactly() {
         1
     );
 }
+
+// ---------------------------------------------------------------------------
+// Item 3: `--capture-ddl` never publishes a table the source would then refuse
+// updates of.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_ddl_leaves_a_keyless_table_out_and_says_how_to_fix_it() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        "CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric(10,2), region text);
+         INSERT INTO orders SELECT g, g * 1.5, 'r' || (g % 3) FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--jobs", "1", "--capture-ddl"]);
+    let mut child = logs.spawn(cmd);
+    wait_streaming(&mut child, &src).await;
+
+    // A report table made from a query has no key: publishing it would make every
+    // UPDATE of it fail on the source.
+    exec(
+        &src,
+        r#"CREATE TABLE "Report" AS SELECT region, sum(amount) AS total FROM orders GROUP BY region;
+           INSERT INTO orders VALUES (101, 1, 'r9');"#,
+    )
+    .await;
+    src.execute(r#"UPDATE "Report" SET total = total + 1"#, &[])
+        .await
+        .unwrap_or_else(|e| panic!("the source refused an UPDATE of the keyless table: {e:?}"));
+    src.execute(r#"DELETE FROM "Report" WHERE region = 'r0'"#, &[])
+        .await
+        .unwrap_or_else(|e| panic!("the source refused a DELETE of the keyless table: {e:?}"));
+    let published = scalar_i64(
+        &src,
+        "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'walshuttle' AND tablename = 'Report'",
+    )
+    .await;
+    assert_eq!(published, 0, "the keyless table was published");
+    wait_for_convergence_running(&mut child, &src, &tgt, &["orders"], Duration::from_secs(90))
+        .await;
+    // The log names it with the statement that fixes it.
+    support::wait_while_running(
+        "the log to name the keyless table",
+        Duration::from_secs(60),
+        &mut child,
+        || {
+            let log = child_log_contains(
+                &logs,
+                r#"ALTER TABLE "public"."Report" REPLICA IDENTITY FULL"#,
+            );
+            async move { log }
+        },
+    )
+    .await;
+    // status names it too, with the fix.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("status");
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "status failed:\n{stdout}{stderr}");
+    let status = format!("{stdout}{stderr}");
+    assert!(
+        status.contains(r#"public."Report" on the source is not carried"#)
+            && status.contains(r#"ALTER TABLE "public"."Report" REPLICA IDENTITY FULL"#),
+        "status does not name the keyless table with its fix:\n{status}"
+    );
+    assert!(
+        !status.contains("walshuttle_ddl"),
+        "status names walshuttle's own trigger table as not carried:\n{status}"
+    );
+
+    // Once given a replica identity, it joins by itself, copied as it is.
+    exec(&src, r#"ALTER TABLE "Report" REPLICA IDENTITY FULL"#).await;
+    exec(&src, r#"UPDATE "Report" SET total = 0 WHERE region = 'r1'"#).await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["orders", r#""Report""#],
+        Duration::from_secs(90),
+    )
+    .await;
+    child.assert_running("after the report table joined");
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the join:\n{out}");
+}
+
+/// Whether any `run` log so far contains `needle`.
+fn child_log_contains(logs: &RunLogs, needle: &str) -> bool {
+    logs.all().contains(needle)
+}

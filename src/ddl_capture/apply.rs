@@ -206,6 +206,20 @@ pub async fn plan(
             _ => Ok(Action::Skip(format!("{}: not a table of the pipeline", msg.tag))),
         },
         "type" => enum_labels(msg, target).await,
+        "unpublished" => {
+            let table = msg.after.as_ref().map(Shape::table);
+            let (name, quoted) = match &table {
+                Some(t) => (t.to_string(), t.quoted()),
+                None => {
+                    let id = msg.identity.clone().unwrap_or_else(|| "?".into());
+                    (id.clone(), id)
+                }
+            };
+            Ok(Action::Skip(format!(
+                "table {name} was made on the source ({}) without a replica identity PostgreSQL can use for updates and deletes, so it is left out of the publication (published, the source would refuse its UPDATEs and DELETEs) and its rows are not replicated: run ALTER TABLE {quoted} REPLICA IDENTITY FULL on the source, or add a primary key; it then joins the pipeline by itself",
+                msg.tag
+            )))
+        }
         "other" => {
             let table = msg.after.as_ref().map(Shape::table);
             match table {

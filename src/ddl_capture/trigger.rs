@@ -15,7 +15,11 @@
 //!
 //! A table that joins (created in a carried schema, attached or created as a
 //! partition) is added to the publication by the trigger, in the same transaction,
-//! so rows written right after its creation are decoded. A failure inside the
+//! so rows written right after its creation are decoded, unless it has no replica
+//! identity PostgreSQL can use for updates and deletes (no primary key, no `FULL`,
+//! no usable `USING INDEX`): published, the source would refuse its UPDATEs and
+//! DELETEs, so it is left out and an `unpublished` message says so; the `ALTER
+//! TABLE` that gives it one brings it in. A failure inside the
 //! trigger never fails the user's DDL: it emits an `error` message instead, which
 //! stops the pipeline with the reason.
 
@@ -178,12 +182,14 @@ pub async fn remove(source: &Client, slot: &str) -> Result<()> {
         "BEGIN; \
          DROP EVENT TRIGGER IF EXISTS {end}; DROP EVENT TRIGGER IF EXISTS {drop}; \
          DROP FUNCTION IF EXISTS {f}(); DROP FUNCTION IF EXISTS {emit}(oid, text, text, boolean); \
-         DROP FUNCTION IF EXISTS {shape}(oid); DROP TABLE IF EXISTS {track}; COMMIT",
+         DROP FUNCTION IF EXISTS {shape}(oid); DROP FUNCTION IF EXISTS {usable}(oid); \
+         DROP TABLE IF EXISTS {track}; COMMIT",
         end = quote_ident(&names.end_trigger),
         drop = quote_ident(&names.drop_trigger),
         f = names.object(""),
         emit = names.object("_emit"),
         shape = names.object("_shape"),
+        usable = names.object("_usable"),
         track = names.object(""),
     );
     source.batch_execute(&sql).await.pg_context(|| {
@@ -229,6 +235,7 @@ fn install_sql(names: &Names, spec: &Spec) -> String {
         .replace("{TRACK}", &names.object(""))
         .replace("{SHAPE}", &names.object("_shape"))
         .replace("{EMIT}", &names.object("_emit"))
+        .replace("{USABLE}", &names.object("_usable"))
         .replace("{FN}", &names.object(""))
         .replace("{END}", &quote_ident(&names.end_trigger))
         .replace("{DROP}", &quote_ident(&names.drop_trigger))
@@ -274,6 +281,18 @@ SELECT jsonb_build_object(
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
 $body$;
 
+CREATE OR REPLACE FUNCTION {USABLE}(rel oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
+SELECT coalesce((SELECT CASE c.relreplident
+  WHEN 'f' THEN true
+  WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
+                          AND i.indisvalid AND i.indisunique AND i.indimmediate AND i.indpred IS NULL)
+  WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident
+                          AND i.indisvalid AND i.indisunique AND i.indimmediate AND i.indpred IS NULL)
+  ELSE false END
+FROM pg_class c WHERE c.oid = rel), false)
+$body$;
+
 CREATE OR REPLACE FUNCTION {EMIT}(rel oid, tag text, identity text, may_join boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
@@ -304,6 +323,14 @@ BEGIN
                               AND d.objid = rel AND d.deptype = 'e'))
             OR EXISTS (SELECT 1 FROM pg_partition_ancestors(rel) a JOIN {TRACK} t ON t.relid = a.relid
                        WHERE a.relid <> rel)) THEN
+      RETURN;
+    END IF;
+    IF NOT {USABLE}(rel) THEN
+      -- Published without a usable replica identity, the table would make the
+      -- source refuse its UPDATEs and DELETEs: it stays out until it has one (the
+      -- ALTER TABLE that gives it one brings it here again).
+      PERFORM pg_logical_emit_message(true, {PREFIX}, jsonb_build_object(
+        'kind', 'unpublished', 'tag', tag, 'identity', identity, 'after', after)::text);
       RETURN;
     END IF;
     INSERT INTO {TRACK} (relid, shape)
