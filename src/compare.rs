@@ -205,7 +205,7 @@ pub async fn plan_ranges(
     }
     let k = quote_ident(&table.key[0]);
     let sql = format!(
-        "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM {}",
+        "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM ONLY {}",
         table.name.quoted()
     );
     let mut lo = i64::MAX;
@@ -274,7 +274,7 @@ pub async fn digest(
     compared: Compared,
 ) -> Result<Digest> {
     let sql = format!(
-        "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM {} WHERE {}",
+        "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM ONLY {} WHERE {}",
         row_expr(table, compared),
         table.name.quoted(),
         range.predicate(table)

@@ -246,3 +246,125 @@ async fn capture_ddl_leaves_a_keyless_table_out_and_says_how_to_fix_it() {
 fn child_log_contains(logs: &RunLogs, needle: &str) -> bool {
     logs.all().contains(needle)
 }
+
+// ---------------------------------------------------------------------------
+// Item 2: inheritance children are carried only when named.
+// ---------------------------------------------------------------------------
+
+/// Runs `walshuttle tables …` to its end off the async runtime; asserts exit 0.
+async fn tables(source: &Cluster, target: &Cluster, args: &[&str]) -> String {
+    let mut cmd = walshuttle(source, target);
+    cmd.arg("tables").args(args);
+    let (code, out, err) = tokio::task::spawn_blocking(move || run(cmd))
+        .await
+        .expect("tables command");
+    assert_eq!(code, 0, "walshuttle tables {args:?} failed:\n{out}\n{err}");
+    format!("{out}{err}")
+}
+
+async fn published(src: &Client, table: &str) -> i64 {
+    src.query_one(
+        "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'walshuttle' AND tablename = $1",
+        &[&table],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inheritance_children_are_carried_only_when_named() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        r#"CREATE TABLE events (id bigint PRIMARY KEY, kind text NOT NULL, UNIQUE (kind, id));
+           CREATE TABLE "Old Events" (archived_at date) INHERITS (events);
+           ALTER TABLE "Old Events" ADD PRIMARY KEY (id);
+           INSERT INTO events SELECT g, 'k' || g % 5 FROM generate_series(1, 50) g;
+           INSERT INTO "Old Events" SELECT g, 'old', '2020-01-01' FROM generate_series(1001, 1030) g;"#,
+    )
+    .await;
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--jobs", "1", "--tables", "events"]);
+    let mut child = logs.spawn(cmd);
+    wait_streaming(&mut child, &src).await;
+    assert_eq!(
+        published(&src, "Old Events").await,
+        0,
+        "a child nobody named is published"
+    );
+    // Writes to the child: not the pipeline's, and no reason to stop.
+    exec(
+        &src,
+        r#"INSERT INTO "Old Events" VALUES (1031, 'old', '2021-01-01');
+           UPDATE "Old Events" SET kind = 'older' WHERE id = 1001;
+           INSERT INTO events VALUES (51, 'k1');"#,
+    )
+    .await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["ONLY events"],
+        Duration::from_secs(90),
+    )
+    .await;
+    child.assert_running("after writes to an unnamed child");
+    assert_eq!(scalar_i64(&tgt, "SELECT count(*) FROM events").await, 51);
+    // verify counts the parent's own rows, not its children's.
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify of the parent alone:\n{out}");
+    assert!(out.contains("public.events: equal (51 rows)"), "{out}");
+
+    // Named, the child joins; removed, it really leaves the publication.
+    let out = tables(&source, &target, &["add", r#""Old Events""#]).await;
+    assert!(out.contains("added"), "tables add said: {out}");
+    exec(
+        &src,
+        r#"INSERT INTO "Old Events" VALUES (1032, 'old', NULL)"#,
+    )
+    .await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["ONLY events", r#""Old Events""#],
+        Duration::from_secs(90),
+    )
+    .await;
+    let out = tables(&source, &target, &["remove", r#""Old Events""#]).await;
+    assert!(out.contains("removed"), "tables remove said: {out}");
+    assert_eq!(
+        published(&src, "Old Events").await,
+        0,
+        "tables remove left the child published"
+    );
+    assert_eq!(published(&src, "events").await, 1);
+    exec(
+        &src,
+        r#"INSERT INTO "Old Events" VALUES (1033, 'old', NULL);
+           INSERT INTO events VALUES (52, 'k2');"#,
+    )
+    .await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["ONLY events"],
+        Duration::from_secs(90),
+    )
+    .await;
+    child.assert_running("after a write to the removed child");
+    assert_eq!(
+        scalar_i64(&tgt, r#"SELECT count(*) FROM "Old Events""#).await,
+        32,
+        "rows of the removed child reached the target"
+    );
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the removal:\n{out}");
+    assert!(out.contains("public.events: equal (52 rows)"), "{out}");
+}

@@ -338,7 +338,7 @@ BEGIN
       ON CONFLICT (relid) DO NOTHING;
     IF NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
                    WHERE p.pubname = {PUB} AND pr.prrelid = rel) THEN
-      EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I', {PUB}, after->>'schema', after->>'name');
+      EXECUTE format('ALTER PUBLICATION %I ADD TABLE ONLY %I.%I', {PUB}, after->>'schema', after->>'name');
     END IF;
   ELSIF before = after THEN
     RETURN;
