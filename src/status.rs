@@ -455,7 +455,7 @@ async fn pipeline_status(
 /// not: by its `--tables` (named tables and the partitions of named partitioned
 /// ones), or every ordinary table. For a pipeline bootstrapped before the selection
 /// was recorded, the partitions of partitioned tables it carries partitions of.
-async fn untracked_tables(
+pub(crate) async fn untracked_tables(
     src: &Client,
     tgt: &Client,
     state: &StateStore,

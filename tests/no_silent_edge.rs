@@ -368,3 +368,117 @@ async fn inheritance_children_are_carried_only_when_named() {
     assert_eq!(code, 0, "verify after the removal:\n{out}");
     assert!(out.contains("public.events: equal (52 rows)"), "{out}");
 }
+
+// ---------------------------------------------------------------------------
+// Item 1: a partition attached to a carried parent joins by itself, and verify
+// never says equal while its rows are missing.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_attached_to_a_carried_parent_joins_by_itself() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        r#"CREATE TABLE meas (id bigint, k int, v text, PRIMARY KEY (id, k)) PARTITION BY RANGE (k);
+           CREATE TABLE meas_1 PARTITION OF meas FOR VALUES FROM (0) TO (100);
+           CREATE TABLE plain (id int PRIMARY KEY, v text);
+           INSERT INTO meas SELECT g, g % 100, 'a' FROM generate_series(1, 100) g;
+           INSERT INTO plain SELECT g, 'p' FROM generate_series(1, 10) g;"#,
+    )
+    .await;
+    let mut logs = RunLogs::new();
+    let spawn = |logs: &mut RunLogs| {
+        let mut cmd = walshuttle(&source, &target);
+        cmd.args(["run", "--jobs", "1", "--tables", "meas,plain"]);
+        logs.spawn(cmd)
+    };
+    let mut child = spawn(&mut logs);
+    wait_streaming(&mut child, &src).await;
+
+    // One partition filled, then attached; another created under the parent; rows
+    // routed to both through the parent.
+    exec(
+        &src,
+        r#"CREATE TABLE "Meas 2" (id bigint NOT NULL, k int NOT NULL, v text);
+           INSERT INTO "Meas 2" SELECT g, 100 + g % 100, 'b' FROM generate_series(1, 30) g;
+           ALTER TABLE meas ATTACH PARTITION "Meas 2" FOR VALUES FROM (100) TO (200);
+           CREATE TABLE meas_3 PARTITION OF meas FOR VALUES FROM (200) TO (300);
+           INSERT INTO meas SELECT g, 100 + g % 200, 'c' FROM generate_series(1000, 1059) g;
+           UPDATE meas SET v = 'd' WHERE id = 1;"#,
+    )
+    .await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["meas_1", r#""Meas 2""#, "meas_3", "plain"],
+        Duration::from_secs(120),
+    )
+    .await;
+    // Writes after the join stream as for any table.
+    exec(
+        &src,
+        r#"INSERT INTO meas SELECT g, 150, 'e' FROM generate_series(2000, 2009) g;
+           DELETE FROM meas WHERE id = 1001;"#,
+    )
+    .await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["meas_1", r#""Meas 2""#, "meas_3"],
+        Duration::from_secs(90),
+    )
+    .await;
+    child.assert_running("after the partitions joined");
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the partitions joined:\n{out}");
+    assert!(out.contains(r#"public."Meas 2": equal"#), "{out}");
+
+    // With run stopped, a partition attached meanwhile is a difference, not "equal".
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+    exec(
+        &src,
+        "CREATE TABLE meas_4 PARTITION OF meas FOR VALUES FROM (300) TO (400);
+         INSERT INTO meas SELECT g, 350, 'f' FROM generate_series(3000, 3029) g;",
+    )
+    .await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(
+        code, 1,
+        "verify must not call the parent equal while a partition's rows are missing:\n{out}"
+    );
+    assert!(out.contains("public.meas_4: DIFFERENT"), "{out}");
+    // run picks it up when it starts again.
+    let mut child = spawn(&mut logs);
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["meas_1", r#""Meas 2""#, "meas_3", "meas_4"],
+        Duration::from_secs(120),
+    )
+    .await;
+    support::wait_while_running(
+        "the partitions to be ready in the pipeline",
+        Duration::from_secs(60),
+        &mut child,
+        || async {
+            scalar_i64(
+                &tgt,
+                "SELECT count(*) FROM walshuttle.pipeline_tables WHERE table_name IN ('Meas 2', 'meas_3', 'meas_4') AND state = 'ready'",
+            )
+            .await
+                == 3
+        },
+    )
+    .await;
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify at the end:\n{out}");
+}
