@@ -482,3 +482,62 @@ async fn a_partition_attached_to_a_carried_parent_joins_by_itself() {
     let (code, out) = verify(&source, &target, &[]);
     assert_eq!(code, 0, "verify at the end:\n{out}");
 }
+
+// ---------------------------------------------------------------------------
+// Item 4: a retype's rewrite is known from the catalog, not from statement text.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retype_with_using_inside_a_function_is_copied_again() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        r#"CREATE TABLE prices (id int PRIMARY KEY, c int, "Label" text);
+           INSERT INTO prices SELECT g, g, 'l' || g FROM generate_series(1, 200) g;
+           CREATE FUNCTION mig() RETURNS void LANGUAGE plpgsql AS $$
+           BEGIN
+             ALTER TABLE prices ALTER COLUMN c TYPE bigint USING c * 100;
+           END $$;
+           CREATE FUNCTION relabel() RETURNS void LANGUAGE plpgsql AS $$
+           BEGIN
+             EXECUTE 'ALTER TABLE prices ALTER COLUMN "Label" TYPE varchar(40)';
+           END $$;"#,
+    )
+    .await;
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--jobs", "1", "--capture-ddl"]);
+    let mut child = logs.spawn(cmd);
+    wait_streaming(&mut child, &src).await;
+    // The client's statement is `SELECT mig()`: nothing in its text says USING.
+    exec(
+        &src,
+        "SELECT mig(); INSERT INTO prices VALUES (201, 7, 'new');",
+    )
+    .await;
+    exec(&src, "UPDATE prices SET c = c + 1 WHERE id <= 10").await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["prices"], Duration::from_secs(90))
+        .await;
+    assert_eq!(
+        scalar_i64(&tgt, "SELECT c FROM prices WHERE id = 5").await,
+        501,
+        "the target did not take the source's converted values"
+    );
+    // A retype that rewrites nothing (varchar from text is binary coercible) keeps
+    // streaming without a copy, and the values stay.
+    exec(
+        &src,
+        "SELECT relabel(); UPDATE prices SET \"Label\" = 'x' WHERE id = 1;",
+    )
+    .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["prices"], Duration::from_secs(90))
+        .await;
+    child.assert_running("after the retypes");
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the retypes:\n{out}");
+}

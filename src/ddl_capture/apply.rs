@@ -27,8 +27,10 @@ pub struct DdlMessage {
     /// The object's identity as PostgreSQL prints it.
     #[serde(default)]
     pub identity: Option<String>,
-    /// The command's text has a `USING` clause: a retype converted the rows with an
-    /// expression walshuttle cannot see.
+    /// The source rewrote the table's rows in this transaction (its `table_rewrite`
+    /// event trigger saw it, whatever the statement's text or the function it ran
+    /// in): a retype converted the values with an expression (`USING`, or the cast)
+    /// walshuttle cannot see, so the table is copied again.
     #[serde(default)]
     pub rewrote: bool,
     /// The table as recorded after the previous command (none for a new table).
@@ -545,7 +547,7 @@ pub fn column_statements(
                         new.name,
                         new.type_sql,
                         if rewrote {
-                            " (its rows were converted with USING: the table is copied again)"
+                            " (the source rewrote its rows, with USING or a cast: the table is copied again)"
                         } else {
                             ""
                         }
