@@ -16,15 +16,18 @@ use tokio_postgres::Client;
 
 use crate::config::Endpoint;
 use crate::pg::{connect, PgResultExt, QualifiedName};
-use crate::state::{Pipeline, StateStore};
+use crate::state::{Pipeline, Selection, StateStore};
 use crate::tables::{TablesAction, TablesOptions};
 
 /// How often `run` looks for new partitions.
 const POLL: Duration = Duration::from_secs(5);
 
-/// The source's partitions that the pipeline's selection carries (the leaf
-/// partitions of a named partitioned table, or every table) but the pipeline does
-/// not carry yet: ones created or attached after the bootstrap.
+/// The source's partitions that the pipeline's selection carries but the pipeline
+/// does not carry yet (created or attached after the bootstrap): the leaf
+/// partitions of a named partitioned table, or, in a pipeline of every table, the
+/// new partitions of a partitioned table whose other partitions it carries (a
+/// partitioned table created later is a new table: `status` names it, a person
+/// decides).
 pub async fn untracked(
     src: &Client,
     tgt: &Client,
@@ -36,11 +39,18 @@ pub async fn untracked(
         return Ok(candidates);
     }
     let quoted: Vec<String> = candidates.iter().map(QualifiedName::quoted).collect();
+    let carried: Vec<String> = pipeline.tables.iter().map(QualifiedName::quoted).collect();
+    let named = matches!(
+        state.selection(tgt, &pipeline.name).await?,
+        Selection::Named(_)
+    );
     let partitions: Vec<String> = src
         .query(
             "SELECT s.name FROM unnest($1::text[]) AS s(name) \
-             JOIN pg_class c ON c.oid = to_regclass(s.name) WHERE c.relispartition",
-            &[&quoted],
+             JOIN pg_class c ON c.oid = to_regclass(s.name) \
+             WHERE c.relispartition AND ($3 OR pg_partition_root(c.oid) IN ( \
+                 SELECT pg_partition_root(to_regclass(t.name)) FROM unnest($2::text[]) AS t(name)))",
+            &[&quoted, &carried, &named],
         )
         .await
         .pg_context(|| "reading which new tables are partitions on the source".into())?
