@@ -1,0 +1,551 @@
+//! PostgreSQL's own subscription tests (`src/test/subscription/t/` in
+//! postgres/postgres), ported to walshuttle where they mean something for it: the
+//! same schema and statements on the source, `walshuttle run` instead of a
+//! subscription, and the end state each test expects on the subscriber checked on
+//! the target (adapted where walshuttle differs on purpose: it replicates every
+//! operation of the tables it carries, so there are no insert-only publications,
+//! and a table without a key needs `REPLICA IDENTITY FULL` to be carried). Each test
+//! ends with `verify` exit 0.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{run, wait_streaming, walshuttle, Cluster, ClusterOptions, RunChild, RunLogs};
+use tokio_postgres::Client;
+
+/// A source and a target with `walshuttle run` streaming between them.
+struct Pair {
+    source: Cluster,
+    target: Cluster,
+    src: Client,
+    tgt: Client,
+    child: RunChild,
+    // Declared last: dropped after the child, printing its log on failure.
+    _logs: RunLogs,
+}
+
+impl Pair {
+    /// Starts both clusters (the source with `source_conf`), runs `schema` on the
+    /// source and `target_schema` on the target, then `walshuttle run <args>` until
+    /// it streams.
+    async fn start(source_conf: &[&str], schema: &str, target_schema: &str, args: &[&str]) -> Pair {
+        let source = Cluster::start_with(ClusterOptions {
+            extra_conf: source_conf.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        });
+        let target = Cluster::start();
+        let src = source.client().await;
+        let tgt = target.client().await;
+        src.batch_execute(schema)
+            .await
+            .unwrap_or_else(|e| panic!("source schema: {e:?}"));
+        if !target_schema.is_empty() {
+            tgt.batch_execute(target_schema)
+                .await
+                .unwrap_or_else(|e| panic!("target schema: {e:?}"));
+        }
+        let mut logs = RunLogs::new();
+        let mut cmd = walshuttle(&source, &target);
+        cmd.args(["run", "--jobs", "1"]).args(args);
+        let mut child = logs.spawn(cmd);
+        wait_streaming(&mut child, &src).await;
+        Pair {
+            source,
+            target,
+            src,
+            tgt,
+            child,
+            _logs: logs,
+        }
+    }
+
+    /// Runs statements on the source (one simple query: one transaction unless it
+    /// says otherwise).
+    async fn source(&self, sql: &str) {
+        self.src
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// Waits until `query` (one text column) gives `want` on the target, rows
+    /// joined by newlines, failing at once if `run` exits.
+    async fn expect(&mut self, query: &str, want: &str, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let got = text(&self.tgt, query).await;
+            if got.as_deref() == Ok(want) {
+                return;
+            }
+            if let Err(e) = self.child.check_running() {
+                panic!("{what}: {e}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {query} gave {got:?} on the target, expected {want:?}; log tail:\n{}",
+                support::tail(&self.child.log(), 60)
+            );
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+    }
+
+    /// Waits until `query` gives the same on the target as on the source.
+    async fn expect_as_source(&mut self, query: &str, what: &str) {
+        let want = text(&self.src, query)
+            .await
+            .unwrap_or_else(|e| panic!("{query} on the source: {e}"));
+        self.expect(query, &want, what).await;
+    }
+
+    /// Stops `run` cleanly and checks `verify` finds both sides equal; returns the
+    /// clusters.
+    async fn finish(mut self) -> (Cluster, Cluster) {
+        self.child.sigterm();
+        let status = self.child.wait_exit(Duration::from_secs(30)).await;
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "run did not stop cleanly: {status:?}"
+        );
+        let mut cmd = walshuttle(&self.source, &self.target);
+        cmd.arg("verify");
+        let (code, out, err) = run(cmd);
+        assert_eq!(code, 0, "verify at the end:\n{out}{err}");
+        (self.source, self.target)
+    }
+}
+
+/// The rows of a one-column text query, joined by newlines.
+async fn text(client: &Client, query: &str) -> Result<String, String> {
+    client
+        .query(query, &[])
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// `count|min|max` of column `a` of a table, as the PostgreSQL tests print it.
+fn cmm(table: &str) -> String {
+    format!("SELECT concat_ws('|', count(*), coalesce(min(a)::text, ''), coalesce(max(a)::text, '')) FROM {table}")
+}
+
+// 001_rep_changes.pl
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t001_rep_changes() {
+    let mut p = Pair::start(
+        &[],
+        "CREATE TABLE tab_notrep AS SELECT generate_series(1,10) AS a;
+         CREATE TABLE tab_ins AS SELECT generate_series(1,1002) AS a;
+         ALTER TABLE tab_ins REPLICA IDENTITY FULL;
+         CREATE TABLE tab_full AS SELECT generate_series(1,10) AS a;
+         ALTER TABLE tab_full REPLICA IDENTITY FULL;
+         CREATE TABLE tab_rep (a int primary key);",
+        "",
+        &["--tables", "tab_ins,tab_full,tab_rep"],
+    )
+    .await;
+    p.expect(&cmm("tab_ins"), "1002|1|1002", "initial data copied")
+        .await;
+    p.source(
+        "INSERT INTO tab_ins SELECT generate_series(1,50);
+         DELETE FROM tab_ins WHERE a > 20;
+         UPDATE tab_ins SET a = -a;
+         INSERT INTO tab_rep SELECT generate_series(1,50);
+         DELETE FROM tab_rep WHERE a > 20;
+         UPDATE tab_rep SET a = -a;",
+    )
+    .await;
+    // Every operation is replicated (PostgreSQL's tab_ins publication was
+    // insert-only, hence its 1052|1|1002).
+    p.expect(
+        &cmm("tab_ins"),
+        "40|-20|-1",
+        "replicated changes of tab_ins",
+    )
+    .await;
+    p.expect(
+        &cmm("tab_rep"),
+        "20|-20|-1",
+        "replicated changes of tab_rep",
+    )
+    .await;
+    // Duplicate rows, updated under REPLICA IDENTITY FULL.
+    p.source("INSERT INTO tab_full SELECT generate_series(1,10); UPDATE tab_full SET a = a * a;")
+        .await;
+    p.expect(
+        &cmm("tab_full"),
+        "20|1|100",
+        "update with REPLICA IDENTITY FULL and duplicate tuples",
+    )
+    .await;
+    p.source("DELETE FROM tab_rep; INSERT INTO tab_full VALUES (0);")
+        .await;
+    p.expect(&cmm("tab_rep"), "0||", "deletes replicated").await;
+    p.expect(&cmm("tab_full"), "21|0|100", "insert replicated")
+        .await;
+    p.expect(
+        "SELECT coalesce(to_regclass('tab_notrep')::text, 'none')",
+        "none",
+        "a table not carried is not on the target",
+    )
+    .await;
+    let (source, target) = p.finish().await;
+    // Dropping the pipeline drops its slot on the source (as DROP SUBSCRIPTION does).
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["teardown", "--yes"]);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "teardown:\n{out}{err}");
+    let slots = text(
+        &source.client().await,
+        "SELECT count(*)::text FROM pg_replication_slots",
+    )
+    .await;
+    assert_eq!(slots.as_deref(), Ok("0"), "the slot was not dropped");
+}
+
+// 006_rewrite.pl
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t006_rewrite() {
+    let mut p = Pair::start(
+        &[],
+        "CREATE TABLE test1 (a int, b text); ALTER TABLE test1 REPLICA IDENTITY FULL;",
+        "",
+        &[],
+    )
+    .await;
+    p.source("INSERT INTO test1 (a, b) VALUES (1, 'one'), (2, 'two');")
+        .await;
+    let rows = "SELECT concat_ws('|', a, b, c) FROM test1 ORDER BY a";
+    p.expect(
+        "SELECT concat_ws('|', a, b) FROM test1 ORDER BY a",
+        "1|one\n2|two",
+        "initial data replicated",
+    )
+    .await;
+    // DDL that rewrites the heap, on the source only: walshuttle follows it.
+    p.source("ALTER TABLE test1 ADD c int NOT NULL DEFAULT 0;")
+        .await;
+    p.source("INSERT INTO test1 (a, b, c) VALUES (3, 'three', 33);")
+        .await;
+    p.expect(
+        rows,
+        "1|one|0\n2|two|0\n3|three|33",
+        "data replicated after the rewrite",
+    )
+    .await;
+    p.finish().await;
+}
+
+// 010_truncate.pl
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t010_truncate() {
+    let mut p = Pair::start(
+        &[],
+        "CREATE TABLE tab1 (a int PRIMARY KEY);
+         CREATE TABLE tab2 (a int PRIMARY KEY);
+         CREATE TABLE tab3 (a int PRIMARY KEY);
+         CREATE TABLE tab4 (x int PRIMARY KEY, y int REFERENCES tab3);",
+        // tab2 is the target's own, not carried.
+        "CREATE TABLE tab2 (a int PRIMARY KEY); INSERT INTO tab2 VALUES (1), (2), (3);",
+        &["--tables", "tab1,tab3,tab4"],
+    )
+    .await;
+    p.source("INSERT INTO tab1 VALUES (1), (2), (3);").await;
+    p.expect(&cmm("tab1"), "3|1|3", "inserts replicated").await;
+    p.source("TRUNCATE tab1").await;
+    p.expect(&cmm("tab1"), "0||", "truncate replicated").await;
+    p.source("INSERT INTO tab1 VALUES (7); TRUNCATE tab1 RESTART IDENTITY;")
+        .await;
+    p.expect(&cmm("tab1"), "0||", "truncate restart identity replicated")
+        .await;
+    // Tables connected by a foreign key, truncated together.
+    p.source(
+        "INSERT INTO tab3 VALUES (1), (2), (3);
+         INSERT INTO tab4 VALUES (11, 1), (111, 1), (22, 2);",
+    )
+    .await;
+    p.expect(
+        "SELECT count(*)::text FROM tab4",
+        "3",
+        "rows referencing rows replicated",
+    )
+    .await;
+    p.source("TRUNCATE tab3, tab4").await;
+    p.expect(
+        &cmm("tab3"),
+        "0||",
+        "truncate of multiple tables replicated",
+    )
+    .await;
+    p.expect(
+        "SELECT concat_ws('|', count(*), coalesce(min(x)::text, ''), coalesce(max(x)::text, '')) FROM tab4",
+        "0||",
+        "truncate of multiple tables replicated",
+    )
+    .await;
+    // Some of the truncated tables are not carried: theirs stay as they are.
+    p.source(
+        "INSERT INTO tab1 VALUES (1), (2), (3); INSERT INTO tab2 VALUES (5);
+         TRUNCATE tab1, tab2;",
+    )
+    .await;
+    p.expect(
+        &cmm("tab1"),
+        "0||",
+        "truncate of multiple tables some not carried",
+    )
+    .await;
+    p.expect(
+        &cmm("tab2"),
+        "3|1|3",
+        "a table not carried keeps its target rows",
+    )
+    .await;
+    p.finish().await;
+}
+
+// 011_generated.pl
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t011_generated() {
+    let mut p = Pair::start(
+        &[],
+        "CREATE TABLE tab1 (a int PRIMARY KEY, b int GENERATED ALWAYS AS (a * 2) STORED);
+         INSERT INTO tab1 (a) VALUES (1), (2), (3);",
+        "",
+        &[],
+    )
+    .await;
+    let rows = "SELECT concat_ws('|', a, b) FROM tab1 ORDER BY a";
+    p.expect(rows, "1|2\n2|4\n3|6", "generated columns initial sync")
+        .await;
+    p.source("INSERT INTO tab1 VALUES (4), (5); UPDATE tab1 SET a = 6 WHERE a = 5;")
+        .await;
+    p.expect(
+        rows,
+        "1|2\n2|4\n3|6\n4|8\n6|12",
+        "generated columns replicated",
+    )
+    .await;
+    p.finish().await;
+}
+
+// 013_partition.pl
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t013_partition() {
+    let mut p = Pair::start(
+        &[],
+        "CREATE TABLE tab1 (a int PRIMARY KEY, b text) PARTITION BY LIST (a);
+         CREATE TABLE tab1_1 (b text, a int NOT NULL);
+         ALTER TABLE tab1 ATTACH PARTITION tab1_1 FOR VALUES IN (1, 2, 3);
+         CREATE TABLE tab1_2 PARTITION OF tab1 FOR VALUES IN (4, 5, 6);
+         CREATE TABLE tab1_def PARTITION OF tab1 DEFAULT;",
+        "",
+        &["--tables", "tab1"],
+    )
+    .await;
+    p.source("INSERT INTO tab1 VALUES (1), (3), (5);").await;
+    let leaves = "SELECT string_agg(a::text, ',' ORDER BY a) FROM (\
+                  SELECT a FROM tab1_1 UNION ALL SELECT a FROM tab1_2 UNION ALL SELECT a FROM tab1_def) t";
+    p.expect(leaves, "1,3,5", "inserts into partitions replicated")
+        .await;
+    p.expect(
+        "SELECT string_agg(a::text, ',' ORDER BY a) FROM tab1_1",
+        "1,3",
+        "rows in their partition",
+    )
+    .await;
+    // An update that moves a row to another partition, a delete, the default
+    // partition, and a partition truncated.
+    p.source(
+        "UPDATE tab1 SET a = 6 WHERE a = 1; DELETE FROM tab1 WHERE a = 3;
+         INSERT INTO tab1 VALUES (0), (4);",
+    )
+    .await;
+    p.expect(leaves, "0,4,5,6", "updates and deletes replicated")
+        .await;
+    p.expect(
+        "SELECT string_agg(a::text, ',' ORDER BY a) FROM tab1_def",
+        "0",
+        "the default partition",
+    )
+    .await;
+    p.source("TRUNCATE tab1_2").await;
+    p.expect(leaves, "0", "truncate of a partition replicated")
+        .await;
+    p.source(
+        "INSERT INTO tab1 VALUES (2, 'two'); TRUNCATE tab1; INSERT INTO tab1 VALUES (5, 'five');",
+    )
+    .await;
+    p.expect(leaves, "5", "truncate of the parent replicated")
+        .await;
+    p.finish().await;
+}
+
+// 015_stream.pl, 016_stream_subxact.pl, 018_stream_subxact_abort.pl,
+// 019_stream_subxact_ddl_abort.pl: large transactions streamed while open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t015_016_018_019_streamed_transactions() {
+    let mut p = Pair::start(
+        &["logical_decoding_work_mem = '64kB'"],
+        "CREATE TABLE test_tab (a int primary key, b varchar);
+         INSERT INTO test_tab VALUES (1, 'foo'), (2, 'bar');
+         CREATE TABLE test_tab_2 (a int);
+         ALTER TABLE test_tab_2 REPLICA IDENTITY FULL;",
+        "",
+        &[],
+    )
+    .await;
+    let count = "SELECT count(*)::text FROM test_tab";
+    p.expect(count, "2", "initial data copied").await;
+    // 015: insert, update and delete in one large transaction.
+    p.source(
+        "BEGIN;
+         INSERT INTO test_tab SELECT i, md5(i::text) FROM generate_series(3, 5000) s(i);
+         UPDATE test_tab SET b = md5(b) WHERE mod(a,2) = 0;
+         DELETE FROM test_tab WHERE mod(a,3) = 0;
+         COMMIT;",
+    )
+    .await;
+    p.expect(count, "3334", "015: streamed insert, update, delete")
+        .await;
+    p.expect_as_source(
+        "SELECT md5(string_agg(a || b, ',' ORDER BY a)) FROM test_tab",
+        "015: the rows' values",
+    )
+    .await;
+    p.source("DELETE FROM test_tab WHERE a > 2").await;
+    // 016: subtransactions inside a large transaction.
+    p.source(
+        "BEGIN;
+         INSERT INTO test_tab SELECT i, md5(i::text) FROM generate_series(3, 500) s(i);
+         UPDATE test_tab SET b = md5(b) WHERE mod(a,2) = 0;
+         DELETE FROM test_tab WHERE mod(a,3) = 0;
+         SAVEPOINT s1;
+         INSERT INTO test_tab SELECT i, md5(i::text) FROM generate_series(501, 1000) s(i);
+         UPDATE test_tab SET b = md5(b) WHERE mod(a,2) = 0;
+         DELETE FROM test_tab WHERE mod(a,3) = 0;
+         SAVEPOINT s2;
+         INSERT INTO test_tab SELECT i, md5(i::text) FROM generate_series(1001, 1500) s(i);
+         UPDATE test_tab SET b = md5(b) WHERE mod(a,2) = 0;
+         DELETE FROM test_tab WHERE mod(a,3) = 0;
+         SAVEPOINT s3;
+         INSERT INTO test_tab SELECT i, md5(i::text) FROM generate_series(1501, 2000) s(i);
+         UPDATE test_tab SET b = md5(b) WHERE mod(a,2) = 0;
+         DELETE FROM test_tab WHERE mod(a,3) = 0;
+         SAVEPOINT s4;
+         INSERT INTO test_tab SELECT i, md5(i::text) FROM generate_series(2001, 2500) s(i);
+         UPDATE test_tab SET b = md5(b) WHERE mod(a,2) = 0;
+         DELETE FROM test_tab WHERE mod(a,3) = 0;
+         COMMIT;",
+    )
+    .await;
+    p.expect(count, "1667", "016: streamed subtransactions")
+        .await;
+    p.expect_as_source(
+        "SELECT md5(string_agg(a || b, ',' ORDER BY a)) FROM test_tab",
+        "016: the rows' values",
+    )
+    .await;
+    p.source("DELETE FROM test_tab WHERE a > 2").await;
+    // 018: rollbacks to savepoints and of the whole transaction.
+    p.source(
+        "BEGIN;
+         INSERT INTO test_tab VALUES (3, md5(3::text));
+         SAVEPOINT s1;
+         INSERT INTO test_tab VALUES (4, md5(4::text));
+         SAVEPOINT s2;
+         INSERT INTO test_tab VALUES (5, md5(5::text));
+         SAVEPOINT s3;
+         INSERT INTO test_tab VALUES (6, md5(6::text));
+         ROLLBACK TO s2;
+         INSERT INTO test_tab VALUES (7, md5(7::text));
+         ROLLBACK TO s1;
+         INSERT INTO test_tab VALUES (8, md5(8::text));
+         SAVEPOINT s4;
+         INSERT INTO test_tab VALUES (9, md5(9::text));
+         SAVEPOINT s5;
+         INSERT INTO test_tab VALUES (10, md5(10::text));
+         COMMIT;",
+    )
+    .await;
+    p.expect(count, "6", "018: rollback to savepoint").await;
+    p.source(
+        "BEGIN;
+         INSERT INTO test_tab VALUES (11, md5(11::text));
+         SAVEPOINT s1;
+         INSERT INTO test_tab VALUES (12, md5(12::text));
+         SAVEPOINT s2;
+         INSERT INTO test_tab VALUES (13, md5(13::text));
+         SAVEPOINT s3;
+         INSERT INTO test_tab VALUES (14, md5(14::text));
+         RELEASE s2;
+         INSERT INTO test_tab VALUES (15, md5(15::text));
+         ROLLBACK TO s1;
+         COMMIT;",
+    )
+    .await;
+    p.expect(count, "7", "018: out of order subtransaction rollbacks")
+        .await;
+    p.source(
+        "BEGIN;
+         INSERT INTO test_tab VALUES (16, md5(16::text));
+         SAVEPOINT s1;
+         INSERT INTO test_tab VALUES (17, md5(17::text));
+         SAVEPOINT s2;
+         INSERT INTO test_tab VALUES (18, md5(18::text));
+         ROLLBACK;",
+    )
+    .await;
+    p.source(
+        "BEGIN; INSERT INTO test_tab_2 VALUES (1); SAVEPOINT sp;
+         INSERT INTO test_tab_2 VALUES (1); ROLLBACK TO sp; COMMIT;",
+    )
+    .await;
+    p.expect(
+        "SELECT count(*)::text FROM test_tab_2",
+        "1",
+        "018: only the subtransaction rolled back",
+    )
+    .await;
+    p.expect(count, "7", "018: rollback of the whole transaction")
+        .await;
+    p.source("DELETE FROM test_tab WHERE a > 2").await;
+    // 019: DDL inside subtransactions, some rolled back.
+    p.source(
+        "BEGIN;
+         INSERT INTO test_tab SELECT i, md5(i::text) FROM generate_series(3, 500) s(i);
+         ALTER TABLE test_tab ADD COLUMN c INT;
+         SAVEPOINT s1;
+         INSERT INTO test_tab SELECT i, md5(i::text), -i FROM generate_series(501, 1000) s(i);
+         ALTER TABLE test_tab ADD COLUMN d INT;
+         SAVEPOINT s2;
+         INSERT INTO test_tab SELECT i, md5(i::text), -i, 2*i FROM generate_series(1001, 1500) s(i);
+         ALTER TABLE test_tab ADD COLUMN e INT;
+         SAVEPOINT s3;
+         INSERT INTO test_tab SELECT i, md5(i::text), -i, 2*i, -3*i FROM generate_series(1501, 2000) s(i);
+         ALTER TABLE test_tab DROP COLUMN c;
+         ROLLBACK TO s1;
+         INSERT INTO test_tab SELECT i, md5(i::text), i FROM generate_series(501, 1000) s(i);
+         COMMIT;",
+    )
+    .await;
+    p.expect(
+        "SELECT concat_ws('|', count(*), count(c)) FROM test_tab",
+        "1000|500",
+        "019: rollback to savepoint with DDL",
+    )
+    .await;
+    p.expect(
+        "SELECT string_agg(attname::text, ',' ORDER BY attnum) FROM pg_attribute \
+         WHERE attrelid = 'test_tab'::regclass AND attnum > 0 AND NOT attisdropped",
+        "a,b,c",
+        "019: the columns of the committed DDL only",
+    )
+    .await;
+    p.finish().await;
+}
