@@ -21,6 +21,8 @@ struct Pair {
     src: Client,
     tgt: Client,
     child: RunChild,
+    /// The target database.
+    db: &'static str,
     // Declared last: dropped after the child, printing its log on failure.
     _logs: RunLogs,
 }
@@ -30,13 +32,36 @@ impl Pair {
     /// source and `target_schema` on the target, then `walshuttle run <args>` until
     /// it streams.
     async fn start(source_conf: &[&str], schema: &str, target_schema: &str, args: &[&str]) -> Pair {
+        Pair::start_in(source_conf, schema, "", target_schema, args).await
+    }
+
+    /// [`Pair::start`] with the target in database `other`, made on the target by
+    /// `create_target_db` first, when that is not empty.
+    async fn start_in(
+        source_conf: &[&str],
+        schema: &str,
+        create_target_db: &str,
+        target_schema: &str,
+        args: &[&str],
+    ) -> Pair {
         let source = Cluster::start_with(ClusterOptions {
             extra_conf: source_conf.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         });
         let target = Cluster::start();
         let src = source.client().await;
-        let tgt = target.client().await;
+        let db = if create_target_db.is_empty() {
+            "postgres"
+        } else {
+            target
+                .client()
+                .await
+                .batch_execute(create_target_db)
+                .await
+                .unwrap_or_else(|e| panic!("target database: {e:?}"));
+            "other"
+        };
+        let tgt = target.client_for(db).await;
         src.batch_execute(schema)
             .await
             .unwrap_or_else(|e| panic!("source schema: {e:?}"));
@@ -47,7 +72,9 @@ impl Pair {
         }
         let mut logs = RunLogs::new();
         let mut cmd = walshuttle(&source, &target);
-        cmd.args(["run", "--jobs", "1"]).args(args);
+        cmd.env("WALSHUTTLE_TARGET", target.url_for(db))
+            .args(["run", "--jobs", "1"])
+            .args(args);
         let mut child = logs.spawn(cmd);
         wait_streaming(&mut child, &src).await;
         Pair {
@@ -56,6 +83,7 @@ impl Pair {
             src,
             tgt,
             child,
+            db,
             _logs: logs,
         }
     }
@@ -103,7 +131,8 @@ impl Pair {
     async fn finish(mut self) -> (Cluster, Cluster) {
         self.stop().await;
         let mut cmd = walshuttle(&self.source, &self.target);
-        cmd.arg("verify");
+        cmd.env("WALSHUTTLE_TARGET", self.target.url_for(self.db))
+            .arg("verify");
         let (code, out, err) = run(cmd);
         assert_eq!(code, 0, "verify at the end:\n{out}{err}");
         (self.source, self.target)
@@ -857,5 +886,132 @@ async fn t002_types() {
         p.expect_as_source(&check(t), &format!("deletes from {t}"))
             .await;
     }
+    p.finish().await;
+}
+
+// 005_encoding.pl: a UTF8 source and a LATIN1 target database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t005_encoding() {
+    let mut p = Pair::start_in(
+        &[],
+        "CREATE TABLE test1 (a int, b text); ALTER TABLE test1 REPLICA IDENTITY FULL;",
+        "CREATE DATABASE other ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        "",
+        &[],
+    )
+    .await;
+    p.source(r"INSERT INTO test1 VALUES (1, E'Mot\xc3\xb6rhead')")
+        .await;
+    p.expect(
+        r"SELECT a::text FROM test1 WHERE b = E'Mot\xf6rhead'",
+        "1",
+        "data replicated into the LATIN1 database",
+    )
+    .await;
+    p.finish().await;
+}
+
+// 032_subscribe_use_index.pl: REPLICA IDENTITY FULL tables whose target copies
+// have indexes of their own (multi-column, on partitions, expression-only and
+// partial, over NULLs): the right rows change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t032_replica_identity_full_with_target_indexes() {
+    let mut p = Pair::start(
+        &[],
+        "CREATE TABLE test_replica_id_full (x int, y text);
+         ALTER TABLE test_replica_id_full REPLICA IDENTITY FULL;
+         INSERT INTO test_replica_id_full SELECT (i%10), (i%10)::text FROM generate_series(0,10) i;
+         CREATE TABLE users_table_part (user_id bigint, value_1 int, value_2 int) PARTITION BY RANGE (value_1);
+         CREATE TABLE users_table_part_0 PARTITION OF users_table_part FOR VALUES FROM (0) TO (10);
+         CREATE TABLE users_table_part_1 PARTITION OF users_table_part FOR VALUES FROM (10) TO (20);
+         ALTER TABLE users_table_part REPLICA IDENTITY FULL;
+         ALTER TABLE users_table_part_0 REPLICA IDENTITY FULL;
+         ALTER TABLE users_table_part_1 REPLICA IDENTITY FULL;
+         INSERT INTO users_table_part SELECT (i%100), (i%20), i FROM generate_series(0,100) i;
+         CREATE TABLE people (firstname text, lastname text);
+         ALTER TABLE people REPLICA IDENTITY FULL;
+         INSERT INTO people SELECT 'first_name_' || i::text, 'last_name_' || i::text FROM generate_series(0,200) i;
+         CREATE TABLE nulls (x int, y int);
+         ALTER TABLE nulls REPLICA IDENTITY FULL;",
+        "CREATE TABLE test_replica_id_full (x int, y text);
+         CREATE INDEX test_replica_id_full_idx ON test_replica_id_full(x,y);
+         CREATE TABLE users_table_part_0 (user_id bigint, value_1 int, value_2 int);
+         CREATE TABLE users_table_part_1 (user_id bigint, value_1 int, value_2 int);
+         CREATE INDEX ON users_table_part_0 (user_id, value_1);
+         CREATE INDEX ON users_table_part_1 (user_id, value_1);
+         CREATE TABLE people (firstname text, lastname text);
+         CREATE INDEX people_names_expr_only ON people ((firstname || ' ' || lastname));
+         CREATE INDEX people_names_partial ON people(firstname) WHERE (firstname = 'first_name_1');
+         CREATE TABLE nulls (x int, y int);
+         CREATE INDEX nulls_idx ON nulls (x, y);",
+        &["--tables", "test_replica_id_full,users_table_part,people,nulls"],
+    )
+    .await;
+    p.source(
+        "DELETE FROM test_replica_id_full WHERE x IN (5, 6);
+         UPDATE test_replica_id_full SET x = 100, y = '200' WHERE x IN (1, 2);",
+    )
+    .await;
+    p.expect(
+        "SELECT count(*)::text FROM test_replica_id_full WHERE x = 100 AND y = '200'",
+        "2",
+        "updates through a multi-column target index",
+    )
+    .await;
+    p.expect(
+        "SELECT count(*)::text FROM test_replica_id_full WHERE x IN (5, 6)",
+        "0",
+        "deletes through a multi-column target index",
+    )
+    .await;
+    p.source(
+        "UPDATE users_table_part SET value_1 = 0 WHERE user_id = 4;
+         DELETE FROM users_table_part WHERE user_id = 1 AND value_1 = 1;
+         DELETE FROM users_table_part WHERE user_id = 12 AND value_1 = 12;",
+    )
+    .await;
+    let parts = "(SELECT * FROM users_table_part_0 UNION ALL SELECT * FROM users_table_part_1) u";
+    p.expect(
+        &format!("SELECT sum(user_id + value_1 + value_2)::text FROM {parts}"),
+        "10907",
+        "partitions changed through their target indexes",
+    )
+    .await;
+    p.expect(
+        &format!("SELECT count(DISTINCT (user_id, value_1, value_2))::text FROM {parts}"),
+        "99",
+        "partitions changed through their target indexes",
+    )
+    .await;
+    p.source(
+        "UPDATE people SET firstname = 'no-name' WHERE firstname = 'first_name_1';
+         UPDATE people SET firstname = 'no-name' WHERE firstname = 'first_name_2' AND lastname = 'last_name_2';
+         DELETE FROM people WHERE firstname = 'first_name_3';
+         DELETE FROM people WHERE firstname = 'first_name_4' AND lastname = 'last_name_4';",
+    )
+    .await;
+    p.expect(
+        "SELECT count(*)::text FROM people",
+        "199",
+        "expression-only and partial target indexes",
+    )
+    .await;
+    p.expect(
+        "SELECT count(*)::text FROM people WHERE firstname = 'no-name'",
+        "2",
+        "expression-only and partial target indexes",
+    )
+    .await;
+    p.source(
+        "INSERT INTO nulls VALUES (1, NULL), (2, NULL), (3, NULL);
+         UPDATE nulls SET x = x + 1 WHERE x = 1;",
+    )
+    .await;
+    p.expect(
+        "SELECT concat_ws('|', sum(x), count(*)) FROM nulls WHERE y IS NULL",
+        "7|3",
+        "rows with NULLs found by a target index",
+    )
+    .await;
     p.finish().await;
 }
