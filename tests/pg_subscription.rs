@@ -2,10 +2,14 @@
 //! postgres/postgres), ported to walshuttle where they mean something for it: the
 //! same schema and statements on the source, `walshuttle run` instead of a
 //! subscription, and the end state each test expects on the subscriber checked on
-//! the target (adapted where walshuttle differs on purpose: it replicates every
-//! operation of the tables it carries, so there are no insert-only publications,
-//! and a table without a key needs `REPLICA IDENTITY FULL` to be carried). Each test
-//! ends with `verify` exit 0.
+//! the target. Adapted where walshuttle differs on purpose: it replicates every
+//! operation of the tables it carries (no insert-only publications), a table
+//! without a key needs `REPLICA IDENTITY FULL` to be carried, a target table must
+//! be empty before the copy (no rows pre-inserted on the subscriber), and
+//! `tables add|remove` stand for `REFRESH PUBLICATION`. Ported: 001, 002, 003, 005,
+//! 006, 008, 010, 011, 012, 013, 015, 016, 018, 019, 025, 032 and 100 (bug
+//! #15114). Each test ends with `verify` exit 0, except 003, whose target filters
+//! rows with a replica trigger on purpose.
 
 mod support;
 
@@ -1115,5 +1119,31 @@ async fn t025_rep_changes_for_schema() {
         .await;
     p.expect(&cmm("sch1.tab1"), "21|1|21", "nothing after leaving")
         .await;
+    p.finish().await;
+}
+
+// 100_bugs.pl (bug #15114): a partial index whose predicate calls a user function,
+// on both sides; inserts must not crash either server or stop the pipeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn t100_bugs_index_predicate_with_a_function() {
+    let mut p = Pair::start(
+        &[],
+        "CREATE TABLE tab1 (a int PRIMARY KEY, b int);
+         CREATE FUNCTION double(x int) RETURNS int IMMUTABLE LANGUAGE SQL AS 'select x * 2';
+         CREATE INDEX ON tab1 (b) WHERE a > double(1);",
+        "CREATE TABLE tab1 (a int PRIMARY KEY, b int);
+         CREATE FUNCTION double(x int) RETURNS int IMMUTABLE LANGUAGE SQL AS 'select x * 2';
+         CREATE INDEX ON tab1 (b) WHERE a > double(1);",
+        &[],
+    )
+    .await;
+    p.source("INSERT INTO tab1 VALUES (1, 2), (3, 4); UPDATE tab1 SET b = 5 WHERE a = 3;")
+        .await;
+    p.expect(
+        "SELECT string_agg(concat_ws('|', a, b), ',' ORDER BY a) FROM tab1",
+        "1|2,3|5",
+        "index predicates do not cause a crash",
+    )
+    .await;
     p.finish().await;
 }
