@@ -94,16 +94,31 @@ impl PartitionWatch {
             // said once.
             let mut told: BTreeMap<QualifiedName, String> = BTreeMap::new();
             let mut failing: Option<String> = None;
+            // The sessions that look, kept across rounds.
+            let mut sessions: Option<(Client, Client)> = None;
             loop {
                 tokio::time::sleep(POLL).await;
-                let round = adopt(
-                    &source,
-                    &target,
-                    &state,
-                    &pipeline,
-                    allow_target_triggers,
-                    &mut told,
-                );
+                let round = async {
+                    let (src, tgt) = match sessions.take() {
+                        Some((s, t)) if !s.is_closed() && !t.is_closed() => (s, t),
+                        _ => (
+                            connect(&source, "partitions").await?,
+                            connect(&target, "partitions").await?,
+                        ),
+                    };
+                    let result = adopt(
+                        &source,
+                        &target,
+                        (&src, &tgt),
+                        &state,
+                        &pipeline,
+                        allow_target_triggers,
+                        &mut told,
+                    )
+                    .await;
+                    sessions = Some((src, tgt));
+                    result
+                };
                 match round.await {
                     Ok(()) => failing = None,
                     Err(e) => {
@@ -123,23 +138,22 @@ impl PartitionWatch {
 async fn adopt(
     source: &Endpoint,
     target: &Endpoint,
+    (src, tgt): (&Client, &Client),
     state: &StateStore,
     pipeline: &str,
     allow_target_triggers: bool,
     told: &mut BTreeMap<QualifiedName, String>,
 ) -> Result<()> {
-    let tgt = connect(target, "partitions").await?;
-    let Some(p) = state.pipeline(&tgt, pipeline).await? else {
+    let Some(p) = state.pipeline(tgt, pipeline).await? else {
         return Ok(());
     };
-    if !p.phase.copied() || state.capture_ddl(&tgt, pipeline).await? {
+    if !p.phase.copied() || state.capture_ddl(tgt, pipeline).await? {
         return Ok(());
     }
-    let src = connect(source, "partitions").await?;
-    let new = untracked(&src, &tgt, state, &p).await?;
+    let new = untracked(src, tgt, state, &p).await?;
     told.retain(|t, _| new.contains(t));
     for name in new {
-        let problem = crate::catalog::load_table(&src, &name)
+        let problem = crate::catalog::load_table(src, &name)
             .await?
             .and_then(|t| t.replicability_problem());
         if let Some(problem) = problem {
