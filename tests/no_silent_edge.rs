@@ -541,3 +541,79 @@ async fn a_retype_with_using_inside_a_function_is_copied_again() {
     let (code, out) = verify(&source, &target, &[]);
     assert_eq!(code, 0, "verify after the retypes:\n{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_keyless_partition_is_left_out_until_it_has_a_replica_identity() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        "CREATE TABLE logs (at date NOT NULL, msg text) PARTITION BY RANGE (at);
+         CREATE TABLE logs_2024 PARTITION OF logs FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+         ALTER TABLE logs_2024 REPLICA IDENTITY FULL;
+         INSERT INTO logs VALUES ('2024-05-01', 'a'), ('2024-06-01', 'b');",
+    )
+    .await;
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--jobs", "1", "--tables", "logs"]);
+    let mut child = logs.spawn(cmd);
+    wait_streaming(&mut child, &src).await;
+    // A new partition without a replica identity: publishing it would make the
+    // source refuse its UPDATEs and DELETEs.
+    exec(
+        &src,
+        "CREATE TABLE logs_2025 PARTITION OF logs FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');
+         INSERT INTO logs VALUES ('2025-02-01', 'c'), ('2025-03-01', 'd');",
+    )
+    .await;
+    support::wait_while_running(
+        "the log to name the keyless partition with its fix",
+        Duration::from_secs(60),
+        &mut child,
+        || {
+            let named = child_log_contains(
+                &logs,
+                r#"ALTER TABLE "public"."logs_2025" REPLICA IDENTITY FULL"#,
+            );
+            async move { named }
+        },
+    )
+    .await;
+    // Nothing walshuttle did makes the source refuse a statement.
+    exec(
+        &src,
+        "UPDATE logs SET msg = 'c2' WHERE msg = 'c'; DELETE FROM logs WHERE msg = 'd';",
+    )
+    .await;
+    assert_eq!(published(&src, "logs_2025").await, 0);
+    // verify does not call the parent equal meanwhile.
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 1, "verify with a partition left out:\n{out}");
+    assert!(out.contains("public.logs_2025: DIFFERENT"), "{out}");
+    // Given an identity, it joins, copied as it is.
+    exec(&src, "ALTER TABLE logs_2025 REPLICA IDENTITY FULL").await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["logs_2024", "logs_2025"],
+        Duration::from_secs(90),
+    )
+    .await;
+    exec(&src, "UPDATE logs SET msg = 'c3' WHERE msg = 'c2'").await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["logs_2024", "logs_2025"],
+        Duration::from_secs(90),
+    )
+    .await;
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the partition joined:\n{out}");
+}
