@@ -434,9 +434,31 @@ async fn a_partition_attached_to_a_carried_parent_joins_by_itself() {
     )
     .await;
     child.assert_running("after the partitions joined");
+    support::wait_while_running(
+        "the new partitions to be ready in the pipeline",
+        Duration::from_secs(60),
+        &mut child,
+        || async {
+            scalar_i64(
+                &tgt,
+                "SELECT count(*) FROM walshuttle.pipeline_tables WHERE table_name IN ('Meas 2', 'meas_3') AND state = 'ready'",
+            )
+            .await
+                == 2
+        },
+    )
+    .await;
     let (code, out) = verify(&source, &target, &[]);
     assert_eq!(code, 0, "verify after the partitions joined:\n{out}");
     assert!(out.contains(r#"public."Meas 2": equal"#), "{out}");
+    // A partition detached stays in the pipeline as a table of its own.
+    exec(
+        &src,
+        "ALTER TABLE meas DETACH PARTITION meas_3; INSERT INTO meas_3 VALUES (5000, 250, 'g');",
+    )
+    .await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["meas_3"], Duration::from_secs(90))
+        .await;
 
     // With run stopped, a partition attached meanwhile is a difference, not "equal".
     child.sigterm();
