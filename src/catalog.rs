@@ -15,8 +15,15 @@ mod user_types;
 pub use type_compat::{types_compatible, TypeSpec};
 pub use user_types::create_missing_types;
 
-/// Schemas never replicated: the system's own, and any walshuttle state schema.
-const SYSTEM_SCHEMAS: &[&str] = &["pg_catalog", "information_schema", "pg_toast"];
+/// Schemas never replicated: the system's own, and walshuttle's own on the source
+/// (the `--capture-ddl` trigger's, [`crate::ddl_capture::trigger::SCHEMA`]); the
+/// state schema is excluded by name where it is known.
+const SYSTEM_SCHEMAS: &[&str] = &[
+    "pg_catalog",
+    "information_schema",
+    "pg_toast",
+    crate::ddl_capture::trigger::SCHEMA,
+];
 
 /// One column of a source table.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -75,6 +82,11 @@ pub struct Table {
     pub blocks: i64,
     /// Planner's row estimate, for progress display.
     pub estimated_rows: i64,
+    /// The target copy's column types (`format_type`), by column name, once a
+    /// comparison has read them ([`crate::compare::note_target_types`]): a widened
+    /// column is compared as exactly as its target type allows.
+    #[serde(skip)]
+    pub target_types: std::collections::BTreeMap<String, String>,
 }
 
 impl Table {
@@ -371,6 +383,7 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
         identity_gap,
         blocks: rel.get(2),
         estimated_rows: rel.get(3),
+        target_types: Default::default(),
     }))
 }
 

@@ -520,6 +520,9 @@ async fn repair_table(
     let mut to_rewrite: Vec<Key> = Vec::new();
     let mut extra = 0u64;
     let mut keyless_differs = false;
+    let mut compared = table.clone();
+    compare::note_target_types(&tx, &mut compared).await?;
+    let table = &compared;
     let ranges = compare::plan_ranges(src, &tx, table, 1).await?;
     for range in ranges {
         // A range of an integer key goes straight to its bucket digests (one pass

@@ -83,42 +83,83 @@ pub struct Digest {
 }
 
 /// A column's value as hashed: the same expression runs on both sides, so it must
-/// give the same text for a value the source holds and the copy the target holds,
-/// also where the target column is a wider type than the source's
-/// ([`crate::catalog::types_compatible`]). Most widenings print a value the same
-/// way (`integer`/`bigint`, `varchar(10)`/`text`, `real`/`double precision` as
-/// replicated through text, `timestamp(0)`/`timestamp(6)`); those that do not are
-/// read in the source's type:
+/// give the same text exactly when the target holds the source's value, identical
+/// in the source's type. A column of the same type on both sides is compared by its
+/// text, as is: `json` keeps the text it was given (key order, spacing, duplicate
+/// keys), `numeric` its scale. A column widened on the target
+/// ([`crate::catalog::types_compatible`]) is read as the source's type would hold
+/// the target's value, and only where that reading is exact:
+/// - `numeric(p,s)` (a wider scale pads zeros): the target's value rounded to the
+///   source's scale when rounding does not change it (`1.230000` is `1.23`), else
+///   its own text (`1.234900`), which no value of scale `s` prints as;
 /// - `timestamp` (widened to `timestamptz`): cast to `timestamp`, which under the
-///   pinned UTC time zone gives back the source's value;
-/// - `numeric(p,s)` (a wider scale pads zeros): rounded to the source's scale;
+///   pinned UTC time zone gives back the source's value (no modifier: a fraction
+///   the source could not hold stays visible);
 /// - `character(n)` (a longer one pads blanks): as `text`, without trailing blanks,
 ///   which that type ignores;
-/// - `json` (widened to `jsonb`): compared as `jsonb`, since `jsonb` does not keep
-///   the text `json` holds.
-fn compared_value(column: &Column) -> String {
+/// - `json` widened to `jsonb`: as `jsonb` on both sides, since `jsonb` cannot hold
+///   the text `json` does; equal means the same JSON value (docs/design.md).
+///
+/// Widenings that print a value the same way (`integer`/`bigint`,
+/// `varchar(10)`/`text`, `real`/`double precision` as replicated through text,
+/// `timestamp(0)`/`timestamp(6)`) are compared by their text.
+fn compared_value(column: &Column, target_type: Option<&str>) -> String {
     let name = quote_ident(&column.name);
+    if target_type == Some(column.type_sql.as_str()) {
+        return name;
+    }
     let spec = TypeSpec::parse(&column.type_sql);
     let array = if spec.array { "[]" } else { "" };
     match (spec.name.as_str(), spec.modifier.as_deref()) {
         ("timestamp without time zone", _) => format!("{name}::timestamp without time zone{array}"),
         ("character", _) => format!("{name}::text{array}"),
-        ("json", _) => format!("{name}::jsonb{array}"),
-        ("numeric", Some(modifier)) => match modifier.split(',').nth(1).map(str::trim) {
-            Some(scale) if !spec.array && scale.parse::<i32>().is_ok() => {
-                format!("round({name}, {scale})")
-            }
-            _ => format!("{name}::{}", column.type_sql),
+        ("json", _) => match target_type.map(TypeSpec::parse) {
+            Some(t) if t.name == "jsonb" => format!("{name}::jsonb{array}"),
+            _ => name,
         },
+        ("numeric", Some(modifier)) => {
+            let scale = modifier
+                .split(',')
+                .nth(1)
+                .map_or(Some(0), |s| s.trim().parse::<i32>().ok());
+            match scale {
+                Some(scale) if !spec.array => format!(
+                    "CASE WHEN {name} = round({name}, {scale}) THEN round({name}, {scale})::text ELSE {name}::text END"
+                ),
+                // An array: read in the source's type when that is exact.
+                _ => format!(
+                    "CASE WHEN {name} = {name}::{ty} THEN {name}::{ty}::text ELSE {name}::text END",
+                    ty = column.type_sql
+                ),
+            }
+        }
         _ => name,
     }
+}
+
+/// Records the target copy's column types in `table` (see [`compared_value`]), read
+/// through `target`; a table missing there keeps none.
+pub async fn note_target_types(target: &impl GenericClient, table: &mut Table) -> Result<()> {
+    let rows = target
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+            &[&table.name.quoted()],
+        )
+        .await
+        .pg_context(|| format!("reading the column types of {} on the target", table.name))?;
+    table.target_types = rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    Ok(())
 }
 
 /// `ROW(…)::text` of the named columns, each as [`compared_value`] reads it.
 fn row_text<'a>(table: &Table, names: impl Iterator<Item = &'a str>) -> String {
     let values: Vec<String> = names
         .map(|n| match table.columns.iter().find(|c| c.name == n) {
-            Some(c) => compared_value(c),
+            Some(c) => compared_value(c, table.target_types.get(n).map(String::as_str)),
             None => quote_ident(n),
         })
         .collect();
@@ -164,7 +205,7 @@ pub async fn plan_ranges(
     }
     let k = quote_ident(&table.key[0]);
     let sql = format!(
-        "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM {}",
+        "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM ONLY {}",
         table.name.quoted()
     );
     let mut lo = i64::MAX;
@@ -233,7 +274,7 @@ pub async fn digest(
     compared: Compared,
 ) -> Result<Digest> {
     let sql = format!(
-        "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM {} WHERE {}",
+        "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM ONLY {} WHERE {}",
         row_expr(table, compared),
         table.name.quoted(),
         range.predicate(table)

@@ -12,6 +12,7 @@
 //! - [`bootstrap`]: preflight, slot + exported snapshot, chunk plan, parallel binary COPY.
 //! - [`stream`]: pgoutput decoding and the exactly-once apply of changes.
 //! - [`run`]: the sidecar loop: bootstrap if needed, stream, retry with backoff.
+//! - [`partitions`]: partitions created or attached under a carried parent join by themselves.
 //! - [`compare`]: key-range hashing shared by verify and catch-up.
 //! - [`rewrite`]: the one range copier behind bootstrap chunks, catch-up, repair and resync.
 //! - [`verify`]: proves both sides equal, optionally repairs.
@@ -38,6 +39,7 @@ pub mod ddl_capture;
 pub mod demo;
 pub mod localpg;
 pub mod observe;
+pub mod partitions;
 pub mod pg;
 pub mod positions;
 pub mod publication;

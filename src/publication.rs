@@ -160,9 +160,12 @@ fn check(plan: &Plan, owner: &Owner) -> Result<()> {
 /// have changed since [`plan`].
 pub async fn ensure(src: &Client, plan: &Plan, tables: &[QualifiedName]) -> Result<()> {
     let name = &plan.name;
+    // `ONLY`: without it PostgreSQL publishes every inheritance child of a table as
+    // well, tables nobody named. (A partitioned table's partitions are published
+    // through it either way; the pipeline lists leaf partitions themselves.)
     let list = tables
         .iter()
-        .map(|t| t.quoted())
+        .map(|t| format!("ONLY {}", t.quoted()))
         .collect::<Vec<_>>()
         .join(", ");
     let owner = owner(src, name).await?;

@@ -180,6 +180,15 @@ async fn run_pipeline(
         &cfg.target,
         opts.bootstrap.jobs,
     );
+    // Partitions created or attached under a carried partitioned table join as
+    // `tables add` makes them (with --capture-ddl, the trigger does it).
+    let _partitions = crate::partitions::PartitionWatch::start(
+        source,
+        target,
+        &cfg.state,
+        &cfg.slot,
+        opts.bootstrap.allow_target_triggers,
+    );
     let _sequences = opts
         .sync_sequences
         .map(|every| SequenceSync::start(source, target, &cfg, every));

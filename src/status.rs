@@ -363,10 +363,27 @@ async fn pipeline_status(
         },
     };
     for t in untracked.iter().flatten() {
-        warnings.push(format!(
-            "pipeline {name}: table {t} on the source is not carried by this pipeline, which would carry it if bootstrapped now (created, or attached as a partition, after the bootstrap): its rows are not replicated; add it while the pipeline streams with `walshuttle tables add {}`",
-            t.quoted()
-        ));
+        // A table without a usable replica identity is left out on purpose
+        // (published, the source would refuse its UPDATEs and DELETEs): say so,
+        // with the statement that fixes it.
+        let problem = match src {
+            Some(src) => crate::catalog::load_table(src, t)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|table| table.replicability_problem()),
+            None => None,
+        };
+        match problem {
+            Some(problem) => warnings.push(format!(
+                "pipeline {name}: table {t} on the source is not carried by this pipeline, which would carry it if bootstrapped now, and it is left out because {problem}; then add it with `walshuttle tables add {}` (with --capture-ddl it joins by itself)",
+                t.quoted()
+            )),
+            None => warnings.push(format!(
+                "pipeline {name}: table {t} on the source is not carried by this pipeline, which would carry it if bootstrapped now (created, or attached as a partition, after the bootstrap): its rows are not replicated; add it while the pipeline streams with `walshuttle tables add {}`",
+                t.quoted()
+            )),
+        }
     }
 
     let tables = table_status(tgt, state, &pipeline.tables, name, opts).await?;
@@ -438,7 +455,7 @@ async fn pipeline_status(
 /// not: by its `--tables` (named tables and the partitions of named partitioned
 /// ones), or every ordinary table. For a pipeline bootstrapped before the selection
 /// was recorded, the partitions of partitioned tables it carries partitions of.
-async fn untracked_tables(
+pub(crate) async fn untracked_tables(
     src: &Client,
     tgt: &Client,
     state: &StateStore,

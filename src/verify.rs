@@ -197,6 +197,17 @@ pub async fn verify(
     let tgt = hashing_session(target, "verify").await?;
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let mut tables = resolve_tables(&src, &tgt, &state, &opts.slot, opts.tables.as_deref()).await?;
+    // What the user named: a carried partitioned table means all its partitions,
+    // also one attached after the bootstrap that the pipeline has not taken in yet
+    // (missing on the target, or missing rows, is then a difference).
+    if opts.tables.is_none() {
+        if let Some(pipeline) = state.existing_pipeline(&tgt, &opts.slot).await? {
+            let new = crate::partitions::untracked(&src, &tgt, &state, &pipeline).await?;
+            if !new.is_empty() {
+                tables.extend(catalog::list_tables(&src, Some(&new), state.schema()).await?);
+            }
+        }
+    }
     if tables.is_empty() {
         bail!("no tables to verify: name them with --tables");
     }
@@ -214,6 +225,13 @@ pub async fn verify(
         let missing = on_target.is_none();
         // Compare the columns both sides have; the others are a difference of
         // their own.
+        if let Some(t) = &on_target {
+            table.target_types = t
+                .columns
+                .iter()
+                .map(|c| (c.name.clone(), c.type_sql.clone()))
+                .collect();
+        }
         let missing_columns: Vec<String> = on_target
             .map(|t| {
                 let absent: Vec<String> = table

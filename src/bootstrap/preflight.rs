@@ -167,7 +167,7 @@ async fn check_target_table(
     if matches!(fit, TargetFit::Exists { .. }) && !truncate_target && !owned.contains(&table.name) {
         let has_rows = target
             .query_opt(
-                &format!("SELECT 1 FROM {} LIMIT 1", table.name.quoted()),
+                &format!("SELECT 1 FROM ONLY {} LIMIT 1", table.name.quoted()),
                 &[],
             )
             .await

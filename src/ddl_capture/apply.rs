@@ -27,8 +27,10 @@ pub struct DdlMessage {
     /// The object's identity as PostgreSQL prints it.
     #[serde(default)]
     pub identity: Option<String>,
-    /// The command's text has a `USING` clause: a retype converted the rows with an
-    /// expression walshuttle cannot see.
+    /// The source rewrote the table's rows in this transaction (its `table_rewrite`
+    /// event trigger saw it, whatever the statement's text or the function it ran
+    /// in): a retype converted the values with an expression (`USING`, or the cast)
+    /// walshuttle cannot see, so the table is copied again.
     #[serde(default)]
     pub rewrote: bool,
     /// The table as recorded after the previous command (none for a new table).
@@ -206,6 +208,20 @@ pub async fn plan(
             _ => Ok(Action::Skip(format!("{}: not a table of the pipeline", msg.tag))),
         },
         "type" => enum_labels(msg, target).await,
+        "unpublished" => {
+            let table = msg.after.as_ref().map(Shape::table);
+            let (name, quoted) = match &table {
+                Some(t) => (t.to_string(), t.quoted()),
+                None => {
+                    let id = msg.identity.clone().unwrap_or_else(|| "?".into());
+                    (id.clone(), id)
+                }
+            };
+            Ok(Action::Skip(format!(
+                "table {name} was made on the source ({}) without a replica identity PostgreSQL can use for updates and deletes, so it is left out of the publication (published, the source would refuse its UPDATEs and DELETEs) and its rows are not replicated: run ALTER TABLE {quoted} REPLICA IDENTITY FULL on the source, or add a primary key; it then joins the pipeline by itself",
+                msg.tag
+            )))
+        }
         "other" => {
             let table = msg.after.as_ref().map(Shape::table);
             match table {
@@ -531,7 +547,7 @@ pub fn column_statements(
                         new.name,
                         new.type_sql,
                         if rewrote {
-                            " (its rows were converted with USING: the table is copied again)"
+                            " (the source rewrote its rows, with USING or a cast: the table is copied again)"
                         } else {
                             ""
                         }

@@ -15,7 +15,11 @@
 //!
 //! A table that joins (created in a carried schema, attached or created as a
 //! partition) is added to the publication by the trigger, in the same transaction,
-//! so rows written right after its creation are decoded. A failure inside the
+//! so rows written right after its creation are decoded, unless it has no replica
+//! identity PostgreSQL can use for updates and deletes (no primary key, no `FULL`,
+//! no usable `USING INDEX`): published, the source would refuse its UPDATEs and
+//! DELETEs, so it is left out and an `unpublished` message says so; the `ALTER
+//! TABLE` that gives it one brings it in. A failure inside the
 //! trigger never fails the user's DDL: it emits an `error` message instead, which
 //! stops the pipeline with the reason.
 
@@ -41,6 +45,12 @@ pub struct Names {
     pub end_trigger: String,
     /// The `sql_drop` event trigger.
     pub drop_trigger: String,
+    /// The `table_rewrite` event trigger.
+    pub rewrite_trigger: String,
+    /// The transaction-local setting listing the tables rewritten in the
+    /// transaction (oids, `{…}`), which the `table_rewrite` trigger fills and the
+    /// `ddl_command_end` trigger reads.
+    pub rewritten_setting: String,
 }
 
 impl Names {
@@ -51,6 +61,8 @@ impl Names {
             base: slot.to_string(),
             end_trigger: format!("walshuttle_ddl_{slot}"),
             drop_trigger: format!("walshuttle_drop_{slot}"),
+            rewrite_trigger: format!("walshuttle_rw_{slot}"),
+            rewritten_setting: format!("walshuttle.rewritten_{slot}"),
         }
     }
 
@@ -161,9 +173,14 @@ pub async fn installed(source: &Client, slot: &str) -> Result<bool> {
     let names = Names::for_slot(slot);
     Ok(source
         .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname IN ($1, $2)) \
+            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname IN ($1, $2, $4)) \
                  OR to_regclass($3) IS NOT NULL",
-            &[&names.end_trigger, &names.drop_trigger, &names.object("")],
+            &[
+                &names.end_trigger,
+                &names.drop_trigger,
+                &names.object(""),
+                &names.rewrite_trigger,
+            ],
         )
         .await
         .pg_context(|| "looking up the DDL capture trigger on the source".into())?
@@ -177,13 +194,18 @@ pub async fn remove(source: &Client, slot: &str) -> Result<()> {
     let sql = format!(
         "BEGIN; \
          DROP EVENT TRIGGER IF EXISTS {end}; DROP EVENT TRIGGER IF EXISTS {drop}; \
+         DROP EVENT TRIGGER IF EXISTS {rw}; DROP FUNCTION IF EXISTS {rwf}(); \
          DROP FUNCTION IF EXISTS {f}(); DROP FUNCTION IF EXISTS {emit}(oid, text, text, boolean); \
-         DROP FUNCTION IF EXISTS {shape}(oid); DROP TABLE IF EXISTS {track}; COMMIT",
+         DROP FUNCTION IF EXISTS {shape}(oid); DROP FUNCTION IF EXISTS {usable}(oid); \
+         DROP TABLE IF EXISTS {track}; COMMIT",
         end = quote_ident(&names.end_trigger),
         drop = quote_ident(&names.drop_trigger),
+        rw = quote_ident(&names.rewrite_trigger),
+        rwf = names.object("_rewrite"),
         f = names.object(""),
         emit = names.object("_emit"),
         shape = names.object("_shape"),
+        usable = names.object("_usable"),
         track = names.object(""),
     );
     source.batch_execute(&sql).await.pg_context(|| {
@@ -229,9 +251,13 @@ fn install_sql(names: &Names, spec: &Spec) -> String {
         .replace("{TRACK}", &names.object(""))
         .replace("{SHAPE}", &names.object("_shape"))
         .replace("{EMIT}", &names.object("_emit"))
+        .replace("{USABLE}", &names.object("_usable"))
         .replace("{FN}", &names.object(""))
         .replace("{END}", &quote_ident(&names.end_trigger))
         .replace("{DROP}", &quote_ident(&names.drop_trigger))
+        .replace("{RW}", &quote_ident(&names.rewrite_trigger))
+        .replace("{RWFN}", &names.object("_rewrite"))
+        .replace("{RWSET}", &quote_literal(&names.rewritten_setting))
         .replace("{PREFIX}", &quote_literal(&names.prefix))
         .replace("{PUB}", &quote_literal(&spec.publication))
         .replace("{EVERY}", if spec.every_table { "true" } else { "false" })
@@ -274,12 +300,25 @@ SELECT jsonb_build_object(
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel
 $body$;
 
+CREATE OR REPLACE FUNCTION {USABLE}(rel oid) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $body$
+SELECT coalesce((SELECT CASE c.relreplident
+  WHEN 'f' THEN true
+  WHEN 'd' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary
+                          AND i.indisvalid AND i.indisunique AND i.indimmediate AND i.indpred IS NULL)
+  WHEN 'i' THEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident
+                          AND i.indisvalid AND i.indisunique AND i.indimmediate AND i.indpred IS NULL)
+  ELSE false END
+FROM pg_class c WHERE c.oid = rel), false)
+$body$;
+
 CREATE OR REPLACE FUNCTION {EMIT}(rel oid, tag text, identity text, may_join boolean) RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
   before jsonb;
   after jsonb;
   leaf oid;
+  rewritten oid[];
 BEGIN
   after := {SHAPE}(rel);
   IF after IS NULL THEN
@@ -306,21 +345,36 @@ BEGIN
                        WHERE a.relid <> rel)) THEN
       RETURN;
     END IF;
+    IF NOT {USABLE}(rel) THEN
+      -- Published without a usable replica identity, the table would make the
+      -- source refuse its UPDATEs and DELETEs: it stays out until it has one (the
+      -- ALTER TABLE that gives it one brings it here again).
+      PERFORM pg_logical_emit_message(true, {PREFIX}, jsonb_build_object(
+        'kind', 'unpublished', 'tag', tag, 'identity', identity, 'after', after)::text);
+      RETURN;
+    END IF;
     INSERT INTO {TRACK} (relid, shape)
       SELECT a.relid, {SHAPE}(a.relid) FROM pg_partition_ancestors(rel) a WHERE a.relid <> rel
       ON CONFLICT (relid) DO NOTHING;
     IF NOT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
                    WHERE p.pubname = {PUB} AND pr.prrelid = rel) THEN
-      EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I', {PUB}, after->>'schema', after->>'name');
+      EXECUTE format('ALTER PUBLICATION %I ADD TABLE ONLY %I.%I', {PUB}, after->>'schema', after->>'name');
     END IF;
   ELSIF before = after THEN
     RETURN;
   END IF;
   INSERT INTO {TRACK} (relid, shape) VALUES (rel, after)
     ON CONFLICT (relid) DO UPDATE SET shape = EXCLUDED.shape;
+  -- Whether this table's rows were rewritten in this transaction (the
+  -- table_rewrite trigger's record): a retype then converted values with an
+  -- expression the target cannot see (USING, or a cast), so the table is copied.
+  rewritten := coalesce(nullif(current_setting({RWSET}, true), ''), '{}')::oid[];
+  IF rel = ANY (rewritten) THEN
+    PERFORM set_config({RWSET}, array_remove(rewritten, rel)::text, true);
+  END IF;
   PERFORM pg_logical_emit_message(true, {PREFIX}, jsonb_build_object(
     'kind', 'table', 'tag', tag, 'identity', identity,
-    'rewrote', coalesce(current_query() ~* '\musing\M', false),
+    'rewrote', rel = ANY (rewritten),
     'before', before, 'after', after)::text);
 END
 $body$;
@@ -399,6 +453,20 @@ EXCEPTION WHEN OTHERS THEN
 END
 $body$;
 
+CREATE OR REPLACE FUNCTION {RWFN}() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+BEGIN
+  PERFORM set_config({RWSET}, array_append(
+    coalesce(nullif(current_setting({RWSET}, true), ''), '{}')::oid[],
+    pg_event_trigger_table_rewrite_oid())::text, true);
+EXCEPTION WHEN OTHERS THEN
+  PERFORM pg_logical_emit_message(true, {PREFIX}, jsonb_build_object(
+    'kind', 'error', 'tag', tg_tag, 'message', SQLERRM)::text);
+END
+$body$;
+
+DROP EVENT TRIGGER IF EXISTS {RW};
+CREATE EVENT TRIGGER {RW} ON table_rewrite EXECUTE FUNCTION {RWFN}();
 DROP EVENT TRIGGER IF EXISTS {END};
 CREATE EVENT TRIGGER {END} ON ddl_command_end EXECUTE FUNCTION {FN}();
 DROP EVENT TRIGGER IF EXISTS {DROP};
