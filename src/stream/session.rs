@@ -274,8 +274,8 @@ async fn start<'a>(
         .or(pipeline.stream_start_lsn)
         .unwrap_or_default();
     let source_sql = connect(source, "lookup").await?;
-    if let Some(reason) = crate::catchup::gap_reason(&source_sql, &cfg.slot).await? {
-        return Err(crate::catchup::SlotGone {
+    if let Some(reason) = crate::slot::gap_reason(&source_sql, &cfg.slot).await? {
+        return Err(crate::slot::SlotGone {
             slot: cfg.slot.clone(),
             reason,
         }
@@ -284,9 +284,9 @@ async fn start<'a>(
     if pipeline.phase == Phase::CatchingUp {
         // A catch-up was interrupted: its new slot is healthy but the repair is not
         // done, so finish it before streaming from that slot.
-        return Err(crate::catchup::SlotGone {
+        return Err(crate::slot::SlotGone {
             slot: cfg.slot.clone(),
-            reason: crate::catchup::GapReason::Resumed,
+            reason: crate::slot::GapReason::Resumed,
         }
         .into());
     }
@@ -319,8 +319,8 @@ async fn start<'a>(
             // Dropped or invalidated between the check and the start.
             let gone = matches!(e.code().map(|c| c.code()), Some("42704") | Some("55000"));
             if gone {
-                if let Some(reason) = crate::catchup::gap_reason(&source_sql, &cfg.slot).await? {
-                    return Err(crate::catchup::SlotGone {
+                if let Some(reason) = crate::slot::gap_reason(&source_sql, &cfg.slot).await? {
+                    return Err(crate::slot::SlotGone {
                         slot: cfg.slot.clone(),
                         reason,
                     }
