@@ -27,12 +27,12 @@ use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
 use crate::bootstrap::{self, create_slot_with_snapshot, drop_slot_if_exists};
-pub use crate::slot::{gap_reason, GapReason, SlotGone};
 use crate::catalog::{self, Table, TargetFit};
 use crate::compare::{self, Compared, Key};
 use crate::config::Endpoint;
 use crate::pg::{connect, quote_ident, quote_literal, Lsn, PgResultExt, QualifiedName};
 use crate::rewrite::{self, Rows};
+pub use crate::slot::{gap_reason, GapReason, SlotGone};
 use crate::snapshot::{SnapshotSession, SourceSnapshot};
 use crate::state::{Phase, Pipeline, StateStore, StoredScope, TableEntry, TableState};
 
