@@ -65,14 +65,55 @@ async fn streaming(
     child
 }
 
-/// The SQLSTATE of a write through a new session on `cluster` (`None`: it committed).
+/// Why a write through a new session on `cluster` failed: the SQLSTATE of the
+/// refused write, or `connect` when no session could be opened (`None`: it
+/// committed).
 async fn write_refusal(cluster: &Cluster) -> Option<String> {
-    let client = cluster.client().await;
+    write_refusal_at(&cluster.url()).await
+}
+
+/// [`write_refusal`] through a given URL (another role).
+async fn write_refusal_at(url: &str) -> Option<String> {
+    let Some(client) = support::try_connect(url).await else {
+        return Some("connect".into());
+    };
     client
         .batch_execute("INSERT INTO acc (id, v) VALUES (1000 + (random() * 1e6)::int, -1)")
         .await
         .err()
         .map(|e| e.code().map(|c| c.code().to_string()).unwrap_or_default())
+}
+
+/// After a switchover left the old source closed, opens it again by hand, as the
+/// README says (from another database), and returns a session on it.
+async fn reopen(source: &Cluster) -> Client {
+    let admin = source.client_for("template1").await;
+    admin
+        .batch_execute(
+            "ALTER DATABASE postgres ALLOW_CONNECTIONS true;
+             ALTER DATABASE postgres CONNECTION LIMIT -1;
+             ALTER DATABASE postgres RESET default_transaction_read_only;",
+        )
+        .await
+        .expect("reopening the old source by hand");
+    source.client().await
+}
+
+/// Creates the application's role `app` (LOGIN, not a superuser) with `extra` SQL
+/// about it; returns its URL with `query` appended.
+async fn app_role(src: &Client, source: &Cluster, extra: &str, query: &str) -> String {
+    src.batch_execute(&format!(
+        "CREATE ROLE app LOGIN PASSWORD 'app-pw';
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO app;
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO app;
+         {extra}"
+    ))
+    .await
+    .unwrap();
+    format!(
+        "postgresql://app:app-pw@127.0.0.1:{}/postgres{query}",
+        source.port
+    )
 }
 
 /// One small writer transaction: a row in `ev` and `ev_log`, an `acc` update.
@@ -141,12 +182,12 @@ async fn switch_over_under_writes(source: Cluster, target: Cluster) {
         writer.errors() > errors_before,
         "the writer saw no refused write"
     );
-    assert_eq!(write_refusal(&source).await.as_deref(), Some("25006"));
-    let refused_from = writer.errors();
+    assert!(write_refusal(&source).await.is_some());
+    let refused_from = writer.tries();
     wait_until(
         "the writer to have had its next transactions refused",
         Duration::from_secs(10),
-        || async { writer.errors() > refused_from + 5 },
+        || async { writer.tries() > refused_from + 5 },
     )
     .await;
     assert_eq!(
@@ -159,8 +200,9 @@ async fn switch_over_under_writes(source: Cluster, target: Cluster) {
 
     // The target equals the source at the fence: the stream reached the fence LSN
     // and every row is the same (the source no longer changes).
-    // The test's own source session started before the fence and was ended by it.
-    let src = source.client().await;
+    // The test's own source session started before the fence and was ended by it,
+    // and the old source takes no connection until opened again by hand.
+    let src = reopen(&source).await;
     let fence: walshuttle::pg::Lsn = report["fence"]["lsn"].as_str().unwrap().parse().unwrap();
     let drained: walshuttle::pg::Lsn = report["drained_to"].as_str().unwrap().parse().unwrap();
     assert!(drained >= fence);
@@ -405,4 +447,275 @@ async fn reverse_carries_the_new_primarys_writes_back() {
     assert_eq!(body, "still lower", "the old source's trigger fired");
     reverse.sigterm();
     assert!(reverse.wait_exit(Duration::from_secs(30)).await.is_some());
+}
+
+/// A writer of role `app` that chooses to write in its own way (`txn`, through
+/// `url`), ahead of and during a switchover: the switchover is done, the writer
+/// commits nothing on the source after it, and every write the source took is on
+/// the target.
+async fn fence_holds_against(role_sql: &str, query: &str, txn: fn(u64) -> String) {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(BATCH_SCHEMA).await.unwrap();
+    let url = app_role(&src, &source, role_sql, query).await;
+    let mut logs = RunLogs::new();
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
+    let writer = Writer::spawn(url.clone(), Duration::from_millis(2), txn);
+    writer
+        .wait_for_more(
+            &mut child,
+            200,
+            Duration::from_secs(60),
+            "before the switchover",
+        )
+        .await;
+
+    let (code, report, err) = switchover(
+        &source,
+        &target,
+        &["--max-downtime", "60s", "--fence-timeout", "2s"],
+    )
+    .await;
+    assert_eq!(code, 0, "switchover failed: {err}");
+    assert_eq!(report["outcome"], "done");
+    let committed_at_done = writer.committed();
+    let tries = writer.tries();
+    wait_until(
+        "the writer to try 30 more times",
+        Duration::from_secs(30),
+        || async { writer.tries() > tries + 30 },
+    )
+    .await;
+    assert!(
+        write_refusal_at(&url).await.is_some(),
+        "a new session of role app wrote on the old source after DONE"
+    );
+    assert_eq!(
+        writer.committed(),
+        committed_at_done,
+        "the writer committed on the old source after the switchover said DONE"
+    );
+    let (committed, _) = writer.stop().await;
+    assert!(committed >= 200);
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+    // Nothing the source took is missing on the target.
+    let src = reopen(&source).await;
+    support::assert_tables_equal(&src, &tgt, BATCH_TABLES).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_holds_against_begin_read_write() {
+    fence_holds_against("", "", |i| {
+        small_txn(i).replacen("BEGIN;", "BEGIN READ WRITE;", 1)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_holds_against_session_characteristics_read_write() {
+    fence_holds_against("", "", |i| {
+        format!(
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; COMMIT; {}",
+            small_txn(i)
+        )
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_holds_against_a_role_setting() {
+    fence_holds_against(
+        "ALTER ROLE app SET default_transaction_read_only = off;",
+        "",
+        small_txn,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_holds_against_a_walshuttle_application_name() {
+    fence_holds_against("", "?application_name=walshuttle%20x", small_txn).await;
+}
+
+/// An abort lifts the fence for every session: a pool that (re)connects during the
+/// fence writes with its session once the switchover has aborted (reconnecting only
+/// when its connection was closed, as pools do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_leaves_sessions_of_the_fence_writable() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(BATCH_SCHEMA).await.unwrap();
+    let url = app_role(&src, &source, "", "").await;
+    let mut logs = RunLogs::new();
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
+    src.batch_execute(&batch_sql(1)).await.unwrap();
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        BATCH_TABLES,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The drain cannot finish while the target's table is locked.
+    let mut locker = target.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE acc IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    src.batch_execute(&batch_sql(2)).await.unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args([
+        "switchover",
+        "--json",
+        "--max-lag",
+        "60s",
+        "--max-downtime",
+        "6s",
+        "--fence-timeout",
+        "1s",
+    ]);
+    let switching = tokio::spawn(run_blocking(cmd));
+    wait_until(
+        "the switchover to be draining",
+        Duration::from_secs(60),
+        || async {
+            switching.is_finished()
+                || tgt
+                    .query_one("SELECT switchover_phase FROM walshuttle.pipelines", &[])
+                    .await
+                    .is_ok_and(|r| r.get::<_, Option<String>>(0).as_deref() == Some("draining"))
+        },
+    )
+    .await;
+    // The pool connects as soon as it can while the switchover runs.
+    let mut pooled = None;
+    while !switching.is_finished() {
+        if let Some(c) = support::try_connect(&url).await {
+            pooled = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, out, err) = switching.await.unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["outcome"], "aborted", "{report}");
+    assert_eq!(report["fence_lifted"], true, "{report}");
+    let pooled = match pooled {
+        Some(c) if !c.is_closed() => c,
+        _ => support::try_connect(&url)
+            .await
+            .expect("the pool reconnects"),
+    };
+    let wrote = pooled
+        .batch_execute("BEGIN; INSERT INTO acc (id, v) VALUES (5000, 1); COMMIT;")
+        .await;
+    let wrote = match wrote {
+        Err(e) if pooled.is_closed() => {
+            eprintln!("the pooled session was ended ({e}): reconnecting");
+            support::try_connect(&url)
+                .await
+                .expect("the pool reconnects")
+                .batch_execute("BEGIN; INSERT INTO acc (id, v) VALUES (5000, 1); COMMIT;")
+                .await
+        }
+        other => other,
+    };
+    assert!(
+        wrote.is_ok(),
+        "a session of the pool is still read-only after the abort: {wrote:?}"
+    );
+    // The database is as it was: connections allowed, no read-only default left.
+    let src = source.client().await;
+    let row = src
+        .query_one(
+            "SELECT datallowconn, datconnlimit, \
+                    (SELECT count(*) FROM pg_db_role_setting s WHERE s.setdatabase = d.oid) \
+             FROM pg_database d WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(row.get::<_, i32>(1), -1);
+    assert_eq!(row.get::<_, i64>(2), 0);
+    lock.rollback().await.unwrap();
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+}
+
+/// The proof: a session the fence keeps (it holds the advisory lock `run`'s own
+/// session would) writes after the fence LSN, a write verify cannot see (a row
+/// inserted and deleted again): the switchover aborts, never done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_past_the_fence_aborts_the_switchover() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(BATCH_SCHEMA).await.unwrap();
+    // Enough rows for the verify to take a moment.
+    src.batch_execute("INSERT INTO ev (batch, n) SELECT 0, g FROM generate_series(1, 200000) g")
+        .await
+        .unwrap();
+    // Taken before `run` starts, so this session holds it, not run's.
+    let sneaky = source.client().await;
+    sneaky
+        .batch_execute("SELECT pg_advisory_lock(2004052082, hashtext('walshuttle') & 2147483647)")
+        .await
+        .unwrap();
+    let mut logs = RunLogs::new();
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["switchover", "--json", "--max-downtime", "60s"]);
+    let switching = tokio::spawn(run_blocking(cmd));
+    wait_until(
+        "the switchover to be past the fence",
+        Duration::from_secs(60),
+        || async {
+            switching.is_finished()
+                || tgt
+                    .query_one("SELECT switchover_phase FROM walshuttle.pipelines", &[])
+                    .await
+                    .is_ok_and(|r| {
+                        matches!(
+                            r.get::<_, Option<String>>(0).as_deref(),
+                            Some("draining" | "sequences" | "verifying")
+                        )
+                    })
+        },
+    )
+    .await;
+    assert!(
+        !switching.is_finished(),
+        "the switchover ended too soon for the test"
+    );
+    sneaky
+        .batch_execute("INSERT INTO acc (id, v) VALUES (9999, 0)")
+        .await
+        .expect("the kept session writes past the fence");
+    sneaky
+        .batch_execute("DELETE FROM acc WHERE id = 9999")
+        .await
+        .unwrap();
+    let (code, out, err) = switching.await.unwrap();
+    assert_eq!(code, 1, "{out}\n{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["outcome"], "aborted", "{report}");
+    let reason = report["reason"].as_str().unwrap();
+    eprintln!("abort reason: {reason}");
+    assert!(
+        reason.contains("after the fence LSN") || reason.contains("verify found differences"),
+        "{reason}"
+    );
+    assert_eq!(report["fence_lifted"], true);
+    assert_eq!(write_refusal(&source).await, None);
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
 }

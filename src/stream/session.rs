@@ -255,6 +255,7 @@ async fn start<'a>(
         .or(pipeline.stream_start_lsn)
         .unwrap_or_default();
     let source_sql = connect(source, "lookup").await?;
+    crate::switchover::fence::announce_run_session(&source_sql, &cfg.slot).await;
     if let Some(reason) = crate::catchup::gap_reason(&source_sql, &cfg.slot).await? {
         return Err(crate::catchup::SlotGone {
             slot: cfg.slot.clone(),

@@ -38,9 +38,9 @@ pub use report::{Outcome, StepTimes, SwitchoverReport};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FenceMethod {
-    /// `ALTER DATABASE … SET default_transaction_read_only = on`, then every
-    /// session that started before it ends (open write transactions get
-    /// `--fence-timeout` to finish).
+    /// `ALTER DATABASE … ALLOW_CONNECTIONS false`, then every backend of the
+    /// database but walshuttle's own ends (open write transactions get
+    /// `--fence-timeout` to finish); after done, the database stays read-only.
     ReadOnly,
     /// Nothing: the application is already stopped. Only the fence LSN is taken.
     None,
@@ -128,7 +128,16 @@ pub async fn switchover(
     state
         .set_switchover(&tgt, &opts.slot, "fencing", None)
         .await?;
-    let mut fence = fence::Fence::open(source, opts.fence).await?;
+    let mut fence =
+        fence::Fence::open(source, opts.fence, &opts.slot, &report.plan.publication).await?;
+    fence.keep(&src).await?;
+    // The verify's source sessions, opened now: the fenced source takes no new one.
+    let mut verify_sessions = Vec::new();
+    for _ in 0..=opts.jobs.max(1) {
+        let session = crate::verify::hashing_session(source, "verify").await?;
+        fence.keep(&session).await?;
+        verify_sessions.push(session);
+    }
     let result = {
         let steps = tokio::time::timeout_at(
             deadline,
@@ -140,6 +149,7 @@ pub async fn switchover(
                 &state,
                 opts,
                 &mut fence,
+                verify_sessions,
                 &mut report,
             ),
         );
@@ -173,6 +183,14 @@ pub async fn switchover(
     match failure {
         None => {
             report.outcome = Outcome::Done;
+            if let Err(e) = fence.settle(opts.reverse).await {
+                // The database stays closed to every new connection: safe, and said.
+                tracing::warn!(error = %format!("{e:#}"), "could not reopen the old source read-only; it takes no connection until opened by hand");
+                report.settle_error = Some(format!(
+                    "{e:#}; the old source takes no connection until you run, from another database: {}",
+                    fence::undo_sql(&report.plan.source_database)
+                ));
+            }
             record(&tgt, &state, opts, "done", Some(&report.summary_line())).await;
         }
         Some(reason) => {
@@ -216,6 +234,7 @@ async fn after_fence(
     state: &StateStore,
     opts: &SwitchoverOptions,
     fence: &mut fence::Fence,
+    verify_sessions: Vec<Client>,
     report: &mut SwitchoverReport,
 ) -> Result<Option<String>> {
     report.current_step = "the fence";
@@ -257,8 +276,9 @@ async fn after_fence(
     report.current_step = "the verify";
     record(tgt, state, opts, "verifying", None).await;
     let step = Instant::now();
-    let verified = crate::verify::verify(
+    let verified = crate::verify::verify_with(
         source,
+        verify_sessions,
         target,
         &crate::verify::VerifyOptions {
             tables: Some(report.plan.tables.clone()),
@@ -287,6 +307,17 @@ async fn after_fence(
         return Ok(Some(format!(
             "verify found differences at the fence in {}: the target is not handed writes (run `walshuttle verify` to see them)",
             different.join(", ")
+        )));
+    }
+
+    // The proof: nothing committed on the source after the fence LSN.
+    report.current_step = "the proof";
+    let proof = fence.prove().await?;
+    report.proof = proof.clone();
+    if let Some(p) = proof.filter(|p| p.changes_after_fence > 0) {
+        return Ok(Some(format!(
+            "{} changes in {} transactions to replicated tables committed on the source after the fence LSN {fence_lsn} (read up to {}): a session passed the fence, so the target is not handed writes",
+            p.changes_after_fence, p.transactions_after_fence, p.checked_to
         )));
     }
 

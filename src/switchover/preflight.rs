@@ -211,6 +211,7 @@ pub async fn check(
     if opts.fence == FenceMethod::ReadOnly {
         fence_allowed(src, &mut problems).await?;
     }
+    proof_allowed(src, &mut problems).await?;
     if opts.fence_timeout >= opts.max_downtime {
         problems.push(Problem {
             check: "fence",
@@ -393,7 +394,8 @@ async fn fence_allowed(src: &Client, problems: &mut Vec<Problem>) -> Result<()> 
                     current_user::text, d.datname::text, \
                     EXISTS (SELECT 1 FROM pg_db_role_setting s, unnest(s.setconfig) c \
                             WHERE s.setdatabase = d.oid AND s.setrole = 0 \
-                              AND c LIKE 'default\\_transaction\\_read\\_only=%') \
+                              AND c LIKE 'default\\_transaction\\_read\\_only=%'), \
+                    d.datallowconn, d.datconnlimit \
              FROM pg_roles r, pg_database d \
              WHERE r.rolname = current_user AND d.datname = current_database()",
             &[],
@@ -411,6 +413,15 @@ async fn fence_allowed(src: &Client, problems: &mut Vec<Problem>) -> Result<()> 
             ),
         });
     }
+    if !row.get::<_, bool>(6) || row.get::<_, i32>(7) == 0 {
+        problems.push(Problem {
+            check: "fence",
+            message: format!(
+                "database {db} on the source does not take connections from everyone (ALLOW_CONNECTIONS false or CONNECTION LIMIT 0: a fence left by an earlier switchover?): if writes should go there, run {} from another database, then switch over",
+                super::fence::undo_sql(&db)
+            ),
+        });
+    }
     if row.get::<_, bool>(5) {
         problems.push(Problem {
             check: "fence",
@@ -418,6 +429,37 @@ async fn fence_allowed(src: &Client, problems: &mut Vec<Problem>) -> Result<()> 
                 "database {db} on the source already sets default_transaction_read_only (a fence left by an earlier switchover?): if writes should go there, run ALTER DATABASE {} RESET default_transaction_read_only, then switch over",
                 crate::pg::quote_ident(&db)
             ),
+        });
+    }
+    Ok(())
+}
+
+/// Whether the source role may create the fence's proof slot (a temporary logical
+/// slot: the REPLICATION attribute and a free slot).
+async fn proof_allowed(src: &Client, problems: &mut Vec<Problem>) -> Result<()> {
+    let row = src
+        .query_one(
+            "SELECT r.rolreplication OR r.rolsuper, current_user::text, \
+                    (SELECT count(*) FROM pg_replication_slots) < current_setting('max_replication_slots')::int \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .pg_context(|| "reading the source role's replication privilege".into())?;
+    let role: String = row.get(1);
+    if !row.get::<_, bool>(0) {
+        problems.push(Problem {
+            check: "fence",
+            message: format!(
+                "the source role {role} lacks the REPLICATION attribute the fence's proof slot needs: ALTER ROLE {} REPLICATION",
+                crate::pg::quote_ident(&role)
+            ),
+        });
+    }
+    if !row.get::<_, bool>(2) {
+        problems.push(Problem {
+            check: "fence",
+            message: "the source has no free replication slot (max_replication_slots) for the fence's temporary proof slot: raise it by one".to_string(),
         });
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! What a switchover did, for a person (`render`) and for scripts (`--json`): the
 //! outcome, the downtime broken down by step, rows verified, sequences set.
 
-use super::fence::Raised;
+use super::fence::{Proof, Raised};
 use super::preflight::Plan;
 use super::reverse::ReverseInfo;
 use super::{FenceMethod, SwitchoverOptions};
@@ -58,6 +58,10 @@ pub struct SwitchoverReport {
     pub fence: Option<Raised>,
     /// The position the stream had reached when the drain ended.
     pub drained_to: Option<Lsn>,
+    /// What the proof found after the verify.
+    pub proof: Option<Proof>,
+    /// Set when a done switchover could not reopen the old source read-only.
+    pub settle_error: Option<String>,
     /// Seconds per step.
     pub times: StepTimes,
     /// Tables verified.
@@ -94,6 +98,8 @@ impl SwitchoverReport {
             plan,
             fence: None,
             drained_to: None,
+            proof: None,
+            settle_error: None,
             times: StepTimes::default(),
             tables_verified: 0,
             rows_verified: 0,
@@ -171,7 +177,7 @@ impl SwitchoverReport {
                 "  plan       fence {} ({}), drain {}, sequences {}, verify {} (~{} rows): downtime about {}\n",
                 seconds(e.fence),
                 match self.fence_method {
-                    FenceMethod::ReadOnly => "database read-only, earlier sessions ended",
+                    FenceMethod::ReadOnly => "database closed to connections, other sessions ended",
                     FenceMethod::None => "none: the application is stopped",
                 },
                 seconds(e.drain),
@@ -209,7 +215,7 @@ impl SwitchoverReport {
                 "  fence      {}  {}; fence LSN {}{}\n",
                 seconds(self.times.fence),
                 match f.method {
-                    FenceMethod::ReadOnly => "source database read-only",
+                    FenceMethod::ReadOnly => "source database closed",
                     FenceMethod::None => "none (--fence none)",
                 },
                 f.lsn,
@@ -268,6 +274,12 @@ impl SwitchoverReport {
                 out.push_str(&format!("    {line}\n"));
             }
         }
+        if let Some(p) = &self.proof {
+            out.push_str(&format!(
+                "  proof      {} changes to replicated tables committed after the fence LSN (WAL read to {})\n",
+                p.changes_after_fence, p.checked_to
+            ));
+        }
         if let Some(r) = &self.reverse {
             out.push_str(&format!(
                 "  reverse    {}  pipeline {} starts at {} on the target; role {} may write into the fenced {}\n",
@@ -281,7 +293,18 @@ impl SwitchoverReport {
         match &self.outcome {
             Outcome::Done => {
                 out.push_str(&format!("  {}\n", self.summary_line()));
-                out.push_str("next: point the application at the target; the source stays read-only (ALTER DATABASE … RESET default_transaction_read_only there to undo)");
+                if let Some(e) = &self.settle_error {
+                    out.push_str(&format!("  WARNING: {e}\n"));
+                }
+                out.push_str(&format!(
+                    "next: point the application at the target; the source stays read-only{} (to undo, from another database: {})",
+                    if self.reverse.is_some() {
+                        ""
+                    } else {
+                        " and takes connections from superusers only"
+                    },
+                    super::fence::undo_sql(&p.source_database)
+                ));
                 if let Some(r) = &self.reverse {
                     out.push_str(&format!(
                         "; stop this `run` and carry the target's writes back with `walshuttle run --source TARGET --target SOURCE --slot {}`",
@@ -308,7 +331,7 @@ impl SwitchoverReport {
                         if *fence_lifted {
                             "the fence is lifted: the source takes writes again and streaming continues"
                         } else {
-                            "THE FENCE IS STILL UP: the source refuses writes until ALTER DATABASE … RESET default_transaction_read_only"
+                            "THE FENCE IS STILL UP: the source takes no connection until ALTER DATABASE … ALLOW_CONNECTIONS true (from another database)"
                         }
                     ));
                 } else {
