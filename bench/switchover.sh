@@ -201,6 +201,8 @@ load() {   # start pgbench on the source; echo its pid
 }
 unfence() {
     q "$SP" postgres -c "ALTER DATABASE bench RESET default_transaction_read_only"
+    q "$SP" postgres -c "ALTER DATABASE bench CONNECTION LIMIT -1"
+    q "$SP" postgres -c "ALTER DATABASE bench ALLOW_CONNECTIONS true"
 }
 
 WS_TIMES=(); NATIVE_TIMES=(); DETAILS=""

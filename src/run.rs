@@ -383,7 +383,7 @@ impl SequenceSync {
                         }
                         failing = false;
                         for s in synced.iter().filter(|s| s.created) {
-                            tracing::info!(table = %s.table, column = %s.column, sequence = %s.target_sequence, "created the column's sequence on the target");
+                            tracing::info!(sequence = %s.target_sequence, columns = %s.columns.join(", "), "created the sequence on the target");
                         }
                     }
                     Err(e) => {

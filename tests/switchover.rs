@@ -292,7 +292,7 @@ async fn aborts_leave_the_source_writable_and_streaming() {
     let (code, report, err) = switchover(&source, &target, &["--dry-run"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(report["outcome"], "dry_run");
-    assert_eq!(report["plan"]["sequences"][0]["column"], "id");
+    assert_eq!(report["plan"]["sequences"][0]["columns"][0], "public.ev.id");
     assert_eq!(write_refusal(&source).await, None);
 
     // The target's table is locked against writes: `run` stays attached but falls
@@ -718,4 +718,163 @@ async fn a_write_past_the_fence_aborts_the_switchover() {
     assert_eq!(write_refusal(&source).await, None);
     child.sigterm();
     assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+}
+
+/// Every sequence: standalone ones the application calls with `nextval`, one shared
+/// by two tables, one in a schema without replicated tables (missing on the
+/// target), a descending one and one never called. After the switchover each
+/// exists on the target with its parameters, the columns' defaults call them, and
+/// the new primary hands out the next values without a conflict.
+async fn every_sequence_arrives(source: Cluster, target: Cluster) {
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(
+        "CREATE SCHEMA billing;
+         CREATE SEQUENCE invoice_no;
+         CREATE SEQUENCE billing.invoice_no INCREMENT 5 START 100;
+         CREATE SEQUENCE countdown INCREMENT -1;
+         CREATE SEQUENCE never_called START 42 CACHE 3;
+         CREATE TABLE invoice (id bigint PRIMARY KEY DEFAULT nextval('invoice_no'), note text);
+         CREATE TABLE credit_note (id bigint PRIMARY KEY DEFAULT nextval('invoice_no'), note text);
+         CREATE TABLE \"Ledger Lines\" (id bigint PRIMARY KEY DEFAULT nextval('billing.invoice_no'),
+                               down int NOT NULL DEFAULT nextval('countdown'), note text);
+         CREATE TABLE ser (id serial PRIMARY KEY, v text);
+         INSERT INTO invoice (note) SELECT 'i' FROM generate_series(1, 10);
+         INSERT INTO credit_note (note) SELECT 'c' FROM generate_series(1, 5);
+         INSERT INTO \"Ledger Lines\" (note) SELECT 'l' FROM generate_series(1, 3);
+         INSERT INTO ser (v) SELECT 's' FROM generate_series(1, 4);",
+    )
+    .await
+    .unwrap();
+    let tables = ["invoice", "credit_note", "\"Ledger Lines\"", "ser"];
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--status-interval", "0.2"]);
+    let mut child = logs.spawn(cmd);
+    wait_for_convergence_running(&mut child, &src, &tgt, &tables, Duration::from_secs(90)).await;
+    support::wait_while_running("run to stream", Duration::from_secs(60), &mut child, || {
+        support::slot_active(&src, "walshuttle")
+    })
+    .await;
+    // The bootstrap made them, with the defaults that call them.
+    for (sql, what) in [
+        (
+            "SELECT to_regclass('billing.invoice_no') IS NOT NULL",
+            "billing.invoice_no",
+        ),
+        (
+            "SELECT to_regclass('public.never_called') IS NOT NULL",
+            "never_called",
+        ),
+        (
+            "SELECT pg_get_expr(adbin, adrelid) LIKE '%invoice_no%' FROM pg_attrdef \
+             WHERE adrelid = 'credit_note'::regclass",
+            "credit_note's default",
+        ),
+    ] {
+        let made: bool = tgt.query_one(sql, &[]).await.unwrap().get(0);
+        assert!(made, "the bootstrap did not make {what} on the target");
+    }
+    // A default that names its sequence in text cannot be mapped: the preflight
+    // says so and what to do.
+    src.batch_execute(
+        "ALTER TABLE credit_note ALTER COLUMN note SET DEFAULT nextval('invoice_no'::text)::text",
+    )
+    .await
+    .unwrap();
+    let (code, report, _) = switchover(&source, &target, &["--dry-run"]).await;
+    assert_eq!(code, 1);
+    let problems = report["plan"]["problems"].to_string();
+    assert!(
+        problems.contains("credit_note.note") && problems.contains("regclass"),
+        "{problems}"
+    );
+    src.batch_execute("ALTER TABLE credit_note ALTER COLUMN note DROP DEFAULT")
+        .await
+        .unwrap();
+    // Writes between the steps: more values used, one burnt by a rollback.
+    src.batch_execute(
+        "INSERT INTO invoice (note) VALUES ('later');
+         INSERT INTO \"Ledger Lines\" (note) VALUES ('later');
+         BEGIN; INSERT INTO credit_note (note) VALUES ('burnt'); ROLLBACK;",
+    )
+    .await
+    .unwrap();
+    wait_for_convergence_running(&mut child, &src, &tgt, &tables, Duration::from_secs(60)).await;
+
+    let (code, report, err) = switchover(&source, &target, &["--sequence-gap", "10"]).await;
+    assert_eq!(code, 0, "switchover failed: {err}");
+    assert_eq!(report["outcome"], "done");
+    child.sigterm();
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+
+    // Parameters as on the source.
+    for (seq, increment, min, max) in [
+        ("public.invoice_no", 1i64, 1i64, i64::MAX),
+        ("billing.invoice_no", 5, 1, i64::MAX),
+        ("public.countdown", -1, i64::MIN, -1),
+        ("public.never_called", 1, 1, i64::MAX),
+    ] {
+        let row = tgt
+            .query_opt(
+                "SELECT seqincrement, seqmin, seqmax FROM pg_sequence WHERE seqrelid = to_regclass($1)",
+                &[&seq],
+            )
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("sequence {seq} is missing on the target"));
+        assert_eq!(
+            (
+                row.get::<_, i64>(0),
+                row.get::<_, i64>(1),
+                row.get::<_, i64>(2)
+            ),
+            (increment, min, max),
+            "{seq}"
+        );
+    }
+    // The new primary hands out values past the source's (and the gap), through
+    // the columns' defaults.
+    let id = |sql: &'static str| {
+        let tgt = &tgt;
+        async move {
+            tgt.query_one(sql, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"))
+                .get::<_, i64>(0)
+        }
+    };
+    // invoice_no: 16 used and one burnt (17), so the source's next is 18.
+    assert_eq!(
+        id("INSERT INTO invoice (note) VALUES ('new') RETURNING id").await,
+        28
+    );
+    assert_eq!(
+        id("INSERT INTO credit_note (note) VALUES ('new') RETURNING id").await,
+        29
+    );
+    // billing.invoice_no: 100 .. 115 used, next 120, and the gap.
+    assert_eq!(
+        id("INSERT INTO \"Ledger Lines\" (note) VALUES ('new') RETURNING id").await,
+        130
+    );
+    assert_eq!(
+        id("SELECT down::bigint FROM \"Ledger Lines\" WHERE note = 'new'").await,
+        -15
+    );
+    assert_eq!(id("SELECT nextval('never_called')").await, 52);
+    assert_eq!(
+        id("INSERT INTO ser (v) VALUES ('new') RETURNING id::bigint").await,
+        15
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sequence_arrives_with_its_defaults() {
+    every_sequence_arrives(Cluster::start(), Cluster::start()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sequence_arrives_from_15_to_17() {
+    every_sequence_arrives(Cluster::start_version(15), Cluster::start_version(17)).await;
 }

@@ -398,6 +398,9 @@ async fn fresh(
                 tracing::info!(table = %name, "created table on the target");
             }
         }
+        // Every sequence the tables' columns call or their schemas hold, with the
+        // columns' `nextval` defaults.
+        crate::sequences::sync(src, &tx, &table_names, 0).await?;
         state.save_pipeline(&tx, &pipeline).await?;
         state
             .set_selection(&tx, &pipeline.name, opts.tables.as_deref())

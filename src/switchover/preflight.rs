@@ -15,24 +15,14 @@ use crate::state::{Phase, StateStore, TableState};
 /// A check that failed, and what to do about it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Problem {
-    /// Which check: `pipeline`, `lag`, `identity`, `fence`, `reverse`.
+    /// Which check: `pipeline`, `lag`, `identity`, `sequences`, `fence`, `reverse`.
     pub check: &'static str,
     /// One line for the user, ending in what to do.
     pub message: String,
 }
 
-/// A sequence-fed column of a replicated table.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct PlannedSequence {
-    /// The table.
-    pub table: QualifiedName,
-    /// The column.
-    pub column: String,
-    /// Its sequence on the source.
-    pub source_sequence: String,
-    /// Whether the target has a sequence for the column (else it is created).
-    pub on_target: bool,
-}
+/// A sequence the target mirrors (see [`crate::sequences`]).
+pub type PlannedSequence = crate::sequences::MappedSequence;
 
 /// Estimated seconds of each step, from the current lag and table sizes.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -73,7 +63,7 @@ pub struct Plan {
     pub lag_seconds: Option<f64>,
     /// Source rows (planner estimate), for the verify estimate.
     pub estimated_rows: i64,
-    /// Sequence-fed columns.
+    /// Sequences mirrored on the target.
     pub sequences: Vec<PlannedSequence>,
     /// Keyless tables (`REPLICA IDENTITY FULL` on the source) whose target copy
     /// gets the same identity during the switchover.
@@ -207,7 +197,12 @@ pub async fn check(
     }
 
     identities(src, tgt, state, &mut plan, &mut problems).await?;
-    plan.sequences = sequences(src, tgt, &plan.tables).await?;
+    let (sequences, unmapped) = crate::sequences::plan(src, tgt, &plan.tables).await?;
+    plan.sequences = sequences;
+    problems.extend(unmapped.into_iter().map(|message| Problem {
+        check: "sequences",
+        message,
+    }));
     if opts.fence == FenceMethod::ReadOnly {
         fence_allowed(src, &mut problems).await?;
     }
@@ -338,50 +333,6 @@ async fn identities(
         }
     }
     Ok(())
-}
-
-/// The sequence-fed columns (identity and serial) of the tables, and whether the
-/// target has their sequences.
-async fn sequences(
-    src: &Client,
-    tgt: &Client,
-    tables: &[QualifiedName],
-) -> Result<Vec<PlannedSequence>> {
-    let mut out = Vec::new();
-    for table in tables {
-        let rows = src
-            .query(
-                "SELECT a.attname::text, pg_get_serial_sequence($1, a.attname::text) FROM pg_attribute a \
-                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-                 ORDER BY a.attnum",
-                &[&table.quoted()],
-            )
-            .await
-            .pg_context(|| format!("reading the sequences of {table} on the source"))?;
-        for r in rows {
-            let column: String = r.get(0);
-            let Some(seq) = r.get::<_, Option<String>>(1) else {
-                continue;
-            };
-            // A column missing on the target (verify reports it) has no sequence.
-            let on_target = tgt
-                .query_one(
-                    "SELECT pg_get_serial_sequence($1, $2)",
-                    &[&table.quoted(), &column],
-                )
-                .await
-                .ok()
-                .and_then(|r| r.get::<_, Option<String>>(0))
-                .is_some();
-            out.push(PlannedSequence {
-                table: table.clone(),
-                column,
-                source_sequence: seq,
-                on_target,
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// Whether the source role may fence: change the database's settings (owner or

@@ -153,7 +153,7 @@ impl SwitchoverReport {
         out.push_str(&head);
         out.push('\n');
         out.push_str(&format!(
-            "  preflight  {} tables, {} sequence-fed columns, lag {}, slot {}\n",
+            "  preflight  {} tables, {} sequences, lag {}, slot {}\n",
             p.tables.len(),
             p.sequences.len(),
             p.lag_seconds
@@ -188,10 +188,13 @@ impl SwitchoverReport {
             ));
             for s in &p.sequences {
                 out.push_str(&format!(
-                    "    sequence {} of {}.{}{}\n",
+                    "    sequence {}{}{}\n",
                     s.source_sequence,
-                    s.table,
-                    s.column,
+                    if s.columns.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" of {}", s.columns.join(", "))
+                    },
                     if s.on_target {
                         ""
                     } else {
