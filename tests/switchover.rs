@@ -139,8 +139,7 @@ async fn switch_over_under_writes(source: Cluster, target: Cluster) {
     .await
     .unwrap();
     let mut logs = RunLogs::new();
-    let metrics_port = free_port();
-    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, metrics_port).await;
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
 
     // A few hundred small transactions a second, riding through errors by
     // reconnecting.
@@ -233,34 +232,28 @@ async fn switch_over_under_writes(source: Cluster, target: Cluster) {
         .get(0);
     assert_eq!(ident, 41);
 
-    // status shows the switchover.
+    // The old pipeline is finished: `run` stops by itself and says why.
+    let status = child.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "run did not stop after the switchover: {status:?}"
+    );
+    assert!(child.log().contains("was switched over"), "{}", child.log());
+    // A new `run` refuses to stream it.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run"]);
+    let (code, _, err) = run_blocking(cmd).await;
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("was switched over"), "{err}");
+
+    // status shows the switchover, and the pipeline as switched over.
     let mut cmd = walshuttle(&source, &target);
     cmd.args(["status", "--json"]);
     let (code, out, err) = run_blocking(cmd).await;
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["pipelines"][0]["switchover"]["phase"], "done");
-    // So does run's /metrics.
-    wait_until(
-        "/metrics to show the switchover done",
-        Duration::from_secs(30),
-        || async move {
-            tokio::task::spawn_blocking(move || http_get(metrics_port, "/metrics"))
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|(_, body)| {
-                    body.lines().any(|l| {
-                        l.starts_with("walshuttle_switchover_phase")
-                            && l.contains("phase=\"done\"")
-                            && l.ends_with(" 1")
-                    })
-                })
-        },
-    )
-    .await;
-    child.sigterm();
-    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+    assert_eq!(status["pipelines"][0]["phase"], "switched_over");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -286,7 +279,8 @@ async fn aborts_leave_the_source_writable_and_streaming() {
     let tgt = target.client().await;
     src.batch_execute(BATCH_SCHEMA).await.unwrap();
     let mut logs = RunLogs::new();
-    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
+    let metrics_port = free_port();
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, metrics_port).await;
 
     // A dry run changes nothing and plans the sequences.
     let (code, report, err) = switchover(&source, &target, &["--dry-run"]).await;
@@ -380,6 +374,25 @@ async fn aborts_leave_the_source_writable_and_streaming() {
     let (_, out, _) = run_blocking(cmd).await;
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["pipelines"][0]["switchover"]["phase"], "aborted");
+    // So does run's /metrics.
+    wait_until(
+        "/metrics to show the switchover aborted",
+        Duration::from_secs(30),
+        || async move {
+            tokio::task::spawn_blocking(move || http_get(metrics_port, "/metrics"))
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|(_, body)| {
+                    body.lines().any(|l| {
+                        l.starts_with("walshuttle_switchover_phase")
+                            && l.contains("phase=\"aborted\"")
+                            && l.ends_with(" 1")
+                    })
+                })
+        },
+    )
+    .await;
     child.sigterm();
     assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
 }

@@ -71,6 +71,21 @@ pub struct SwitchoverOptions {
     pub jobs: usize,
 }
 
+/// How a done switchover's recorded detail starts: `run` reads the fence LSN from it.
+const DONE_AT: &str = "switched over at fence LSN";
+
+/// The fence LSN of a done switchover, from its recorded detail.
+pub fn fence_lsn_of(detail: &str) -> Option<Lsn> {
+    detail
+        .strip_prefix(DONE_AT)?
+        .trim_start()
+        .split(';')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The reverse step's name in reports.
 const REVERSE_STEP: &str = "the reverse pipeline";
 
@@ -191,7 +206,11 @@ pub async fn switchover(
                     fence::undo_sql(&report.plan.source_database)
                 ));
             }
-            record(&tgt, &state, opts, "done", Some(&report.summary_line())).await;
+            let detail = match &report.fence {
+                Some(f) => format!("{DONE_AT} {}; {}", f.lsn, report.summary_line()),
+                None => report.summary_line(),
+            };
+            record(&tgt, &state, opts, "done", Some(&detail)).await;
         }
         Some(reason) => {
             let lifted = fence.lift().await;
@@ -368,4 +387,17 @@ pub fn table_list(tables: &[QualifiedName]) -> String {
         .map(|t| t.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fence_lsn_is_read_back_from_the_done_detail() {
+        let lsn: Lsn = "0/1548188".parse().unwrap();
+        let detail = format!("{DONE_AT} {lsn}; downtime 1.00 s");
+        assert_eq!(fence_lsn_of(&detail), Some(lsn));
+        assert_eq!(fence_lsn_of("downtime 1.00 s"), None);
+    }
 }
