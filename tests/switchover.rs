@@ -460,6 +460,24 @@ async fn reverse_carries_the_new_primarys_writes_back() {
     assert_eq!(body, "still lower", "the old source's trigger fired");
     reverse.sigterm();
     assert!(reverse.wait_exit(Duration::from_secs(30)).await.is_some());
+
+    // Retiring the way back resets what walshuttle set on the old source.
+    let settings =
+        "SELECT count(*) FROM pg_db_role_setting s JOIN pg_database d ON d.oid = s.setdatabase \
+                    WHERE d.datname = current_database()";
+    let before: i64 = src.query_one(settings, &[]).await.unwrap().get(0);
+    assert_eq!(
+        before, 2,
+        "the read-only default and the writer's exemption"
+    );
+    let mut cmd = walshuttle_urls(&target.url(), &source.url());
+    cmd.args(["teardown", "--slot", "walshuttle_reverse", "--yes"]);
+    let (code, out, err) = run_blocking(cmd).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("writable again"), "{out}");
+    let src = source.client().await;
+    let after: i64 = src.query_one(settings, &[]).await.unwrap().get(0);
+    assert_eq!(after, 0);
 }
 
 /// A writer of role `app` that chooses to write in its own way (`txn`, through
@@ -890,4 +908,92 @@ async fn every_sequence_arrives_with_its_defaults() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sequence_arrives_from_15_to_17() {
     every_sequence_arrives(Cluster::start_version(15), Cluster::start_version(17)).await;
+}
+
+/// `switchover --json` from `from` to `to` with extra flags.
+async fn switchover_between(
+    from: &Cluster,
+    to: &Cluster,
+    flags: &[&str],
+) -> (i32, serde_json::Value, String) {
+    let mut cmd = walshuttle_urls(&from.url(), &to.url());
+    cmd.args(["switchover", "--json"]).args(flags);
+    let (code, out, err) = run_blocking(cmd).await;
+    let report: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("switchover printed no JSON report ({e}):\n{out}\n{err}"));
+    assert_eq!(code, 0, "switchover {flags:?} failed: {report}\n{err}");
+    assert_eq!(report["outcome"], "done");
+    (code, report, err)
+}
+
+/// Streams `slot` from `from` to `to` until the batch tables are equal.
+async fn stream_between(logs: &mut RunLogs, from: &Cluster, to: &Cluster, slot: &str) -> RunChild {
+    let mut cmd = walshuttle_urls(&from.url(), &to.url());
+    cmd.args(["run", "--slot", slot, "--status-interval", "0.2"]);
+    let mut child = logs.spawn(cmd);
+    let (f, t) = (from.client().await, to.client().await);
+    f.batch_execute(&batch_sql(1_000 + slot.len() as u64))
+        .await
+        .unwrap();
+    wait_for_convergence_running(&mut child, &f, &t, BATCH_TABLES, Duration::from_secs(90)).await;
+    child
+}
+
+/// A round trip: switch over with --reverse, stream back, switch back (with
+/// --reverse), stream forward and switch forward again. After each switchover
+/// exactly one side takes the application's writes, and the pipeline it left stops
+/// by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_trip_leaves_exactly_one_side_writable() {
+    let a = Cluster::start();
+    let b = Cluster::start();
+    let sa = a.client().await;
+    let sb = b.client().await;
+    sa.batch_execute(BATCH_SCHEMA).await.unwrap();
+    // The application's role, on both (roles are not replicated).
+    let app_a = app_role(&sa, &a, "", "").await;
+    let mut logs = RunLogs::new();
+    let mut forward = streaming(&mut logs, &a, &b, &sa, &sb, free_port()).await;
+    let app_b = app_role(&sb, &b, "", "").await;
+
+    // 1. A -> B, with a way back.
+    switchover_between(&a, &b, &["--reverse"]).await;
+    assert!(forward.wait_exit(Duration::from_secs(30)).await.is_some());
+    assert!(
+        write_refusal_at(&app_a).await.is_some(),
+        "A took a write after step 1"
+    );
+    assert_eq!(
+        write_refusal_at(&app_b).await,
+        None,
+        "B refused a write after step 1"
+    );
+
+    // 2. B -> A streams; 3. switch back, with a way forward again.
+    let mut back = stream_between(&mut logs, &b, &a, "walshuttle_reverse").await;
+    switchover_between(&b, &a, &["--slot", "walshuttle_reverse", "--reverse"]).await;
+    assert!(back.wait_exit(Duration::from_secs(30)).await.is_some());
+    assert_eq!(
+        write_refusal_at(&app_a).await,
+        None,
+        "A refused the application's write after switching back"
+    );
+    assert!(
+        write_refusal_at(&app_b).await.is_some(),
+        "B took a write after step 3"
+    );
+
+    // 4. A -> B streams again; 5. switch forward again.
+    let mut again = stream_between(&mut logs, &a, &b, "walshuttle_reverse_reverse").await;
+    switchover_between(&a, &b, &["--slot", "walshuttle_reverse_reverse"]).await;
+    assert!(again.wait_exit(Duration::from_secs(30)).await.is_some());
+    assert_eq!(
+        write_refusal_at(&app_b).await,
+        None,
+        "B refused a write at the end"
+    );
+    assert!(
+        write_refusal_at(&app_a).await.is_some(),
+        "A took a write at the end"
+    );
 }

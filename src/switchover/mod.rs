@@ -206,6 +206,16 @@ pub async fn switchover(
                     fence::undo_sql(&report.plan.source_database)
                 ));
             }
+            // Taking the way back: the target, the old source of the switchover this
+            // pipeline reverses, takes the application's writes again.
+            match reverse::lift_old_fence(&src, &tgt, &opts.state_schema, &opts.slot).await {
+                Ok(line) => report.target_unfenced = line,
+                Err(e) => {
+                    report.settle_error = Some(format!(
+                        "{e:#}; the target stays read-only until its read-only default is reset"
+                    ))
+                }
+            }
             let detail = match &report.fence {
                 Some(f) => format!("{DONE_AT} {}; {}", f.lsn, report.summary_line()),
                 None => report.summary_line(),

@@ -62,6 +62,8 @@ pub struct SwitchoverReport {
     pub proof: Option<Proof>,
     /// Set when a done switchover could not reopen the old source read-only.
     pub settle_error: Option<String>,
+    /// When the switchover took the way back: how its target was made writable.
+    pub target_unfenced: Option<String>,
     /// Seconds per step.
     pub times: StepTimes,
     /// Tables verified.
@@ -100,6 +102,7 @@ impl SwitchoverReport {
             drained_to: None,
             proof: None,
             settle_error: None,
+            target_unfenced: None,
             times: StepTimes::default(),
             tables_verified: 0,
             rows_verified: 0,
@@ -296,6 +299,9 @@ impl SwitchoverReport {
         match &self.outcome {
             Outcome::Done => {
                 out.push_str(&format!("  {}\n", self.summary_line()));
+                if let Some(line) = &self.target_unfenced {
+                    out.push_str(&format!("  {line}\n"));
+                }
                 if let Some(e) = &self.settle_error {
                     out.push_str(&format!("  WARNING: {e}\n"));
                 }
