@@ -485,8 +485,17 @@ async fn reverse_carries_the_new_primarys_writes_back() {
 /// commits nothing on the source after it, and every write the source took is on
 /// the target.
 async fn fence_holds_against(role_sql: &str, query: &str, txn: fn(u64) -> String) {
-    let source = Cluster::start();
-    let target = Cluster::start();
+    fence_holds_between(Cluster::start(), Cluster::start(), role_sql, query, txn).await;
+}
+
+/// [`fence_holds_against`] between given clusters.
+async fn fence_holds_between(
+    source: Cluster,
+    target: Cluster,
+    role_sql: &str,
+    query: &str,
+    txn: fn(u64) -> String,
+) {
     let src = source.client().await;
     let tgt = target.client().await;
     src.batch_execute(BATCH_SCHEMA).await.unwrap();
@@ -562,6 +571,24 @@ async fn fence_holds_against_a_role_setting() {
         "ALTER ROLE app SET default_transaction_read_only = off;",
         "",
         small_txn,
+    )
+    .await;
+}
+
+/// Every way round the fence at once, from 15 to 17.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_holds_from_15_to_17() {
+    fence_holds_between(
+        Cluster::start_version(15),
+        Cluster::start_version(17),
+        "ALTER ROLE app SET default_transaction_read_only = off;",
+        "?application_name=walshuttle%20x",
+        |i| {
+            format!(
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE; COMMIT; {}",
+                small_txn(i).replacen("BEGIN;", "BEGIN READ WRITE;", 1)
+            )
+        },
     )
     .await;
 }
