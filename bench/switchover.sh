@@ -218,7 +218,7 @@ for round in $(seq 1 "$RUNS"); do
         >"$WORK/report-$round.json" 2>"$WORK/logs/switchover-$round.log"; then
         d=$(sed -n 's/^    "downtime": \([0-9.]*\),*$/\1/p' "$WORK/report-$round.json")
         WS_TIMES+=("$d")
-        parts=$(sed -n 's/^    "\(fence\|drain\|sequences\|verify\)": \([0-9.]*\),*$/\1 \2/p' "$WORK/report-$round.json" \
+        parts=$(sed -n 's/^    "\(fence\|drain\|sequences\|verify\|proof\)": \([0-9.]*\),*$/\1 \2/p' "$WORK/report-$round.json" \
             | awk '{ printf "%s%s %.2f s", (NR > 1 ? ", " : ""), $1, $2 }')
         DETAILS+="| $round | walshuttle | $(printf '%.2f' "$d") s | $parts |"$'\n'
         [ "$round" = 1 ] && cp "$WORK/report-1.json" "$WORK/logs/first-report.json.log"
@@ -230,6 +230,7 @@ for round in $(seq 1 "$RUNS"); do
     unfence
     # A done switchover finishes the pipeline and its `run` stops: make it a
     # pipeline that streams again for the next round.
+    for _ in $(seq 1 50); do kill -0 "$RUN_PID" 2>/dev/null || break; sleep 0.2; done
     if ! kill -0 "$RUN_PID" 2>/dev/null; then
         q "$TP" bench -c "UPDATE walshuttle.pipelines SET switchover_phase = NULL, switchover_detail = NULL"
         start_run

@@ -3,7 +3,11 @@
 //! the target equals the source at the fence and hands out the next ids; the abort
 //! paths (lag above --max-lag, a drain past --max-downtime) leave the source
 //! writable and streaming going; --reverse carries the new primary's writes back;
-//! and the same switchover from 15 to 17 and from 16 to 18.
+//! and the same switchover from 15 to 17 and from 16 to 18. The fence holds against
+//! every way a session can choose to write (each seen passing the first fence), a
+//! write past it is caught by the proof, an abort leaves pooled sessions writable,
+//! every sequence arrives, the old pipeline stops after done, and a round trip
+//! leaves exactly one side writable after each step.
 
 mod support;
 

@@ -246,7 +246,7 @@ impl Fence {
                        AND a.pid IS DISTINCT FROM \
                            (SELECT s.active_pid FROM pg_replication_slots s WHERE s.slot_name = $2) \
                        AND a.pid NOT IN (SELECT l.pid FROM pg_locks l \
-                           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                           WHERE l.locktype = 'advisory' AND l.granted AND l.pid IS NOT NULL AND l.objsubid = 2 \
                              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                              AND l.classid = $3::int4::oid \
                              AND l.objid = (hashtext($2) & 2147483647)::oid)",

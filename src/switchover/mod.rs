@@ -8,11 +8,17 @@
 //!  preflight ──(--dry-run: plan, exit 0)
 //!      │ nothing changed so far; a failed check ends here (exit 1)
 //!      ▼
-//!  fencing ──▶ draining ──▶ sequences ──▶ verifying ──▶ [reversing] ──▶ done
-//!      │           │            │             │              │
-//!      └───────────┴────────────┴──── any error, a difference, or past
-//!                                     --max-downtime ──▶ aborted: fence lifted
+//!  fencing ──▶ draining ──▶ sequences ──▶ verifying (+ proof) ──▶ [reversing] ──▶ done
+//!      │           │            │             │                         │
+//!      └───────────┴────────────┴──── any error, a difference, a write past the
+//!                                     fence, or past --max-downtime ──▶ aborted:
+//!                                     fence lifted
 //! ```
+//!
+//! The proof (see [`fence`]) reads a slot of the fence's own from the fence LSN
+//! after the verify. At done the old source is left closed to the application,
+//! the pipeline is finished (`run` stops), and taking a way back
+//! ([`reverse::lift_old_fence`]) makes its target writable again.
 //!
 //! The phases are recorded on the target's pipeline row for `status`. Stages here do
 //! not call `run`: the stream keeps going in its own process, and the switchover
@@ -138,8 +144,6 @@ pub async fn switchover(
         return Ok(report);
     }
 
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + opts.max_downtime;
     state
         .set_switchover(&tgt, &opts.slot, "fencing", None)
         .await?;
@@ -153,6 +157,9 @@ pub async fn switchover(
         fence.keep(&session).await?;
         verify_sessions.push(session);
     }
+    // The source takes writes until the fence is raised: downtime starts here.
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + opts.max_downtime;
     let result = {
         let steps = tokio::time::timeout_at(
             deadline,
@@ -341,7 +348,9 @@ async fn after_fence(
 
     // The proof: nothing committed on the source after the fence LSN.
     report.current_step = "the proof";
+    let step = Instant::now();
     let proof = fence.prove().await?;
+    report.times.proof = step.elapsed().as_secs_f64();
     report.proof = proof.clone();
     if let Some(p) = proof.filter(|p| p.changes_after_fence > 0) {
         return Ok(Some(format!(

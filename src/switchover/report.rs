@@ -36,6 +36,8 @@ pub struct StepTimes {
     pub sequences: f64,
     /// Every table verified.
     pub verify: f64,
+    /// The proof read (no change past the fence LSN).
+    pub proof: f64,
     /// Reverse pipeline started (`--reverse`).
     pub reverse: f64,
     /// Fence to done.
@@ -123,12 +125,13 @@ impl SwitchoverReport {
     pub fn summary_line(&self) -> String {
         let t = &self.times;
         format!(
-            "downtime {} (fence {}, drain {}, sequences {}, verify {}{}); {} rows in {} tables verified equal; {} sequences set",
+            "downtime {} (fence {}, drain {}, sequences {}, verify {}, proof {}{}); {} rows in {} tables verified equal; {} sequences set",
             seconds(t.downtime),
             seconds(t.fence),
             seconds(t.drain),
             seconds(t.sequences),
             seconds(t.verify),
+            seconds(t.proof),
             if self.reverse.is_some() {
                 format!(", reverse {}", seconds(t.reverse))
             } else {
@@ -282,8 +285,10 @@ impl SwitchoverReport {
         }
         if let Some(p) = &self.proof {
             out.push_str(&format!(
-                "  proof      {} changes to replicated tables committed after the fence LSN (WAL read to {})\n",
-                p.changes_after_fence, p.checked_to
+                "  proof      {}  {} changes to replicated tables committed after the fence LSN (WAL read to {})\n",
+                seconds(self.times.proof),
+                p.changes_after_fence,
+                p.checked_to
             ));
         }
         if let Some(r) = &self.reverse {
