@@ -1028,3 +1028,84 @@ async fn a_round_trip_leaves_exactly_one_side_writable() {
         "A took a write at the end"
     );
 }
+
+/// A background worker writes too: the apply worker of a subscription in the source
+/// database, fed by a third server the fence does not touch. The fence ends it and
+/// it cannot start again; after done the old source takes none of its writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fence_holds_against_a_subscriptions_apply_worker() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let feeder = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    let fd = feeder.client().await;
+    let feed = "CREATE TABLE feed (id bigint PRIMARY KEY, v int NOT NULL)";
+    fd.batch_execute(&format!(
+        "{feed}; CREATE PUBLICATION feedpub FOR TABLE feed"
+    ))
+    .await
+    .unwrap();
+    src.batch_execute(BATCH_SCHEMA).await.unwrap();
+    src.batch_execute(feed).await.unwrap();
+    src.batch_execute(&format!(
+        "CREATE SUBSCRIPTION feedsub CONNECTION 'host=127.0.0.1 port={} dbname=postgres user=postgres password={}' PUBLICATION feedpub",
+        feeder.port,
+        support::PASSWORD
+    ))
+    .await
+    .unwrap();
+    let mut logs = RunLogs::new();
+    let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
+    let writer = Writer::spawn(feeder.url(), Duration::from_millis(2), |i| {
+        format!("INSERT INTO feed VALUES ({i}, 1)")
+    });
+    // The subscription applies the feeder's rows on the source.
+    support::wait_while_running(
+        "the subscription to apply rows on the source",
+        Duration::from_secs(60),
+        &mut child,
+        || async {
+            src.query_one("SELECT count(*) > 100 FROM feed", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, bool>(0))
+        },
+    )
+    .await;
+
+    let (code, report, err) = switchover(
+        &source,
+        &target,
+        &["--max-downtime", "60s", "--fence-timeout", "2s"],
+    )
+    .await;
+    assert_eq!(code, 0, "switchover failed: {err}");
+    assert_eq!(report["outcome"], "done");
+    // Everything the source took is on the target, and the feeder goes on writing
+    // while the old source takes none of it.
+    let on_target: i64 = tgt
+        .query_one("SELECT count(*) FROM feed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let fed = writer.committed();
+    wait_until(
+        "the feeder to write 300 more rows",
+        Duration::from_secs(60),
+        || async { writer.committed() > fed + 300 },
+    )
+    .await;
+    writer.stop().await;
+    // The old source lets superusers in after done (read-only by default).
+    let src = source.client().await;
+    let on_source: i64 = src
+        .query_one("SELECT count(*) FROM feed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        on_source, on_target,
+        "the subscription wrote on the source after the fence"
+    );
+    assert!(child.wait_exit(Duration::from_secs(30)).await.is_some());
+}
