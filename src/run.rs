@@ -214,22 +214,40 @@ async fn watch_switchover(
     stop: watch::Sender<bool>,
     finished: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 ) {
-    let mut client = None;
+    let mut client: Option<tokio_postgres::Client> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut forwarding = true;
     loop {
+        // A target that is slow or unreachable must not hold up a stop: the poll is
+        // dropped as soon as SIGTERM/SIGINT arrives.
+        let poll = async {
+            tick.tick().await;
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = connect(&target, "run").await.ok();
+            }
+            match &client {
+                Some(c) => switched_over(c, &state, &slot).await.ok().flatten(),
+                None => None,
+            }
+        };
+        let stopping = async {
+            if !forwarding {
+                return std::future::pending::<Option<bool>>().await;
+            }
+            Some(outer.changed().await.is_ok())
+        };
         tokio::select! {
-            changed = outer.changed() => {
-                if changed.is_err() || *outer.borrow() {
+            changed = stopping => match changed {
+                Some(true) if *outer.borrow() => {
                     let _ = stop.send(true);
                     return;
                 }
-            }
-            _ = tick.tick() => {
-                if client.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
-                    client = connect(&target, "run").await.ok();
-                }
-                let Some(c) = &client else { continue };
-                if let Ok(Some(why)) = switched_over(c, &state, &slot).await {
+                Some(true) => {}
+                // The sender is gone: nothing more to pass on.
+                _ => forwarding = false,
+            },
+            found = poll => {
+                if let Some(why) = found {
                     if let Ok(mut f) = finished.lock() {
                         *f = Some(why);
                     }
