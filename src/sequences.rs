@@ -96,7 +96,8 @@ pub async fn plan(
              SELECT n.nspname::text, c.relname::text, format_type(s.seqtypid, NULL), \
                     s.seqincrement, s.seqmin, s.seqmax, s.seqstart, s.seqcache, s.seqcycle, \
                     dep.deptype::text, dep.refobjid IN (SELECT oid FROM t), \
-                    tn.nspname::text, tc.relname::text, a.attname::text, c.oid::int8 \
+                    tn.nspname::text, tc.relname::text, a.attname::text, c.oid::int8, \
+                    has_sequence_privilege(c.oid, 'SELECT') \
              FROM cand JOIN pg_sequence s ON s.seqrelid = cand.oid \
              JOIN pg_class c ON c.oid = cand.oid JOIN pg_namespace n ON n.oid = c.relnamespace \
              LEFT JOIN pg_depend dep ON dep.classid = 'pg_class'::regclass AND dep.objid = c.oid \
@@ -165,6 +166,11 @@ pub async fn plan(
                 "sequence {source_sequence} cannot be mirrored: the target has a relation of that name that is not a sequence; rename or drop it on the target"
             ));
             continue;
+        }
+        if !r.get::<_, bool>(15) {
+            problems.push(format!(
+                "the source role may not read sequence {source_sequence}, whose value the target takes at the switchover: GRANT SELECT ON SEQUENCE {source_sequence} TO the source role"
+            ));
         }
         let mut spec = spec;
         if let (true, Some(t), Some(c)) = (replicated_owner, &owner, &column) {

@@ -399,8 +399,9 @@ async fn fresh(
             }
         }
         // Every sequence the tables' columns call or their schemas hold, with the
-        // columns' `nextval` defaults.
-        crate::sequences::sync(src, &tx, &table_names, 0).await?;
+        // columns' `nextval` defaults (from the catalog only: their values are set
+        // by `switchover` and `run --sync-sequences`, which may read them).
+        crate::sequences::mirror(src, &tx, &table_names).await?;
         state.save_pipeline(&tx, &pipeline).await?;
         state
             .set_selection(&tx, &pipeline.name, opts.tables.as_deref())

@@ -98,7 +98,7 @@ pub(super) async fn start(
             }
         }
         let names: Vec<_> = checked.tables.iter().map(|t| t.name.clone()).collect();
-        crate::sequences::sync(src, tx_client, &names, 0).await?;
+        crate::sequences::mirror(src, tx_client, &names).await?;
         state.save_pipeline(tx_client, &pipeline).await?;
         state
             .set_selection(tx_client, &pipeline.name, opts.tables.as_deref())
