@@ -371,6 +371,10 @@ async fn fresh(
                 tracing::info!(table = %name, "created table on the target");
             }
         }
+        // Every sequence the tables' columns call or their schemas hold, with the
+        // columns' `nextval` defaults (from the catalog only: their values are set
+        // by `switchover` and `run --sync-sequences`, which may read them).
+        crate::sequences::mirror(src, &tx, &table_names).await?;
         state.save_pipeline(&tx, &pipeline).await?;
         state
             .set_selection(&tx, &pipeline.name, opts.tables.as_deref())

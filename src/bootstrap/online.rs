@@ -97,6 +97,8 @@ pub(super) async fn start(
                     .pg_context(|| format!("building on the target: {sql}"))?;
             }
         }
+        let names: Vec<_> = checked.tables.iter().map(|t| t.name.clone()).collect();
+        crate::sequences::mirror(src, tx_client, &names).await?;
         state.save_pipeline(tx_client, &pipeline).await?;
         state
             .set_selection(tx_client, &pipeline.name, opts.tables.as_deref())

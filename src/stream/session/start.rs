@@ -27,6 +27,7 @@ pub(super) async fn start<'a>(
         .or(pipeline.stream_start_lsn)
         .unwrap_or_default();
     let source_sql = connect(source, "lookup").await?;
+    crate::switchover::fence::announce_run_session(&source_sql, &cfg.slot).await;
     if let Some(reason) = crate::slot::gap_reason(&source_sql, &cfg.slot).await? {
         return Err(crate::slot::SlotGone {
             slot: cfg.slot.clone(),
