@@ -17,6 +17,9 @@ impl Session<'_> {
         if !(self.lanes.parallel() && self.held_rows.is_empty() && self.pending_resync.is_empty()) {
             return self.commit_batch_here(end_lsn, commit_time).await;
         }
+        // Its transaction must be open to carry the progress row, even when every
+        // change of the batch was skipped.
+        self.main.begin().await?;
         if self.lanes.full() {
             self.commit_lanes(1).await?;
         }
