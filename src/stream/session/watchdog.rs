@@ -86,8 +86,8 @@ async fn probe(monitor: &Client, pids: &[i32]) -> Result<Probe, tokio_postgres::
 
 /// Resolves with why when the target stops answering (a probe takes longer than
 /// `limit`), when none of walshuttle's apply sessions on it (`pids`) has been active
-/// for `limit` while a step waits for it (a stalled network), or at once when one of
-/// them waits for another ([`SelfWait`]). A step whose session works, or waits for
+/// for `limit` while a step waits for it (a stalled network), or when one of them
+/// is seen waiting for another at two probes in a row ([`SelfWait`]). A step whose session works, or waits for
 /// someone else's lock, is never cut short; a wait for someone else is logged.
 pub(super) async fn watch_target(
     monitor: Arc<Client>,
@@ -98,6 +98,7 @@ pub(super) async fn watch_target(
     let mut quiet_since: Option<Instant> = None;
     let mut seen = progress.load(Ordering::Relaxed);
     let mut foreign_logged = false;
+    let mut last_self_wait: Option<(i32, i32)> = None;
     loop {
         tokio::time::sleep(PROBE_INTERVAL).await;
         let probe = match tokio::time::timeout(limit, probe(&monitor, &pids)).await {
@@ -115,9 +116,15 @@ pub(super) async fn watch_target(
             }
             Ok(Ok(probe)) => probe,
         };
-        if let Some((waiter, holder)) = probe.self_wait {
-            crate::observe::error("self_wait");
-            return SelfWait { waiter, holder }.into();
+        // Seen at two probes in a row: a wait that cannot end lasts, while a
+        // moment's wait (two lanes extending one table) is gone by the next probe.
+        match (probe.self_wait, last_self_wait) {
+            (Some(now), Some(before)) if now == before => {
+                crate::observe::error("self_wait");
+                let (waiter, holder) = now;
+                return SelfWait { waiter, holder }.into();
+            }
+            (now, _) => last_self_wait = now,
         }
         if let (Some((waiter, holders)), false) = (&probe.foreign_wait, foreign_logged) {
             tracing::warn!(waiter, ?holders, "an apply session waits for a lock held by another session on the target (not walshuttle's): it goes on once that one ends");
