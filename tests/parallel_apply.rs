@@ -117,6 +117,21 @@ fn watch_ledger(target: &Cluster, stop: Arc<AtomicBool>) -> tokio::task::JoinHan
     })
 }
 
+/// Two clusters, the ledger bootstrapped, and 20,000 transactions written since.
+async fn bootstrapped_ledger_with_backlog() -> (Cluster, Cluster, Client, Client) {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    ledger_schema(&src).await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("bootstrap");
+    let (code, _, stderr) = run(cmd);
+    assert_eq!(code, 0, "{stderr}");
+    ledger_transactions(&src, 1, 20_000).await;
+    (source, target, src, tgt)
+}
+
 async fn lane_connections(tgt: &Client) -> i64 {
     tgt.query_one(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walshuttle apply lane'",
@@ -129,16 +144,7 @@ async fn lane_connections(tgt: &Client) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_applied_on_lanes_shows_only_whole_transactions_in_commit_order() {
-    let source = Cluster::start();
-    let target = Cluster::start();
-    let src = source.client().await;
-    let tgt = target.client().await;
-    ledger_schema(&src).await;
-    let mut cmd = walshuttle(&source, &target);
-    cmd.arg("bootstrap");
-    let (code, _, stderr) = run(cmd);
-    assert_eq!(code, 0, "{stderr}");
-    ledger_transactions(&src, 1, 20_000).await;
+    let (source, target, src, tgt) = bootstrapped_ledger_with_backlog().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_watcher = StopOnDrop(Arc::clone(&stop));
@@ -171,16 +177,7 @@ async fn a_backlog_applied_on_lanes_shows_only_whole_transactions_in_commit_orde
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_parallel_apply_under_a_writer_ends_exact() {
-    let source = Cluster::start();
-    let target = Cluster::start();
-    let src = source.client().await;
-    let tgt = target.client().await;
-    ledger_schema(&src).await;
-    let mut cmd = walshuttle(&source, &target);
-    cmd.arg("bootstrap");
-    let (code, _, stderr) = run(cmd);
-    assert_eq!(code, 0, "{stderr}");
-    ledger_transactions(&src, 1, 20_000).await;
+    let (source, target, src, tgt) = bootstrapped_ledger_with_backlog().await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let _stop_watcher = StopOnDrop(Arc::clone(&stop));

@@ -44,28 +44,11 @@ impl Session<'_> {
         if self.ddl_prefix.as_deref() != Some(m.prefix.as_str()) {
             return Ok(());
         }
-        if at == RelationAt::Transaction {
-            if self.current.as_ref().is_none_or(|t| t.skip) {
-                return Ok(());
-            }
-            if self.batch_txns > 0 && !self.main_has_partial {
-                let tail = self.main.split_off(self.main_mark);
-                self.commit_all().await?;
-                self.main.restore(tail);
-            }
+        if at == RelationAt::Transaction && self.current.as_ref().is_none_or(|t| t.skip) {
+            return Ok(());
         }
-        self.barrier().await?;
-        let had_work = self.main.buffered() > 0;
-        self.main.flush(&self.relations).await?;
-        if had_work {
-            self.main_mark = 0;
-            if self.current.is_some() {
-                self.main_has_partial = true;
-            }
-        }
-        for st in self.streams.values_mut() {
-            st.session.flush(&self.relations).await?;
-        }
+        self.before_shape_change(at == RelationAt::Transaction)
+            .await?;
         let msg = apply::parse(&m.content)?;
         let version = self.main.begin().await?;
         self.refresh_positions(version).await?;

@@ -81,6 +81,32 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Before a table's shape changes on the main connection: the transactions
+    /// batched before the current one commit (when it arrived `in_transaction`),
+    /// every lane drains, and ops buffered under the old shape go out on every
+    /// connection. Flushing also ends an open COPY, which must not be left open
+    /// while the catalog is read on the connection.
+    pub(super) async fn before_shape_change(&mut self, in_transaction: bool) -> Result<()> {
+        if in_transaction && self.batch_txns > 0 && !self.main_has_partial {
+            let tail = self.main.split_off(self.main_mark);
+            self.commit_all().await?;
+            self.main.restore(tail);
+        }
+        self.barrier().await?;
+        let had_work = self.main.buffered() > 0;
+        self.main.flush(&self.relations).await?;
+        if had_work {
+            self.main_mark = 0;
+            if self.current.is_some() {
+                self.main_has_partial = true;
+            }
+        }
+        for st in self.streams.values_mut() {
+            st.session.flush(&self.relations).await?;
+        }
+        Ok(())
+    }
+
     /// Takes in a Relation message received earlier in a skipped transaction, before
     /// the first change of its table that is applied.
     pub(super) async fn ensure_relation(&mut self, oid: u32, at: RelationAt) -> Result<()> {
@@ -148,28 +174,8 @@ impl Session<'_> {
             return Ok(());
         }
         self.pending_relations.remove(&rel.oid);
-        if at == RelationAt::Transaction && self.batch_txns > 0 && !self.main_has_partial {
-            // The transactions batched before this one commit before the table's
-            // shape can change.
-            let tail = self.main.split_off(self.main_mark);
-            self.commit_all().await?;
-            self.main.restore(tail);
-        }
-        self.barrier().await?;
-        // Ops buffered under the old shape go out before the shape changes.
-        // Flushing also ends an open COPY, which must not be left open while the
-        // catalog is read on this connection.
-        let had_work = self.main.buffered() > 0;
-        self.main.flush(&self.relations).await?;
-        if had_work {
-            self.main_mark = 0;
-            if self.current.is_some() {
-                self.main_has_partial = true;
-            }
-        }
-        for st in self.streams.values_mut() {
-            st.session.flush(&self.relations).await?;
-        }
+        self.before_shape_change(at == RelationAt::Transaction)
+            .await?;
         let memory = Arc::clone(&self.cfg.memory);
         let change = Arc::make_mut(&mut self.relations)
             .plan(
