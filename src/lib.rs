@@ -27,6 +27,7 @@
 //! - [`sequences`]: target sequences kept at or past the source's (`run --sync-sequences`).
 //! - [`settings`]: the `--config` file and its precedence under env and flags.
 //! - [`cli`]: the command-line contract users script against.
+//! - [`exit`]: exit codes a supervisor can act on (75: try again later).
 
 pub mod bootstrap;
 pub mod catalog;
@@ -37,6 +38,7 @@ pub mod config;
 pub mod copier;
 pub mod ddl_capture;
 pub mod demo;
+pub mod exit;
 pub mod localpg;
 pub mod observe;
 pub mod partitions;

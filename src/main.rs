@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches};
 use walshuttle::cli::{Cli, Command, ConfigAction};
 use walshuttle::config::{endpoint, Side};
+use walshuttle::exit;
 use walshuttle::settings::{FileConfig, Resolved};
 
 #[cfg(feature = "profiling")]
@@ -17,11 +18,16 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    // verify reserves 1 for "different"; its errors exit 2.
-    let error_code = if matches!(cli.command, Command::Verify(_)) {
-        2
-    } else {
-        1
+    // verify reserves 1 for "different"; its errors exit 2. Other commands exit 75
+    // when a server is down or unreachable (try again later), 1 when a person must
+    // act (see `walshuttle::exit`).
+    let is_verify = matches!(cli.command, Command::Verify(_));
+    let error_code = |e: &anyhow::Error| {
+        if is_verify {
+            exit::USAGE
+        } else {
+            exit::code_for(e)
+        }
     };
     // The config file fills what neither a flag nor the environment set.
     let file = match cli.connections.config.as_deref().map(FileConfig::load) {
@@ -32,7 +38,7 @@ fn main() -> ExitCode {
         }
         Some(Err(e)) => {
             eprintln!("error: {}", one_line(&e));
-            return ExitCode::from(error_code);
+            return ExitCode::from(error_code(&e));
         }
     };
     init_logging(&cli.connections.log_format);
@@ -57,7 +63,7 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
-            ExitCode::from(error_code)
+            ExitCode::from(error_code(&e))
         }
     }
 }

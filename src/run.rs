@@ -150,12 +150,27 @@ async fn run_pipeline(
     shutdown: &mut watch::Receiver<bool>,
     stop_extension: &StopExtension,
 ) -> Result<()> {
-    ensure_bootstrapped(source, target, &opts.bootstrap, &state).await?;
-    if opts.bootstrap.capture_ddl {
-        crate::ddl_capture::enable_for_pipeline(source, target, &state, &opts.bootstrap.slot)
-            .await?;
-    }
-    let (publication, target_setup) = stream_preflight(target, &opts.bootstrap, &state).await?;
+    let mut retry = Retrying::new(target, state.clone(), &opts.bootstrap.slot);
+    // A server down at start (a boot where the database comes up after walshuttle)
+    // is waited for like one that goes down later; anything else stops here.
+    let mut backoff = BACKOFF_START;
+    let (publication, target_setup) = loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        match start_up(source, target, opts, &state).await {
+            Ok(ready) => break ready,
+            Err(e) if crate::exit::is_transient(&e) => {
+                retry.note(&e).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let cfg = StreamConfig {
         slot: opts.bootstrap.slot.clone(),
         publication,
@@ -200,7 +215,23 @@ async fn run_pipeline(
             return Ok(());
         }
         let streamed = AtomicBool::new(false);
-        let outcome = session::stream(source, target, &cfg, shutdown, &streamed).await;
+        let outcome = {
+            let stream = session::stream(source, target, &cfg, shutdown, &streamed);
+            // Once it streams again, the note for `status` goes.
+            let clear = async {
+                if retry.noted {
+                    while !streamed.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    retry.clear().await;
+                }
+                std::future::pending::<Result<()>>().await
+            };
+            tokio::select! {
+                outcome = stream => outcome,
+                never = clear => never,
+            }
+        };
         if streamed.load(Ordering::Relaxed) {
             // It got as far as streaming: the next fault starts the backoff afresh.
             backoff = BACKOFF_START;
@@ -246,6 +277,7 @@ async fn run_pipeline(
                     RunPhase::Reconnecting,
                     Some(format!("replication interrupted, retrying: {text}")),
                 );
+                retry.record(&text).await;
                 observe::reconnect();
                 if let Some(holder) = slot_held_by_other(source, &cfg.slot, &e).await {
                     observe::error("slot_busy");
@@ -280,6 +312,93 @@ async fn run_pipeline(
                     _ = shutdown.changed() => {}
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Everything before the stream: a bootstrap when none finished, DDL capture, and
+/// the stream's preflight.
+async fn start_up(
+    source: &Endpoint,
+    target: &Endpoint,
+    opts: &RunOptions,
+    state: &StateStore,
+) -> Result<(String, TargetSetup)> {
+    ensure_bootstrapped(source, target, &opts.bootstrap, state).await?;
+    if opts.bootstrap.capture_ddl {
+        crate::ddl_capture::enable_for_pipeline(source, target, state, &opts.bootstrap.slot)
+            .await?;
+    }
+    stream_preflight(target, &opts.bootstrap, state).await
+}
+
+/// What `run` tells about its retries: the log (once per distinct reason),
+/// `/healthz` and `/metrics`, and `status` (through the state, best effort: the
+/// target may be the server that is down).
+struct Retrying<'a> {
+    target: &'a Endpoint,
+    state: StateStore,
+    slot: &'a str,
+    last: Option<String>,
+    /// Whether a reason may be recorded in the state (cleared once streaming).
+    noted: bool,
+}
+
+impl<'a> Retrying<'a> {
+    fn new(target: &'a Endpoint, state: StateStore, slot: &'a str) -> Self {
+        Retrying {
+            target,
+            state,
+            slot,
+            last: None,
+            noted: false,
+        }
+    }
+
+    /// A transient error at start-up: says so everywhere and records it.
+    async fn note(&mut self, e: &anyhow::Error) {
+        let text = format!("{e:#}");
+        observe::set_phase(RunPhase::Reconnecting, Some(format!("retrying: {text}")));
+        observe::reconnect();
+        observe::error("connect");
+        if self.last.as_deref() != Some(text.as_str()) {
+            tracing::warn!(error = %text, "a server is down or unreachable: retrying with backoff");
+            self.last = Some(text.clone());
+        } else {
+            tracing::debug!(error = %text, "still unreachable");
+        }
+        self.record(&text).await;
+    }
+
+    /// Records why `run` retries for `status` (best effort, bounded).
+    async fn record(&mut self, text: &str) {
+        self.noted = true;
+        self.write(Some(text)).await;
+    }
+
+    /// Clears the note once streaming.
+    async fn clear(&mut self) {
+        self.write(None).await;
+        self.noted = false;
+        self.last = None;
+    }
+
+    async fn write(&self, text: Option<&str>) {
+        let done = async {
+            let client = connect(self.target, "run").await?;
+            if self.state.installed_version(&client).await? != Some(crate::state::STATE_VERSION) {
+                return Ok(());
+            }
+            self.state.set_retrying(&client, self.slot, text).await
+        };
+        match tokio::time::timeout(Duration::from_secs(5), done).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %format!("{e:#}"), "could not record why run retries")
+            }
+            Err(_) => {
+                tracing::debug!("could not record why run retries: the target did not answer")
             }
         }
     }

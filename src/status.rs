@@ -105,6 +105,9 @@ pub struct PipelineStatus {
     /// Why `run` last stopped on an error retrying cannot fix (where, and what to
     /// do); null when it did not, and cleared when streaming starts again.
     pub stop_reason: Option<String>,
+    /// Why `run` is retrying (a server down or unreachable) while it retries, as
+    /// `retrying: <reason> (for N s)`; null when it streams or is not running.
+    pub retrying: Option<String>,
     /// The last `walshuttle switchover` of the pipeline (its phase while it runs,
     /// then `done` or `aborted`); null when none ran.
     pub switchover: Option<SwitchoverStatus>,
@@ -305,6 +308,15 @@ async fn pipeline_status(
     if let Some(reason) = &pipeline.stop_reason {
         warnings.push(format!("pipeline {name}: run stopped: {reason}"));
     }
+    // A note left by a run that streams again (its slot active) is stale.
+    let retrying = match state.retrying(tgt, name).await? {
+        Some(_) if active == Some(true) => None,
+        Some((reason, secs)) => Some(format!("retrying: {reason} (for {secs} s)")),
+        None => None,
+    };
+    if let Some(r) = &retrying {
+        warnings.push(format!("pipeline {name}: run is {r}"));
+    }
     if let Some(s) = &slot {
         if !s.exists {
             if recorded != Phase::CreatingSlot {
@@ -444,6 +456,7 @@ async fn pipeline_status(
         chunks_done: tables.iter().map(|t| t.chunks_done).sum(),
         chunks_total: tables.iter().map(|t| t.chunks_total).sum(),
         stop_reason: pipeline.stop_reason.clone(),
+        retrying,
         switchover,
         tables,
         untracked_tables: untracked.map(|l| l.iter().map(|t| t.to_string()).collect()),
@@ -643,6 +656,9 @@ impl StatusReport {
             ));
             if let Some(reason) = &p.stop_reason {
                 out.push_str(&format!("  stopped by       {reason}\n"));
+            }
+            if let Some(r) = &p.retrying {
+                out.push_str(&format!("  run              {r}\n"));
             }
             if let Some(s) = &p.switchover {
                 out.push_str(&format!(

@@ -587,6 +587,51 @@ impl StateStore {
             .await
     }
 
+    /// Records (or, with `None`, clears) why `run` is retrying while it retries
+    /// (a server down or unreachable), for `status`; `since` is kept while the
+    /// reason changes.
+    pub async fn set_retrying(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET retrying = $2, \
+                     retrying_since = CASE WHEN $2::text IS NULL THEN NULL ELSE coalesce(retrying_since, now()) END \
+                     WHERE pipeline = $1 AND retrying IS DISTINCT FROM $2",
+                    self.table("pipelines")
+                ),
+                &[&pipeline, &reason],
+            )
+            .await
+            .pg_context(|| format!("recording why pipeline {pipeline} retries"))?;
+        Ok(())
+    }
+
+    /// Why `run` retries, and for how long (whole seconds), if it recorded that it
+    /// does.
+    pub async fn retrying(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<Option<(String, i64)>> {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT retrying, extract(epoch FROM now() - retrying_since)::bigint \
+                     FROM {} WHERE pipeline = $1 AND retrying IS NOT NULL",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("reading why pipeline {pipeline} retries"))?;
+        Ok(row.map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0))))
+    }
+
     /// Records the phase of a `walshuttle switchover` of the pipeline (`fencing`,
     /// `draining`, ..., `done`, `aborted`) with a detail line, for `status`.
     pub async fn set_switchover(
