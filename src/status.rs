@@ -276,7 +276,12 @@ async fn pipeline_status(
         .live_positions(tgt, name, applied.unwrap_or_default())
         .await?
         .len();
-    let consistent = pending_positions == 0 && pipeline.phase != Phase::CatchingUp;
+    // A pipeline whose bootstrap has not finished is not a consistent copy either.
+    let consistent = pending_positions == 0
+        && !matches!(
+            pipeline.phase,
+            Phase::CatchingUp | Phase::CreatingSlot | Phase::Bootstrapping
+        );
 
     let current = slot.as_ref().and_then(|s| s.current);
     let confirmed = slot.as_ref().and_then(|s| s.confirmed);
@@ -307,6 +312,20 @@ async fn pipeline_status(
 
     if let Some(reason) = &pipeline.stop_reason {
         warnings.push(format!("pipeline {name}: run stopped: {reason}"));
+    }
+    // A bootstrap that stopped half-way (nobody holds its slot) keeps the slot's
+    // WAL on the source until it is finished or removed.
+    if matches!(recorded, Phase::CreatingSlot | Phase::Bootstrapping) {
+        if let Some(s) = slot
+            .as_ref()
+            .filter(|s| s.exists && s.active == Some(false))
+        {
+            warnings.push(format!(
+                "pipeline {name}: half-made (phase {}) and its replication slot holds {} of WAL on the source: finish it with `walshuttle bootstrap` (it resumes) or remove it with `walshuttle teardown --slot {name}`",
+                recorded.as_str(),
+                s.retained.map(human_bytes).unwrap_or_else(|| "an unknown amount".into())
+            ));
+        }
     }
     // A note left by a run that streams again (its slot active) is stale.
     let retrying = match state.retrying(tgt, name).await? {

@@ -149,6 +149,8 @@ pub async fn bootstrap(
     let started = Instant::now();
     let src = connect(source, "bootstrap").await?;
     let tgt = connect(target, "bootstrap").await?;
+    // Before anything is read or written: never the source's own database.
+    preflight::refuse_same_database(&src, &tgt).await?;
     // A state schema of an older release is upgraded before it is read.
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let existing = state.existing_pipeline(&tgt, &opts.slot).await?;
