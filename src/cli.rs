@@ -484,6 +484,9 @@ impl VerifyArgs {
             allow_target_triggers: self.allow_target_triggers,
             capture_ddl: false,
             online: false,
+            schemas: Vec::new(),
+            exclude_schemas: Vec::new(),
+            exclude_tables: Vec::new(),
         }
         .options()?;
         Ok(crate::verify::VerifyOptions {
@@ -586,6 +589,20 @@ pub struct BootstrapArgs {
     #[arg(long, value_delimiter = ',')]
     pub tables: Option<Vec<String>>,
 
+    /// Comma-separated schema patterns: only tables in these schemas (as `pg_dump
+    /// -n`: `*` and `?` wildcards, quote capitals and dots).
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub schemas: Vec<String>,
+
+    /// Comma-separated schema patterns whose tables are left out (as `pg_dump -N`).
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub exclude_schemas: Vec<String>,
+
+    /// Comma-separated table patterns left out, as [schema.]table (as `pg_dump -T`;
+    /// a table pattern without a schema matches in every schema).
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub exclude_tables: Vec<String>,
+
     /// Replication slot name; also names the pipeline.
     #[arg(long, default_value = "walshuttle")]
     pub slot: String,
@@ -653,6 +670,11 @@ impl BootstrapArgs {
             allow_target_triggers: self.allow_target_triggers,
             capture_ddl: self.capture_ddl,
             online: self.online,
+            filter: crate::selection::TableFilter::new(
+                &self.schemas,
+                &self.exclude_schemas,
+                &self.exclude_tables,
+            )?,
         })
     }
 }

@@ -83,6 +83,7 @@ pub async fn demo(opts: &DemoOptions, mut stop: watch::Receiver<bool>) -> Result
         allow_target_triggers: false,
         capture_ddl: false,
         online: false,
+        filter: Default::default(),
     };
     println!("bootstrapping the target");
     let summary = bootstrap::bootstrap(&source, &target, &boot).await?;

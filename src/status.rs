@@ -105,6 +105,9 @@ pub struct PipelineStatus {
     /// Why `run` last stopped on an error retrying cannot fix (where, and what to
     /// do); null when it did not, and cleared when streaming starts again.
     pub stop_reason: Option<String>,
+    /// The pipeline's `--schemas`/`--exclude-schemas`/`--exclude-tables`, as flags;
+    /// null without any.
+    pub table_filter: Option<String>,
     /// Why `run` is retrying (a server down or unreachable) while it retries, as
     /// `retrying: <reason> (for N s)`; null when it streams or is not running.
     pub retrying: Option<String>,
@@ -475,6 +478,8 @@ async fn pipeline_status(
         chunks_done: tables.iter().map(|t| t.chunks_done).sum(),
         chunks_total: tables.iter().map(|t| t.chunks_total).sum(),
         stop_reason: pipeline.stop_reason.clone(),
+        table_filter: Some(state.table_filter(tgt, name).await?.describe())
+            .filter(|d| !d.is_empty()),
         retrying,
         switchover,
         tables,
@@ -675,6 +680,9 @@ impl StatusReport {
             ));
             if let Some(reason) = &p.stop_reason {
                 out.push_str(&format!("  stopped by       {reason}\n"));
+            }
+            if let Some(f) = &p.table_filter {
+                out.push_str(&format!("  selection        {f}\n"));
             }
             if let Some(r) = &p.retrying {
                 out.push_str(&format!("  run              {r}\n"));

@@ -56,6 +56,9 @@ pub struct BootstrapOptions {
     /// Online bootstrap (`--online`, see [`online`]): no snapshot held for the whole
     /// copy; `run` copies each table under its own while it streams.
     pub online: bool,
+    /// Tables left out of (or schemas kept in) the selection: `--schemas`,
+    /// `--exclude-schemas`, `--exclude-tables`.
+    pub filter: crate::selection::TableFilter,
 }
 
 /// Rows and bytes copied into one table.
@@ -401,8 +404,18 @@ async fn fresh(
             }
         }
         state.save_pipeline(&tx, &pipeline).await?;
+        // With a filter, the pipeline carries the tables it matched (named), so
+        // nothing joins it by itself that the filter would leave out.
+        let named = (!opts.filter.is_empty()).then(|| pipeline.tables.clone());
         state
-            .set_selection(&tx, &pipeline.name, opts.tables.as_deref())
+            .set_selection(
+                &tx,
+                &pipeline.name,
+                named.as_deref().or(opts.tables.as_deref()),
+            )
+            .await?;
+        state
+            .set_table_filter(&tx, &pipeline.name, &opts.filter)
             .await?;
         state.set_tables(&tx, &pipeline.name, &entries).await?;
         state.record_plan(&tx, &opts.slot, &chunks).await?;

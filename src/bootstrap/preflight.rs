@@ -242,7 +242,17 @@ pub async fn check(
         crate::ddl_capture::trigger::check_privilege(source, slot).await?;
     }
     state.check_version(target).await?;
-    let tables = catalog::list_tables(source, selected, state.schema()).await?;
+    let mut tables = catalog::list_tables(source, selected, state.schema()).await?;
+    // A fresh selection (a resumed bootstrap carries the tables it began with).
+    if owned.is_empty() && !opts.filter.is_empty() {
+        tables.retain(|t| opts.filter.keeps(&t.name));
+        if tables.is_empty() {
+            bail!(
+                "no table is left to replicate after {}: loosen the patterns",
+                opts.filter.describe()
+            );
+        }
+    }
     if tables.is_empty() {
         bail!("the source has no tables to replicate: create some, or name them with --tables");
     }

@@ -587,6 +587,41 @@ impl StateStore {
             .await
     }
 
+    /// Records the pipeline's table filter (`--schemas`, `--exclude-*`), or none.
+    pub async fn set_table_filter(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        filter: &crate::selection::TableFilter,
+    ) -> Result<()> {
+        let text = (!filter.is_empty()).then(|| filter.to_json());
+        self.set_pipeline_column(client, pipeline, "table_filter", &text, "the table filter")
+            .await
+    }
+
+    /// The pipeline's table filter; empty when none was given.
+    pub async fn table_filter(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<crate::selection::TableFilter> {
+        let text: Option<String> = client
+            .query_opt(
+                &format!(
+                    "SELECT table_filter FROM {} WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("reading the table filter of pipeline {pipeline}"))?
+            .and_then(|r| r.get(0));
+        match text {
+            Some(t) => crate::selection::TableFilter::from_json(&t),
+            None => Ok(Default::default()),
+        }
+    }
+
     /// Records (or, with `None`, clears) why `run` is retrying while it retries
     /// (a server down or unreachable), for `status`; `since` is kept while the
     /// reason changes.

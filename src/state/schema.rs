@@ -165,10 +165,13 @@ INSERT INTO {s}.schema_version (version) VALUES (6);
 ";
 
 /// Version 7: why `run` is retrying, while it retries (a server down or
-/// unreachable), for `status`: `retrying` is cleared once it streams again.
+/// unreachable), for `status`: `retrying` is cleared once it streams again. The
+/// pipeline's `--schemas`/`--exclude-schemas`/`--exclude-tables` (JSON), for
+/// `status`.
 pub const V7: &str = "
 ALTER TABLE {s}.pipelines ADD COLUMN retrying text;
 ALTER TABLE {s}.pipelines ADD COLUMN retrying_since timestamptz;
+ALTER TABLE {s}.pipelines ADD COLUMN table_filter text;
 INSERT INTO {s}.schema_version (version) VALUES (7);
 ";
 
