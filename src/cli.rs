@@ -85,16 +85,17 @@ pub enum Command {
     Config(ConfigArgs),
     /// See it work: start two throwaway local PostgreSQL clusters, load the demo
     /// schema, bootstrap, stream while a live writer runs (throughput and lag as it
-    /// goes), then verify. Ctrl-C or --seconds ends it and removes the clusters.
+    /// goes) for --seconds (30 by default), then verify and print a summary.
     Demo(DemoArgs),
 }
 
 /// Options of `demo`.
 #[derive(Debug, Args, Clone)]
 pub struct DemoArgs {
-    /// Stop after this many seconds of streaming (default: at Ctrl-C).
-    #[arg(long)]
-    pub seconds: Option<u64>,
+    /// Seconds of streaming before the demo stops, verifies and prints its
+    /// summary; 0 streams until Ctrl-C (which also ends it early, verified).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub seconds: u64,
 
     /// Demo data scale: 100,000 recommendation rows per unit.
     #[arg(long, default_value_t = 1)]

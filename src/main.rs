@@ -97,7 +97,7 @@ async fn dispatch(
                     .unwrap_or(2)
             });
             let opts = walshuttle::demo::DemoOptions {
-                seconds: args.seconds,
+                seconds: (args.seconds > 0).then_some(args.seconds),
                 scale: args.scale.max(1),
                 jobs: jobs.max(1),
             };

@@ -326,6 +326,9 @@ async fn status_warns_about_a_half_made_pipeline_holding_wal() {
     cmd.arg("bootstrap");
     let (code, _, stderr) = run(cmd);
     assert_eq!(code, 0, "{stderr}");
+    // A fresh target: one line about the state schema, not one per version.
+    assert_eq!(stderr.matches("state schema").count(), 1, "{stderr}");
+    assert!(stderr.contains("created the state schema"), "{stderr}");
     let mut cmd = walshuttle(&source, &target);
     cmd.arg("status");
     let (_, out, _) = run(cmd);

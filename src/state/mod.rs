@@ -352,9 +352,17 @@ impl StateStore {
             quote_literal(&self.schema)
         );
         let s = quote_ident(&self.schema);
+        // One log line for the whole climb: "created" on a fresh target,
+        // "upgraded from N" on an older schema.
+        let first = self.installed_version(client).await?.unwrap_or(0);
         loop {
             let installed = self.installed_version(client).await?.unwrap_or(0);
             if installed >= STATE_VERSION {
+                if first == 0 && installed > 0 {
+                    tracing::info!(schema = %self.schema, version = installed, "created the state schema");
+                } else if first < installed {
+                    tracing::info!(schema = %self.schema, from = first, to = installed, "upgraded the state schema");
+                }
                 return Ok(());
             }
             let step = schema::MIGRATIONS[installed as usize].replace("{s}", &s);
@@ -376,9 +384,7 @@ impl StateStore {
             }
             match client.batch_execute(&format!("{step}; COMMIT;")).await {
                 Ok(()) => {
-                    if installed > 0 {
-                        tracing::info!(schema = %self.schema, from = installed, to = installed + 1, "upgraded the state schema");
-                    }
+                    tracing::debug!(schema = %self.schema, from = installed, to = installed + 1, "state schema migration step");
                 }
                 Err(e) => {
                     let _ = client.batch_execute("ROLLBACK").await;
