@@ -42,6 +42,7 @@ fn main() -> ExitCode {
         }
     };
     init_logging(&cli.connections.log_format);
+    let json_logs = cli.connections.log_format == "json";
     #[cfg(feature = "profiling")]
     let profile = profiling::start();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -62,8 +63,14 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
-            ExitCode::from(error_code(&e))
+            let code = error_code(&e);
+            if json_logs {
+                // A log collector reading JSON lines gets the error as one too.
+                tracing::error!(exit_code = code, "error: {}", one_line(&e));
+            } else {
+                eprintln!("error: {}", one_line(&e));
+            }
+            ExitCode::from(code)
         }
     }
 }

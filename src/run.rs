@@ -101,6 +101,10 @@ async fn stop_deadline(watcher: &mut watch::Receiver<bool>, extension: &StopExte
     }
 }
 
+/// Longest `run` keeps serving `/metrics` after a stop on an error, waiting for
+/// one scrape to see it (a scrape interval of 15 s is common).
+const STOPPED_GRACE: Duration = Duration::from_secs(20);
+
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -139,6 +143,9 @@ pub async fn run(
         }
     };
     observe::set_phase(RunPhase::Stopped, Some(reason));
+    if result.is_err() {
+        observe::stopped_on_error(STOPPED_GRACE, &mut shutdown).await;
+    }
     result
 }
 
@@ -207,6 +214,12 @@ async fn run_pipeline(
     let _sequences = opts
         .sync_sequences
         .map(|every| SequenceSync::start(source, target, &cfg, every));
+    // The slot's WAL against the budget right away, not 10 s into streaming: a
+    // slot far over it is released before streaming from it, and `/healthz`
+    // knows the retained WAL from the start.
+    if let Err(e) = release_if_over_budget(source, &cfg).await {
+        tracing::debug!(error = %format!("{e:#}"), "could not check the WAL budget");
+    }
     let mut backoff = BACKOFF_START;
     let mut last_error: Option<String> = None;
     let mut slot_busy_since: Option<Instant> = None;
@@ -552,17 +565,17 @@ async fn record_wal_budget(target: &Endpoint, cfg: &StreamConfig) {
 /// (the target down, say) and drops the slot once it reaches the budget. Best
 /// effort: an unreachable source is simply not checked.
 async fn release_if_over_budget(source: &Endpoint, cfg: &StreamConfig) -> Result<()> {
-    let Some(budget) = cfg.max_retained_wal else {
-        return Ok(());
-    };
     let Ok(src) = connect(source, "wal budget").await else {
         return Ok(());
     };
     let Some(wal) = crate::wal_budget::measure(&src, &cfg.slot).await? else {
         return Ok(());
     };
-    let limit = crate::wal_budget::limit(Some(budget), wal.keep_size);
+    let limit = crate::wal_budget::limit(cfg.max_retained_wal, wal.keep_size);
     observe::slot_wal(wal.retained, wal.keep_size, limit);
+    let Some(budget) = cfg.max_retained_wal else {
+        return Ok(());
+    };
     if crate::wal_budget::judge(wal, Some(budget)) == crate::wal_budget::Verdict::Release {
         release_slot(
             &src,
@@ -592,7 +605,9 @@ async fn release_slot(
             "{why}: the slot was dropped; catch-up repairs the gap"
         )),
     );
-    crate::bootstrap::drop_slot_if_exists(src, slot).await
+    crate::bootstrap::drop_slot_if_exists(src, slot).await?;
+    observe::slot_released();
+    Ok(())
 }
 
 /// When `error` says the slot is active elsewhere, who holds it (pid and address).
