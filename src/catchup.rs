@@ -177,6 +177,9 @@ pub async fn catch_up(
     let started = Instant::now();
     let src = connect(source, "catch-up").await?;
     let tgt = connect(target, "catch-up").await?;
+    // Never the source's own database (it would upsert rows onto themselves and
+    // create a slot that waits on this session).
+    bootstrap::preflight::refuse_same_database(&src, &tgt).await?;
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let pipeline = state.existing_pipeline(&tgt, &opts.slot).await?;
     let detected = gap_reason(&src, &opts.slot).await?;

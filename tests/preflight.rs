@@ -250,6 +250,7 @@ async fn the_source_database_as_target_is_refused_before_anything_is_written() {
         &["bootstrap", "--truncate-target"][..],
         &["bootstrap"],
         &["run", "--truncate-target"],
+        &["catch-up"],
     ] {
         let mut cmd = walshuttle(&source, &source);
         cmd.args(command);
