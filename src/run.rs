@@ -354,6 +354,8 @@ struct Retrying<'a> {
     state: StateStore,
     slot: &'a str,
     last: Option<String>,
+    /// The reason last recorded in the state.
+    recorded: Option<String>,
     /// Whether a reason may be recorded in the state (cleared once streaming).
     noted: bool,
 }
@@ -365,6 +367,7 @@ impl<'a> Retrying<'a> {
             state,
             slot,
             last: None,
+            recorded: None,
             noted: false,
         }
     }
@@ -384,9 +387,14 @@ impl<'a> Retrying<'a> {
         self.record(&text).await;
     }
 
-    /// Records why `run` retries for `status` (best effort, bounded).
+    /// Records why `run` retries for `status` (best effort, bounded; once per
+    /// distinct reason, so a target that does not answer slows no retry twice).
     async fn record(&mut self, text: &str) {
         self.noted = true;
+        if self.recorded.as_deref() == Some(text) {
+            return;
+        }
+        self.recorded = Some(text.to_string());
         self.write(Some(text)).await;
     }
 
@@ -395,6 +403,7 @@ impl<'a> Retrying<'a> {
         self.write(None).await;
         self.noted = false;
         self.last = None;
+        self.recorded = None;
     }
 
     async fn write(&self, text: Option<&str>) {
@@ -405,7 +414,7 @@ impl<'a> Retrying<'a> {
             }
             self.state.set_retrying(&client, self.slot, text).await
         };
-        match tokio::time::timeout(Duration::from_secs(5), done).await {
+        match tokio::time::timeout(Duration::from_secs(3), done).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::debug!(error = %format!("{e:#}"), "could not record why run retries")
