@@ -682,6 +682,7 @@ async fn copy_chunks(
             .map(|t| (t.name.clone(), t.estimated_rows.max(0) as u64))
             .collect::<Vec<_>>(),
     );
+    progress.expect_chunks(chunks.iter().map(|c| &c.table));
     let job = Arc::new(CopyJob {
         queue: Mutex::new(VecDeque::from(chunks)),
         specs,
