@@ -163,6 +163,7 @@ async fn run_pipeline(
     let mut backoff = BACKOFF_START;
     let (publication, target_setup) = loop {
         if *shutdown.borrow() {
+            retry.clear_if_noted().await;
             return Ok(());
         }
         match start_up(source, target, opts, &state).await {
@@ -175,7 +176,10 @@ async fn run_pipeline(
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                retry.clear_if_noted().await;
+                return Err(e);
+            }
         }
     };
     let cfg = StreamConfig {
@@ -225,6 +229,7 @@ async fn run_pipeline(
     let mut slot_busy_since: Option<Instant> = None;
     loop {
         if *shutdown.borrow() {
+            retry.clear_if_noted().await;
             return Ok(());
         }
         let streamed = AtomicBool::new(false);
@@ -250,7 +255,10 @@ async fn run_pipeline(
             backoff = BACKOFF_START;
         }
         match outcome {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                retry.clear_if_noted().await;
+                return Ok(());
+            }
             Err(e) if e.downcast_ref::<crate::catchup::SlotGone>().is_some() => {
                 let reason = e
                     .downcast_ref::<crate::catchup::SlotGone>()
@@ -282,6 +290,7 @@ async fn run_pipeline(
                 }
             }
             Err(e) if faults::classify(&e) == Class::Fatal => {
+                retry.clear_if_noted().await;
                 return Err(stop_for_good(target, &cfg, &e).await);
             }
             Err(e) => {
@@ -396,6 +405,13 @@ impl<'a> Retrying<'a> {
         }
         self.recorded = Some(text.to_string());
         self.write(Some(text)).await;
+    }
+
+    /// Clears the note when `run` stops (it no longer retries), if it made one.
+    async fn clear_if_noted(&mut self) {
+        if self.noted {
+            self.clear().await;
+        }
     }
 
     /// Clears the note once streaming.
