@@ -59,6 +59,8 @@ pub struct CatchUpOptions {
     pub updated_columns: HashMap<Option<QualifiedName>, String>,
     /// Repair from a plain snapshot without creating a slot (the polling mode).
     pub without_slot: bool,
+    /// `--schemas`/`--exclude-schemas`/`--exclude-tables`: tables left out.
+    pub filter: crate::selection::TableFilter,
 }
 
 impl CatchUpOptions {
@@ -198,9 +200,12 @@ pub async fn catch_up(
     if use_slot {
         bootstrap::preflight::check_source_replication(&src, &opts.slot).await?;
     }
-    let tables =
+    let mut tables =
         crate::verify::resolve_tables(&src, &tgt, &state, &opts.slot, opts.tables.as_deref())
             .await?;
+    // A pipeline's tables are filtered already; without one (polling) the filter
+    // leaves tables out here, before the keyless-table check.
+    tables.retain(|t| opts.filter.keeps(&t.name));
     if tables.is_empty() {
         bail!("no tables to catch up: name them with --tables");
     }

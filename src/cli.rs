@@ -394,6 +394,7 @@ impl WatermarkArgs {
             created_columns: Self::columns(&self.created_column)?,
             updated_columns: Self::columns(&self.updated_column)?,
             without_slot,
+            filter: b.filter.clone(),
         })
     }
 }

@@ -60,6 +60,7 @@ impl RunOptions {
                 created_columns: Default::default(),
                 updated_columns: Default::default(),
                 without_slot: false,
+                filter: bootstrap.filter.clone(),
             },
             bootstrap,
             status_interval: Duration::from_secs(1),

@@ -118,3 +118,35 @@ async fn a_keyless_table_and_a_schema_are_left_out_of_bootstrap_run_and_verify()
     );
     assert!(!out.contains("untracked"), "{out}");
 }
+
+/// `catch-up` on a target without a pipeline (the Python script's sync mode)
+/// leaves out what the filter leaves out, so a keyless table does not stop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_without_a_pipeline_leaves_out_excluded_tables() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text, updated_at timestamptz DEFAULT now());
+         CREATE TABLE audit_log (at timestamptz DEFAULT now(), what text);
+         INSERT INTO users (id, name) SELECT g, 'user ' || g FROM generate_series(1, 100) g;
+         INSERT INTO audit_log (what) VALUES ('event');",
+    )
+    .await
+    .unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["catch-up", "--exclude-tables", "audit_log"]);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "catch-up: {out}{err}");
+    support::assert_tables_equal(&src, &tgt, &["users"]).await;
+    let audit: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM pg_class WHERE relname = 'audit_log'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(audit, 0, "the excluded table reached the target");
+}
