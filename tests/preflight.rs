@@ -347,3 +347,32 @@ async fn status_warns_about_a_half_made_pipeline_holding_wal() {
     assert!(out.contains("walshuttle teardown"), "{out}");
     assert!(out.contains("consistent       no"), "{out}");
 }
+
+/// A source role that may replicate but does not own a table is refused before
+/// anything is written, naming the table and the statement that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_role_not_owning_a_table_is_refused_before_anything_is_written() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(&format!(
+        "CREATE TABLE mine (id int PRIMARY KEY);
+         CREATE TABLE \"Not Mine\" (id int PRIMARY KEY);
+         CREATE ROLE repl LOGIN REPLICATION PASSWORD '{PASSWORD}';
+         ALTER TABLE mine OWNER TO repl;
+         GRANT SELECT ON \"Not Mine\" TO repl;
+         GRANT CREATE ON DATABASE postgres TO repl;"
+    ))
+    .await
+    .unwrap();
+    let before = target_tables(&tgt).await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.env(
+        "WALSHUTTLE_SOURCE",
+        source.url().replacen("postgres:", "repl:", 1),
+    )
+    .arg("bootstrap");
+    expect_failure(cmd, &["repl", "public.\"Not Mine\"", "OWNER TO \"repl\""]);
+    assert_nothing_written(&src, &tgt, &before).await;
+}

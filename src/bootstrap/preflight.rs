@@ -224,6 +224,61 @@ pub async fn check_target_privileges(
     Ok(())
 }
 
+/// Refuses a source role that could not create the pipeline's publication or add
+/// `tables` to it (CREATE on the database; owning each table), before anything is
+/// written on either side. A superuser may do both.
+pub async fn check_source_privileges(
+    source: &Client,
+    publication: &str,
+    tables: &[QualifiedName],
+) -> Result<()> {
+    let ctx = || "checking the source role's privileges".to_string();
+    let row = source
+        .query_one(
+            "SELECT current_user::text, current_database()::text, \
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    has_database_privilege(current_database(), 'CREATE'), \
+                    EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await
+        .pg_context(ctx)?;
+    let (user, database, superuser, create_db, exists): (String, String, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if superuser {
+        return Ok(());
+    }
+    if !exists && !create_db {
+        bail!(
+            "the source role {user} lacks the CREATE privilege on database {database}, needed to create publication {publication}: run GRANT CREATE ON DATABASE {} TO {} on the source",
+            quote_ident(&database),
+            quote_ident(&user)
+        );
+    }
+    let quoted: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
+    let not_owned: Option<i64> = source
+        .query_opt(
+            "SELECT s.n FROM unnest($1::text[]) WITH ORDINALITY AS s(name, n) \
+             JOIN pg_class c ON c.oid = to_regclass(s.name) \
+             WHERE NOT pg_has_role(c.relowner, 'USAGE') ORDER BY s.n LIMIT 1",
+            &[&quoted],
+        )
+        .await
+        .pg_context(ctx)?
+        .map(|r| r.get(0));
+    if let Some(table) = not_owned
+        .and_then(|n| usize::try_from(n - 1).ok())
+        .and_then(|i| tables.get(i))
+    {
+        bail!(
+            "the source role {user} does not own table {table}, and a publication takes only tables its role owns: run ALTER TABLE {} OWNER TO {} on the source, or use the owner or a superuser in --source",
+            table.quoted(),
+            quote_ident(&user)
+        );
+    }
+    Ok(())
+}
+
 /// Runs every check; `owned` names the tables whose rows walshuttle already owns on
 /// the target (a resumed pipeline), which may hold rows and get their keys later.
 pub async fn check(
@@ -267,6 +322,8 @@ pub async fn check(
     check_target_privileges(target, state.schema(), &schemas).await?;
     let publication =
         publication::plan(source, target, state, slot, opts.publication.as_deref()).await?;
+    let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
+    check_source_privileges(source, &publication.name, &names).await?;
     // One table's checks are a few round trips; thousands of tables go out
     // pipelined (the futures are made first: a closure inside the stream would not
     // be `Send` for every lifetime).
