@@ -172,8 +172,12 @@ q "$TP" bench_native -c "$SCHEMA"
 q "$TP" bench_native -c "CREATE SUBSCRIPTION native_sub CONNECTION 'host=127.0.0.1 port=$SP dbname=bench user=postgres password=$PASSWORD' PUBLICATION native_pub"
 
 log "starting walshuttle run"
-WALSHUTTLE_SOURCE=$SRC_URL WALSHUTTLE_TARGET=$TGT_URL "$WS" run --jobs 2 >"$WORK/logs/walshuttle-run.log" 2>&1 &
-PIDS+=($!)
+start_run() {
+    WALSHUTTLE_SOURCE=$SRC_URL WALSHUTTLE_TARGET=$TGT_URL "$WS" run --jobs 2 >>"$WORK/logs/walshuttle-run.log" 2>&1 &
+    RUN_PID=$!
+    PIDS+=("$RUN_PID")
+}
+start_run
 wait_for() {   # what seconds sql-port db sql
     local what=$1 limit=$2 port=$3 db=$4 sql=$5 until
     until=$(( $(date +%s) + limit ))
@@ -201,6 +205,8 @@ load() {   # start pgbench on the source; echo its pid
 }
 unfence() {
     q "$SP" postgres -c "ALTER DATABASE bench RESET default_transaction_read_only"
+    q "$SP" postgres -c "ALTER DATABASE bench CONNECTION LIMIT -1"
+    q "$SP" postgres -c "ALTER DATABASE bench ALLOW_CONNECTIONS true"
 }
 
 WS_TIMES=(); NATIVE_TIMES=(); DETAILS=""
@@ -212,7 +218,7 @@ for round in $(seq 1 "$RUNS"); do
         >"$WORK/report-$round.json" 2>"$WORK/logs/switchover-$round.log"; then
         d=$(sed -n 's/^    "downtime": \([0-9.]*\),*$/\1/p' "$WORK/report-$round.json")
         WS_TIMES+=("$d")
-        parts=$(sed -n 's/^    "\(fence\|drain\|sequences\|verify\)": \([0-9.]*\),*$/\1 \2/p' "$WORK/report-$round.json" \
+        parts=$(sed -n 's/^    "\(fence\|drain\|sequences\|verify\|proof\)": \([0-9.]*\),*$/\1 \2/p' "$WORK/report-$round.json" \
             | awk '{ printf "%s%s %.2f s", (NR > 1 ? ", " : ""), $1, $2 }')
         DETAILS+="| $round | walshuttle | $(printf '%.2f' "$d") s | $parts |"$'\n'
         [ "$round" = 1 ] && cp "$WORK/report-1.json" "$WORK/logs/first-report.json.log"
@@ -222,6 +228,15 @@ for round in $(seq 1 "$RUNS"); do
     fi
     kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
     unfence
+    # A done switchover finishes the pipeline and its `run` stops: make it a
+    # pipeline that streams again for the next round.
+    for _ in $(seq 1 50); do kill -0 "$RUN_PID" 2>/dev/null || break; sleep 0.2; done
+    if ! kill -0 "$RUN_PID" 2>/dev/null; then
+        q "$TP" bench -c "UPDATE walshuttle.pipelines SET switchover_phase = NULL, switchover_detail = NULL"
+        start_run
+        wait_for "walshuttle to stream again" 120 "$SP" bench \
+            "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = 'walshuttle'"
+    fi
 
     # native, by hand
     pid=$(load); PIDS+=("$pid"); sleep "$LOAD_SECONDS"

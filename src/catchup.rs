@@ -26,12 +26,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
-use crate::bootstrap::{self, create_slot_with_snapshot, drop_slot_if_exists, slot_info};
+use crate::bootstrap::{self, create_slot_with_snapshot, drop_slot_if_exists};
 use crate::catalog::{self, Table, TargetFit};
 use crate::compare::{self, Compared, Key};
 use crate::config::Endpoint;
 use crate::pg::{connect, quote_ident, quote_literal, Lsn, PgResultExt, QualifiedName};
 use crate::rewrite::{self, Rows};
+pub use crate::slot::{gap_reason, GapReason, SlotGone};
 use crate::snapshot::{SnapshotSession, SourceSnapshot};
 use crate::state::{Phase, Pipeline, StateStore, StoredScope, TableEntry, TableState};
 
@@ -74,22 +75,6 @@ impl CatchUpOptions {
             .cloned()
             .unwrap_or_else(|| default.to_string())
     }
-}
-
-/// Why the gap exists.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GapReason {
-    /// The slot does not exist (dropped by an operator, or never created).
-    SlotMissing,
-    /// The slot exists but its WAL was removed (`wal_status = 'lost'`).
-    SlotInvalidated,
-    /// The source has no logical decoding (`wal_level` below `logical`).
-    NoLogicalDecoding,
-    /// Polling mode: no slot is used.
-    Polling,
-    /// A catch-up was interrupted and is being finished.
-    Resumed,
 }
 
 /// What a catch-up did.
@@ -137,36 +122,6 @@ impl CatchUpSummary {
         ));
         out
     }
-}
-
-/// The slot `run` streams from is gone: catch-up repairs the gap, then streaming
-/// goes on from a new slot.
-#[derive(Debug, thiserror::Error)]
-#[error("replication slot {slot} cannot be streamed from: {reason:?}")]
-pub struct SlotGone {
-    /// The slot.
-    pub slot: String,
-    /// What happened to it.
-    pub reason: GapReason,
-}
-
-/// Why a slot cannot be streamed from, or `None` when it is healthy.
-pub async fn gap_reason(src: &Client, slot: &str) -> Result<Option<GapReason>> {
-    let wal_level: String = src
-        .query_one("SELECT current_setting('wal_level')", &[])
-        .await
-        .pg_context(|| "reading wal_level on the source".into())?
-        .get(0);
-    if wal_level != "logical" {
-        return Ok(Some(GapReason::NoLogicalDecoding));
-    }
-    Ok(match slot_info(src, slot).await? {
-        None => Some(GapReason::SlotMissing),
-        Some(info) if info.wal_status.as_deref() == Some("lost") => {
-            Some(GapReason::SlotInvalidated)
-        }
-        Some(_) => None,
-    })
 }
 
 /// Runs one catch-up. With a healthy slot and a finished pipeline there is nothing to

@@ -8,6 +8,7 @@
 //! - [`catalog`]: table metadata from `pg_catalog`, compatibility checks, target DDL.
 //! - [`state`]: the `walshuttle.*` schema on the target that makes every step resumable.
 //! - [`snapshot`]: source snapshots that copies read under, and the locks that keep them valid.
+//! - [`slot`]: a replication slot's facts on the source, and whether it can be streamed from.
 //! - [`positions`]: which source transactions a range of target rows already reflects.
 //! - [`bootstrap`]: preflight, slot + exported snapshot, chunk plan, parallel binary COPY.
 //! - [`stream`]: pgoutput decoding and the exactly-once apply of changes.
@@ -52,6 +53,7 @@ pub mod run;
 pub mod selection;
 pub mod sequences;
 pub mod settings;
+pub mod slot;
 pub mod snapshot;
 pub mod state;
 pub mod status;

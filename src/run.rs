@@ -162,7 +162,7 @@ async fn run_pipeline(
     // A server down at start (a boot where the database comes up after walshuttle)
     // is waited for like one that goes down later; anything else stops here.
     let mut backoff = BACKOFF_START;
-    let (publication, target_setup) = loop {
+    let ready = loop {
         if *shutdown.borrow() {
             retry.clear_if_noted().await;
             return Ok(());
@@ -183,6 +183,139 @@ async fn run_pipeline(
             }
         }
     };
+    // A switchover done while this `run` streams finishes the pipeline: the stream
+    // stops (the source is fenced, so nothing past the fence LSN is left to apply).
+    let (stop_tx, mut stop) = watch::channel(*shutdown.borrow());
+    let finished = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+    let _watcher = SwitchoverWatch(tokio::spawn(watch_switchover(
+        target.clone(),
+        state.clone(),
+        opts.bootstrap.slot.clone(),
+        shutdown.clone(),
+        stop_tx,
+        std::sync::Arc::clone(&finished),
+    )));
+    let shutdown = &mut stop;
+    let result = stream_pipeline(
+        source,
+        target,
+        opts,
+        state,
+        ready,
+        retry,
+        shutdown,
+        stop_extension,
+    )
+    .await;
+    let why = finished.lock().ok().and_then(|f| f.clone());
+    match why {
+        Some(why) if result.is_ok() => {
+            tracing::warn!(slot = %opts.bootstrap.slot, "{why}");
+            eprintln!("{why}");
+            observe::set_phase(RunPhase::Stopped, Some(why));
+            Ok(())
+        }
+        _ => result,
+    }
+}
+
+/// Aborts the switchover watch with `run`.
+struct SwitchoverWatch(tokio::task::JoinHandle<()>);
+
+impl Drop for SwitchoverWatch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The message when the pipeline's switchover is done (the pipeline is finished).
+async fn switched_over(
+    client: &tokio_postgres::Client,
+    state: &StateStore,
+    slot: &str,
+) -> Result<Option<String>> {
+    Ok(match state.switchover(client, slot).await? {
+        Some((phase, detail, at)) if phase == "done" => Some(format!(
+            "pipeline {slot} was switched over ({at}{}): the target is the primary now and this pipeline is finished; retire it with `walshuttle teardown --slot {slot}` (or stream back with the reverse pipeline)",
+            detail
+                .as_deref()
+                .and_then(crate::switchover::fence_lsn_of)
+                .map(|l| format!(", fence LSN {l}"))
+                .unwrap_or_default()
+        )),
+        _ => None,
+    })
+}
+
+/// Polls the target's state every second; when the pipeline's switchover is done,
+/// records why and asks the stream to stop. Also passes SIGTERM/SIGINT on.
+async fn watch_switchover(
+    target: Endpoint,
+    state: StateStore,
+    slot: String,
+    mut outer: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    finished: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut forwarding = true;
+    loop {
+        // A target that is slow or unreachable must not hold up a stop: the poll is
+        // dropped as soon as SIGTERM/SIGINT arrives.
+        let poll = async {
+            tick.tick().await;
+            if client.as_ref().is_none_or(|c| c.is_closed()) {
+                client = connect(&target, "run").await.ok();
+            }
+            match &client {
+                Some(c) => switched_over(c, &state, &slot).await.ok().flatten(),
+                None => None,
+            }
+        };
+        let stopping = async {
+            if !forwarding {
+                return std::future::pending::<Option<bool>>().await;
+            }
+            Some(outer.changed().await.is_ok())
+        };
+        tokio::select! {
+            changed = stopping => match changed {
+                Some(true) if *outer.borrow() => {
+                    let _ = stop.send(true);
+                    return;
+                }
+                Some(true) => {}
+                // The sender is gone: nothing more to pass on.
+                _ => forwarding = false,
+            },
+            found = poll => {
+                if let Some(why) = found {
+                    if let Ok(mut f) = finished.lock() {
+                        *f = Some(why);
+                    }
+                    let _ = stop.send(true);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Streams the pipeline until `shutdown` (see [`run_pipeline`]), from what
+/// [`start_up`] made `ready`.
+#[allow(clippy::too_many_arguments)]
+async fn stream_pipeline(
+    source: &Endpoint,
+    target: &Endpoint,
+    opts: &RunOptions,
+    state: StateStore,
+    ready: (String, TargetSetup),
+    mut retry: Retrying<'_>,
+    shutdown: &mut watch::Receiver<bool>,
+    stop_extension: &StopExtension,
+) -> Result<()> {
+    let (publication, target_setup) = ready;
     let cfg = StreamConfig {
         slot: opts.bootstrap.slot.clone(),
         publication,
@@ -340,8 +473,8 @@ async fn run_pipeline(
     }
 }
 
-/// Everything before the stream: a bootstrap when none finished, DDL capture, and
-/// the stream's preflight.
+/// Everything before the stream: a bootstrap when none finished, the refusal of a
+/// pipeline already switched over, DDL capture, and the stream's preflight.
 async fn start_up(
     source: &Endpoint,
     target: &Endpoint,
@@ -349,6 +482,12 @@ async fn start_up(
     state: &StateStore,
 ) -> Result<(String, TargetSetup)> {
     ensure_bootstrapped(source, target, &opts.bootstrap, state).await?;
+    {
+        let client = connect(target, "run").await?;
+        if let Some(why) = switched_over(&client, state, &opts.bootstrap.slot).await? {
+            return Err(Fatal(why).into());
+        }
+    }
     if opts.bootstrap.capture_ddl {
         crate::ddl_capture::enable_for_pipeline(source, target, state, &opts.bootstrap.slot)
             .await?;
@@ -558,7 +697,7 @@ impl SequenceSync {
                         }
                         failing = false;
                         for s in synced.iter().filter(|s| s.created) {
-                            tracing::info!(table = %s.table, column = %s.column, sequence = %s.target_sequence, "created the column's sequence on the target");
+                            tracing::info!(sequence = %s.target_sequence, columns = %s.columns.join(", "), "created the sequence on the target");
                         }
                     }
                     Err(e) => {

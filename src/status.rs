@@ -449,6 +449,11 @@ async fn pipeline_status(
             detail,
             since,
         });
+    // A done switchover finishes the pipeline: `run` no longer streams it.
+    let phase = match &switchover {
+        Some(s) if s.phase == "done" => "switched_over".to_string(),
+        _ => phase,
+    };
     Ok(PipelineStatus {
         pipeline: name.to_string(),
         publication: pipeline.publication.clone(),

@@ -271,6 +271,14 @@ pub async fn teardown(
             opts.slot
         ));
     }
+    // A reverse pipeline's target is the old source of a switchover: walshuttle's
+    // read-only settings there go with the way back.
+    if let Some(line) =
+        crate::switchover::reverse::lift_old_fence(&src, &tgt, &opts.state_schema, &opts.slot)
+            .await?
+    {
+        summary.lines.push(line);
+    }
     if plan.state_rows || plan.drop_schema {
         let state = StateStore::new(&opts.state_schema);
         let tx = tgt

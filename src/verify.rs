@@ -192,8 +192,23 @@ pub async fn verify(
     target: &Endpoint,
     opts: &VerifyOptions,
 ) -> Result<VerifyReport> {
+    verify_with(source, Vec::new(), target, opts).await
+}
+
+/// [`verify`] on source sessions opened beforehand ([`hashing_session`]s; one more
+/// than `jobs` covers every need) before new ones are opened: a fenced source
+/// takes no new connection.
+pub async fn verify_with(
+    source: &Endpoint,
+    mut source_sessions: Vec<Client>,
+    target: &Endpoint,
+    opts: &VerifyOptions,
+) -> Result<VerifyReport> {
     let started = Instant::now();
-    let src = hashing_session(source, "verify").await?;
+    let src = match source_sessions.pop() {
+        Some(c) => c,
+        None => hashing_session(source, "verify").await?,
+    };
     let tgt = hashing_session(target, "verify").await?;
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let mut tables = resolve_tables(&src, &tgt, &state, &opts.slot, opts.tables.as_deref()).await?;
@@ -263,7 +278,16 @@ pub async fn verify(
         work.extend(ranges.into_iter().map(|r| (i, r)));
     }
     let tables = Arc::new(tables);
-    let mismatched = compare_all(source, target, &tables, work, opts.jobs, &mut reports).await?;
+    let mismatched = compare_all(
+        source,
+        source_sessions,
+        target,
+        &tables,
+        work,
+        opts.jobs,
+        &mut reports,
+    )
+    .await?;
 
     // Changes in flight: wait until the target has applied past where the source is
     // now, then look again at what differed.
@@ -410,6 +434,7 @@ async fn table_equal(src: &Client, tgt: &Client, table: &Table, jobs: usize) -> 
 /// that differ and fills in row counts.
 async fn compare_all(
     source: &Endpoint,
+    mut source_sessions: Vec<Client>,
     target: &Endpoint,
     tables: &Arc<Vec<Table>>,
     work: VecDeque<(usize, KeyRange)>,
@@ -419,10 +444,11 @@ async fn compare_all(
     let queue = Arc::new(Mutex::new(work));
     let mut handles = Vec::new();
     for _ in 0..jobs.max(1) {
-        let (src, tgt) = (
-            hashing_session(source, "verify").await?,
-            hashing_session(target, "verify").await?,
-        );
+        let src = match source_sessions.pop() {
+            Some(c) => c,
+            None => hashing_session(source, "verify").await?,
+        };
+        let tgt = hashing_session(target, "verify").await?;
         let queue = Arc::clone(&queue);
         let tables = Arc::clone(tables);
         handles.push(tokio::spawn(async move {

@@ -191,34 +191,7 @@ pub async fn bootstrap(
     }
 }
 
-/// Slot facts from `pg_replication_slots`.
-pub struct SlotInfo {
-    /// Whether a walsender holds it now.
-    pub active: bool,
-    /// Process id of the holder.
-    pub active_pid: Option<i32>,
-    /// `wal_status` (`reserved`, `extended`, `unreserved`, `lost`).
-    pub wal_status: Option<String>,
-    /// The plugin of the slot (`pgoutput` for walshuttle's).
-    pub plugin: Option<String>,
-}
-
-/// Looks up a slot on the source.
-pub async fn slot_info(src: &Client, slot: &str) -> Result<Option<SlotInfo>> {
-    let row = src
-        .query_opt(
-            "SELECT active, active_pid, wal_status, plugin::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .pg_context(|| format!("looking up replication slot {slot} on the source"))?;
-    Ok(row.map(|r| SlotInfo {
-        active: r.get(0),
-        active_pid: r.get(1),
-        wal_status: r.get(2),
-        plugin: r.get(3),
-    }))
-}
+pub use crate::slot::{slot_info, SlotInfo};
 
 /// How many times a new slot is created when a table was rewritten between the
 /// slot's snapshot and the lock on it.
@@ -403,6 +376,10 @@ async fn fresh(
                 tracing::info!(table = %name, "created table on the target");
             }
         }
+        // Every sequence the tables' columns call or their schemas hold, with the
+        // columns' `nextval` defaults (from the catalog only: their values are set
+        // by `switchover` and `run --sync-sequences`, which may read them).
+        crate::sequences::mirror(src, &tx, &table_names).await?;
         state.save_pipeline(&tx, &pipeline).await?;
         // With a filter, the pipeline carries the tables it matched (named), so
         // nothing joins it by itself that the filter would leave out.

@@ -97,6 +97,8 @@ pub(super) async fn start(
                     .pg_context(|| format!("building on the target: {sql}"))?;
             }
         }
+        let names: Vec<_> = checked.tables.iter().map(|t| t.name.clone()).collect();
+        crate::sequences::mirror(src, tx_client, &names).await?;
         state.save_pipeline(tx_client, &pipeline).await?;
         // With a filter, the pipeline carries the tables it matched (named), so
         // nothing joins it by itself that the filter would leave out.

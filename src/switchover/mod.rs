@@ -8,11 +8,17 @@
 //!  preflight ──(--dry-run: plan, exit 0)
 //!      │ nothing changed so far; a failed check ends here (exit 1)
 //!      ▼
-//!  fencing ──▶ draining ──▶ sequences ──▶ verifying ──▶ [reversing] ──▶ done
-//!      │           │            │             │              │
-//!      └───────────┴────────────┴──── any error, a difference, or past
-//!                                     --max-downtime ──▶ aborted: fence lifted
+//!  fencing ──▶ draining ──▶ sequences ──▶ verifying (+ proof) ──▶ [reversing] ──▶ done
+//!      │           │            │             │                         │
+//!      └───────────┴────────────┴──── any error, a difference, a write past the
+//!                                     fence, or past --max-downtime ──▶ aborted:
+//!                                     fence lifted
 //! ```
+//!
+//! The proof (see [`fence`]) reads a slot of the fence's own from the fence LSN
+//! after the verify. At done the old source is left closed to the application,
+//! the pipeline is finished (`run` stops), and taking a way back
+//! ([`reverse::lift_old_fence`]) makes its target writable again.
 //!
 //! The phases are recorded on the target's pipeline row for `status`. Stages here do
 //! not call `run`: the stream keeps going in its own process, and the switchover
@@ -38,9 +44,9 @@ pub use report::{Outcome, StepTimes, SwitchoverReport};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FenceMethod {
-    /// `ALTER DATABASE … SET default_transaction_read_only = on`, then every
-    /// session that started before it ends (open write transactions get
-    /// `--fence-timeout` to finish).
+    /// `ALTER DATABASE … ALLOW_CONNECTIONS false`, then every backend of the
+    /// database but walshuttle's own ends (open write transactions get
+    /// `--fence-timeout` to finish); after done, the database stays read-only.
     ReadOnly,
     /// Nothing: the application is already stopped. Only the fence LSN is taken.
     None,
@@ -69,6 +75,21 @@ pub struct SwitchoverOptions {
     pub reverse: bool,
     /// Parallel verify workers.
     pub jobs: usize,
+}
+
+/// How a done switchover's recorded detail starts: `run` reads the fence LSN from it.
+const DONE_AT: &str = "switched over at fence LSN";
+
+/// The fence LSN of a done switchover, from its recorded detail.
+pub fn fence_lsn_of(detail: &str) -> Option<Lsn> {
+    detail
+        .strip_prefix(DONE_AT)?
+        .trim_start()
+        .split(';')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// The reverse step's name in reports.
@@ -123,12 +144,22 @@ pub async fn switchover(
         return Ok(report);
     }
 
-    let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + opts.max_downtime;
     state
         .set_switchover(&tgt, &opts.slot, "fencing", None)
         .await?;
-    let mut fence = fence::Fence::open(source, opts.fence).await?;
+    let mut fence =
+        fence::Fence::open(source, opts.fence, &opts.slot, &report.plan.publication).await?;
+    fence.keep(&src).await?;
+    // The verify's source sessions, opened now: the fenced source takes no new one.
+    let mut verify_sessions = Vec::new();
+    for _ in 0..=opts.jobs.max(1) {
+        let session = crate::verify::hashing_session(source, "verify").await?;
+        fence.keep(&session).await?;
+        verify_sessions.push(session);
+    }
+    // The source takes writes until the fence is raised: downtime starts here.
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + opts.max_downtime;
     let result = {
         let steps = tokio::time::timeout_at(
             deadline,
@@ -140,6 +171,7 @@ pub async fn switchover(
                 &state,
                 opts,
                 &mut fence,
+                verify_sessions,
                 &mut report,
             ),
         );
@@ -173,7 +205,29 @@ pub async fn switchover(
     match failure {
         None => {
             report.outcome = Outcome::Done;
-            record(&tgt, &state, opts, "done", Some(&report.summary_line())).await;
+            if let Err(e) = fence.settle(opts.reverse).await {
+                // The database stays closed to every new connection: safe, and said.
+                tracing::warn!(error = %format!("{e:#}"), "could not reopen the old source read-only; it takes no connection until opened by hand");
+                report.settle_error = Some(format!(
+                    "{e:#}; the old source takes no connection until you run, from another database: {}",
+                    fence::undo_sql(&report.plan.source_database)
+                ));
+            }
+            // Taking the way back: the target, the old source of the switchover this
+            // pipeline reverses, takes the application's writes again.
+            match reverse::lift_old_fence(&src, &tgt, &opts.state_schema, &opts.slot).await {
+                Ok(line) => report.target_unfenced = line,
+                Err(e) => {
+                    report.settle_error = Some(format!(
+                        "{e:#}; the target stays read-only until its read-only default is reset"
+                    ))
+                }
+            }
+            let detail = match &report.fence {
+                Some(f) => format!("{DONE_AT} {}; {}", f.lsn, report.summary_line()),
+                None => report.summary_line(),
+            };
+            record(&tgt, &state, opts, "done", Some(&detail)).await;
         }
         Some(reason) => {
             let lifted = fence.lift().await;
@@ -216,6 +270,7 @@ async fn after_fence(
     state: &StateStore,
     opts: &SwitchoverOptions,
     fence: &mut fence::Fence,
+    verify_sessions: Vec<Client>,
     report: &mut SwitchoverReport,
 ) -> Result<Option<String>> {
     report.current_step = "the fence";
@@ -257,8 +312,9 @@ async fn after_fence(
     report.current_step = "the verify";
     record(tgt, state, opts, "verifying", None).await;
     let step = Instant::now();
-    let verified = crate::verify::verify(
+    let verified = crate::verify::verify_with(
         source,
+        verify_sessions,
         target,
         &crate::verify::VerifyOptions {
             tables: Some(report.plan.tables.clone()),
@@ -287,6 +343,19 @@ async fn after_fence(
         return Ok(Some(format!(
             "verify found differences at the fence in {}: the target is not handed writes (run `walshuttle verify` to see them)",
             different.join(", ")
+        )));
+    }
+
+    // The proof: nothing committed on the source after the fence LSN.
+    report.current_step = "the proof";
+    let step = Instant::now();
+    let proof = fence.prove().await?;
+    report.times.proof = step.elapsed().as_secs_f64();
+    report.proof = proof.clone();
+    if let Some(p) = proof.filter(|p| p.changes_after_fence > 0) {
+        return Ok(Some(format!(
+            "{} changes in {} transactions to replicated tables committed on the source after the fence LSN {fence_lsn} (read up to {}): a session passed the fence, so the target is not handed writes",
+            p.changes_after_fence, p.transactions_after_fence, p.checked_to
         )));
     }
 
@@ -337,4 +406,17 @@ pub fn table_list(tables: &[QualifiedName]) -> String {
         .map(|t| t.to_string())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fence_lsn_is_read_back_from_the_done_detail() {
+        let lsn: Lsn = "0/1548188".parse().unwrap();
+        let detail = format!("{DONE_AT} {lsn}; downtime 1.00 s");
+        assert_eq!(fence_lsn_of(&detail), Some(lsn));
+        assert_eq!(fence_lsn_of("downtime 1.00 s"), None);
+    }
 }

@@ -15,24 +15,14 @@ use crate::state::{Phase, StateStore, TableState};
 /// A check that failed, and what to do about it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Problem {
-    /// Which check: `pipeline`, `lag`, `identity`, `fence`, `reverse`.
+    /// Which check: `pipeline`, `lag`, `identity`, `sequences`, `fence`, `reverse`.
     pub check: &'static str,
     /// One line for the user, ending in what to do.
     pub message: String,
 }
 
-/// A sequence-fed column of a replicated table.
-#[derive(Clone, Debug, serde::Serialize)]
-pub struct PlannedSequence {
-    /// The table.
-    pub table: QualifiedName,
-    /// The column.
-    pub column: String,
-    /// Its sequence on the source.
-    pub source_sequence: String,
-    /// Whether the target has a sequence for the column (else it is created).
-    pub on_target: bool,
-}
+/// A sequence the target mirrors (see [`crate::sequences`]).
+pub type PlannedSequence = crate::sequences::MappedSequence;
 
 /// Estimated seconds of each step, from the current lag and table sizes.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -73,7 +63,7 @@ pub struct Plan {
     pub lag_seconds: Option<f64>,
     /// Source rows (planner estimate), for the verify estimate.
     pub estimated_rows: i64,
-    /// Sequence-fed columns.
+    /// Sequences mirrored on the target.
     pub sequences: Vec<PlannedSequence>,
     /// Keyless tables (`REPLICA IDENTITY FULL` on the source) whose target copy
     /// gets the same identity during the switchover.
@@ -207,10 +197,16 @@ pub async fn check(
     }
 
     identities(src, tgt, state, &mut plan, &mut problems).await?;
-    plan.sequences = sequences(src, tgt, &plan.tables).await?;
+    let (sequences, unmapped) = crate::sequences::plan(src, tgt, &plan.tables).await?;
+    plan.sequences = sequences;
+    problems.extend(unmapped.into_iter().map(|message| Problem {
+        check: "sequences",
+        message,
+    }));
     if opts.fence == FenceMethod::ReadOnly {
         fence_allowed(src, &mut problems).await?;
     }
+    proof_allowed(src, &mut problems).await?;
     if opts.fence_timeout >= opts.max_downtime {
         problems.push(Problem {
             check: "fence",
@@ -339,50 +335,6 @@ async fn identities(
     Ok(())
 }
 
-/// The sequence-fed columns (identity and serial) of the tables, and whether the
-/// target has their sequences.
-async fn sequences(
-    src: &Client,
-    tgt: &Client,
-    tables: &[QualifiedName],
-) -> Result<Vec<PlannedSequence>> {
-    let mut out = Vec::new();
-    for table in tables {
-        let rows = src
-            .query(
-                "SELECT a.attname::text, pg_get_serial_sequence($1, a.attname::text) FROM pg_attribute a \
-                 WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
-                 ORDER BY a.attnum",
-                &[&table.quoted()],
-            )
-            .await
-            .pg_context(|| format!("reading the sequences of {table} on the source"))?;
-        for r in rows {
-            let column: String = r.get(0);
-            let Some(seq) = r.get::<_, Option<String>>(1) else {
-                continue;
-            };
-            // A column missing on the target (verify reports it) has no sequence.
-            let on_target = tgt
-                .query_one(
-                    "SELECT pg_get_serial_sequence($1, $2)",
-                    &[&table.quoted(), &column],
-                )
-                .await
-                .ok()
-                .and_then(|r| r.get::<_, Option<String>>(0))
-                .is_some();
-            out.push(PlannedSequence {
-                table: table.clone(),
-                column,
-                source_sequence: seq,
-                on_target,
-            });
-        }
-    }
-    Ok(out)
-}
-
 /// Whether the source role may fence: change the database's settings (owner or
 /// superuser) and end other sessions (superuser, or `pg_signal_backend`); and that
 /// the database is not fenced already.
@@ -393,7 +345,8 @@ async fn fence_allowed(src: &Client, problems: &mut Vec<Problem>) -> Result<()> 
                     current_user::text, d.datname::text, \
                     EXISTS (SELECT 1 FROM pg_db_role_setting s, unnest(s.setconfig) c \
                             WHERE s.setdatabase = d.oid AND s.setrole = 0 \
-                              AND c LIKE 'default\\_transaction\\_read\\_only=%') \
+                              AND c LIKE 'default\\_transaction\\_read\\_only=%'), \
+                    d.datallowconn, d.datconnlimit \
              FROM pg_roles r, pg_database d \
              WHERE r.rolname = current_user AND d.datname = current_database()",
             &[],
@@ -411,6 +364,15 @@ async fn fence_allowed(src: &Client, problems: &mut Vec<Problem>) -> Result<()> 
             ),
         });
     }
+    if !row.get::<_, bool>(6) || row.get::<_, i32>(7) == 0 {
+        problems.push(Problem {
+            check: "fence",
+            message: format!(
+                "database {db} on the source does not take connections from everyone (ALLOW_CONNECTIONS false or CONNECTION LIMIT 0: a fence left by an earlier switchover?): if writes should go there, run {} from another database, then switch over",
+                super::fence::undo_sql(&db)
+            ),
+        });
+    }
     if row.get::<_, bool>(5) {
         problems.push(Problem {
             check: "fence",
@@ -418,6 +380,37 @@ async fn fence_allowed(src: &Client, problems: &mut Vec<Problem>) -> Result<()> 
                 "database {db} on the source already sets default_transaction_read_only (a fence left by an earlier switchover?): if writes should go there, run ALTER DATABASE {} RESET default_transaction_read_only, then switch over",
                 crate::pg::quote_ident(&db)
             ),
+        });
+    }
+    Ok(())
+}
+
+/// Whether the source role may create the fence's proof slot (a temporary logical
+/// slot: the REPLICATION attribute and a free slot).
+async fn proof_allowed(src: &Client, problems: &mut Vec<Problem>) -> Result<()> {
+    let row = src
+        .query_one(
+            "SELECT r.rolreplication OR r.rolsuper, current_user::text, \
+                    (SELECT count(*) FROM pg_replication_slots) < current_setting('max_replication_slots')::int \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .pg_context(|| "reading the source role's replication privilege".into())?;
+    let role: String = row.get(1);
+    if !row.get::<_, bool>(0) {
+        problems.push(Problem {
+            check: "fence",
+            message: format!(
+                "the source role {role} lacks the REPLICATION attribute the fence's proof slot needs: ALTER ROLE {} REPLICATION",
+                crate::pg::quote_ident(&role)
+            ),
+        });
+    }
+    if !row.get::<_, bool>(2) {
+        problems.push(Problem {
+            check: "fence",
+            message: "the source has no free replication slot (max_replication_slots) for the fence's temporary proof slot: raise it by one".to_string(),
         });
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! What a switchover did, for a person (`render`) and for scripts (`--json`): the
 //! outcome, the downtime broken down by step, rows verified, sequences set.
 
-use super::fence::Raised;
+use super::fence::{Proof, Raised};
 use super::preflight::Plan;
 use super::reverse::ReverseInfo;
 use super::{FenceMethod, SwitchoverOptions};
@@ -36,6 +36,8 @@ pub struct StepTimes {
     pub sequences: f64,
     /// Every table verified.
     pub verify: f64,
+    /// The proof read (no change past the fence LSN).
+    pub proof: f64,
     /// Reverse pipeline started (`--reverse`).
     pub reverse: f64,
     /// Fence to done.
@@ -58,6 +60,12 @@ pub struct SwitchoverReport {
     pub fence: Option<Raised>,
     /// The position the stream had reached when the drain ended.
     pub drained_to: Option<Lsn>,
+    /// What the proof found after the verify.
+    pub proof: Option<Proof>,
+    /// Set when a done switchover could not reopen the old source read-only.
+    pub settle_error: Option<String>,
+    /// When the switchover took the way back: how its target was made writable.
+    pub target_unfenced: Option<String>,
     /// Seconds per step.
     pub times: StepTimes,
     /// Tables verified.
@@ -94,6 +102,9 @@ impl SwitchoverReport {
             plan,
             fence: None,
             drained_to: None,
+            proof: None,
+            settle_error: None,
+            target_unfenced: None,
             times: StepTimes::default(),
             tables_verified: 0,
             rows_verified: 0,
@@ -114,12 +125,13 @@ impl SwitchoverReport {
     pub fn summary_line(&self) -> String {
         let t = &self.times;
         format!(
-            "downtime {} (fence {}, drain {}, sequences {}, verify {}{}); {} rows in {} tables verified equal; {} sequences set",
+            "downtime {} (fence {}, drain {}, sequences {}, verify {}, proof {}{}); {} rows in {} tables verified equal; {} sequences set",
             seconds(t.downtime),
             seconds(t.fence),
             seconds(t.drain),
             seconds(t.sequences),
             seconds(t.verify),
+            seconds(t.proof),
             if self.reverse.is_some() {
                 format!(", reverse {}", seconds(t.reverse))
             } else {
@@ -147,7 +159,7 @@ impl SwitchoverReport {
         out.push_str(&head);
         out.push('\n');
         out.push_str(&format!(
-            "  preflight  {} tables, {} sequence-fed columns, lag {}, slot {}\n",
+            "  preflight  {} tables, {} sequences, lag {}, slot {}\n",
             p.tables.len(),
             p.sequences.len(),
             p.lag_seconds
@@ -171,7 +183,7 @@ impl SwitchoverReport {
                 "  plan       fence {} ({}), drain {}, sequences {}, verify {} (~{} rows): downtime about {}\n",
                 seconds(e.fence),
                 match self.fence_method {
-                    FenceMethod::ReadOnly => "database read-only, earlier sessions ended",
+                    FenceMethod::ReadOnly => "database closed to connections, other sessions ended",
                     FenceMethod::None => "none: the application is stopped",
                 },
                 seconds(e.drain),
@@ -182,10 +194,13 @@ impl SwitchoverReport {
             ));
             for s in &p.sequences {
                 out.push_str(&format!(
-                    "    sequence {} of {}.{}{}\n",
+                    "    sequence {}{}{}\n",
                     s.source_sequence,
-                    s.table,
-                    s.column,
+                    if s.columns.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" of {}", s.columns.join(", "))
+                    },
                     if s.on_target {
                         ""
                     } else {
@@ -209,7 +224,7 @@ impl SwitchoverReport {
                 "  fence      {}  {}; fence LSN {}{}\n",
                 seconds(self.times.fence),
                 match f.method {
-                    FenceMethod::ReadOnly => "source database read-only",
+                    FenceMethod::ReadOnly => "source database closed",
                     FenceMethod::None => "none (--fence none)",
                 },
                 f.lsn,
@@ -268,6 +283,14 @@ impl SwitchoverReport {
                 out.push_str(&format!("    {line}\n"));
             }
         }
+        if let Some(p) = &self.proof {
+            out.push_str(&format!(
+                "  proof      {}  {} changes to replicated tables committed after the fence LSN (WAL read to {})\n",
+                seconds(self.times.proof),
+                p.changes_after_fence,
+                p.checked_to
+            ));
+        }
         if let Some(r) = &self.reverse {
             out.push_str(&format!(
                 "  reverse    {}  pipeline {} starts at {} on the target; role {} may write into the fenced {}\n",
@@ -281,7 +304,21 @@ impl SwitchoverReport {
         match &self.outcome {
             Outcome::Done => {
                 out.push_str(&format!("  {}\n", self.summary_line()));
-                out.push_str("next: point the application at the target; the source stays read-only (ALTER DATABASE … RESET default_transaction_read_only there to undo)");
+                if let Some(line) = &self.target_unfenced {
+                    out.push_str(&format!("  {line}\n"));
+                }
+                if let Some(e) = &self.settle_error {
+                    out.push_str(&format!("  WARNING: {e}\n"));
+                }
+                out.push_str(&format!(
+                    "next: point the application at the target; the source stays read-only{} (to undo, from another database: {})",
+                    if self.reverse.is_some() {
+                        ""
+                    } else {
+                        " and takes connections from superusers only"
+                    },
+                    super::fence::undo_sql(&p.source_database)
+                ));
                 if let Some(r) = &self.reverse {
                     out.push_str(&format!(
                         "; stop this `run` and carry the target's writes back with `walshuttle run --source TARGET --target SOURCE --slot {}`",
@@ -308,7 +345,7 @@ impl SwitchoverReport {
                         if *fence_lifted {
                             "the fence is lifted: the source takes writes again and streaming continues"
                         } else {
-                            "THE FENCE IS STILL UP: the source refuses writes until ALTER DATABASE … RESET default_transaction_read_only"
+                            "THE FENCE IS STILL UP: the source takes no connection until ALTER DATABASE … ALLOW_CONNECTIONS true (from another database)"
                         }
                     ));
                 } else {

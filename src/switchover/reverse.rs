@@ -194,3 +194,77 @@ pub async fn start(
         database,
     })
 }
+
+/// When `pipeline` is the reverse pipeline of a switchover that is done (its
+/// source, the new primary, records the forward pipeline as switched over), its
+/// target is that switchover's old source, left read-only by walshuttle: this
+/// undoes it there (the database's read-only default, the writer role's exemption,
+/// a connection limit of 0) and ends the sessions other roles opened while it was
+/// read-only, so pools reconnect writable. Called when such a pipeline is switched
+/// over (the way back is taken) and when it is torn down. Does nothing when the
+/// target carries no read-only default (already undone, or never set). Returns a
+/// line saying what it did.
+pub async fn lift_old_fence(
+    source: &Client,
+    target: &Client,
+    state_schema: &str,
+    pipeline: &str,
+) -> Result<Option<String>> {
+    let Some(forward) = pipeline.strip_suffix("_reverse") else {
+        return Ok(None);
+    };
+    let back = StateStore::new(state_schema);
+    if back.installed_version(source).await? != Some(STATE_VERSION) {
+        return Ok(None);
+    }
+    let done = back
+        .switchover(source, forward)
+        .await?
+        .is_some_and(|(phase, _, _)| phase == "done");
+    if !done {
+        return Ok(None);
+    }
+    let row = target
+        .query_one(
+            "SELECT current_user::text, current_database()::text, d.datconnlimit, \
+                    EXISTS (SELECT 1 FROM pg_db_role_setting s, unnest(s.setconfig) c \
+                            WHERE s.setdatabase = d.oid AND s.setrole = 0 \
+                              AND c = 'default_transaction_read_only=on') \
+             FROM pg_database d WHERE d.datname = current_database()",
+            &[],
+        )
+        .await
+        .pg_context(|| "reading the old source's settings".into())?;
+    let (role, database): (String, String) = (row.get(0), row.get(1));
+    let (limit, read_only): (i32, bool) = (row.get(2), row.get(3));
+    if !read_only {
+        return Ok(None);
+    }
+    let db = quote_ident(&database);
+    let mut sql = format!(
+        "ALTER DATABASE {db} RESET default_transaction_read_only; \
+         ALTER ROLE {} IN DATABASE {db} RESET default_transaction_read_only",
+        quote_ident(&role)
+    );
+    if limit == 0 {
+        sql.push_str(&format!("; ALTER DATABASE {db} CONNECTION LIMIT -1"));
+    }
+    target.batch_execute(&sql).await.pg_context(|| {
+        format!("making database {database} writable again (undoing the fence of pipeline {forward}): run {sql} there")
+    })?;
+    let ended: i64 = target
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND backend_type = 'client backend' \
+               AND pid <> pg_backend_pid() AND usename IS DISTINCT FROM current_user",
+            &[],
+        )
+        .await
+        .pg_context(|| "ending the sessions opened while the old source was read-only".into())?
+        .get(0);
+    tracing::info!(%database, ended, "the old source of pipeline {forward} is writable again");
+    Ok(Some(format!(
+        "database {database} (the old source of pipeline {forward}) is writable again: its read-only default and role {role}'s exemption are reset{}, and {ended} sessions opened while it was read-only were ended",
+        if limit == 0 { ", its connection limit lifted" } else { "" }
+    )))
+}

@@ -19,6 +19,7 @@ pub struct Writer {
     stop: Arc<AtomicBool>,
     committed: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
+    tries: Arc<AtomicU64>,
     handle: tokio::task::JoinHandle<()>,
 }
 
@@ -32,12 +33,19 @@ impl Writer {
         let stop = Arc::new(AtomicBool::new(false));
         let committed = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
-        let (s, c, e) = (stop.clone(), committed.clone(), errors.clone());
+        let tries = Arc::new(AtomicU64::new(0));
+        let (s, c, e, t) = (
+            stop.clone(),
+            committed.clone(),
+            errors.clone(),
+            tries.clone(),
+        );
         let handle = tokio::spawn(async move {
             let mut client: Option<Client> = None;
             let mut i: u64 = 0;
             let mut last_error_print = Instant::now() - Duration::from_secs(60);
             while !s.load(Ordering::Relaxed) {
+                t.fetch_add(1, Ordering::Relaxed);
                 let Some(conn) = client.as_ref() else {
                     client = try_connect(&url).await;
                     if client.is_none() {
@@ -78,8 +86,15 @@ impl Writer {
             stop,
             committed,
             errors,
+            tries,
             handle,
         }
+    }
+
+    /// Iterations so far, failed connection attempts included: a writer that cannot
+    /// connect still counts up.
+    pub fn tries(&self) -> u64 {
+        self.tries.load(Ordering::Relaxed)
     }
 
     /// Transactions committed so far.

@@ -1,0 +1,245 @@
+//! Closing batches and committing them: on the main connection, or handed to a
+//! lane and committed in source order (see [`crate::stream::lanes`]); what is
+//! durable, and the position reported to the source.
+
+use super::*;
+
+impl Session<'_> {
+    /// Closes the batch of complete source transactions in the main session: hands
+    /// it to a lane when lanes are on (it commits later, in order), else commits it.
+    pub(super) async fn commit_batch(&mut self) -> Result<()> {
+        if self.batch_txns == 0 {
+            return Ok(());
+        }
+        let Some((end_lsn, commit_time)) = self.batch_last else {
+            return Ok(());
+        };
+        if !(self.lanes.parallel() && self.held_rows.is_empty() && self.pending_resync.is_empty()) {
+            return self.commit_batch_here(end_lsn, commit_time).await;
+        }
+        if self.lanes.full() {
+            self.commit_lanes(1).await?;
+        }
+        let (next, next_pid) = match self.lanes.take_idle() {
+            Some(idle) => idle,
+            None => {
+                let client = connect(self.target, "apply lane").await?;
+                let pid = backend_pid(&client).await?;
+                client
+                    .batch_execute("SET idle_in_transaction_session_timeout = '5min'")
+                    .await
+                    .pg_context(|| "configuring an apply lane on the target".into())?;
+                let session = TargetSession::new(
+                    client,
+                    &self.cfg.target,
+                    self.cfg.state.apply_begin_sql(&self.cfg.slot),
+                )
+                .await?;
+                (session, pid)
+            }
+        };
+        let session = std::mem::replace(&mut self.main, next);
+        let pid = std::mem::replace(&mut self.main_pid, next_pid);
+        let batch = Batch {
+            session,
+            pid,
+            keys: std::mem::take(&mut self.main_keys),
+            end_lsn,
+            commit_time,
+            txns: self.batch_txns,
+            commit_sql: self.progress_sql(end_lsn, commit_time),
+        };
+        self.lanes.hand_off(batch, Arc::clone(&self.relations));
+        self.batch_txns = 0;
+        self.main_mark = 0;
+        self.main_has_partial = false;
+        self.batch_last = None;
+        self.collect_ready().await
+    }
+
+    /// Commits the batch of the main session on it, after every batch in flight.
+    pub(super) async fn commit_batch_here(
+        &mut self,
+        end_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<()> {
+        self.drain_lanes().await?;
+        self.main.flush(&self.relations).await?;
+        self.main.begin().await?;
+        self.flush_held().await?;
+        let sql = self.progress_sql(end_lsn, commit_time);
+        let target_lsn = self.main.commit(&sql).await?;
+        self.main_keys = ConflictKeys::default();
+        self.committed(end_lsn, target_lsn);
+        crate::observe::transactions_applied(self.batch_txns, commit_time);
+        self.batch_txns = 0;
+        self.main_mark = 0;
+        self.main_has_partial = false;
+        self.batch_last = None;
+        self.report_after_commit().await?;
+        self.resync_pending().await
+    }
+
+    /// Closes the batch and commits everything in flight: when the stream is
+    /// quiet, and before anything that must see every earlier transaction applied.
+    pub(super) async fn commit_all(&mut self) -> Result<()> {
+        self.commit_batch().await?;
+        self.drain_lanes().await
+    }
+
+    /// Commits every batch in flight, in order.
+    pub(super) async fn drain_lanes(&mut self) -> Result<()> {
+        self.commit_lanes(self.lanes.len()).await
+    }
+
+    /// Before work on the main connection that is not a row change named by its
+    /// conflict keys (a TRUNCATE, a table's shape, held changes): every batch in
+    /// flight commits first, and the main transaction counts as touching every row.
+    pub(super) async fn barrier(&mut self) -> Result<()> {
+        if !self.lanes.parallel() {
+            return Ok(());
+        }
+        self.drain_lanes().await?;
+        self.main_keys = ConflictKeys::all();
+        Ok(())
+    }
+
+    /// Sends the main session's buffered changes once every batch in flight that
+    /// shares a row with them has committed.
+    pub(super) async fn send_main(&mut self) -> Result<()> {
+        let n = self
+            .lanes
+            .must_commit_before(&self.main_keys)
+            .max(self.lanes.must_commit_before(&self.txn_keys));
+        self.commit_lanes(n).await?;
+        self.main.flush(&self.relations).await
+    }
+
+    /// Commits the oldest `n` batches in flight, in order (waiting for each to have
+    /// sent its statements).
+    pub(super) async fn commit_lanes(&mut self, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        for _ in 0..n {
+            let Some(done) = self.lanes.commit_oldest().await? else {
+                break;
+            };
+            self.committed(done.end_lsn, done.target_lsn);
+            crate::observe::transactions_applied(done.txns, done.commit_time);
+        }
+        self.report_after_commit().await
+    }
+
+    /// Commits the oldest batches in flight that have sent everything, without
+    /// waiting for any.
+    pub(super) async fn collect_ready(&mut self) -> Result<()> {
+        let mut n = 0;
+        while self.lanes.oldest_ready() {
+            let Some(done) = self.lanes.commit_oldest().await? else {
+                break;
+            };
+            self.committed(done.end_lsn, done.target_lsn);
+            crate::observe::transactions_applied(done.txns, done.commit_time);
+            n += 1;
+        }
+        if n > 0 {
+            self.report_after_commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Most source transactions in one batch: smaller batches when lanes are on, so
+    /// that several are in flight at once.
+    pub(super) fn max_batch_txns(&self) -> usize {
+        if self.lanes.parallel() {
+            MAX_LANE_BATCH_TXNS
+        } else {
+            MAX_BATCH_TXNS
+        }
+    }
+
+    /// After a commit: learn what has become durable (at most every 100 ms, since the
+    /// target flushes asynchronous commits in the background) and tell the source.
+    pub(super) async fn report_after_commit(&mut self) -> Result<()> {
+        if self.last_durable_check.elapsed() >= Duration::from_millis(100) {
+            self.check_durable().await?;
+        }
+        self.send_status(false).await
+    }
+
+    pub(super) fn committed(&mut self, end_lsn: Lsn, target_lsn: Option<Lsn>) {
+        self.applied = self.applied.max(end_lsn);
+        if !self.positions.is_empty() {
+            self.positions.expire(self.applied);
+            if self.positions.is_empty() {
+                tracing::info!(lsn = %end_lsn, "the stream has passed every range copied outside it");
+            }
+        }
+        self.pending_durable
+            .push_back((end_lsn, target_lsn.unwrap_or(Lsn(u64::MAX))));
+    }
+
+    /// SQL run inside each apply transaction before COMMIT: the progress row, and
+    /// the tables that must be copied again (so that need survives a crash).
+    pub(super) fn progress_sql(&self, end_lsn: Lsn, commit_time: PgTimestamp) -> String {
+        let mut sql =
+            self.cfg
+                .state
+                .progress_sql(&self.cfg.slot, end_lsn, commit_time.unix_micros());
+        if !self.pending_resync.is_empty() {
+            sql.push_str("; ");
+            sql.push_str(
+                &self
+                    .cfg
+                    .state
+                    .resync_sql(&self.cfg.slot, &self.pending_resync),
+            );
+        }
+        sql
+    }
+
+    /// Moves `durable` forward over commits the target has flushed.
+    pub(super) async fn check_durable(&mut self) -> Result<()> {
+        self.last_durable_check = Instant::now();
+        if self.pending_durable.is_empty() {
+            return Ok(());
+        }
+        let flushed: String = self
+            .monitor
+            .query_one(&self.flush_lsn_query, &[])
+            .await
+            .pg_context(|| "reading the target's flushed WAL position".into())?
+            .get(0);
+        let flushed: Lsn = flushed.parse().unwrap_or_default();
+        while let Some(&(source_lsn, target_lsn)) = self.pending_durable.front() {
+            if target_lsn > flushed {
+                break;
+            }
+            self.durable = self.durable.max(source_lsn);
+            self.pending_durable.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The position the source may free WAL up to.
+    pub(super) fn flush_position(&self) -> Lsn {
+        if self.pending_durable.is_empty() && self.is_idle() {
+            self.durable.max(self.idle_wal_end)
+        } else {
+            self.durable
+        }
+    }
+
+    /// Publishes the flush position to the replication task, which reports it with
+    /// every status update.
+    pub(super) fn publish_flush(&self) {
+        self.io.set_flush(self.flush_position());
+    }
+
+    /// Publishes the flush position and sends a status update now.
+    pub(super) async fn send_status(&mut self, ask_reply: bool) -> Result<()> {
+        self.publish_flush();
+        self.io.send_status(ask_reply).await
+    }
+}
