@@ -60,6 +60,8 @@ pub struct CatchUpOptions {
     pub updated_columns: HashMap<Option<QualifiedName>, String>,
     /// Repair from a plain snapshot without creating a slot (the polling mode).
     pub without_slot: bool,
+    /// `--schemas`/`--exclude-schemas`/`--exclude-tables`: tables left out.
+    pub filter: crate::selection::TableFilter,
 }
 
 impl CatchUpOptions {
@@ -132,6 +134,9 @@ pub async fn catch_up(
     let started = Instant::now();
     let src = connect(source, "catch-up").await?;
     let tgt = connect(target, "catch-up").await?;
+    // Never the source's own database (it would upsert rows onto themselves and
+    // create a slot that waits on this session).
+    bootstrap::preflight::refuse_same_database(&src, &tgt).await?;
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let pipeline = state.existing_pipeline(&tgt, &opts.slot).await?;
     let detected = gap_reason(&src, &opts.slot).await?;
@@ -150,9 +155,12 @@ pub async fn catch_up(
     if use_slot {
         bootstrap::preflight::check_source_replication(&src, &opts.slot).await?;
     }
-    let tables =
+    let mut tables =
         crate::verify::resolve_tables(&src, &tgt, &state, &opts.slot, opts.tables.as_deref())
             .await?;
+    // A pipeline's tables are filtered already; without one (polling) the filter
+    // leaves tables out here, before the keyless-table check.
+    tables.retain(|t| opts.filter.keeps(&t.name));
     if tables.is_empty() {
         bail!("no tables to catch up: name them with --tables");
     }

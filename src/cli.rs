@@ -85,16 +85,17 @@ pub enum Command {
     Config(ConfigArgs),
     /// See it work: start two throwaway local PostgreSQL clusters, load the demo
     /// schema, bootstrap, stream while a live writer runs (throughput and lag as it
-    /// goes), then verify. Ctrl-C or --seconds ends it and removes the clusters.
+    /// goes) for --seconds (30 by default), then verify and print a summary.
     Demo(DemoArgs),
 }
 
 /// Options of `demo`.
 #[derive(Debug, Args, Clone)]
 pub struct DemoArgs {
-    /// Stop after this many seconds of streaming (default: at Ctrl-C).
-    #[arg(long)]
-    pub seconds: Option<u64>,
+    /// Seconds of streaming before the demo stops, verifies and prints its
+    /// summary; 0 streams until Ctrl-C (which also ends it early, verified).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    pub seconds: u64,
 
     /// Demo data scale: 100,000 recommendation rows per unit.
     #[arg(long, default_value_t = 1)]
@@ -393,6 +394,7 @@ impl WatermarkArgs {
             created_columns: Self::columns(&self.created_column)?,
             updated_columns: Self::columns(&self.updated_column)?,
             without_slot,
+            filter: b.filter.clone(),
         })
     }
 }
@@ -484,6 +486,9 @@ impl VerifyArgs {
             allow_target_triggers: self.allow_target_triggers,
             capture_ddl: false,
             online: false,
+            schemas: Vec::new(),
+            exclude_schemas: Vec::new(),
+            exclude_tables: Vec::new(),
         }
         .options()?;
         Ok(crate::verify::VerifyOptions {
@@ -586,6 +591,20 @@ pub struct BootstrapArgs {
     #[arg(long, value_delimiter = ',')]
     pub tables: Option<Vec<String>>,
 
+    /// Comma-separated schema patterns: only tables in these schemas (as `pg_dump
+    /// -n`: `*` and `?` wildcards, quote capitals and dots).
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub schemas: Vec<String>,
+
+    /// Comma-separated schema patterns whose tables are left out (as `pg_dump -N`).
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub exclude_schemas: Vec<String>,
+
+    /// Comma-separated table patterns left out, as [schema.]table (as `pg_dump -T`;
+    /// a table pattern without a schema matches in every schema).
+    #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
+    pub exclude_tables: Vec<String>,
+
     /// Replication slot name; also names the pipeline.
     #[arg(long, default_value = "walshuttle")]
     pub slot: String,
@@ -653,6 +672,11 @@ impl BootstrapArgs {
             allow_target_triggers: self.allow_target_triggers,
             capture_ddl: self.capture_ddl,
             online: self.online,
+            filter: crate::selection::TableFilter::new(
+                &self.schemas,
+                &self.exclude_schemas,
+                &self.exclude_tables,
+            )?,
         })
     }
 }

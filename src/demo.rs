@@ -83,6 +83,7 @@ pub async fn demo(opts: &DemoOptions, mut stop: watch::Receiver<bool>) -> Result
         allow_target_triggers: false,
         capture_ddl: false,
         online: false,
+        filter: Default::default(),
     };
     println!("bootstrapping the target");
     let summary = bootstrap::bootstrap(&source, &target, &boot).await?;
@@ -107,10 +108,10 @@ pub async fn demo(opts: &DemoOptions, mut stop: watch::Receiver<bool>) -> Result
     ));
 
     println!(
-        "streaming while a writer runs{}; Ctrl-C stops",
+        "streaming while a writer runs{}",
         opts.seconds
-            .map(|s| format!(" for {s} s"))
-            .unwrap_or_default()
+            .map(|s| format!(" for {s} s (Ctrl-C stops it sooner; --seconds 0 runs until Ctrl-C)"))
+            .unwrap_or_else(|| " until Ctrl-C".into())
     );
     let monitor_src = connect(&source, "demo monitor").await?;
     let monitor_tgt = connect(&target, "demo monitor").await?;

@@ -26,8 +26,10 @@
 //! - [`publication`]: each pipeline's own publication, never another's.
 //! - [`target_checks`]: foreign keys and triggers on existing target tables.
 //! - [`sequences`]: target sequences kept at or past the source's (`run --sync-sequences`).
+//! - [`selection`]: `--schemas`, `--exclude-schemas`, `--exclude-tables` patterns.
 //! - [`settings`]: the `--config` file and its precedence under env and flags.
 //! - [`cli`]: the command-line contract users script against.
+//! - [`exit`]: exit codes a supervisor can act on (75: try again later).
 
 pub mod bootstrap;
 pub mod catalog;
@@ -38,6 +40,7 @@ pub mod config;
 pub mod copier;
 pub mod ddl_capture;
 pub mod demo;
+pub mod exit;
 pub mod localpg;
 pub mod observe;
 pub mod partitions;
@@ -47,6 +50,7 @@ pub mod publication;
 pub mod range_copy;
 pub mod rewrite;
 pub mod run;
+pub mod selection;
 pub mod sequences;
 pub mod settings;
 pub mod slot;

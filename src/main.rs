@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches};
 use walshuttle::cli::{Cli, Command, ConfigAction};
 use walshuttle::config::{endpoint, Side};
+use walshuttle::exit;
 use walshuttle::settings::{FileConfig, Resolved};
 
 #[cfg(feature = "profiling")]
@@ -17,11 +18,16 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    // verify reserves 1 for "different"; its errors exit 2.
-    let error_code = if matches!(cli.command, Command::Verify(_)) {
-        2
-    } else {
-        1
+    // verify reserves 1 for "different"; its errors exit 2. Other commands exit 75
+    // when a server is down or unreachable (try again later), 1 when a person must
+    // act (see `walshuttle::exit`).
+    let is_verify = matches!(cli.command, Command::Verify(_));
+    let error_code = |e: &anyhow::Error| {
+        if is_verify {
+            exit::USAGE
+        } else {
+            exit::code_for(e)
+        }
     };
     // The config file fills what neither a flag nor the environment set.
     let file = match cli.connections.config.as_deref().map(FileConfig::load) {
@@ -32,10 +38,11 @@ fn main() -> ExitCode {
         }
         Some(Err(e)) => {
             eprintln!("error: {}", one_line(&e));
-            return ExitCode::from(error_code);
+            return ExitCode::from(error_code(&e));
         }
     };
     init_logging(&cli.connections.log_format);
+    let json_logs = cli.connections.log_format == "json";
     #[cfg(feature = "profiling")]
     let profile = profiling::start();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -56,8 +63,14 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", one_line(&e));
-            ExitCode::from(error_code)
+            let code = error_code(&e);
+            if json_logs {
+                // A log collector reading JSON lines gets the error as one too.
+                tracing::error!(exit_code = code, "error: {}", one_line(&e));
+            } else {
+                eprintln!("error: {}", one_line(&e));
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -91,7 +104,7 @@ async fn dispatch(
                     .unwrap_or(2)
             });
             let opts = walshuttle::demo::DemoOptions {
-                seconds: args.seconds,
+                seconds: (args.seconds > 0).then_some(args.seconds),
                 scale: args.scale.max(1),
                 jobs: jobs.max(1),
             };

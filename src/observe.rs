@@ -67,6 +67,9 @@ pub mod names {
     /// Tables of the pipeline whose copy is not in the stream yet (being copied
     /// online, or their held changes being applied).
     pub const TABLES_COPYING: &str = "walshuttle_tables_copying";
+    /// Gauge: 1 once `run` stopped on an error retrying cannot fix (it keeps
+    /// serving `/metrics` for a short grace so Prometheus sees it), 0 before.
+    pub const STOPPED_ON_ERROR: &str = "walshuttle_stopped_on_error";
 }
 
 /// The phases a `walshuttle switchover` records, in order.
@@ -375,6 +378,7 @@ fn install_recorder(pipeline: &str) -> Result<PrometheusHandle> {
         .map_err(|e| anyhow::anyhow!("cannot set up the metrics recorder: {e}"))?;
     let _ = HANDLE.set(handle.clone());
     describe();
+    register_at_zero();
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -384,6 +388,50 @@ fn install_recorder(pipeline: &str) -> Result<PrometheusHandle> {
         }
     });
     Ok(handle)
+}
+
+/// Every series without a per-table label exists from the start, at 0: a
+/// dashboard shows 0 rather than "No data", and `increase()` sees the first error.
+fn register_at_zero() {
+    metrics::counter!(names::TRANSACTIONS).absolute(0);
+    metrics::counter!(names::RECONNECTS).absolute(0);
+    for kind in ERROR_KINDS {
+        metrics::counter!(names::ERRORS, "kind" => kind).absolute(0);
+    }
+    metrics::gauge!(names::STREAMING).set(0.0);
+    metrics::gauge!(names::STOPPED_ON_ERROR).set(0.0);
+}
+
+/// The `kind` labels of [`names::ERRORS`].
+pub const ERROR_KINDS: [&str; 4] = ["stream", "slot_busy", "connect", "fatal"];
+
+/// Whether `/metrics` was scraped since `run` stopped on an error.
+static SCRAPED_AFTER_STOP: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// After a stop on an error: sets [`names::STOPPED_ON_ERROR`] and, when metrics
+/// are served, keeps serving them (and `/healthz`, 503 with the reason) until one
+/// scrape has seen the stop, at most `grace` (or until `stop` turns true).
+pub async fn stopped_on_error(grace: Duration, stop: &mut tokio::sync::watch::Receiver<bool>) {
+    metrics::gauge!(names::STOPPED_ON_ERROR).set(1.0);
+    if HANDLE.get().is_none() {
+        return;
+    }
+    SCRAPED_AFTER_STOP.store(false, std::sync::atomic::Ordering::SeqCst);
+    tracing::info!(
+        "serving /metrics for up to {} s more so the stop is scraped",
+        grace.as_secs()
+    );
+    let scraped = async {
+        while !SCRAPED_AFTER_STOP.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        _ = scraped => {}
+        _ = tokio::time::sleep(grace) => {}
+        _ = async { while !*stop.borrow() { if stop.changed().await.is_err() { std::future::pending::<()>().await; } } } => {}
+    }
 }
 
 /// The `# HELP` texts.
@@ -453,6 +501,10 @@ fn describe() {
         "The source's max_slot_wal_keep_size, past which it invalidates the slot"
     );
     describe_gauge!(
+        names::STOPPED_ON_ERROR,
+        "1 once run stopped on an error retrying cannot fix"
+    );
+    describe_gauge!(
         names::TABLES_COPYING,
         "Tables being copied online or having the changes held meanwhile applied"
     );
@@ -479,12 +531,29 @@ pub fn slot_wal(retained: u64, keep_limit: Option<u64>, budget: Option<u64>) {
     h.wal_budget = budget;
 }
 
+/// The slot was dropped on purpose: its WAL is freed, so the retained WAL reads 0
+/// until a new slot is measured (not the old slot's last reading).
+pub fn slot_released() {
+    metrics::gauge!(names::RETAINED_WAL).set(0.0);
+    health().retained_wal = Some(0);
+}
+
 /// Starts serving `/metrics` (Prometheus text format) and `/healthz` on `addr`.
 /// Fails at once when the address cannot be bound.
 pub async fn serve(addr: SocketAddr, pipeline: &str, max_lag: Duration) -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        anyhow::anyhow!("cannot listen on {addr} for --metrics-addr: {e}; choose a free address")
-    })?;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                if let Some(other) = running_walshuttle(addr).await {
+                    anyhow::bail!(
+                        "cannot listen on {addr} for --metrics-addr: another walshuttle serves it ({other}): if it runs this pipeline, it already holds it; stop it first, or give this one another --metrics-addr"
+                    );
+                }
+            }
+            anyhow::bail!("cannot listen on {addr} for --metrics-addr: {e}; choose a free address");
+        }
+    };
     let bound = listener.local_addr().unwrap_or(addr);
     let handle = install_recorder(pipeline)?;
     tracing::info!(addr = %bound, "serving /metrics and /healthz");
@@ -517,6 +586,44 @@ pub async fn serve(addr: SocketAddr, pipeline: &str, max_lag: Duration) -> Resul
     Ok(bound)
 }
 
+/// Who answers on `addr`, when it is a walshuttle: its pipeline and phase, read
+/// from its `/metrics` and `/healthz` (a second, bounded look: nothing else).
+async fn running_walshuttle(addr: SocketAddr) -> Option<String> {
+    async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let fetch = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.ok()?;
+            let mut body = Vec::new();
+            stream.take(1 << 20).read_to_end(&mut body).await.ok()?;
+            Some(String::from_utf8_lossy(&body).into_owned())
+        };
+        tokio::time::timeout(Duration::from_secs(2), fetch)
+            .await
+            .ok()?
+    }
+    let metrics = get(addr, "/metrics").await?;
+    if !metrics.contains("walshuttle_") {
+        return None;
+    }
+    let pipeline = metrics
+        .split("pipeline=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or("unknown")
+        .to_string();
+    let phase = get(addr, "/healthz")
+        .await
+        .and_then(|h| {
+            let body = h.split("\r\n\r\n").nth(1)?.to_string();
+            serde_json::from_str::<serde_json::Value>(&body).ok()
+        })
+        .and_then(|v| v.get("phase").and_then(|p| p.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    Some(format!("pipeline {pipeline}, phase {phase}"))
+}
+
 fn respond(
     req: &Request<Incoming>,
     handle: &PrometheusHandle,
@@ -541,10 +648,14 @@ fn respond(
     match req.uri().path() {
         "/metrics" => {
             refresh_gauges();
+            let body = handle.render();
+            if health().phase == RunPhase::Stopped {
+                SCRAPED_AFTER_STOP.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                handle.render(),
+                body,
             )
         }
         "/healthz" => {

@@ -60,6 +60,7 @@ impl RunOptions {
                 created_columns: Default::default(),
                 updated_columns: Default::default(),
                 without_slot: false,
+                filter: bootstrap.filter.clone(),
             },
             bootstrap,
             status_interval: Duration::from_secs(1),
@@ -101,6 +102,10 @@ async fn stop_deadline(watcher: &mut watch::Receiver<bool>, extension: &StopExte
     }
 }
 
+/// Longest `run` keeps serving `/metrics` after a stop on an error, waiting for
+/// one scrape to see it (a scrape interval of 15 s is common).
+const STOPPED_GRACE: Duration = Duration::from_secs(20);
+
 const BACKOFF_START: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -139,6 +144,9 @@ pub async fn run(
         }
     };
     observe::set_phase(RunPhase::Stopped, Some(reason));
+    if result.is_err() {
+        observe::stopped_on_error(STOPPED_GRACE, &mut shutdown).await;
+    }
     result
 }
 
@@ -150,13 +158,31 @@ async fn run_pipeline(
     shutdown: &mut watch::Receiver<bool>,
     stop_extension: &StopExtension,
 ) -> Result<()> {
-    ensure_bootstrapped(source, target, &opts.bootstrap, &state).await?;
-    {
-        let client = connect(target, "run").await?;
-        if let Some(why) = switched_over(&client, &state, &opts.bootstrap.slot).await? {
-            return Err(Fatal(why).into());
+    let mut retry = Retrying::new(target, state.clone(), &opts.bootstrap.slot);
+    // A server down at start (a boot where the database comes up after walshuttle)
+    // is waited for like one that goes down later; anything else stops here.
+    let mut backoff = BACKOFF_START;
+    let ready = loop {
+        if *shutdown.borrow() {
+            retry.clear_if_noted().await;
+            return Ok(());
         }
-    }
+        match start_up(source, target, opts, &state).await {
+            Ok(ready) => break ready,
+            Err(e) if crate::exit::is_transient(&e) => {
+                retry.note(&e).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => {
+                retry.clear_if_noted().await;
+                return Err(e);
+            }
+        }
+    };
     // A switchover done while this `run` streams finishes the pipeline: the stream
     // stops (the source is fenced, so nothing past the fence LSN is left to apply).
     let (stop_tx, mut stop) = watch::channel(*shutdown.borrow());
@@ -170,7 +196,17 @@ async fn run_pipeline(
         std::sync::Arc::clone(&finished),
     )));
     let shutdown = &mut stop;
-    let result = stream_pipeline(source, target, opts, state, shutdown, stop_extension).await;
+    let result = stream_pipeline(
+        source,
+        target,
+        opts,
+        state,
+        ready,
+        retry,
+        shutdown,
+        stop_extension,
+    )
+    .await;
     let why = finished.lock().ok().and_then(|f| f.clone());
     match why {
         Some(why) if result.is_ok() => {
@@ -266,20 +302,20 @@ async fn watch_switchover(
     }
 }
 
-/// Streams the pipeline until `shutdown` (see [`run_pipeline`]).
+/// Streams the pipeline until `shutdown` (see [`run_pipeline`]), from what
+/// [`start_up`] made `ready`.
+#[allow(clippy::too_many_arguments)]
 async fn stream_pipeline(
     source: &Endpoint,
     target: &Endpoint,
     opts: &RunOptions,
     state: StateStore,
+    ready: (String, TargetSetup),
+    mut retry: Retrying<'_>,
     shutdown: &mut watch::Receiver<bool>,
     stop_extension: &StopExtension,
 ) -> Result<()> {
-    if opts.bootstrap.capture_ddl {
-        crate::ddl_capture::enable_for_pipeline(source, target, &state, &opts.bootstrap.slot)
-            .await?;
-    }
-    let (publication, target_setup) = stream_preflight(target, &opts.bootstrap, &state).await?;
+    let (publication, target_setup) = ready;
     let cfg = StreamConfig {
         slot: opts.bootstrap.slot.clone(),
         publication,
@@ -316,21 +352,47 @@ async fn stream_pipeline(
     let _sequences = opts
         .sync_sequences
         .map(|every| SequenceSync::start(source, target, &cfg, every));
+    // The slot's WAL against the budget right away, not 10 s into streaming: a
+    // slot far over it is released before streaming from it, and `/healthz`
+    // knows the retained WAL from the start.
+    if let Err(e) = release_if_over_budget(source, &cfg).await {
+        tracing::debug!(error = %format!("{e:#}"), "could not check the WAL budget");
+    }
     let mut backoff = BACKOFF_START;
     let mut last_error: Option<String> = None;
     let mut slot_busy_since: Option<Instant> = None;
     loop {
         if *shutdown.borrow() {
+            retry.clear_if_noted().await;
             return Ok(());
         }
         let streamed = AtomicBool::new(false);
-        let outcome = session::stream(source, target, &cfg, shutdown, &streamed).await;
+        let outcome = {
+            let stream = session::stream(source, target, &cfg, shutdown, &streamed);
+            // Once it streams again, the note for `status` goes.
+            let clear = async {
+                if retry.noted {
+                    while !streamed.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    retry.clear().await;
+                }
+                std::future::pending::<Result<()>>().await
+            };
+            tokio::select! {
+                outcome = stream => outcome,
+                never = clear => never,
+            }
+        };
         if streamed.load(Ordering::Relaxed) {
             // It got as far as streaming: the next fault starts the backoff afresh.
             backoff = BACKOFF_START;
         }
         match outcome {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                retry.clear_if_noted().await;
+                return Ok(());
+            }
             Err(e) if e.downcast_ref::<crate::catchup::SlotGone>().is_some() => {
                 let reason = e
                     .downcast_ref::<crate::catchup::SlotGone>()
@@ -362,6 +424,7 @@ async fn stream_pipeline(
                 }
             }
             Err(e) if faults::classify(&e) == Class::Fatal => {
+                retry.clear_if_noted().await;
                 return Err(stop_for_good(target, &cfg, &e).await);
             }
             Err(e) => {
@@ -370,6 +433,7 @@ async fn stream_pipeline(
                     RunPhase::Reconnecting,
                     Some(format!("replication interrupted, retrying: {text}")),
                 );
+                retry.record(&text).await;
                 observe::reconnect();
                 if let Some(holder) = slot_held_by_other(source, &cfg.slot, &e).await {
                     observe::error("slot_busy");
@@ -404,6 +468,115 @@ async fn stream_pipeline(
                     _ = shutdown.changed() => {}
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Everything before the stream: a bootstrap when none finished, the refusal of a
+/// pipeline already switched over, DDL capture, and the stream's preflight.
+async fn start_up(
+    source: &Endpoint,
+    target: &Endpoint,
+    opts: &RunOptions,
+    state: &StateStore,
+) -> Result<(String, TargetSetup)> {
+    ensure_bootstrapped(source, target, &opts.bootstrap, state).await?;
+    {
+        let client = connect(target, "run").await?;
+        if let Some(why) = switched_over(&client, state, &opts.bootstrap.slot).await? {
+            return Err(Fatal(why).into());
+        }
+    }
+    if opts.bootstrap.capture_ddl {
+        crate::ddl_capture::enable_for_pipeline(source, target, state, &opts.bootstrap.slot)
+            .await?;
+    }
+    stream_preflight(target, &opts.bootstrap, state).await
+}
+
+/// What `run` tells about its retries: the log (once per distinct reason),
+/// `/healthz` and `/metrics`, and `status` (through the state, best effort: the
+/// target may be the server that is down).
+struct Retrying<'a> {
+    target: &'a Endpoint,
+    state: StateStore,
+    slot: &'a str,
+    last: Option<String>,
+    /// The reason last recorded in the state.
+    recorded: Option<String>,
+    /// Whether a reason may be recorded in the state (cleared once streaming).
+    noted: bool,
+}
+
+impl<'a> Retrying<'a> {
+    fn new(target: &'a Endpoint, state: StateStore, slot: &'a str) -> Self {
+        Retrying {
+            target,
+            state,
+            slot,
+            last: None,
+            recorded: None,
+            noted: false,
+        }
+    }
+
+    /// A transient error at start-up: says so everywhere and records it.
+    async fn note(&mut self, e: &anyhow::Error) {
+        let text = format!("{e:#}");
+        observe::set_phase(RunPhase::Reconnecting, Some(format!("retrying: {text}")));
+        observe::reconnect();
+        observe::error("connect");
+        if self.last.as_deref() != Some(text.as_str()) {
+            tracing::warn!(error = %text, "a server is down or unreachable: retrying with backoff");
+            self.last = Some(text.clone());
+        } else {
+            tracing::debug!(error = %text, "still unreachable");
+        }
+        self.record(&text).await;
+    }
+
+    /// Records why `run` retries for `status` (best effort, bounded; once per
+    /// distinct reason, so a target that does not answer slows no retry twice).
+    async fn record(&mut self, text: &str) {
+        self.noted = true;
+        if self.recorded.as_deref() == Some(text) {
+            return;
+        }
+        self.recorded = Some(text.to_string());
+        self.write(Some(text)).await;
+    }
+
+    /// Clears the note when `run` stops (it no longer retries), if it made one.
+    async fn clear_if_noted(&mut self) {
+        if self.noted {
+            self.clear().await;
+        }
+    }
+
+    /// Clears the note once streaming.
+    async fn clear(&mut self) {
+        self.write(None).await;
+        self.noted = false;
+        self.last = None;
+        self.recorded = None;
+    }
+
+    async fn write(&self, text: Option<&str>) {
+        let done = async {
+            let client = connect(self.target, "run").await?;
+            if self.state.installed_version(&client).await? != Some(crate::state::STATE_VERSION) {
+                return Ok(());
+            }
+            self.state.set_retrying(&client, self.slot, text).await
+        };
+        match tokio::time::timeout(Duration::from_secs(3), done).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %format!("{e:#}"), "could not record why run retries")
+            }
+            Err(_) => {
+                tracing::debug!("could not record why run retries: the target did not answer")
             }
         }
     }
@@ -557,17 +730,17 @@ async fn record_wal_budget(target: &Endpoint, cfg: &StreamConfig) {
 /// (the target down, say) and drops the slot once it reaches the budget. Best
 /// effort: an unreachable source is simply not checked.
 async fn release_if_over_budget(source: &Endpoint, cfg: &StreamConfig) -> Result<()> {
-    let Some(budget) = cfg.max_retained_wal else {
-        return Ok(());
-    };
     let Ok(src) = connect(source, "wal budget").await else {
         return Ok(());
     };
     let Some(wal) = crate::wal_budget::measure(&src, &cfg.slot).await? else {
         return Ok(());
     };
-    let limit = crate::wal_budget::limit(Some(budget), wal.keep_size);
+    let limit = crate::wal_budget::limit(cfg.max_retained_wal, wal.keep_size);
     observe::slot_wal(wal.retained, wal.keep_size, limit);
+    let Some(budget) = cfg.max_retained_wal else {
+        return Ok(());
+    };
     if crate::wal_budget::judge(wal, Some(budget)) == crate::wal_budget::Verdict::Release {
         release_slot(
             &src,
@@ -597,7 +770,9 @@ async fn release_slot(
             "{why}: the slot was dropped; catch-up repairs the gap"
         )),
     );
-    crate::bootstrap::drop_slot_if_exists(src, slot).await
+    crate::bootstrap::drop_slot_if_exists(src, slot).await?;
+    observe::slot_released();
+    Ok(())
 }
 
 /// When `error` says the slot is active elsewhere, who holds it (pid and address).

@@ -68,6 +68,12 @@ pub struct FileConfig {
     pub jobs: Option<usize>,
     /// Tables, `[schema.]table`.
     pub tables: Option<List>,
+    /// Schema patterns whose tables only are replicated (`--schemas`).
+    pub schemas: Option<List>,
+    /// Schema patterns left out (`--exclude-schemas`).
+    pub exclude_schemas: Option<List>,
+    /// Table patterns left out (`--exclude-tables`).
+    pub exclude_tables: Option<List>,
     /// Empty target tables that hold rows before copying.
     pub truncate_target: Option<bool>,
     /// Fire target foreign keys and triggers on replicated rows as for any writer.
@@ -226,6 +232,13 @@ impl FileConfig {
         for t in tables.iter().flatten() {
             QualifiedName::parse(t).map_err(|e| anyhow::anyhow!("`tables`: {e}"))?;
         }
+        let items = |l: &Option<List>| l.as_ref().map(List::items).unwrap_or_default();
+        crate::selection::TableFilter::new(
+            &items(&self.schemas),
+            &items(&self.exclude_schemas),
+            &items(&self.exclude_tables),
+        )
+        .map_err(|e| anyhow::anyhow!("`schemas`/`exclude_schemas`/`exclude_tables`: {e}"))?;
         for (key, list) in [
             ("created_column", &self.created_column),
             ("updated_column", &self.updated_column),
@@ -352,6 +365,23 @@ impl Resolved {
             }
             if let Some(v) = self.tables.as_ref().filter(|_| !given("tables")) {
                 b.tables = Some(v.clone());
+            }
+            if let Some(v) = f.schemas.as_ref().filter(|_| !given("schemas")) {
+                b.schemas = v.items();
+            }
+            if let Some(v) = f
+                .exclude_schemas
+                .as_ref()
+                .filter(|_| !given("exclude_schemas"))
+            {
+                b.exclude_schemas = v.items();
+            }
+            if let Some(v) = f
+                .exclude_tables
+                .as_ref()
+                .filter(|_| !given("exclude_tables"))
+            {
+                b.exclude_tables = v.items();
             }
             if let Some(v) = f.slot.as_ref().filter(|_| !given("slot")) {
                 b.slot = v.clone();
@@ -611,6 +641,13 @@ impl Resolved {
             self.tables.as_ref().map(|t| t.join(", ")),
             "every ordinary table outside system schemas",
         );
+        for (key, list) in [
+            ("schemas", &f.schemas),
+            ("exclude_schemas", &f.exclude_schemas),
+            ("exclude_tables", &f.exclude_tables),
+        ] {
+            plain(key, list.as_ref().map(|l| l.items().join(", ")), "none");
+        }
         plain(
             "truncate_target",
             f.truncate_target.map(|b| b.to_string()),

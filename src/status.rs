@@ -105,6 +105,12 @@ pub struct PipelineStatus {
     /// Why `run` last stopped on an error retrying cannot fix (where, and what to
     /// do); null when it did not, and cleared when streaming starts again.
     pub stop_reason: Option<String>,
+    /// The pipeline's `--schemas`/`--exclude-schemas`/`--exclude-tables`, as flags;
+    /// null without any.
+    pub table_filter: Option<String>,
+    /// Why `run` is retrying (a server down or unreachable) while it retries, as
+    /// `retrying: <reason> (for N s)`; null when it streams or is not running.
+    pub retrying: Option<String>,
     /// The last `walshuttle switchover` of the pipeline (its phase while it runs,
     /// then `done` or `aborted`); null when none ran.
     pub switchover: Option<SwitchoverStatus>,
@@ -273,7 +279,12 @@ async fn pipeline_status(
         .live_positions(tgt, name, applied.unwrap_or_default())
         .await?
         .len();
-    let consistent = pending_positions == 0 && pipeline.phase != Phase::CatchingUp;
+    // A pipeline whose bootstrap has not finished is not a consistent copy either.
+    let consistent = pending_positions == 0
+        && !matches!(
+            pipeline.phase,
+            Phase::CatchingUp | Phase::CreatingSlot | Phase::Bootstrapping
+        );
 
     let current = slot.as_ref().and_then(|s| s.current);
     let confirmed = slot.as_ref().and_then(|s| s.confirmed);
@@ -304,6 +315,29 @@ async fn pipeline_status(
 
     if let Some(reason) = &pipeline.stop_reason {
         warnings.push(format!("pipeline {name}: run stopped: {reason}"));
+    }
+    // A bootstrap that stopped half-way (nobody holds its slot) keeps the slot's
+    // WAL on the source until it is finished or removed.
+    if matches!(recorded, Phase::CreatingSlot | Phase::Bootstrapping) {
+        if let Some(s) = slot
+            .as_ref()
+            .filter(|s| s.exists && s.active == Some(false))
+        {
+            warnings.push(format!(
+                "pipeline {name}: half-made (phase {}) and its replication slot holds {} of WAL on the source: finish it with `walshuttle bootstrap` (it resumes) or remove it with `walshuttle teardown --slot {name}`",
+                recorded.as_str(),
+                s.retained.map(human_bytes).unwrap_or_else(|| "an unknown amount".into())
+            ));
+        }
+    }
+    // A note left by a run that streams again (its slot active) is stale.
+    let retrying = match state.retrying(tgt, name).await? {
+        Some(_) if active == Some(true) => None,
+        Some((reason, secs)) => Some(format!("retrying: {reason} (for {secs} s)")),
+        None => None,
+    };
+    if let Some(r) = &retrying {
+        warnings.push(format!("pipeline {name}: run is {r}"));
     }
     if let Some(s) = &slot {
         if !s.exists {
@@ -449,6 +483,9 @@ async fn pipeline_status(
         chunks_done: tables.iter().map(|t| t.chunks_done).sum(),
         chunks_total: tables.iter().map(|t| t.chunks_total).sum(),
         stop_reason: pipeline.stop_reason.clone(),
+        table_filter: Some(state.table_filter(tgt, name).await?.describe())
+            .filter(|d| !d.is_empty()),
+        retrying,
         switchover,
         tables,
         untracked_tables: untracked.map(|l| l.iter().map(|t| t.to_string()).collect()),
@@ -648,6 +685,12 @@ impl StatusReport {
             ));
             if let Some(reason) = &p.stop_reason {
                 out.push_str(&format!("  stopped by       {reason}\n"));
+            }
+            if let Some(f) = &p.table_filter {
+                out.push_str(&format!("  selection        {f}\n"));
+            }
+            if let Some(r) = &p.retrying {
+                out.push_str(&format!("  run              {r}\n"));
             }
             if let Some(s) = &p.switchover {
                 out.push_str(&format!(

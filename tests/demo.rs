@@ -5,7 +5,8 @@ use std::process::{Command, Stdio};
 #[test]
 fn demo_runs_to_a_successful_verify() {
     let out = Command::new(env!("CARGO_BIN_EXE_walshuttle"))
-        .args(["demo", "--seconds", "20", "--jobs", "2"])
+        // As the README runs it: no --seconds, so it must end by itself.
+        .args(["demo", "--jobs", "2"])
         .env_remove("WALSHUTTLE_SOURCE")
         .env_remove("WALSHUTTLE_TARGET")
         .stdin(Stdio::null())
@@ -16,6 +17,7 @@ fn demo_runs_to_a_successful_verify() {
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("3 of 3 tables equal"), "{stdout}");
     assert!(stdout.contains("demo succeeded"), "{stdout}");
+    assert!(stdout.contains("for 30 s"), "{stdout}");
     // It showed throughput and lag while streaming.
     let progress_lines = stdout
         .lines()

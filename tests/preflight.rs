@@ -231,3 +231,148 @@ async fn bad_connections_fail_with_one_clear_line() {
 
     assert_nothing_written(&src, &tgt, &before).await;
 }
+
+/// `--target` pointing at the source's own database is refused, even with
+/// `--truncate-target` (which would empty the source's tables), before anything is
+/// written: no slot, no publication, no state schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_database_as_target_is_refused_before_anything_is_written() {
+    let source = Cluster::start();
+    let src = source.client().await;
+    src.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, name text);
+         INSERT INTO items VALUES (1, 'a'), (2, 'b');",
+    )
+    .await
+    .unwrap();
+    let before = target_tables(&src).await;
+    for command in [
+        &["bootstrap", "--truncate-target"][..],
+        &["bootstrap"],
+        &["run", "--truncate-target"],
+        &["catch-up"],
+    ] {
+        let mut cmd = walshuttle(&source, &source);
+        cmd.args(command);
+        let (code, _, stderr) = run(cmd);
+        assert_eq!(code, 1, "{command:?}: {stderr}");
+        let last = stderr.lines().last().unwrap_or_default();
+        assert!(last.contains("same database"), "{command:?}: {last}");
+        assert!(last.contains("--target"), "{command:?}: {last}");
+        assert!(!stderr.contains(PASSWORD), "password leaked: {stderr}");
+        assert_nothing_written(&src, &src, &before).await;
+    }
+    let rows: i64 = src
+        .query_one("SELECT count(*) FROM items", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2, "the source's rows were touched");
+}
+
+/// A target role without CREATE on the target database is refused before anything
+/// is written, with a hint naming the privilege it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_role_without_create_is_refused_naming_the_privilege() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    tgt.batch_execute(
+        "CREATE ROLE writer LOGIN PASSWORD 'writer-pw';
+         REVOKE CREATE ON DATABASE postgres FROM PUBLIC;
+         GRANT CREATE, USAGE ON SCHEMA public TO writer;",
+    )
+    .await
+    .unwrap();
+    let before = target_tables(&tgt).await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.env(
+        "WALSHUTTLE_TARGET",
+        format!(
+            "postgresql://writer:writer-pw@127.0.0.1:{}/postgres",
+            target.port
+        ),
+    );
+    cmd.arg("bootstrap");
+    expect_failure(
+        cmd,
+        &[
+            "writer",
+            "CREATE",
+            "GRANT CREATE ON DATABASE \"postgres\" TO \"writer\"",
+        ],
+    );
+    assert_nothing_written(&src, &tgt, &before).await;
+}
+
+/// A pipeline whose bootstrap stopped half-way keeps its slot's WAL: `status`
+/// warns about it (and does not call it consistent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_warns_about_a_half_made_pipeline_holding_wal() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY, name text);
+         INSERT INTO items VALUES (1, 'a');",
+    )
+    .await
+    .unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("bootstrap");
+    let (code, _, stderr) = run(cmd);
+    assert_eq!(code, 0, "{stderr}");
+    // A fresh target: one line about the state schema, not one per version.
+    assert_eq!(stderr.matches("state schema").count(), 1, "{stderr}");
+    assert!(stderr.contains("created the state schema"), "{stderr}");
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("status");
+    let (_, out, _) = run(cmd);
+    assert!(!out.contains("half-made"), "{out}");
+    // As a bootstrap killed right after it created its slot leaves it.
+    tgt.batch_execute("UPDATE walshuttle.pipelines SET phase = 'creating_slot'")
+        .await
+        .unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("status");
+    let (code, out, stderr) = run(cmd);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("half-made (phase creating_slot)"), "{out}");
+    assert!(out.contains("of WAL on the source"), "{out}");
+    assert!(out.contains("walshuttle teardown"), "{out}");
+    assert!(out.contains("consistent       no"), "{out}");
+}
+
+/// A source role that may replicate but does not own a table is refused before
+/// anything is written, naming the table and the statement that fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_role_not_owning_a_table_is_refused_before_anything_is_written() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(&format!(
+        "CREATE TABLE mine (id int PRIMARY KEY);
+         CREATE TABLE \"Not Mine\" (id int PRIMARY KEY);
+         CREATE ROLE repl LOGIN REPLICATION PASSWORD '{PASSWORD}';
+         ALTER TABLE mine OWNER TO repl;
+         GRANT SELECT ON \"Not Mine\" TO repl;
+         GRANT CREATE ON DATABASE postgres TO repl;"
+    ))
+    .await
+    .unwrap();
+    let before = target_tables(&tgt).await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.env(
+        "WALSHUTTLE_SOURCE",
+        source.url().replacen("postgres:", "repl:", 1),
+    )
+    .arg("bootstrap");
+    expect_failure(cmd, &["repl", "public.\"Not Mine\"", "OWNER TO \"repl\""]);
+    assert_nothing_written(&src, &tgt, &before).await;
+}

@@ -5,7 +5,7 @@ mod support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{
     applied_beyond, applied_lsn, assert_tables_equal, try_connect, wait_for_convergence_running,
@@ -220,4 +220,85 @@ async fn rides_through_source_and_target_restarts() {
         "ev_log batches applied partially or twice: {partial:?}"
     );
     run.assert_running("walshuttle did not ride through the restarts");
+}
+
+/// A target that is down when `run` starts (a boot where the database comes up
+/// after walshuttle) is waited for, not fatal: `run` keeps retrying, says so, and
+/// streams once the target is up. A source that goes down afterwards shows in
+/// `status` as "retrying: <reason>".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_down_at_start_is_retried_until_it_is_up() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    src.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, note text);
+         INSERT INTO items SELECT g, 'before ' || g FROM generate_series(1, 100) g;",
+    )
+    .await
+    .unwrap();
+    target.stop("fast");
+
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.env(
+        "WALSHUTTLE_LOG",
+        "info,walshuttle=debug,tokio_postgres=warn",
+    )
+    .args(["run", "--jobs", "2"]);
+    let mut run = logs.spawn(cmd);
+    // It says it retries, and is still there two attempts later.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while run.log().matches("still unreachable").count() < 2 {
+        run.assert_running("with the target down");
+        assert!(
+            Instant::now() < deadline,
+            "run did not retry the target; log:\n{}",
+            run.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(run.log().contains("retrying"), "{}", run.log());
+    run.assert_running("with the target down");
+
+    target.restart_stopped();
+    support::wait_streaming(&mut run, &src).await;
+    src.batch_execute("INSERT INTO items SELECT g, 'after ' || g FROM generate_series(101, 150) g")
+        .await
+        .unwrap();
+    let tgt = target.client().await;
+    wait_for_convergence_running(&mut run, &src, &tgt, &["items"], Duration::from_secs(120)).await;
+
+    // The source goes away: `status` (which reads the target) says run retries.
+    source.stop("fast");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        run.assert_running("with the source down");
+        let mut cmd = walshuttle(&source, &target);
+        cmd.env_remove("WALSHUTTLE_SOURCE").arg("status");
+        let (_, out, err) = support::run(cmd);
+        if out.contains("retrying: ") {
+            assert!(out.contains("source"), "{out}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never said run retries:\n{out}\n{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    source.restart_stopped();
+    let src = source.client().await;
+    support::wait_streaming(&mut run, &src).await;
+    src.batch_execute("INSERT INTO items VALUES (151, 'back')")
+        .await
+        .unwrap();
+    wait_for_convergence_running(&mut run, &src, &tgt, &["items"], Duration::from_secs(120)).await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("status");
+    let (_, out, _) = support::run(cmd);
+    assert!(
+        !out.contains("retrying: "),
+        "stale retry note once streaming:\n{out}"
+    );
 }

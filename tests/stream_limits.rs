@@ -76,3 +76,53 @@ async fn thirty_concurrent_large_transactions_fit_twenty_target_connections() {
     let (code, stdout, stderr) = run(cmd);
     assert_eq!(code, 0, "{stdout}{stderr}");
 }
+
+/// A streamed transaction that must spill to disk with no usable TMPDIR stops
+/// `run` with the reason (a local error a person must fix, exit 1), instead of
+/// being retried forever while `status` says `streaming`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_without_a_usable_tmpdir_stops_run_with_the_reason() {
+    let source = Cluster::start_with(ClusterOptions {
+        extra_conf: vec!["logical_decoding_work_mem = '64kB'".into()],
+        ..ClusterOptions::default()
+    });
+    let target = Cluster::start();
+    let src = source.client().await;
+    src.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, payload text NOT NULL)")
+        .await
+        .unwrap();
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.env("TMPDIR", "/nonexistent/walshuttle-tmp")
+        .args(["run", "--max-stream-connections", "1"]);
+    let mut child = logs.spawn(cmd);
+    let tgt = target.client().await;
+    wait_for_convergence_running(&mut child, &src, &tgt, &["t"], Duration::from_secs(60)).await;
+
+    // Two large transactions open at once: the second one must be spooled.
+    let mut writers = Vec::new();
+    for w in 0..2i64 {
+        let c = source.client().await;
+        c.batch_execute(&format!(
+            "BEGIN; INSERT INTO t SELECT {w} * 100000 + g, repeat(md5(g::text), 4) FROM generate_series(1, 2000) g;"
+        ))
+        .await
+        .unwrap();
+        writers.push(c);
+    }
+    for c in &writers {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    let status = child.wait_exit(Duration::from_secs(90)).await;
+    let log = child.log();
+    let last = log.lines().last().unwrap_or_default().to_string();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "run should stop with exit 1; log:\n{}",
+        support::tail(&log, 30)
+    );
+    assert!(last.starts_with("error: "), "{last}");
+    assert!(last.contains("TMPDIR"), "{last}");
+    assert!(last.contains("/nonexistent/walshuttle-tmp"), "{last}");
+}

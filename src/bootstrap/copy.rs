@@ -157,6 +157,7 @@ async fn copy_chunk(
     }
     tx.commit().await.pg_context(ctx)?;
     job.progress.add_rows(table, rows);
+    job.progress.chunk_done(table);
     crate::observe::rows_copied(table, rows);
     tracing::debug!(table = %table, chunk = chunk.chunk_no, rows, bytes, worker, "chunk copied");
     Ok(())

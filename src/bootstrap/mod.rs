@@ -56,6 +56,9 @@ pub struct BootstrapOptions {
     /// Online bootstrap (`--online`, see [`online`]): no snapshot held for the whole
     /// copy; `run` copies each table under its own while it streams.
     pub online: bool,
+    /// Tables left out of (or schemas kept in) the selection: `--schemas`,
+    /// `--exclude-schemas`, `--exclude-tables`.
+    pub filter: crate::selection::TableFilter,
 }
 
 /// Rows and bytes copied into one table.
@@ -149,6 +152,8 @@ pub async fn bootstrap(
     let started = Instant::now();
     let src = connect(source, "bootstrap").await?;
     let tgt = connect(target, "bootstrap").await?;
+    // Before anything is read or written: never the source's own database.
+    preflight::refuse_same_database(&src, &tgt).await?;
     // A state schema of an older release is upgraded before it is read.
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
     let existing = state.existing_pipeline(&tgt, &opts.slot).await?;
@@ -376,8 +381,18 @@ async fn fresh(
         // by `switchover` and `run --sync-sequences`, which may read them).
         crate::sequences::mirror(src, &tx, &table_names).await?;
         state.save_pipeline(&tx, &pipeline).await?;
+        // With a filter, the pipeline carries the tables it matched (named), so
+        // nothing joins it by itself that the filter would leave out.
+        let named = (!opts.filter.is_empty()).then(|| pipeline.tables.clone());
         state
-            .set_selection(&tx, &pipeline.name, opts.tables.as_deref())
+            .set_selection(
+                &tx,
+                &pipeline.name,
+                named.as_deref().or(opts.tables.as_deref()),
+            )
+            .await?;
+        state
+            .set_table_filter(&tx, &pipeline.name, &opts.filter)
             .await?;
         state.set_tables(&tx, &pipeline.name, &entries).await?;
         state.record_plan(&tx, &opts.slot, &chunks).await?;
@@ -644,6 +659,7 @@ async fn copy_chunks(
             .map(|t| (t.name.clone(), t.estimated_rows.max(0) as u64))
             .collect::<Vec<_>>(),
     );
+    progress.expect_chunks(chunks.iter().map(|c| &c.table));
     let job = Arc::new(CopyJob {
         queue: Mutex::new(VecDeque::from(chunks)),
         specs,

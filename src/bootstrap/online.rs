@@ -100,8 +100,18 @@ pub(super) async fn start(
         let names: Vec<_> = checked.tables.iter().map(|t| t.name.clone()).collect();
         crate::sequences::mirror(src, tx_client, &names).await?;
         state.save_pipeline(tx_client, &pipeline).await?;
+        // With a filter, the pipeline carries the tables it matched (named), so
+        // nothing joins it by itself that the filter would leave out.
+        let named = (!opts.filter.is_empty()).then(|| pipeline.tables.clone());
         state
-            .set_selection(tx_client, &pipeline.name, opts.tables.as_deref())
+            .set_selection(
+                tx_client,
+                &pipeline.name,
+                named.as_deref().or(opts.tables.as_deref()),
+            )
+            .await?;
+        state
+            .set_table_filter(tx_client, &pipeline.name, &opts.filter)
             .await?;
         state
             .set_tables(tx_client, &pipeline.name, &entries)

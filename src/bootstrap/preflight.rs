@@ -94,6 +94,191 @@ pub async fn check_source_replication(source: &Client, slot: &str) -> Result<()>
     Ok(())
 }
 
+/// Where a connection is: the server (its `system_identifier`, when the role may
+/// read `pg_control_system()`, and its postmaster's start time) and the database.
+struct Place {
+    system_identifier: Option<i64>,
+    started: String,
+    database_oid: u32,
+    database: String,
+}
+
+async fn place(client: &Client, side: &str) -> Result<Place> {
+    let row = client
+        .query_one(
+            "SELECT oid, datname::text, pg_postmaster_start_time()::text FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .pg_context(|| format!("reading which database the {side} is"))?;
+    // Executable by PUBLIC by default, but a managed service may revoke it.
+    let system_identifier = client
+        .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+        .await
+        .ok()
+        .map(|r| r.get::<_, i64>(0));
+    Ok(Place {
+        system_identifier,
+        started: row.get(2),
+        database_oid: row.get(0),
+        database: row.get(1),
+    })
+}
+
+/// Refuses a target that is the source's own database (the same server: same
+/// `system_identifier` and postmaster start, since a clone promoted from a base
+/// backup shares the identifier; and the same database OID): replicating a
+/// database into itself would empty its tables with `--truncate-target`, and
+/// creating the slot waits on walshuttle's own sessions. Runs before anything is
+/// written. Another database of the same server is allowed, with a warning.
+pub async fn refuse_same_database(source: &Client, target: &Client) -> Result<()> {
+    let (s, t) = (
+        place(source, "source").await?,
+        place(target, "target").await?,
+    );
+    let same_server = s.started == t.started
+        && match (s.system_identifier, t.system_identifier) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+    if !same_server {
+        return Ok(());
+    }
+    if s.database_oid == t.database_oid {
+        bail!(
+            "--target is the same database as --source (database {} on the same PostgreSQL server, system identifier {}): walshuttle copies one database into another; point --target at another database or server",
+            s.database,
+            s.system_identifier
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "unreadable".into())
+        );
+    }
+    tracing::warn!(
+        source_database = %s.database,
+        target_database = %t.database,
+        "the target is another database of the source's own server: WAL, connections and disk are shared"
+    );
+    Ok(())
+}
+
+/// Refuses a target role that could not create what bootstrap creates, before
+/// anything is written: the state schema (CREATE on the database, or USAGE and
+/// CREATE on an existing state schema) and the schemas of the tables it creates.
+pub async fn check_target_privileges(
+    target: &Client,
+    state_schema: &str,
+    table_schemas: &[&str],
+) -> Result<()> {
+    let ctx = || "checking the target role's privileges".to_string();
+    let row = target
+        .query_one(
+            "SELECT current_user::text, current_database()::text, \
+                    has_database_privilege(current_database(), 'CREATE'), \
+                    EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1), \
+                    coalesce((SELECT has_schema_privilege(oid, 'USAGE') AND has_schema_privilege(oid, 'CREATE') \
+                              FROM pg_namespace WHERE nspname = $1), false)",
+            &[&state_schema],
+        )
+        .await
+        .pg_context(ctx)?;
+    let (user, database, create_db, state_exists, state_ok): (String, String, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    let grant_db = format!(
+        "GRANT CREATE ON DATABASE {} TO {}",
+        quote_ident(&database),
+        quote_ident(&user)
+    );
+    if !state_exists && !create_db {
+        bail!(
+            "the target role {user} lacks the CREATE privilege on database {database}, needed to create walshuttle's state schema {state_schema}: run {grant_db} on the target as its owner (or create the schema for it: CREATE SCHEMA {} AUTHORIZATION {})",
+            quote_ident(state_schema),
+            quote_ident(&user)
+        );
+    }
+    if state_exists && !state_ok {
+        bail!(
+            "the target role {user} lacks USAGE and CREATE on walshuttle's state schema {state_schema}: run GRANT USAGE, CREATE ON SCHEMA {} TO {} on the target",
+            quote_ident(state_schema),
+            quote_ident(&user)
+        );
+    }
+    if create_db {
+        return Ok(());
+    }
+    let wanted: Vec<String> = table_schemas.iter().map(|s| s.to_string()).collect();
+    let missing: Vec<String> = target
+        .query(
+            "SELECT s FROM unnest($1::text[]) s WHERE NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = s) ORDER BY 1",
+            &[&wanted],
+        )
+        .await
+        .pg_context(ctx)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if let Some(schema) = missing.first() {
+        bail!(
+            "schema {schema} does not exist on the target and the target role {user} lacks the CREATE privilege on database {database} to create it: run {grant_db} on the target, or create the schema there first"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a source role that could not create the pipeline's publication or add
+/// `tables` to it (CREATE on the database; owning each table), before anything is
+/// written on either side. A superuser may do both.
+pub async fn check_source_privileges(
+    source: &Client,
+    publication: &str,
+    tables: &[QualifiedName],
+) -> Result<()> {
+    let ctx = || "checking the source role's privileges".to_string();
+    let row = source
+        .query_one(
+            "SELECT current_user::text, current_database()::text, \
+                    (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    has_database_privilege(current_database(), 'CREATE'), \
+                    EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&publication],
+        )
+        .await
+        .pg_context(ctx)?;
+    let (user, database, superuser, create_db, exists): (String, String, bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+    if superuser {
+        return Ok(());
+    }
+    if !exists && !create_db {
+        bail!(
+            "the source role {user} lacks the CREATE privilege on database {database}, needed to create publication {publication}: run GRANT CREATE ON DATABASE {} TO {} on the source",
+            quote_ident(&database),
+            quote_ident(&user)
+        );
+    }
+    let quoted: Vec<String> = tables.iter().map(QualifiedName::quoted).collect();
+    let not_owned: Option<i64> = source
+        .query_opt(
+            "SELECT s.n FROM unnest($1::text[]) WITH ORDINALITY AS s(name, n) \
+             JOIN pg_class c ON c.oid = to_regclass(s.name) \
+             WHERE NOT pg_has_role(c.relowner, 'USAGE') ORDER BY s.n LIMIT 1",
+            &[&quoted],
+        )
+        .await
+        .pg_context(ctx)?
+        .map(|r| r.get(0));
+    if let Some(table) = not_owned
+        .and_then(|n| usize::try_from(n - 1).ok())
+        .and_then(|i| tables.get(i))
+    {
+        bail!(
+            "the source role {user} does not own table {table}, and a publication takes only tables its role owns: run ALTER TABLE {} OWNER TO {} on the source, or use the owner or a superuser in --source",
+            table.quoted(),
+            quote_ident(&user)
+        );
+    }
+    Ok(())
+}
+
 /// Runs every check; `owned` names the tables whose rows walshuttle already owns on
 /// the target (a resumed pipeline), which may hold rows and get their keys later.
 pub async fn check(
@@ -106,12 +291,23 @@ pub async fn check(
     truncate_target: bool,
 ) -> Result<Checked> {
     let slot = opts.slot.as_str();
+    refuse_same_database(source, target).await?;
     check_source_replication(source, slot).await?;
     if opts.capture_ddl {
         crate::ddl_capture::trigger::check_privilege(source, slot).await?;
     }
     state.check_version(target).await?;
-    let tables = catalog::list_tables(source, selected, state.schema()).await?;
+    let mut tables = catalog::list_tables(source, selected, state.schema()).await?;
+    // A fresh selection (a resumed bootstrap carries the tables it began with).
+    if owned.is_empty() && !opts.filter.is_empty() {
+        tables.retain(|t| opts.filter.keeps(&t.name));
+        if tables.is_empty() {
+            bail!(
+                "no table is left to replicate after {}: loosen the patterns",
+                opts.filter.describe()
+            );
+        }
+    }
     if tables.is_empty() {
         bail!("the source has no tables to replicate: create some, or name them with --tables");
     }
@@ -120,8 +316,14 @@ pub async fn check(
             bail!(problem);
         }
     }
+    let mut schemas: Vec<&str> = tables.iter().map(|t| t.name.schema.as_str()).collect();
+    schemas.sort_unstable();
+    schemas.dedup();
+    check_target_privileges(target, state.schema(), &schemas).await?;
     let publication =
         publication::plan(source, target, state, slot, opts.publication.as_deref()).await?;
+    let names: Vec<QualifiedName> = tables.iter().map(|t| t.name.clone()).collect();
+    check_source_privileges(source, &publication.name, &names).await?;
     // One table's checks are a few round trips; thousands of tables go out
     // pipelined (the futures are made first: a closure inside the stream would not
     // be `Send` for every lifetime).

@@ -1,5 +1,6 @@
 //! Copy progress: per-table bars (rows, MB/s, ETA) when stderr is a terminal,
-//! periodic log lines otherwise.
+//! otherwise one log line per interval for the whole copy (tables done, rows,
+//! bytes, percent, ETA): 2,000 tables must not make 2,000 lines a tick.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -20,6 +21,8 @@ pub struct TableCounters {
     pub bytes: AtomicU64,
     /// Rows expected (planner estimate), for the ETA.
     pub expected_rows: u64,
+    /// Chunks of this run not copied yet.
+    pub chunks_left: AtomicU64,
 }
 
 /// Shared counters for a copy run.
@@ -48,6 +51,38 @@ impl Progress {
             order: tables.iter().map(|(t, _)| t.clone()).collect(),
             started: Instant::now(),
         })
+    }
+
+    /// Chunks this run copies, one entry per chunk (a table without any is done).
+    pub fn expect_chunks<'a>(&self, tables: impl IntoIterator<Item = &'a QualifiedName>) {
+        for t in tables {
+            if let Some(c) = self.tables.get(t) {
+                c.chunks_left.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Counts a chunk of `table` committed.
+    pub fn chunk_done(&self, table: &QualifiedName) {
+        if let Some(c) = self.tables.get(table) {
+            let _ = c
+                .chunks_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// One line's worth: (tables done, tables, rows, expected rows, bytes).
+    fn totals(&self) -> (usize, usize, u64, u64, u64) {
+        let mut out = (0, self.tables.len(), 0, 0, 0);
+        for c in self.tables.values() {
+            if c.chunks_left.load(Ordering::Relaxed) == 0 {
+                out.0 += 1;
+            }
+            out.2 += c.rows.load(Ordering::Relaxed);
+            out.3 += c.expected_rows;
+            out.4 += c.bytes.load(Ordering::Relaxed);
+        }
+        out
     }
 
     /// Counts committed rows.
@@ -130,17 +165,81 @@ impl Progress {
         loop {
             tick.tick().await;
             let secs = self.started.elapsed().as_secs_f64().max(0.001);
-            for t in &self.order {
-                let (rows, bytes) = self.table_totals(t);
-                let expected = self.tables.get(t).map(|c| c.expected_rows).unwrap_or(0);
-                tracing::info!(
-                    table = %t,
-                    rows,
-                    expected_rows = expected,
-                    mb_per_s = format!("{:.1}", bytes as f64 / 1e6 / secs),
-                    "copy progress"
-                );
-            }
+            let (done, tables, rows, expected, bytes) = self.totals();
+            let line = progress_line(done, tables, rows, expected, bytes, secs);
+            tracing::info!(
+                tables_done = done,
+                tables,
+                rows,
+                bytes,
+                percent = line.percent,
+                eta_s = line.eta_s,
+                "copy progress: {}",
+                line.text
+            );
         }
+    }
+}
+
+/// The numbers and text of one progress line.
+struct ProgressLine {
+    percent: Option<f64>,
+    eta_s: Option<u64>,
+    text: String,
+}
+
+/// Percent from the planner's row estimates (capped below 100 until every table
+/// is done, as estimates run short) and an ETA from the rate so far.
+fn progress_line(
+    done: usize,
+    tables: usize,
+    rows: u64,
+    expected: u64,
+    bytes: u64,
+    secs: f64,
+) -> ProgressLine {
+    let percent = (expected > 0).then(|| {
+        if done == tables {
+            100.0
+        } else {
+            ((rows as f64 * 1000.0 / expected as f64).round() / 10.0).min(99.9)
+        }
+    });
+    let eta_s = (rows > 0 && expected > rows && done < tables)
+        .then(|| ((expected - rows) as f64 * secs / rows as f64).round() as u64);
+    let text = format!(
+        "{done} of {tables} tables done, {rows} rows, {:.1} MB ({:.1} MB/s){}{}",
+        bytes as f64 / 1e6,
+        bytes as f64 / 1e6 / secs,
+        percent.map(|p| format!(", {p:.1}%")).unwrap_or_default(),
+        eta_s.map(|e| format!(", ETA {e} s")).unwrap_or_default()
+    );
+    ProgressLine {
+        percent,
+        eta_s,
+        text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_for_the_whole_copy() {
+        let l = progress_line(3, 10, 500, 1000, 2_000_000, 10.0);
+        assert_eq!(l.percent, Some(50.0));
+        assert_eq!(l.eta_s, Some(10));
+        assert_eq!(
+            l.text,
+            "3 of 10 tables done, 500 rows, 2.0 MB (0.2 MB/s), 50.0%, ETA 10 s"
+        );
+        // Estimates that run short never show 100% before the end.
+        assert_eq!(progress_line(9, 10, 2000, 1000, 0, 1.0).percent, Some(99.9));
+        assert_eq!(
+            progress_line(10, 10, 2000, 1000, 0, 1.0).percent,
+            Some(100.0)
+        );
+        assert_eq!(progress_line(0, 1, 0, 0, 0, 1.0).percent, None);
     }
 }

@@ -43,14 +43,15 @@ pub async fn connect(endpoint: &Endpoint, purpose: &str) -> Result<Client> {
     // and then never answers the login must not hang us either.
     let (client, connection) = tokio::time::timeout(LOGIN_TIMEOUT, config.connect(MakeRustlsConnect::new(tls_config)))
         .await
-        .map_err(|_| {
-            anyhow::anyhow!(
+        .map_err(|_| ConnectError {
+            message: format!(
                 "cannot connect to the {} database {}: the server accepted the connection but did not complete the login within {} s; check the host and port in {}",
                 endpoint.side,
                 endpoint.redacted,
                 LOGIN_TIMEOUT.as_secs(),
                 endpoint.side.flag()
-            )
+            ),
+            transient: true,
         })?
         .map_err(|e| connect_error(endpoint, &e))?;
     let side = endpoint.side;
@@ -66,11 +67,14 @@ pub async fn connect(endpoint: &Endpoint, purpose: &str) -> Result<Client> {
 /// the redacted URL and what to check.
 pub fn connect_error(endpoint: &Endpoint, e: &tokio_postgres::Error) -> anyhow::Error {
     if let Some(problem) = tls_problem(endpoint, e) {
-        return anyhow::anyhow!(
-            "cannot connect to the {} database {}: {problem}",
-            endpoint.side,
-            endpoint.redacted
-        );
+        return ConnectError {
+            message: format!(
+                "cannot connect to the {} database {}: {problem}",
+                endpoint.side, endpoint.redacted
+            ),
+            transient: false,
+        }
+        .into();
     }
     let what = describe(e);
     let hint = match e.code().map(|c| c.code()) {
@@ -96,12 +100,40 @@ pub fn connect_error(endpoint: &Endpoint, e: &tokio_postgres::Error) -> anyhow::
         ),
         _ => format!("check {}", endpoint.side.flag()),
     };
-    anyhow::anyhow!(
-        "cannot connect to the {} database {}: {what}; {hint}",
-        endpoint.side,
-        endpoint.redacted
-    )
+    // No answer at all (refused, reset, timed out, no route), or a server that is
+    // starting, stopping or full: trying again later can succeed.
+    let transient = match e.code() {
+        None => e.as_db_error().is_none(),
+        Some(code) => crate::exit::is_transient_state(code.code()),
+    };
+    ConnectError {
+        message: format!(
+            "cannot connect to the {} database {}: {what}; {hint}",
+            endpoint.side, endpoint.redacted
+        ),
+        transient,
+    }
+    .into()
 }
+
+/// A failed connection attempt, in one line, and whether it is worth trying again
+/// (the server down or unreachable) or needs a person (a wrong password, database
+/// or TLS setting): see [`crate::exit`].
+#[derive(Debug)]
+pub struct ConnectError {
+    /// The one-line message: side, redacted URL, what failed, what to check.
+    pub message: String,
+    /// Whether the server was down, unreachable or not accepting connections yet.
+    pub transient: bool,
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ConnectError {}
 
 /// The one-line TLS part of a failed connection, when TLS is what failed.
 fn tls_problem(endpoint: &Endpoint, e: &tokio_postgres::Error) -> Option<String> {

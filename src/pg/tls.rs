@@ -324,26 +324,15 @@ fn extract_from_url(
     Ok(out)
 }
 
-/// Percent-decoding as tokio-postgres does it: malformed escapes stay as they are.
+/// Percent-decoding as tokio-postgres does it (with the same crate): malformed
+/// escapes stay as they are.
 fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8(out).map_err(|_| {
-        "a connection-string value is not valid UTF-8 once percent-decoded".to_string()
-    })
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| {
+            "a connection-string value is not valid UTF-8 once percent-decoded".to_string()
+        })
 }
 
 fn extract_from_key_values(text: &str, settings: &mut TlsSettings) -> Result<String, String> {

@@ -352,9 +352,17 @@ impl StateStore {
             quote_literal(&self.schema)
         );
         let s = quote_ident(&self.schema);
+        // One log line for the whole climb: "created" on a fresh target,
+        // "upgraded from N" on an older schema.
+        let first = self.installed_version(client).await?.unwrap_or(0);
         loop {
             let installed = self.installed_version(client).await?.unwrap_or(0);
             if installed >= STATE_VERSION {
+                if first == 0 && installed > 0 {
+                    tracing::info!(schema = %self.schema, version = installed, "created the state schema");
+                } else if first < installed {
+                    tracing::info!(schema = %self.schema, from = first, to = installed, "upgraded the state schema");
+                }
                 return Ok(());
             }
             let step = schema::MIGRATIONS[installed as usize].replace("{s}", &s);
@@ -376,9 +384,7 @@ impl StateStore {
             }
             match client.batch_execute(&format!("{step}; COMMIT;")).await {
                 Ok(()) => {
-                    if installed > 0 {
-                        tracing::info!(schema = %self.schema, from = installed, to = installed + 1, "upgraded the state schema");
-                    }
+                    tracing::debug!(schema = %self.schema, from = installed, to = installed + 1, "state schema migration step");
                 }
                 Err(e) => {
                     let _ = client.batch_execute("ROLLBACK").await;
@@ -585,6 +591,86 @@ impl StateStore {
     ) -> Result<()> {
         self.set_pipeline_column(client, pipeline, "stop_reason", &reason, "why it stopped")
             .await
+    }
+
+    /// Records the pipeline's table filter (`--schemas`, `--exclude-*`), or none.
+    pub async fn set_table_filter(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        filter: &crate::selection::TableFilter,
+    ) -> Result<()> {
+        let text = (!filter.is_empty()).then(|| filter.to_json());
+        self.set_pipeline_column(client, pipeline, "table_filter", &text, "the table filter")
+            .await
+    }
+
+    /// The pipeline's table filter; empty when none was given.
+    pub async fn table_filter(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<crate::selection::TableFilter> {
+        let text: Option<String> = client
+            .query_opt(
+                &format!(
+                    "SELECT table_filter FROM {} WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("reading the table filter of pipeline {pipeline}"))?
+            .and_then(|r| r.get(0));
+        match text {
+            Some(t) => crate::selection::TableFilter::from_json(&t),
+            None => Ok(Default::default()),
+        }
+    }
+
+    /// Records (or, with `None`, clears) why `run` is retrying while it retries
+    /// (a server down or unreachable), for `status`; `since` is kept while the
+    /// reason changes.
+    pub async fn set_retrying(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        reason: Option<&str>,
+    ) -> Result<()> {
+        client
+            .execute(
+                &format!(
+                    "UPDATE {} SET retrying = $2, \
+                     retrying_since = CASE WHEN $2::text IS NULL THEN NULL ELSE coalesce(retrying_since, now()) END \
+                     WHERE pipeline = $1 AND retrying IS DISTINCT FROM $2",
+                    self.table("pipelines")
+                ),
+                &[&pipeline, &reason],
+            )
+            .await
+            .pg_context(|| format!("recording why pipeline {pipeline} retries"))?;
+        Ok(())
+    }
+
+    /// Why `run` retries, and for how long (whole seconds), if it recorded that it
+    /// does.
+    pub async fn retrying(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<Option<(String, i64)>> {
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT retrying, extract(epoch FROM now() - retrying_since)::bigint \
+                     FROM {} WHERE pipeline = $1 AND retrying IS NOT NULL",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| format!("reading why pipeline {pipeline} retries"))?;
+        Ok(row.map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0))))
     }
 
     /// Records the phase of a `walshuttle switchover` of the pipeline (`fencing`,

@@ -164,5 +164,16 @@ CREATE INDEX IF NOT EXISTS held_changes_replay
 INSERT INTO {s}.schema_version (version) VALUES (6);
 ";
 
+/// Version 7: why `run` is retrying, while it retries (a server down or
+/// unreachable), for `status`: `retrying` is cleared once it streams again. The
+/// pipeline's `--schemas`/`--exclude-schemas`/`--exclude-tables` (JSON), for
+/// `status`.
+pub const V7: &str = "
+ALTER TABLE {s}.pipelines ADD COLUMN retrying text;
+ALTER TABLE {s}.pipelines ADD COLUMN retrying_since timestamptz;
+ALTER TABLE {s}.pipelines ADD COLUMN table_filter text;
+INSERT INTO {s}.schema_version (version) VALUES (7);
+";
+
 /// Every version's block, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];

@@ -25,6 +25,17 @@ use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 
+/// A spool file that cannot be created or written (no such or no writable
+/// `TMPDIR`, a full disk) fails the same way on every retry: `run` stops and says
+/// what to fix instead of retrying (see [`crate::stream::faults`]).
+fn local_error(what: &str, e: &std::io::Error) -> anyhow::Error {
+    super::faults::Fatal(format!(
+        "cannot {what} a spool file for a streamed transaction in {}: {e}; set TMPDIR to a writable directory with room for the largest source transaction (or raise --max-stream-connections), then start `walshuttle run` again",
+        std::env::temp_dir().display()
+    ))
+    .into()
+}
+
 /// One spooled transaction's messages on disk.
 pub struct Spool {
     writer: BufWriter<File>,
@@ -41,9 +52,7 @@ impl Spool {
     /// A new, empty spool in the system's temporary directory (removed when
     /// dropped, also if the process dies: the file is unlinked at once).
     pub fn new() -> Result<Spool> {
-        let file = tempfile::tempfile().context(
-            "creating a spool file for a streamed transaction in the temporary directory (TMPDIR)",
-        )?;
+        let file = tempfile::tempfile().map_err(|e| local_error("create", &e))?;
         Ok(Spool {
             writer: BufWriter::with_capacity(256 * 1024, file),
             len: 0,
@@ -62,7 +71,7 @@ impl Spool {
         self.writer
             .write_all(&len.to_be_bytes())
             .and_then(|_| self.writer.write_all(message))
-            .context("writing a streamed transaction to its spool file")?;
+            .map_err(|e| local_error("write", &e))?;
         self.len += 4 + u64::from(len);
         self.messages += 1;
         Ok(())
