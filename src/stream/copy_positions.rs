@@ -142,6 +142,13 @@ impl StreamPositions {
         self.version
     }
 
+    /// Counts these positions as of `version` when it is older than the one they
+    /// were read at: whatever committed in between (a table's state) is read again
+    /// at the next refresh.
+    pub fn as_of(&mut self, version: i64) {
+        self.version = self.version.min(version);
+    }
+
     /// Whether nothing is live.
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()

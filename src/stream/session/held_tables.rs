@@ -16,11 +16,21 @@ impl Session<'_> {
         if version == self.positions.version() {
             return Ok(());
         }
-        // The tables first, then the positions: a copy commits its table's state and
-        // its positions together, so positions read after the states hold those of
-        // every table seen copied. (Read the other way round, a copy committing
-        // between the two reads left a table replayed and joined to the stream with
-        // no positions to skip what its snapshot saw: a duplicate row.)
+        // The version first, then the tables, then the positions: a copy commits its
+        // table's state, its positions and a new version together, so positions
+        // read after the states hold those of every table seen copied. (Read the
+        // other way round, a copy committing between the two reads left a table
+        // replayed and joined to the stream with no positions to skip what its
+        // snapshot saw: a duplicate row.) A copy committing after the version was
+        // read leaves the session one version behind, so the next refresh reads
+        // the tables again. (Counted at the version read last, a copy committing
+        // between the tables and the positions left its table `held` in this
+        // session for good: never replayed, never ready.)
+        let before = self
+            .cfg
+            .state
+            .positions_version(&*self.monitor, &self.cfg.slot)
+            .await?;
         self.reload_tables().await?;
         self.positions = StreamPositions::load(
             &self.cfg.state,
@@ -31,6 +41,7 @@ impl Session<'_> {
             self.binary,
         )
         .await?;
+        self.positions.as_of(before);
         Ok(())
     }
 
