@@ -76,8 +76,11 @@ impl RunOptions {
 }
 
 /// Target connections applying committed transactions at once unless
-/// `--apply-lanes` says otherwise (see `stream::lanes`).
-pub const DEFAULT_APPLY_LANES: usize = 4;
+/// `--apply-lanes` says otherwise (see `stream::lanes`). One: on the 2-core machine
+/// where source, target and walshuttle share the CPU, 2 and 4 lanes drained the
+/// benchmark backlogs no faster than one (bench/results/issue20-*.md), so lanes are
+/// for targets with cores to spare, asked for.
+pub const DEFAULT_APPLY_LANES: usize = 1;
 
 /// How long a stop may take before walshuttle exits without finishing it (a server
 /// that stopped answering must not keep SIGTERM from working).
