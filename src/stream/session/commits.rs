@@ -125,11 +125,9 @@ impl Session<'_> {
             return Ok(());
         }
         for _ in 0..n {
-            let Some(done) = self.lanes.commit_oldest().await? else {
+            if !self.commit_oldest_lane().await? {
                 break;
-            };
-            self.committed(done.end_lsn, done.target_lsn);
-            crate::observe::transactions_applied(done.txns, done.commit_time);
+            }
         }
         self.report_after_commit().await
     }
@@ -137,19 +135,23 @@ impl Session<'_> {
     /// Commits the oldest batches in flight that have sent everything, without
     /// waiting for any.
     pub(super) async fn collect_ready(&mut self) -> Result<()> {
-        let mut n = 0;
+        if !self.lanes.oldest_ready() {
+            return Ok(());
+        }
         while self.lanes.oldest_ready() {
-            let Some(done) = self.lanes.commit_oldest().await? else {
-                break;
-            };
-            self.committed(done.end_lsn, done.target_lsn);
-            crate::observe::transactions_applied(done.txns, done.commit_time);
-            n += 1;
+            self.commit_oldest_lane().await?;
         }
-        if n > 0 {
-            self.report_after_commit().await?;
-        }
-        Ok(())
+        self.report_after_commit().await
+    }
+
+    /// Commits the oldest batch in flight and records it; false when none is.
+    async fn commit_oldest_lane(&mut self) -> Result<bool> {
+        let Some(done) = self.lanes.commit_oldest().await? else {
+            return Ok(false);
+        };
+        self.committed(done.end_lsn, done.target_lsn);
+        crate::observe::transactions_applied(done.txns, done.commit_time);
+        Ok(true)
     }
 
     /// Most source transactions in one batch: smaller batches when lanes are on, so
