@@ -132,6 +132,21 @@ async fn bootstrapped_ledger_with_backlog() -> (Cluster, Cluster, Client, Client
     (source, target, src, tgt)
 }
 
+/// `walshuttle run` on four lanes.
+fn run_on_lanes(source: &Cluster, target: &Cluster) -> std::process::Command {
+    let mut cmd = walshuttle(source, target);
+    cmd.args(["run", "--apply-lanes", "4"]);
+    cmd
+}
+
+/// `walshuttle verify` must say equal (exit 0).
+fn assert_verify_equal(source: &Cluster, target: &Cluster) {
+    let mut cmd = walshuttle(source, target);
+    cmd.arg("verify");
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}
+
 async fn lane_connections(tgt: &Client) -> i64 {
     tgt.query_one(
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walshuttle apply lane'",
@@ -150,9 +165,7 @@ async fn a_backlog_applied_on_lanes_shows_only_whole_transactions_in_commit_orde
     let _stop_watcher = StopOnDrop(Arc::clone(&stop));
     let watcher = watch_ledger(&target, Arc::clone(&stop));
     let mut logs = RunLogs::new();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.args(["run", "--apply-lanes", "4"]);
-    let mut child = logs.spawn(cmd);
+    let mut child = logs.spawn(run_on_lanes(&source, &target));
     wait_for_convergence_running(
         &mut child,
         &src,
@@ -169,10 +182,7 @@ async fn a_backlog_applied_on_lanes_shows_only_whole_transactions_in_commit_orde
     let snapshots = watcher.await.unwrap();
     assert!(snapshots > 0, "the watcher read no snapshot");
     child.sigterm();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.arg("verify");
-    let (code, stdout, stderr) = run(cmd);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_verify_equal(&source, &target);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,9 +193,7 @@ async fn kill_9_during_parallel_apply_under_a_writer_ends_exact() {
     let _stop_watcher = StopOnDrop(Arc::clone(&stop));
     let watcher = watch_ledger(&target, Arc::clone(&stop));
     let mut logs = RunLogs::new();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.args(["run", "--apply-lanes", "4"]);
-    let mut child = logs.spawn(cmd);
+    let mut child = logs.spawn(run_on_lanes(&source, &target));
     // The writer goes on while run applies the backlog; run dies half-way.
     let writer = {
         let w = source.client().await;
@@ -207,9 +215,7 @@ async fn kill_9_during_parallel_apply_under_a_writer_ends_exact() {
     // Written while nothing applies.
     ledger_transactions(&src, 30_001, 2_000).await;
 
-    let mut cmd = walshuttle(&source, &target);
-    cmd.args(["run", "--apply-lanes", "4"]);
-    let mut child = logs.spawn(cmd);
+    let mut child = logs.spawn(run_on_lanes(&source, &target));
     wait_for_convergence_running(
         &mut child,
         &src,
@@ -222,10 +228,7 @@ async fn kill_9_during_parallel_apply_under_a_writer_ends_exact() {
     watcher.await.unwrap();
     assert_tables_equal(&src, &tgt, &["acct", "log"]).await;
     child.sigterm();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.arg("verify");
-    let (code, stdout, stderr) = run(cmd);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_verify_equal(&source, &target);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,9 +312,7 @@ async fn dependencies_between_transactions_on_lanes_come_out_exact() {
         .unwrap();
 
     let mut logs = RunLogs::new();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.args(["run", "--apply-lanes", "4"]);
-    let mut child = logs.spawn(cmd);
+    let mut child = logs.spawn(run_on_lanes(&source, &target));
     let tables = [
         "filler",
         "hot",
@@ -328,8 +329,5 @@ async fn dependencies_between_transactions_on_lanes_come_out_exact() {
         "no batch was applied on a lane of its own"
     );
     child.sigterm();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.arg("verify");
-    let (code, stdout, stderr) = run(cmd);
-    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_verify_equal(&source, &target);
 }
