@@ -18,24 +18,39 @@ fn sample(body: &str, series: &str, label: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_start_at_zero_and_a_fatal_stop_is_scraped_before_exit() {
+/// Two clusters, `schema` on the source, and `run --metrics-addr` on a free port.
+async fn run_with_metrics(
+    schema: &str,
+) -> (
+    Cluster,
+    Cluster,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+    u16,
+    RunLogs,
+    support::RunChild,
+) {
     let source = Cluster::start();
     let target = Cluster::start();
     let src = source.client().await;
     let tgt = target.client().await;
-    src.batch_execute(
+    src.batch_execute(schema).await.unwrap();
+    let port = free_port();
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let child = logs.spawn(cmd);
+    (source, target, src, tgt, port, logs, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_start_at_zero_and_a_fatal_stop_is_scraped_before_exit() {
+    let (source, target, src, tgt, port, _logs, mut child) = run_with_metrics(
         "CREATE TABLE ck (id int PRIMARY KEY, v int);
          INSERT INTO ck SELECT g, g FROM generate_series(1, 10) g;",
     )
-    .await
-    .unwrap();
-    let port = free_port();
+    .await;
     let addr = format!("127.0.0.1:{port}");
-    let mut logs = RunLogs::new();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.args(["run", "--metrics-addr", &addr]);
-    let mut child = logs.spawn(cmd);
 
     // The first time /healthz says streaming, it already knows the retained WAL.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -127,22 +142,11 @@ async fn counters_start_at_zero_and_a_fatal_stop_is_scraped_before_exit() {
 /// gone and the row arrives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_wait_on_the_target_is_named_by_healthz_and_status() {
-    let source = Cluster::start();
-    let target = Cluster::start();
-    let src = source.client().await;
-    let tgt = target.client().await;
-    src.batch_execute(
+    let (source, target, src, tgt, port, _logs, mut child) = run_with_metrics(
         "CREATE TABLE \"Held Rows\" (id int PRIMARY KEY, v int);
          INSERT INTO \"Held Rows\" SELECT g, g FROM generate_series(1, 10) g;",
     )
-    .await
-    .unwrap();
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut logs = RunLogs::new();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.args(["run", "--metrics-addr", &addr]);
-    let mut child = logs.spawn(cmd);
+    .await;
     wait_for_convergence_running(
         &mut child,
         &src,
