@@ -11,7 +11,7 @@ use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::Client;
 
 use super::apply::Op;
-use super::decoder::TupleValue;
+use super::decoder::{OldTuple, TupleData, TupleValue};
 use crate::pg::{Lsn, PgResultExt, QualifiedName};
 use crate::positions::{LivePositions, Position, Scope};
 use crate::rewrite::key_rows;
@@ -41,9 +41,15 @@ pub enum Decision {
     /// The copies holding its rows already reflect it.
     Skip,
     /// A key change whose old row is in a copy that already reflects it and whose
-    /// new row is not, but the new row lacks unchanged TOASTed values: the row must
-    /// be read from the source again (by key).
-    Refetch,
+    /// new row is not, but the new row lacks unchanged TOASTed values (and no whole
+    /// old row carries them): the row must be read from the source again by its
+    /// new key (see [`super::refetch`]).
+    Refetch {
+        /// The relation.
+        rel: u32,
+        /// The new row as the stream sent it.
+        new: TupleData,
+    },
 }
 
 /// The copy positions a session has not yet passed, with the version they were read
@@ -159,6 +165,12 @@ impl StreamPositions {
         self.live.adopt(table, &copies.live, applied);
     }
 
+    /// Adds a position recorded while the stream runs (a row read again from the
+    /// source, see [`super::refetch`]): it decides the row's later changes at once.
+    pub fn add(&mut self, position: Position) {
+        self.live.add(position);
+    }
+
     /// Forgets positions the stream has passed.
     pub fn expire(&mut self, applied: Lsn) {
         self.live.expire(applied);
@@ -215,12 +227,13 @@ impl StreamPositions {
                     // The old row's copy already lacks it; the new row's copy does not
                     // have it yet: the change is an insert of the new row.
                     (true, false) => {
+                        let new = with_old_values(new, old.as_ref());
                         if new
                             .columns
                             .iter()
                             .any(|v| matches!(v, TupleValue::UnchangedToast))
                         {
-                            Decision::Refetch
+                            Decision::Refetch { rel, new }
                         } else {
                             Decision::Apply(Op::Insert { rel, new })
                         }
@@ -234,6 +247,21 @@ impl StreamPositions {
             }
         }
     }
+}
+
+/// `new` with its unchanged TOASTed values taken from a whole old row (`REPLICA
+/// IDENTITY FULL` sends the old row with every value): those columns did not change.
+fn with_old_values(mut new: TupleData, old: Option<&OldTuple>) -> TupleData {
+    if let Some(OldTuple::Full(old)) = old {
+        for (value, before) in new.columns.iter_mut().zip(&old.columns) {
+            if matches!(value, TupleValue::UnchangedToast)
+                && !matches!(before, TupleValue::UnchangedToast)
+            {
+                *value = before.clone();
+            }
+        }
+    }
+    new
 }
 
 /// Converts stored key texts into the values the stream sends for those columns.
