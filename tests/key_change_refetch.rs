@@ -9,7 +9,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::{run, wait_for_convergence_running, wait_until, walshuttle, Cluster, RunLogs};
+use support::{
+    run, wait_for_convergence_running, wait_until, walshuttle, Cluster, ClusterOptions, RunLogs,
+};
 use tokio_postgres::Client;
 
 async fn exec(client: &Client, sql: &str) {
@@ -61,7 +63,35 @@ async fn kill_bootstrap_after_first_chunk(source: &Cluster, target: &Cluster, ta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_change_into_an_earlier_copied_range_refetches_the_toasted_row() {
-    let source = Cluster::start();
+    scenario(ClusterOptions::default(), &[], "").await;
+}
+
+/// The same with the key changes inside transactions large enough to be streamed
+/// while still open (applied whole at their commit instead, since an open
+/// transaction's row cannot be read yet) and batches applied on several lanes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_change_in_a_streamed_transaction_refetches_at_its_commit_on_lanes() {
+    let options = ClusterOptions {
+        extra_conf: vec!["logical_decoding_work_mem = '64kB'".into()],
+        ..ClusterOptions::default()
+    };
+    let log = scenario(
+        options,
+        &["--apply-lanes", "3"],
+        r#"UPDATE "Big Docs" SET n = n + 1 WHERE id BETWEEN 100000 AND 103000;"#,
+    )
+    .await;
+    assert!(
+        log.contains("apply it whole at its commit"),
+        "the key changes were not in streamed transactions:\n{log}"
+    );
+}
+
+/// Kills a bootstrap after its first key range, moves rows into that range
+/// (each transaction also running `bulk`), resumes, and runs.
+/// Returns `run`'s log.
+async fn scenario(options: ClusterOptions, run_args: &[&str], bulk: &str) -> String {
+    let source = Cluster::start_with(options);
     let target = Cluster::start();
     let src = source.client().await;
     let tgt = target.client().await;
@@ -94,23 +124,19 @@ async fn key_change_into_an_earlier_copied_range_refetches_the_toasted_row() {
     // - 398000 -> 50, and its other columns change in a later transaction.
     exec(
         &src,
-        r#"DELETE FROM "Big Docs" WHERE id IN (10, 20, 30, 40, 50);
-           UPDATE "Big Docs" SET id = 10 WHERE id = 399500;"#,
+        r#"DELETE FROM "Big Docs" WHERE id IN (10, 20, 30, 40, 50);"#,
     )
     .await;
-    exec(
-        &src,
+    for step in [
+        r#"UPDATE "Big Docs" SET id = 10 WHERE id = 399500;"#,
         r#"UPDATE "Big Docs" SET doc = repeat('changed', 1000) WHERE id = 10;
            UPDATE "Big Docs" SET id = 20 WHERE id = 399000;"#,
-    )
-    .await;
-    exec(&src, r#"UPDATE "Big Docs" SET id = 30 WHERE id = 20"#).await;
-    exec(
-        &src,
+        r#"UPDATE "Big Docs" SET id = 30 WHERE id = 20;"#,
         r#"UPDATE "Big Docs" SET id = 40 WHERE id = 398500;
            UPDATE "Big Docs" SET id = 50 WHERE id = 398000;"#,
-    )
-    .await;
+    ] {
+        exec(&src, &format!("BEGIN; {bulk} {step} COMMIT;")).await;
+    }
     exec(&src, r#"DELETE FROM "Big Docs" WHERE id = 40"#).await;
     exec(
         &src,
@@ -125,7 +151,7 @@ async fn key_change_into_an_earlier_copied_range_refetches_the_toasted_row() {
 
     let mut logs = RunLogs::new();
     let mut cmd = walshuttle(&source, &target);
-    cmd.arg("run");
+    cmd.arg("run").args(run_args);
     let mut child = logs.spawn(cmd);
     wait_for_convergence_running(
         &mut child,
@@ -168,4 +194,5 @@ async fn key_change_into_an_earlier_copied_range_refetches_the_toasted_row() {
     cmd.arg("verify");
     let (code, stdout, stderr) = run(cmd);
     assert_eq!(code, 0, "verify:\n{stdout}{stderr}");
+    child.log()
 }
