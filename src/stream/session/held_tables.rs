@@ -179,8 +179,13 @@ impl Session<'_> {
                 apply.push(*oid);
             }
         }
-        if let Some(sql) = self.truncate_sql(&apply, restart_identity)? {
+        if !apply.is_empty() {
             self.main.flush(&self.relations).await?;
+        }
+        if let Some(sql) = self
+            .truncate_sql(&self.main.client, &apply, restart_identity)
+            .await?
+        {
             self.main.execute_in_txn(&sql).await?;
         }
         Ok(())
@@ -311,8 +316,11 @@ impl Session<'_> {
                     if !copies.truncate(table, xid)? {
                         continue;
                     }
-                    if let Some(sql) = self.truncate_sql(&[oid], t.restart_identity)? {
-                        self.main.flush(&self.relations).await?;
+                    self.main.flush(&self.relations).await?;
+                    if let Some(sql) = self
+                        .truncate_sql(&self.main.client, &[oid], t.restart_identity)
+                        .await?
+                    {
                         self.main.execute_in_txn(&sql).await?;
                     }
                     continue;
