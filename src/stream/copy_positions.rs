@@ -308,3 +308,103 @@ async fn convert_keys(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(xmin: u64) -> Arc<crate::positions::SnapshotView> {
+        Arc::new(crate::positions::SnapshotView {
+            xmin,
+            xmax: xmin,
+            xip: Vec::new(),
+            lsn: Lsn(1 << 40),
+        })
+    }
+
+    fn id(v: i64) -> TupleValue {
+        TupleValue::Binary(Bytes::copy_from_slice(&v.to_be_bytes()))
+    }
+
+    /// Keys below 100 copied before transaction 50, the rest after it.
+    fn positions() -> StreamPositions {
+        let table = QualifiedName::new("public", "t");
+        let range = |pid, lo, hi, xmin| Position {
+            id: pid,
+            table: table.clone(),
+            scope: Scope::Range {
+                column: "id".into(),
+                lo,
+                hi,
+            },
+            snapshot: snapshot(xmin),
+        };
+        StreamPositions {
+            live: LivePositions::new(vec![
+                range(1, None, Some(100), 40),
+                range(2, Some(100), None, 60),
+            ]),
+            version: 0,
+        }
+    }
+
+    fn key_change(old: OldTuple) -> Op {
+        Op::Update {
+            rel: 7,
+            old: Some(old),
+            new: TupleData {
+                columns: vec![id(5), TupleValue::UnchangedToast],
+            },
+        }
+    }
+
+    #[test]
+    fn a_key_change_into_an_earlier_copy_without_its_toast_value_is_read_again() {
+        let p = positions();
+        let table = QualifiedName::new("public", "t");
+        let columns = vec!["id".to_string(), "doc".to_string()];
+        let old = OldTuple::Key(TupleData {
+            columns: vec![id(150), TupleValue::Null],
+        });
+        match p.decide(&table, &columns, 50, key_change(old)) {
+            Decision::Refetch { rel, new } => {
+                assert_eq!(rel, 7);
+                assert_eq!(new.columns[0], id(5));
+            }
+            other => panic!("expected a read again, got {other:?}"),
+        }
+        // A whole old row carries the value: an insert, nothing to read.
+        let doc = TupleValue::Binary(Bytes::from_static(b"doc"));
+        let old = OldTuple::Full(TupleData {
+            columns: vec![id(150), doc.clone()],
+        });
+        match p.decide(&table, &columns, 50, key_change(old)) {
+            Decision::Apply(Op::Insert { new, .. }) => {
+                assert_eq!(new.columns, vec![id(5), doc]);
+            }
+            other => panic!("expected an insert, got {other:?}"),
+        }
+        // A row read again by key decides that key from then on.
+        let mut p = p;
+        p.add(Position {
+            id: 3,
+            table: table.clone(),
+            scope: Scope::Keys {
+                columns: vec!["id".into()],
+                keys: vec![vec![Bytes::copy_from_slice(&5i64.to_be_bytes())]],
+            },
+            snapshot: snapshot(70),
+        });
+        let update = Op::Update {
+            rel: 7,
+            old: None,
+            new: TupleData {
+                columns: vec![id(5), TupleValue::Null],
+            },
+        };
+        assert!(matches!(
+            p.decide(&table, &columns, 65, update),
+            Decision::Skip
+        ));
+    }
+}
