@@ -196,3 +196,78 @@ async fn scenario(options: ClusterOptions, run_args: &[&str], bulk: &str) -> Str
     assert_eq!(code, 0, "verify:\n{stdout}{stderr}");
     child.log()
 }
+
+/// The same while `run --online` copies a table range by range: the key change is
+/// held while the table's copy runs and read again when the held changes are
+/// replayed through the ranges' copy positions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_change_held_during_an_online_copy_refetches_at_replay() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        "CREATE TABLE docs (id bigint PRIMARY KEY, n int NOT NULL, doc text) WITH (fillfactor = 100);
+         ALTER TABLE docs ALTER COLUMN doc SET STORAGE EXTERNAL;
+         INSERT INTO docs SELECT g, 0, CASE WHEN g % 500 = 0 THEN repeat(md5(g::text), 120) END
+           FROM generate_series(1, 300000) g;",
+    )
+    .await;
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--online", "--jobs", "1"]);
+    let mut child = logs.spawn(cmd);
+    // Once the first range is in, the target's copy of the next ones waits behind a
+    // SHARE lock while rows of the last range move into the first.
+    let mut locker = target.client().await;
+    wait_until(
+        "the first key range copied",
+        Duration::from_secs(180),
+        || async {
+            tgt.query_one("SELECT count(*) FROM docs", &[])
+                .await
+                .map(|r| r.get::<_, i64>(0) > 0)
+                .unwrap_or(false)
+        },
+    )
+    .await;
+    let lock = locker.transaction().await.expect("begin");
+    lock.batch_execute("LOCK TABLE docs IN SHARE MODE")
+        .await
+        .expect("lock docs on the target");
+    let last = scalar_i64(&tgt, "SELECT coalesce(max(id), 0) FROM docs").await;
+    assert!(
+        last < 200_000,
+        "the last key range was copied before the rows could move ({last})"
+    );
+    exec(
+        &src,
+        "DELETE FROM docs WHERE id IN (10, 20);
+         UPDATE docs SET id = 10 WHERE id = 299500;",
+    )
+    .await;
+    exec(&src, "UPDATE docs SET id = 20 WHERE id = 299000").await;
+    exec(&src, "DELETE FROM docs WHERE id = 20").await;
+    lock.rollback().await.expect("release the lock");
+    wait_for_convergence_running(&mut child, &src, &tgt, &["docs"], Duration::from_secs(240)).await;
+    assert_eq!(
+        scalar_i64(
+            &tgt,
+            "SELECT count(*) FROM docs WHERE id = 10 AND length(doc) > 2000"
+        )
+        .await,
+        1,
+        "the moved row lost its TOASTed doc"
+    );
+    assert!(
+        child.log().contains("read again from the source"),
+        "run did not read the row again:\n{}",
+        child.log()
+    );
+    child.assert_running("after replaying the held key changes");
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("verify");
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "verify:\n{stdout}{stderr}");
+}
