@@ -24,6 +24,7 @@ pub mod constraints;
 pub mod copy_positions;
 pub mod decoder;
 pub mod drift;
+pub mod durability;
 pub mod faults;
 pub mod held;
 pub mod io;

@@ -10,7 +10,7 @@
 //! durable (the target's WAL is flushed past it), because apply commits
 //! asynchronously.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use tokio_postgres::Client;
 use super::apply::{Op, TargetSession, FLUSH_BYTES};
 use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
+use super::durability::Durability;
 use super::io::{Incoming, StreamIo};
 use super::lanes::{Batch, ConflictKeys, Lanes};
 use super::memory::StreamMemory;
@@ -179,8 +180,8 @@ struct Session<'a> {
     batch_last: Option<(Lsn, PgTimestamp)>,
     batch_started: Instant,
     applied: Lsn,
-    durable: Lsn,
-    pending_durable: VecDeque<(Lsn, Lsn)>,
+    /// Which applied transactions the target has flushed (what may be confirmed).
+    durability: Durability,
     received: Lsn,
     idle_wal_end: Lsn,
     /// Ranges written outside the stream that it has not passed yet.
@@ -211,14 +212,10 @@ struct Session<'a> {
     /// Relation oids of tables removed from the pipeline: their changes still in
     /// flight are not applied.
     ignored: HashSet<u32>,
-    /// When the target's flushed position was last read.
-    last_durable_check: Instant,
     /// Silence from the source after which its connection is considered dead: the
     /// source's own `wal_sender_timeout`, within [5 s, 60 s]. walshuttle asks for a
     /// reply every status interval, so a live source is never silent that long.
     receive_timeout: Duration,
-    /// `SELECT pg_current_wal_flush_lsn()`, prepared once on `monitor`.
-    flush_lsn_query: tokio_postgres::Statement,
     /// The prefix of the DDL capture trigger's messages, when the pipeline captures
     /// DDL (`--capture-ddl`, see [`crate::ddl_capture`]).
     ddl_prefix: Option<String>,
