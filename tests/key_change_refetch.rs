@@ -63,7 +63,20 @@ async fn kill_bootstrap_after_first_chunk(source: &Cluster, target: &Cluster, ta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_change_into_an_earlier_copied_range_refetches_the_toasted_row() {
-    scenario(ClusterOptions::default(), &[], "").await;
+    scenario(ClusterOptions::default(), &[], "", "").await;
+}
+
+/// The same with values received as text (the target widened a column).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_change_refetches_in_text_mode() {
+    let log = scenario(
+        ClusterOptions::default(),
+        &[],
+        "",
+        r#"CREATE TABLE "Big Docs" (id bigint PRIMARY KEY, u text NOT NULL, n bigint NOT NULL, doc text)"#,
+    )
+    .await;
+    assert!(log.contains("binary=false"), "not in text mode:\n{log}");
 }
 
 /// The same with the key changes inside transactions large enough to be streamed
@@ -79,6 +92,7 @@ async fn key_change_in_a_streamed_transaction_refetches_at_its_commit_on_lanes()
         options,
         &["--apply-lanes", "3"],
         r#"UPDATE "Big Docs" SET n = n + 1 WHERE id BETWEEN 100000 AND 103000;"#,
+        "",
     )
     .await;
     assert!(
@@ -88,9 +102,14 @@ async fn key_change_in_a_streamed_transaction_refetches_at_its_commit_on_lanes()
 }
 
 /// Kills a bootstrap after its first key range, moves rows into that range
-/// (each transaction also running `bulk`), resumes, and runs.
-/// Returns `run`'s log.
-async fn scenario(options: ClusterOptions, run_args: &[&str], bulk: &str) -> String {
+/// (each transaction also running `bulk`), resumes, and runs; `target_sql` makes
+/// the target's own tables first. Returns `run`'s log.
+async fn scenario(
+    options: ClusterOptions,
+    run_args: &[&str],
+    bulk: &str,
+    target_sql: &str,
+) -> String {
     let source = Cluster::start_with(options);
     let target = Cluster::start();
     let src = source.client().await;
@@ -114,6 +133,9 @@ async fn scenario(options: ClusterOptions, run_args: &[&str], bulk: &str) -> Str
     )
     .await;
     assert_eq!(toasted, 800, "docs are not stored uncompressed out of line");
+    if !target_sql.is_empty() {
+        exec(&tgt, target_sql).await;
+    }
     kill_bootstrap_after_first_chunk(&source, &target, "Big Docs").await;
 
     // Between the kill and the resume, rows of the range not yet copied move into
