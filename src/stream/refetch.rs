@@ -77,18 +77,20 @@ pub async fn read_row(
 ) -> Result<Refetched> {
     match tokio::time::timeout(TIMEOUT, read_row_now(source, shape, key_columns, new, xid)).await {
         Ok(result) => result,
-        Err(_) => Err(anyhow::Error::new(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            format!(
-                "the source did not answer within {} s",
-                TIMEOUT.as_secs()
-            ),
-        ))
-        .context(format!(
-            "reading a row of {} again from the source (its key changed and its TOASTed values were not sent)",
-            shape.name
-        ))),
+        Err(_) => Err(timed_out(&shape.name)),
     }
+}
+
+/// The error of a read that took longer than [`TIMEOUT`]: an I/O timeout, so `run`
+/// retries it (a transient fault) rather than stopping for a person.
+fn timed_out(table: &crate::pg::QualifiedName) -> anyhow::Error {
+    anyhow::Error::new(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the source did not answer within {} s", TIMEOUT.as_secs()),
+    ))
+    .context(format!(
+        "reading a row of {table} again from the source (its key changed and its TOASTed values were not sent)"
+    ))
 }
 
 async fn read_row_now(
@@ -220,5 +222,21 @@ async fn read_row_now(
             key,
             snapshot: view,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_that_times_out_is_transient() {
+        let e = timed_out(&crate::pg::QualifiedName::new("public", "t"));
+        assert!(crate::exit::is_transient(&e));
+        assert!(matches!(
+            crate::stream::faults::classify(&e),
+            crate::stream::faults::Class::Fault
+        ));
+        assert!(format!("{e:#}").contains("did not answer within 60 s"));
     }
 }
