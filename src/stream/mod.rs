@@ -30,6 +30,7 @@ pub mod held;
 pub mod io;
 pub mod lanes;
 pub mod memory;
+pub mod refetch;
 pub mod relations;
 pub mod restart_point;
 pub mod session;

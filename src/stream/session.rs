@@ -38,6 +38,7 @@ mod captured_ddl;
 mod commits;
 mod event_loop;
 mod held_tables;
+mod refetched;
 mod relation_changes;
 mod spooled;
 mod start;
@@ -469,8 +470,11 @@ impl Session<'_> {
     }
 
     /// Applies the copy positions to a change of transaction `xid`: `None` when the
-    /// copies holding its rows already reflect it.
-    fn filter(&self, xid: u32, op: Op) -> Result<Option<Op>> {
+    /// copies holding its rows already reflect it. A key change the copies cannot
+    /// complete is read again from the source (see `refetched`), except in a
+    /// streamed transaction not yet committed: that one is received again and
+    /// applied whole at its commit.
+    async fn filter(&mut self, xid: u32, op: Op, streamed: bool) -> Result<Option<Op>> {
         if self.positions.is_empty() {
             return Ok(Some(op));
         }
@@ -481,12 +485,17 @@ impl Session<'_> {
         {
             Decision::Apply(op) => Ok(Some(op)),
             Decision::Skip => Ok(None),
-            Decision::Refetch => Err(Fatal(format!(
-                "a key change in {} moved a row with unchanged TOASTed values from a range copied later into one copied earlier, inside the window of a resumed copy: run `walshuttle verify --repair --tables {}` and then `walshuttle run` again",
-                shape.name,
-                shape.name.quoted()
-            ))
-            .into()),
+            Decision::Refetch { .. } if streamed => {
+                self.cfg.memory.apply_whole(xid);
+                anyhow::bail!(
+                    "streamed transaction {xid} moved a row with unchanged TOASTed values into a range copied earlier: reconnecting to receive it again and apply it whole at its commit, when its row can be read again from the source"
+                )
+            }
+            Decision::Refetch { rel, new } => {
+                let (op, position) = self.refetch(xid, rel, new).await?;
+                self.positions.add(position);
+                Ok(op)
+            }
         }
     }
 
@@ -506,7 +515,7 @@ impl Session<'_> {
             if let Some(st) = self.streams.get_mut(&top) {
                 st.tables.insert(op.rel());
             }
-            let Some(op) = self.filter(top, op)? else {
+            let Some(op) = self.filter(top, op, true).await? else {
                 return Ok(());
             };
             let Some(st) = self.streams.get_mut(&top) else {
@@ -555,7 +564,7 @@ impl Session<'_> {
             self.main_has_partial = true;
             return Ok(());
         }
-        let Some(op) = self.filter(xid, op)? else {
+        let Some(op) = self.filter(xid, op, false).await? else {
             return Ok(());
         };
         // The lane rule: a change touching a row of a batch in flight is sent only
