@@ -28,6 +28,7 @@ pub mod durability;
 pub mod faults;
 pub mod held;
 pub mod io;
+pub mod joining;
 pub mod lanes;
 pub mod memory;
 pub mod refetch;

@@ -23,6 +23,7 @@ use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
 use super::durability::Durability;
 use super::io::{Incoming, StreamIo};
+use super::joining::TableJoins;
 use super::lanes::{Batch, ConflictKeys, Lanes};
 use super::memory::StreamMemory;
 use super::relations::{Fatal, Relations};
@@ -147,9 +148,6 @@ struct Session<'a> {
     cfg: &'a StreamConfig,
     source: &'a Endpoint,
     target: &'a Endpoint,
-    /// Tables whose rows must be copied again before more of their changes are
-    /// trusted (a column added with a volatile default rewrote them on the source).
-    pending_resync: Vec<QualifiedName>,
     source_sql: Client,
     /// Shared with the lanes sending a batch's statements (changed only when none is
     /// in flight).
@@ -199,16 +197,8 @@ struct Session<'a> {
     /// Bumped by work that is not visible on the target's apply sessions (a table
     /// copied again): the watchdog counts it as progress.
     progress: Arc<std::sync::atomic::AtomicU64>,
-    /// Tables being copied while the pipeline streams (`walshuttle tables
-    /// add|resync`): their changes are held on the target until the copy is in.
-    /// Tables copied again while the source had columns the target had not yet
-    /// (see `resync_pending`): copied once more when their shape arrives.
-    resync_on_shape: HashSet<QualifiedName>,
-    held_tables: HashSet<QualifiedName>,
-    /// Held changes not yet written, as `held_changes` rows.
-    held_rows: Vec<String>,
-    /// Held tables whose copy is in: their held changes are applied next.
-    replay_tables: HashSet<QualifiedName>,
+    /// Tables joining the stream (held, replaying) or to be copied again.
+    joins: TableJoins,
     /// Relation oids of tables removed from the pipeline: their changes still in
     /// flight are not applied.
     ignored: HashSet<u32>,

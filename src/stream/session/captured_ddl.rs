@@ -96,7 +96,7 @@ impl Session<'_> {
                     self.ignored.insert(oid);
                     self.relation_cache.remove(&oid);
                 }
-                self.pending_resync.retain(|t| *t != table);
+                self.joins.resync.retain(|t| *t != table);
                 tracing::warn!(table = %table, "table dropped on the source: taken out of the pipeline; its copy on the target is left as it is (drop it there when it is no longer needed)");
             }
         }
@@ -144,7 +144,7 @@ impl Session<'_> {
             for t in tables.iter_mut().filter(|t| **t == plan.from) {
                 *t = plan.to.clone();
             }
-            for t in self.pending_resync.iter_mut().filter(|t| **t == plan.from) {
+            for t in self.joins.resync.iter_mut().filter(|t| **t == plan.from) {
                 *t = plan.to.clone();
             }
         }
@@ -154,8 +154,8 @@ impl Session<'_> {
         self.ignored.remove(&plan.oid);
         self.relation_cache.remove(&plan.oid);
         self.cfg.memory.remember_shape(plan.oid, plan.seen);
-        if plan.resync && !self.pending_resync.contains(&plan.to) {
-            self.pending_resync.push(plan.to.clone());
+        if plan.resync && !self.joins.resync.contains(&plan.to) {
+            self.joins.resync.push(plan.to.clone());
         }
         for note in &plan.notes {
             tracing::info!(table = %plan.to, "{note}");

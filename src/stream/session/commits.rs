@@ -14,7 +14,10 @@ impl Session<'_> {
         let Some((end_lsn, commit_time)) = self.batch_last else {
             return Ok(());
         };
-        if !(self.lanes.parallel() && self.held_rows.is_empty() && self.pending_resync.is_empty()) {
+        if !(self.lanes.parallel()
+            && self.joins.held_rows.is_empty()
+            && self.joins.resync.is_empty())
+        {
             return self.commit_batch_here(end_lsn, commit_time).await;
         }
         // Its transaction must be open to carry the progress row, even when every
@@ -191,13 +194,13 @@ impl Session<'_> {
             self.cfg
                 .state
                 .progress_sql(&self.cfg.slot, end_lsn, commit_time.unix_micros());
-        if !self.pending_resync.is_empty() {
+        if !self.joins.resync.is_empty() {
             sql.push_str("; ");
             sql.push_str(
                 &self
                     .cfg
                     .state
-                    .resync_sql(&self.cfg.slot, &self.pending_resync),
+                    .resync_sql(&self.cfg.slot, &self.joins.resync),
             );
         }
         sql

@@ -227,7 +227,7 @@ impl Session<'_> {
                 self.refresh_positions(version).await?;
                 self.replay_held().await?;
                 self.main.commit("SELECT 1").await?;
-                if self.replay_tables.is_empty() || self.io.has_waiting() {
+                if self.joins.replaying.is_empty() || self.io.has_waiting() {
                     break;
                 }
             }
@@ -269,7 +269,7 @@ impl Session<'_> {
     /// is held or copied, or the pipeline's tables or positions changed since they
     /// were read.
     pub(super) async fn tables_changing(&self) -> Result<bool> {
-        if !(self.held_tables.is_empty() && self.replay_tables.is_empty()) {
+        if !(self.joins.held.is_empty() && self.joins.replaying.is_empty()) {
             return Ok(true);
         }
         let version = self

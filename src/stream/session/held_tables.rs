@@ -74,8 +74,8 @@ impl Session<'_> {
             self.relation_cache.remove(&oid);
         }
         crate::observe::tables_copying(held.len());
-        self.held_tables = held;
-        self.replay_tables = replay;
+        self.joins.held = held;
+        self.joins.replaying = replay;
         Ok(())
     }
 
@@ -94,22 +94,22 @@ impl Session<'_> {
 
     /// The table of relation `oid` when its changes are held (its copy is running).
     pub(super) fn held_table(&self, oid: u32) -> Result<Option<QualifiedName>> {
-        if self.held_tables.is_empty() {
+        if self.joins.held.is_empty() {
             return Ok(None);
         }
         let table = &self.relations.get(oid)?.name;
-        Ok(self.held_tables.contains(table).then(|| table.clone()))
+        Ok(self.joins.held.contains(table).then(|| table.clone()))
     }
 
     /// Whether changes of relation `oid` cannot be applied on a streamed
     /// transaction's own connection now: its table's copy is running, or is in with
     /// held changes still to apply first (both happen on the main connection).
     pub(super) fn held_or_replaying(&self, oid: u32) -> Result<bool> {
-        if self.held_tables.is_empty() && self.replay_tables.is_empty() {
+        if self.joins.held.is_empty() && self.joins.replaying.is_empty() {
             return Ok(false);
         }
         let table = &self.relations.get(oid)?.name;
-        Ok(self.held_tables.contains(table) || self.replay_tables.contains(table))
+        Ok(self.joins.held.contains(table) || self.joins.replaying.contains(table))
     }
 
     /// Holds `op` when its table is being copied (see [`super::held`]): written to
@@ -136,8 +136,8 @@ impl Session<'_> {
             self.cfg
                 .state
                 .held_row(&self.cfg.slot, table, commit_lsn, xid, self.binary, change);
-        self.held_rows.push(row);
-        if self.held_rows.len() >= HELD_BATCH {
+        self.joins.held_rows.push(row);
+        if self.joins.held_rows.len() >= HELD_BATCH {
             self.flush_held().await?;
         }
         Ok(())
@@ -146,11 +146,11 @@ impl Session<'_> {
     /// Writes the held changes buffered so far, in the open main transaction: before
     /// it commits, and before held changes are read back.
     pub(super) async fn flush_held(&mut self) -> Result<()> {
-        if self.held_rows.is_empty() {
+        if self.joins.held_rows.is_empty() {
             return Ok(());
         }
-        let sql = self.cfg.state.hold_sql(&self.held_rows);
-        self.held_rows.clear();
+        let sql = self.cfg.state.hold_sql(&self.joins.held_rows);
+        self.joins.held_rows.clear();
         self.main.execute_in_txn(&sql).await
     }
 
@@ -197,12 +197,12 @@ impl Session<'_> {
     /// streaming while a long copy's backlog drains; the table's new changes are held
     /// behind it meanwhile. A table whose backlog is drained joins the stream.
     pub(super) async fn replay_held(&mut self) -> Result<()> {
-        if self.replay_tables.is_empty() {
+        if self.joins.replaying.is_empty() {
             return Ok(());
         }
         self.barrier().await?;
         self.flush_held().await?;
-        let tables: Vec<QualifiedName> = self.replay_tables.iter().cloned().collect();
+        let tables: Vec<QualifiedName> = self.joins.replaying.iter().cloned().collect();
         for table in tables {
             // Its shape: from this session's Relation message, or as pgoutput would
             // describe it now.
@@ -258,9 +258,9 @@ impl Session<'_> {
                     TableState::Ready,
                 )
                 .await?;
-            self.held_tables.remove(&table);
-            self.replay_tables.remove(&table);
-            crate::observe::tables_copying(self.held_tables.len());
+            self.joins.held.remove(&table);
+            self.joins.replaying.remove(&table);
+            crate::observe::tables_copying(self.joins.held.len());
             // From here its changes are decided by the copies its held changes were
             // replayed through, until the stream passes them.
             self.positions.adopt(&table, &copies, self.applied);
@@ -359,7 +359,7 @@ impl Session<'_> {
     /// Runs between transactions, with no streamed transaction open (those hold the
     /// positions lock the rewrite needs).
     pub(super) async fn resync_pending(&mut self) -> Result<()> {
-        if self.pending_resync.is_empty()
+        if self.joins.resync.is_empty()
             || self.current.is_some()
             || !self.streams.is_empty()
             || self.main.in_txn()
@@ -368,7 +368,7 @@ impl Session<'_> {
         }
         self.drain_lanes().await?;
         let progress = Arc::clone(&self.progress);
-        for name in std::mem::take(&mut self.pending_resync) {
+        for name in std::mem::take(&mut self.joins.resync) {
             let Some(mut table) = crate::catalog::load_table(&self.source_sql, &name).await? else {
                 continue;
             };
@@ -411,7 +411,7 @@ impl Session<'_> {
                     .iter()
                     .any(|c| !on_target.columns.iter().any(|t| t.name == c.name))
                 {
-                    self.resync_on_shape.insert(name.clone());
+                    self.joins.resync_on_shape.insert(name.clone());
                 }
             }
             self.cfg

@@ -270,8 +270,9 @@ impl Session<'_> {
         let changed = Arc::make_mut(&mut self.relations)
             .install(&rel, &self.main.client, change, &memory)
             .await?;
-        if changed && self.resync_on_shape.remove(&name) && !self.pending_resync.contains(&name) {
-            self.pending_resync.push(name.clone());
+        if changed && self.joins.resync_on_shape.remove(&name) && !self.joins.resync.contains(&name)
+        {
+            self.joins.resync.push(name.clone());
         }
         if changed {
             self.main.forget_statements();
@@ -281,8 +282,8 @@ impl Session<'_> {
             }
         }
         for t in Arc::make_mut(&mut self.relations).take_resync() {
-            if !self.pending_resync.contains(&t) {
-                self.pending_resync.push(t);
+            if !self.joins.resync.contains(&t) {
+                self.joins.resync.push(t);
             }
         }
         self.relation_cache.insert(rel.oid, rel);

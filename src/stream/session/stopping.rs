@@ -9,7 +9,7 @@ impl Session<'_> {
     pub(super) async fn stop(&mut self) -> Result<()> {
         if self.current.is_some() {
             if self.main_has_partial {
-                self.held_rows.clear();
+                self.joins.held_rows.clear();
                 self.main.rollback().await?;
                 self.batch_txns = 0;
             } else {
