@@ -864,3 +864,69 @@ async fn verify_reads_a_table_partitioned_only_on_the_target_whole() {
     );
     child.assert_running("after verify --repair");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_and_catch_up_take_a_table_partitioned_only_on_the_target_whole() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        r#"CREATE TABLE readings (id bigint PRIMARY KEY, sensor text NOT NULL UNIQUE, v numeric(10,2),
+                                  updated_at timestamptz NOT NULL DEFAULT now());
+           INSERT INTO readings (id, sensor, v) SELECT g, 's' || g, g / 4.0 FROM generate_series(1, 300) g;
+           CREATE TABLE "Sensor Log" (sensor text NOT NULL, note text);
+           ALTER TABLE "Sensor Log" REPLICA IDENTITY FULL;
+           INSERT INTO "Sensor Log" SELECT 's' || (g % 7), 'n' || (g % 5) FROM generate_series(1, 40) g;"#,
+    )
+    .await;
+    exec(
+        &tgt,
+        r#"CREATE TABLE readings (id bigint PRIMARY KEY, sensor text NOT NULL, v numeric(10,2),
+                                  updated_at timestamptz NOT NULL DEFAULT now()) PARTITION BY RANGE (id);
+           CREATE TABLE readings_lo PARTITION OF readings FOR VALUES FROM (MINVALUE) TO (150);
+           CREATE TABLE readings_hi PARTITION OF readings FOR VALUES FROM (150) TO (MAXVALUE);
+           CREATE TABLE "Sensor Log" (sensor text NOT NULL, note text) PARTITION BY HASH (sensor);
+           CREATE TABLE "Sensor Log 0" PARTITION OF "Sensor Log" FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+           CREATE TABLE "Sensor Log 1" PARTITION OF "Sensor Log" FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+           INSERT INTO readings (id, sensor, v) SELECT g, 'stale', 0 FROM generate_series(1, 10) g;
+           INSERT INTO "Sensor Log" VALUES ('s1', 'stale');"#,
+    )
+    .await;
+    // Rows already in the target's partitions are rows walshuttle did not copy.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--jobs", "2"]);
+    let (code, stdout, stderr) = run(cmd);
+    assert_ne!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("already holds rows on the target that walshuttle did not copy"),
+        "{stderr}"
+    );
+    // --truncate-target empties them, partitions and all.
+    bootstrap_ok(&source, &target, &["--truncate-target"]);
+    assert_tables_equal(&src, &tgt, &["readings", r#""Sensor Log""#]).await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the bootstrap:\n{out}");
+
+    // The slot is lost; the source changes meanwhile (one update forgets
+    // updated_at); catch-up repairs the target's partitions.
+    exec(&src, "SELECT pg_drop_replication_slot('walshuttle')").await;
+    exec(
+        &src,
+        r#"INSERT INTO readings (id, sensor, v) SELECT g, 's' || g, 2 FROM generate_series(301, 310) g;
+           UPDATE readings SET v = v + 1, updated_at = now() WHERE id % 9 = 0;
+           UPDATE readings SET v = -1, updated_at = '2000-01-01' WHERE id = 42;
+           DELETE FROM readings WHERE id IN (7, 160);
+           INSERT INTO "Sensor Log" VALUES ('s1', 'n1'), ('s9', 'new');
+           DELETE FROM "Sensor Log" WHERE sensor = 's3';"#,
+    )
+    .await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("catch-up");
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "catch-up:\n{stdout}{stderr}");
+    assert_tables_equal(&src, &tgt, &["readings", r#""Sensor Log""#]).await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after catch-up:\n{out}");
+}
