@@ -797,7 +797,15 @@ async fn verify_reads_a_table_partitioned_only_on_the_target_whole() {
          CREATE TABLE readings_hi PARTITION OF readings FOR VALUES FROM (150) TO (MAXVALUE);",
     )
     .await;
-    bootstrap_ok(&source, &target, &[]);
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--jobs", "2"]);
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "bootstrap failed:\n{stdout}\n{stderr}");
+    // The source's UNIQUE (sensor) cannot exist on a table partitioned by id: said.
+    assert!(
+        stderr.contains("readings_sensor_key is left out on the target"),
+        "{stderr}"
+    );
     assert_eq!(
         scalar_i64(&tgt, "SELECT count(*) FROM readings_hi").await,
         151,
@@ -863,6 +871,27 @@ async fn verify_reads_a_table_partitioned_only_on_the_target_whole() {
         2
     );
     child.assert_running("after verify --repair");
+
+    // A resync replaces the rows in the target's partitions while run streams.
+    exec(
+        &tgt,
+        "UPDATE readings SET v = -5 WHERE id <= 30 OR id > 290",
+    )
+    .await;
+    let out = tables(&source, &target, &["resync", "readings"]).await;
+    assert!(out.contains("readings"), "tables resync said: {out}");
+    exec(&src, "UPDATE readings SET v = 7 WHERE id IN (1, 299)").await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["readings", r#"ONLY "Order Items""#],
+        Duration::from_secs(90),
+    )
+    .await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the resync:\n{out}");
+    child.assert_running("after tables resync");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
