@@ -87,6 +87,10 @@ pub struct Table {
     /// column is compared as exactly as its target type allows.
     #[serde(skip)]
     pub target_types: std::collections::BTreeMap<String, String>,
+    /// Whether the target copy is a partitioned table, read with the target types:
+    /// its rows are then read whole, not `ONLY` ([`crate::own_rows`]).
+    #[serde(skip)]
+    pub target_partitioned: bool,
 }
 
 impl Table {
@@ -384,6 +388,7 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
         blocks: rel.get(2),
         estimated_rows: rel.get(3),
         target_types: Default::default(),
+        target_partitioned: false,
     }))
 }
 
@@ -655,6 +660,25 @@ pub fn create_table_sql(table: &Table) -> String {
     )
 }
 
+/// The partition key columns of `name` when it is a partitioned table on the
+/// server `client` reaches (an expression column as `""`, which no index column
+/// matches); `None` otherwise.
+async fn target_partition_key(
+    client: &Client,
+    name: &QualifiedName,
+) -> Result<Option<Vec<String>>> {
+    Ok(client
+        .query_opt(
+            "SELECT ARRAY(SELECT coalesce(a.attname::text, '') FROM unnest(p.partattrs::int2[]) AS k(n) \
+                          LEFT JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = k.n) \
+             FROM pg_partitioned_table p WHERE p.partrelid = to_regclass($1)",
+            &[&name.quoted()],
+        )
+        .await
+        .pg_context(|| format!("reading the partition key of {name} on the target"))?
+        .map(|r| r.get(0)))
+}
+
 /// Statements that build the table's primary key, unique constraints and indexes on
 /// the target, each idempotent, each independent (so they can run in parallel).
 pub async fn index_sql(source: &Client, target: &Client, table: &Table) -> Result<Vec<String>> {
@@ -691,9 +715,14 @@ async fn indexes_sql(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let partition_key = target_partition_key(target, &table.name).await?;
     let rows = source
         .query(
-            "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid), con.contype::text \
+            "SELECT ic.relname, pg_get_indexdef(i.indexrelid), con.conname, pg_get_constraintdef(con.oid), con.contype::text, \
+                    i.indisunique AND NOT i.indisprimary AND NOT i.indisreplident, \
+                    ARRAY(SELECT coalesce(a.attname::text, '') FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(n, o) \
+                          LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n \
+                          WHERE k.o <= i.indnkeyatts) \
              FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
              LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
              WHERE i.indrelid = $1 AND (NOT $2 OR i.indisprimary OR i.indisreplident) \
@@ -707,6 +736,22 @@ async fn indexes_sql(
         let index_name: String = row.get(0);
         if existing.contains(&index_name) {
             continue;
+        }
+        // A table partitioned on the target (the user's choice) can hold a unique
+        // index only over its partition key: one that cannot be built is left out
+        // (the rows come from the source, whose own index keeps them unique).
+        if let Some(part_cols) = &partition_key {
+            let secondary_unique: bool = row.get(5);
+            let cols: Vec<String> = row.get(6);
+            if secondary_unique && !part_cols.iter().all(|p| cols.contains(p)) {
+                tracing::warn!(
+                    table = %table.name,
+                    index = %index_name,
+                    "the table is partitioned on the target by ({}), and a unique index there must include those columns: the source's unique index {index_name} is left out on the target",
+                    part_cols.join(", ")
+                );
+                continue;
+            }
         }
         let conname: Option<String> = row.get(2);
         match conname {

@@ -29,7 +29,7 @@ use tokio_postgres::Client;
 use crate::bootstrap::{self, create_slot_with_snapshot, drop_slot_if_exists};
 use crate::catalog::{self, Table, TargetFit};
 use crate::compare::{self, Compared, Key};
-use crate::config::Endpoint;
+use crate::config::{Endpoint, Side};
 use crate::pg::{connect, quote_ident, quote_literal, Lsn, PgResultExt, QualifiedName};
 use crate::rewrite::{self, Rows};
 pub use crate::slot::{gap_reason, GapReason, SlotGone};
@@ -494,8 +494,8 @@ async fn repair_table(
         let bucketed = matches!(range, compare::KeyRange::Int { .. }) && table.key.len() == 1;
         if !bucketed {
             let (s, t) = tokio::try_join!(
-                compare::digest(src, table, &range, Compared::WholeRows),
-                compare::digest(&tx, table, &range, Compared::WholeRows)
+                compare::digest(src, Side::Source, table, &range, Compared::WholeRows),
+                compare::digest(&tx, Side::Target, table, &range, Compared::WholeRows)
             )?;
             if s == t {
                 continue;
@@ -560,13 +560,11 @@ async fn watermark_condition(
 ) -> Result<(String, (Option<String>, Option<String>))> {
     let mut conds = Vec::new();
     let mut marks = Vec::new();
+    let own = crate::own_rows::own_rows_on(tgt, &table.name).await?;
     for c in cols {
         let q = quote_ident(c);
         let wm: Option<String> = tgt
-            .query_one(
-                &format!("SELECT max({q})::text FROM ONLY {}", table.name.quoted()),
-                &[],
-            )
+            .query_one(&format!("SELECT max({q})::text FROM {own}"), &[])
             .await
             .pg_context(|| format!("reading the watermark of {}.{c} on the target", table.name))?
             .get(0);

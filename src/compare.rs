@@ -9,6 +9,8 @@ use anyhow::Result;
 use tokio_postgres::GenericClient;
 
 use crate::catalog::{Column, Table, TypeSpec};
+use crate::config::Side;
+use crate::own_rows::own_rows;
 use crate::pg::{quote_ident, PgResultExt};
 use crate::rewrite::{keys_predicate, text_array};
 
@@ -137,9 +139,20 @@ fn compared_value(column: &Column, target_type: Option<&str>) -> String {
     }
 }
 
-/// Records the target copy's column types in `table` (see [`compared_value`]), read
-/// through `target`; a table missing there keeps none.
+/// The table's own rows on `side`, for a FROM clause: `ONLY` the table, unless it is
+/// partitioned on the target (see [`crate::own_rows`]).
+fn rows_on(table: &Table, side: Side) -> String {
+    own_rows(
+        &table.name,
+        side == Side::Target && table.target_partitioned,
+    )
+}
+
+/// Records the target copy's column types in `table` (see [`compared_value`]), and
+/// whether it is partitioned there, read through `target`; a table missing there
+/// keeps none.
 pub async fn note_target_types(target: &impl GenericClient, table: &mut Table) -> Result<()> {
+    table.target_partitioned = crate::own_rows::is_partitioned(target, &table.name).await?;
     let rows = target
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
@@ -204,20 +217,22 @@ pub async fn plan_ranges(
         return Ok(vec![KeyRange::All]);
     }
     let k = quote_ident(&table.key[0]);
-    let sql = format!(
-        "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM ONLY {}",
-        table.name.quoted()
-    );
+    let sql = |side| {
+        format!(
+            "SELECT min({k})::bigint, max({k})::bigint, count(*) FROM {}",
+            rows_on(table, side)
+        )
+    };
     let mut lo = i64::MAX;
     let mut hi = i64::MIN;
     let mut rows = 0i64;
     let spans = [
         source
-            .query_one(&sql, &[])
+            .query_one(&sql(Side::Source), &[])
             .await
             .pg_context(|| format!("reading the key span of {} on the source", table.name))?,
         target
-            .query_one(&sql, &[])
+            .query_one(&sql(Side::Target), &[])
             .await
             .pg_context(|| format!("reading the key span of {} on the target", table.name))?,
     ];
@@ -266,17 +281,18 @@ pub async fn plan_ranges(
     Ok(ranges)
 }
 
-/// Count and hash of a range on one side.
+/// Count and hash of a range on one side (`client` reaches `side`).
 pub async fn digest(
     client: &impl GenericClient,
+    side: Side,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
 ) -> Result<Digest> {
     let sql = format!(
-        "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM ONLY {} WHERE {}",
+        "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM {} WHERE {}",
         row_expr(table, compared),
-        table.name.quoted(),
+        rows_on(table, side),
         range.predicate(table)
     );
     let r = client
@@ -289,21 +305,23 @@ pub async fn digest(
     })
 }
 
-/// Row hashes by key within a range on one side (for keyless tables the key is the
-/// row and the value counts its copies).
+/// Row hashes by key within a range on one side (`client` reaches `side`; for
+/// keyless tables the key is the row and the value counts its copies).
 pub async fn row_hashes(
     client: &impl GenericClient,
+    side: Side,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
     only: Option<&[Key]>,
 ) -> Result<HashMap<Key, i64>> {
-    row_hashes_where(client, table, range, compared, only, None).await
+    row_hashes_where(client, side, table, range, compared, only, None).await
 }
 
 /// [`row_hashes`], narrowed further by `extra` (a predicate on the row).
 async fn row_hashes_where(
     client: &impl GenericClient,
+    side: Side,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
@@ -327,9 +345,9 @@ async fn row_hashes_where(
     }
     let rows = if table.key.is_empty() {
         let sql = format!(
-            "SELECT {}, count(*) FROM ONLY {} WHERE {filter} GROUP BY 1",
+            "SELECT {}, count(*) FROM {} WHERE {filter} GROUP BY 1",
             key_expr(table),
-            table.name.quoted(),
+            rows_on(table, side),
         );
         client
             .query(&sql, &[])
@@ -352,9 +370,9 @@ async fn row_hashes_where(
             .collect::<Vec<_>>()
             .join(", ");
         let sql = format!(
-            "SELECT hashtextextended({}, 0), {keys} FROM ONLY {} WHERE {filter}",
+            "SELECT hashtextextended({}, 0), {keys} FROM {} WHERE {filter}",
             row_expr(table, compared),
-            table.name.quoted(),
+            rows_on(table, side),
         );
         let n = table.key.len();
         client
@@ -435,8 +453,24 @@ pub async fn diff_keys(
         None => None,
     };
     let (s, t) = tokio::try_join!(
-        row_hashes_where(source, table, range, compared, only, extra.as_deref()),
-        row_hashes_where(target, table, range, compared, only, extra.as_deref())
+        row_hashes_where(
+            source,
+            Side::Source,
+            table,
+            range,
+            compared,
+            only,
+            extra.as_deref()
+        ),
+        row_hashes_where(
+            target,
+            Side::Target,
+            table,
+            range,
+            compared,
+            only,
+            extra.as_deref()
+        )
     )?;
     let mut diff = KeyDiff::default();
     for (k, h) in &s {
@@ -499,17 +533,20 @@ async fn differing_buckets(
         }
         KeyRange::All => i64::MAX,
     };
-    let sql = format!(
-        "SELECT ({k} / {width})::bigint, count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text \
-           FROM ONLY {} WHERE {} GROUP BY 1",
-        row_expr(table, compared),
-        table.name.quoted(),
-        range.predicate(table),
-        k = quote_ident(&table.key[0]),
-    );
+    let sql = |side| {
+        format!(
+            "SELECT ({k} / {width})::bigint, count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text \
+               FROM {} WHERE {} GROUP BY 1",
+            row_expr(table, compared),
+            rows_on(table, side),
+            range.predicate(table),
+            k = quote_ident(&table.key[0]),
+        )
+    };
+    let (source_sql, target_sql) = (sql(Side::Source), sql(Side::Target));
     let (s, t) = tokio::try_join!(
-        bucket_digests(source, &sql, table, range),
-        bucket_digests(target, &sql, table, range)
+        bucket_digests(source, &source_sql, table, range),
+        bucket_digests(target, &target_sql, table, range)
     )?;
     let mut ids: Vec<i64> = s
         .iter()

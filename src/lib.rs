@@ -25,6 +25,7 @@
 //! - [`wal_budget`]: the slot's retained WAL against `--max-retained-wal`.
 //! - [`publication`]: each pipeline's own publication, never another's.
 //! - [`target_checks`]: foreign keys and triggers on existing target tables.
+//! - [`own_rows`]: `ONLY t`, or `t` where it is partitioned (the target's choice).
 //! - [`sequences`]: target sequences kept at or past the source's (`run --sync-sequences`).
 //! - [`selection`]: `--schemas`, `--exclude-schemas`, `--exclude-tables` patterns.
 //! - [`settings`]: the `--config` file and its precedence under env and flags.
@@ -44,6 +45,7 @@ pub mod demo;
 pub mod exit;
 pub mod localpg;
 pub mod observe;
+pub mod own_rows;
 pub mod partitions;
 pub mod pg;
 pub mod positions;

@@ -174,12 +174,10 @@ pub async fn copy(
                 .clear_positions(&tx, pipeline, Some(&table.name))
                 .await?;
         }
-        tx.execute(
-            &format!("DELETE FROM ONLY {} WHERE {predicate}", table.name.quoted()),
-            &[],
-        )
-        .await
-        .pg_context(ctx)?;
+        let own = crate::own_rows::own_rows_on(&tx, &table.name).await?;
+        tx.execute(&format!("DELETE FROM {own} WHERE {predicate}"), &[])
+            .await
+            .pg_context(ctx)?;
         let (copied, _) = rewrite::copy_rows(
             &session.client,
             &tx,

@@ -163,17 +163,17 @@ pub async fn rewrite_reporting(
 ) -> Result<(u64, u64)> {
     let ctx = || format!("rewriting rows of {} on the target", table.name);
     let columns = table.copied_column_list();
+    // The table's own rows on the target: not an inheritance child's, but every
+    // partition's where it is partitioned there.
+    let own = crate::own_rows::own_rows_on(tx, &table.name).await?;
     let (deleted, predicate) = match rows {
         Rows::All => {
             let n: i64 = tx
-                .query_one(
-                    &format!("SELECT count(*) FROM ONLY {}", table.name.quoted()),
-                    &[],
-                )
+                .query_one(&format!("SELECT count(*) FROM {own}"), &[])
                 .await
                 .pg_context(ctx)?
                 .get(0);
-            tx.batch_execute(&format!("TRUNCATE ONLY {}", table.name.quoted()))
+            tx.batch_execute(&format!("TRUNCATE {own}"))
                 .await
                 .pg_context(ctx)?;
             (n as u64, "true".to_string())
@@ -187,10 +187,7 @@ pub async fn rewrite_reporting(
             for batch in keys.chunks(50_000) {
                 let p = keys_predicate(table, batch);
                 deleted += tx
-                    .execute(
-                        &format!("DELETE FROM ONLY {} WHERE {p}", table.name.quoted()),
-                        &[],
-                    )
+                    .execute(&format!("DELETE FROM {own} WHERE {p}"), &[])
                     .await
                     .pg_context(ctx)?;
             }
@@ -221,10 +218,7 @@ pub async fn rewrite_reporting(
                 .join(" AND ");
             let deleted = tx
                 .execute(
-                    &format!(
-                        "DELETE FROM ONLY {} t USING walshuttle_rewrite s WHERE {join}",
-                        table.name.quoted()
-                    ),
+                    &format!("DELETE FROM {own} t USING walshuttle_rewrite s WHERE {join}"),
                     &[],
                 )
                 .await
@@ -388,13 +382,11 @@ pub fn is_conflict(e: &anyhow::Error) -> bool {
     })
 }
 
-/// Rows of a table on one side (for reports).
+/// Rows of a table on one side (for reports): its own, see [`crate::own_rows`].
 pub async fn count_rows(client: &impl GenericClient, table: &QualifiedName) -> Result<i64> {
+    let own = crate::own_rows::own_rows_on(client, table).await?;
     Ok(client
-        .query_one(
-            &format!("SELECT count(*) FROM ONLY {}", table.quoted()),
-            &[],
-        )
+        .query_one(&format!("SELECT count(*) FROM {own}"), &[])
         .await
         .pg_context(|| format!("counting the rows of {table}"))?
         .get(0))

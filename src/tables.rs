@@ -271,11 +271,9 @@ async fn in_transaction(
 
 /// Whether `table` has any row on the target.
 async fn has_rows(tgt: &Client, table: &QualifiedName) -> Result<bool> {
+    let own = crate::own_rows::own_rows_on(tgt, table).await?;
     Ok(tgt
-        .query_opt(
-            &format!("SELECT 1 FROM ONLY {} LIMIT 1", table.quoted()),
-            &[],
-        )
+        .query_opt(&format!("SELECT 1 FROM {own} LIMIT 1"), &[])
         .await
         .pg_context(|| format!("checking whether {table} is empty on the target"))?
         .is_some())

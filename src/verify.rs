@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 
 use crate::catalog::{self, Table};
 use crate::compare::{self, Compared, Key, KeyRange, CANONICAL_TEXT};
-use crate::config::Endpoint;
+use crate::config::{Endpoint, Side};
 use crate::pg::{connect, Lsn, PgResultExt, QualifiedName};
 use crate::rewrite::{self, Rows};
 use crate::state::StateStore;
@@ -246,6 +246,8 @@ pub async fn verify_with(
                 .iter()
                 .map(|c| (c.name.clone(), c.type_sql.clone()))
                 .collect();
+            // A table partitioned on the target is read whole (crate::own_rows).
+            table.target_partitioned = crate::own_rows::is_partitioned(&tgt, &table.name).await?;
         }
         let missing_columns: Vec<String> = on_target
             .map(|t| {
@@ -303,8 +305,8 @@ pub async fn verify_with(
         for (i, range) in mismatched {
             let table = &tables[i];
             let (s, t) = tokio::try_join!(
-                compare::digest(&src, table, &range, Compared::WholeRows),
-                compare::digest(&tgt, table, &range, Compared::WholeRows)
+                compare::digest(&src, Side::Source, table, &range, Compared::WholeRows),
+                compare::digest(&tgt, Side::Target, table, &range, Compared::WholeRows)
             )?;
             if s != t {
                 still.push((i, range));
@@ -420,8 +422,8 @@ async fn repair(
 async fn table_equal(src: &Client, tgt: &Client, table: &Table, jobs: usize) -> Result<bool> {
     for range in compare::plan_ranges(src, tgt, table, jobs).await? {
         let (s, t) = tokio::try_join!(
-            compare::digest(src, table, &range, Compared::WholeRows),
-            compare::digest(tgt, table, &range, Compared::WholeRows)
+            compare::digest(src, Side::Source, table, &range, Compared::WholeRows),
+            compare::digest(tgt, Side::Target, table, &range, Compared::WholeRows)
         )?;
         if s != t {
             return Ok(false);
@@ -458,8 +460,8 @@ async fn compare_all(
                 let Some((i, range)) = next else { break };
                 let table = &tables[i];
                 let (s, t) = tokio::try_join!(
-                    compare::digest(&src, table, &range, Compared::WholeRows),
-                    compare::digest(&tgt, table, &range, Compared::WholeRows)
+                    compare::digest(&src, Side::Source, table, &range, Compared::WholeRows),
+                    compare::digest(&tgt, Side::Target, table, &range, Compared::WholeRows)
                 )?;
                 results.push((i, range, s, t));
             }

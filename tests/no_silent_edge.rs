@@ -2,14 +2,16 @@
 //! equal while a value differs in the source's type (json text, numeric scale);
 //! `--capture-ddl` never publishes a table the source would then refuse updates of;
 //! inheritance children are carried only when named; a partition attached to a
-//! carried parent is never silently missing.
+//! carried parent is never silently missing; a table partitioned only on the
+//! target is compared and repaired whole.
 
 mod support;
 
 use std::time::Duration;
 
 use support::{
-    run, wait_for_convergence_running, wait_streaming, walshuttle, Cluster, ClusterOptions, RunLogs,
+    assert_tables_equal, run, wait_for_convergence_running, wait_streaming, walshuttle, Cluster,
+    ClusterOptions, RunLogs,
 };
 use tokio_postgres::Client;
 
@@ -763,8 +765,197 @@ async fn a_streamed_truncate_leaves_target_inheritance_children_alone() {
         2,
         "a streamed TRUNCATE emptied the target's own child"
     );
-    // (readings is compared by the fingerprints above: `verify` reads a table
-    // partitioned only on the target as its parent alone.)
-    let (code, out) = verify(&source, &target, &["--tables", "events,meas"]);
+    // readings, partitioned only on the target, is read whole there; the target's
+    // own child of events is not read as events' rows.
+    let (code, out) = verify(&source, &target, &["--tables", "events,readings,meas"]);
     assert_eq!(code, 0, "verify:\n{out}");
+}
+
+// ---------------------------------------------------------------------------
+// A table partitioned only on the target is compared and repaired whole.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_reads_a_table_partitioned_only_on_the_target_whole() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        r#"CREATE TABLE readings (id bigint PRIMARY KEY, sensor text NOT NULL UNIQUE, v numeric(10,2));
+           INSERT INTO readings SELECT g, 's' || g, g / 4.0 FROM generate_series(1, 300) g;
+           CREATE TABLE "Order Items" (id int PRIMARY KEY, note text);
+           INSERT INTO "Order Items" SELECT g, 'n' || g FROM generate_series(1, 20) g;"#,
+    )
+    .await;
+    // The serving database's own shape: readings partitioned by its key.
+    exec(
+        &tgt,
+        "CREATE TABLE readings (id bigint PRIMARY KEY, sensor text NOT NULL, v numeric(10,2)) PARTITION BY RANGE (id);
+         CREATE TABLE readings_lo PARTITION OF readings FOR VALUES FROM (MINVALUE) TO (150);
+         CREATE TABLE readings_hi PARTITION OF readings FOR VALUES FROM (150) TO (MAXVALUE);",
+    )
+    .await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--jobs", "2"]);
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "bootstrap failed:\n{stdout}\n{stderr}");
+    // The source's UNIQUE (sensor) cannot exist on a table partitioned by id: said.
+    assert!(
+        stderr.contains("readings_sensor_key is left out on the target"),
+        "{stderr}"
+    );
+    assert_eq!(
+        scalar_i64(&tgt, "SELECT count(*) FROM readings_hi").await,
+        151,
+        "the bootstrap routes rows into the target's partitions"
+    );
+
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--jobs", "1"]);
+    let mut child = logs.spawn(cmd);
+    wait_streaming(&mut child, &src).await;
+    // A child of "Order Items" that only the target has, with rows of its own (one
+    // with a key the parent holds too): not the source's rows, never compared.
+    exec(
+        &tgt,
+        r#"CREATE TABLE "Order Items Archive" (archived text) INHERITS ("Order Items");
+           INSERT INTO "Order Items Archive" VALUES (3, 'old', 'x'), (9001, 'mine', 'x');"#,
+    )
+    .await;
+    exec(
+        &src,
+        r#"INSERT INTO readings SELECT g, 's' || g, 1 FROM generate_series(301, 320) g;
+           UPDATE readings SET v = v + 1 WHERE id % 7 = 0;
+           DELETE FROM readings WHERE id IN (5, 200);
+           UPDATE readings SET sensor = 'moved' WHERE id = 10;
+           INSERT INTO "Order Items" VALUES (21, 'new');
+           UPDATE "Order Items" SET note = 'changed' WHERE id = 2;"#,
+    )
+    .await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["readings", r#"ONLY "Order Items""#],
+        Duration::from_secs(90),
+    )
+    .await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(
+        code, 0,
+        "verify of a table partitioned on the target:\n{out}"
+    );
+    assert!(out.contains("readings: equal (318 rows)"), "{out}");
+
+    // A changed row in a partition and a row missing from the other: different.
+    exec(
+        &tgt,
+        "UPDATE readings SET v = 999 WHERE id = 20; DELETE FROM readings WHERE id = 250;",
+    )
+    .await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 1, "verify missed a changed partition row:\n{out}");
+    assert!(out.contains("(20)") && out.contains("(250)"), "{out}");
+    let (code, out) = verify(&source, &target, &["--repair"]);
+    assert!(out.contains("repaired"), "{out}");
+    assert_eq!(code, 0, "verify --repair:\n{out}");
+    assert_tables_equal(&src, &tgt, &["readings", r#"ONLY "Order Items""#]).await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the repair:\n{out}");
+    // The target's own inheritance child was never read as the parent's rows.
+    assert_eq!(
+        scalar_i64(&tgt, r#"SELECT count(*) FROM "Order Items Archive""#).await,
+        2
+    );
+    child.assert_running("after verify --repair");
+
+    // A resync replaces the rows in the target's partitions while run streams.
+    exec(
+        &tgt,
+        "UPDATE readings SET v = -5 WHERE id <= 30 OR id > 290",
+    )
+    .await;
+    let out = tables(&source, &target, &["resync", "readings"]).await;
+    assert!(out.contains("readings"), "tables resync said: {out}");
+    exec(&src, "UPDATE readings SET v = 7 WHERE id IN (1, 299)").await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["readings", r#"ONLY "Order Items""#],
+        Duration::from_secs(90),
+    )
+    .await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the resync:\n{out}");
+    child.assert_running("after tables resync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_and_catch_up_take_a_table_partitioned_only_on_the_target_whole() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    exec(
+        &src,
+        r#"CREATE TABLE readings (id bigint PRIMARY KEY, sensor text NOT NULL UNIQUE, v numeric(10,2),
+                                  updated_at timestamptz NOT NULL DEFAULT now());
+           INSERT INTO readings (id, sensor, v) SELECT g, 's' || g, g / 4.0 FROM generate_series(1, 300) g;
+           CREATE TABLE "Sensor Log" (sensor text NOT NULL, note text);
+           ALTER TABLE "Sensor Log" REPLICA IDENTITY FULL;
+           INSERT INTO "Sensor Log" SELECT 's' || (g % 7), 'n' || (g % 5) FROM generate_series(1, 40) g;"#,
+    )
+    .await;
+    exec(
+        &tgt,
+        r#"CREATE TABLE readings (id bigint PRIMARY KEY, sensor text NOT NULL, v numeric(10,2),
+                                  updated_at timestamptz NOT NULL DEFAULT now()) PARTITION BY RANGE (id);
+           CREATE TABLE readings_lo PARTITION OF readings FOR VALUES FROM (MINVALUE) TO (150);
+           CREATE TABLE readings_hi PARTITION OF readings FOR VALUES FROM (150) TO (MAXVALUE);
+           CREATE TABLE "Sensor Log" (sensor text NOT NULL, note text) PARTITION BY HASH (sensor);
+           CREATE TABLE "Sensor Log 0" PARTITION OF "Sensor Log" FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+           CREATE TABLE "Sensor Log 1" PARTITION OF "Sensor Log" FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+           INSERT INTO readings (id, sensor, v) SELECT g, 'stale', 0 FROM generate_series(1, 10) g;
+           INSERT INTO "Sensor Log" VALUES ('s1', 'stale');"#,
+    )
+    .await;
+    // Rows already in the target's partitions are rows walshuttle did not copy.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--jobs", "2"]);
+    let (code, stdout, stderr) = run(cmd);
+    assert_ne!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stderr.contains("already holds rows on the target that walshuttle did not copy"),
+        "{stderr}"
+    );
+    // --truncate-target empties them, partitions and all.
+    bootstrap_ok(&source, &target, &["--truncate-target"]);
+    assert_tables_equal(&src, &tgt, &["readings", r#""Sensor Log""#]).await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after the bootstrap:\n{out}");
+
+    // The slot is lost; the source changes meanwhile (one update forgets
+    // updated_at); catch-up repairs the target's partitions.
+    exec(&src, "SELECT pg_drop_replication_slot('walshuttle')").await;
+    exec(
+        &src,
+        r#"INSERT INTO readings (id, sensor, v) SELECT g, 's' || g, 2 FROM generate_series(301, 310) g;
+           UPDATE readings SET v = v + 1, updated_at = now() WHERE id % 9 = 0;
+           UPDATE readings SET v = -1, updated_at = '2000-01-01' WHERE id = 42;
+           DELETE FROM readings WHERE id IN (7, 160);
+           INSERT INTO "Sensor Log" VALUES ('s1', 'n1'), ('s9', 'new');
+           DELETE FROM "Sensor Log" WHERE sensor = 's3';"#,
+    )
+    .await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("catch-up");
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "catch-up:\n{stdout}{stderr}");
+    assert_tables_equal(&src, &tgt, &["readings", r#""Sensor Log""#]).await;
+    let (code, out) = verify(&source, &target, &[]);
+    assert_eq!(code, 0, "verify after catch-up:\n{out}");
 }

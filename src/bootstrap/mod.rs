@@ -355,7 +355,8 @@ async fn fresh(
                     creates.push((&table.name, catalog::create_table_sql(table)));
                 }
                 TargetFit::Exists { .. } if opts.truncate_target => {
-                    tx.batch_execute(&format!("TRUNCATE ONLY {}", table.name.quoted()))
+                    let own = crate::own_rows::own_rows_on(&tx, &table.name).await?;
+                    tx.batch_execute(&format!("TRUNCATE {own}"))
                         .await
                         .pg_context(|| format!("truncating {} on the target", table.name))?;
                     tracing::info!(table = %table.name, "truncated target table (--truncate-target)");
@@ -501,7 +502,8 @@ async fn resume(
             .pg_context(|| "planning the tables to copy again".into())?;
         for table in &restart {
             let (chunks, column) = plan::plan_table(snapshot.holder(), table, size).await?;
-            tx.batch_execute(&format!("TRUNCATE ONLY {}", table.name.quoted()))
+            let own = crate::own_rows::own_rows_on(&tx, &table.name).await?;
+            tx.batch_execute(&format!("TRUNCATE {own}"))
                 .await
                 .pg_context(|| format!("emptying {} on the target to copy it again", table.name))?;
             state

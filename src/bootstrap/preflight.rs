@@ -367,11 +367,9 @@ async fn check_target_table(
         _ => TargetKey::FromSource,
     };
     if matches!(fit, TargetFit::Exists { .. }) && !truncate_target && !owned.contains(&table.name) {
+        let own = crate::own_rows::own_rows_on(target, &table.name).await?;
         let has_rows = target
-            .query_opt(
-                &format!("SELECT 1 FROM ONLY {} LIMIT 1", table.name.quoted()),
-                &[],
-            )
+            .query_opt(&format!("SELECT 1 FROM {own} LIMIT 1"), &[])
             .await
             .pg_context(|| format!("checking whether {} is empty on the target", table.name))?
             .is_some();
