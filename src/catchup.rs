@@ -258,7 +258,8 @@ pub async fn catch_up(
                 })
                 .collect();
             state.set_tables(&tgt, &opts.slot, &entries).await?;
-            crate::publication::ensure(&src, &publication, &names).await?;
+            let rows = state.row_selection(&tgt, &opts.slot).await?;
+            crate::publication::ensure(&src, &publication, &names, &rows).await?;
             drop_slot_if_exists(&src, &opts.slot).await?;
             let snapshot = create_slot_with_snapshot(source, &src, &opts.slot, &names).await?;
             tracing::info!(slot = %opts.slot, lsn = %snapshot.lsn, ?reason, "created a new slot for catch-up");
@@ -494,8 +495,20 @@ async fn repair_table(
         let bucketed = matches!(range, compare::KeyRange::Int { .. }) && table.key.len() == 1;
         if !bucketed {
             let (s, t) = tokio::try_join!(
-                compare::digest(src, table, &range, Compared::WholeRows),
-                compare::digest(&tx, table, &range, Compared::WholeRows)
+                compare::digest(
+                    src,
+                    compare::Side::Source,
+                    table,
+                    &range,
+                    Compared::WholeRows
+                ),
+                compare::digest(
+                    &tx,
+                    compare::Side::Target,
+                    table,
+                    &range,
+                    Compared::WholeRows
+                )
             )?;
             if s == t {
                 continue;

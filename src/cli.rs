@@ -489,6 +489,8 @@ impl VerifyArgs {
             schemas: Vec::new(),
             exclude_schemas: Vec::new(),
             exclude_tables: Vec::new(),
+            columns: Vec::new(),
+            row_filter: Vec::new(),
         }
         .options()?;
         Ok(crate::verify::VerifyOptions {
@@ -605,6 +607,18 @@ pub struct BootstrapArgs {
     #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
     pub exclude_tables: Vec<String>,
 
+    /// A table's column list, as a publication takes it: 'schema.table (col, "Col")'
+    /// (PostgreSQL 15+ source). Only these columns are copied, streamed and
+    /// compared; the list must include the replica identity. Repeatable.
+    #[arg(long = "columns", value_name = "TABLE (COLUMNS)")]
+    pub columns: Vec<String>,
+
+    /// A table's row filter, as a publication takes it: 'schema.table WHERE
+    /// expression' (PostgreSQL 15+ source). Only source rows it keeps are copied,
+    /// streamed and compared; it may use only replica identity columns. Repeatable.
+    #[arg(long = "row-filter", value_name = "TABLE WHERE EXPR")]
+    pub row_filter: Vec<String>,
+
     /// Replication slot name; also names the pipeline.
     #[arg(long, default_value = "walshuttle")]
     pub slot: String,
@@ -677,6 +691,7 @@ impl BootstrapArgs {
                 &self.exclude_schemas,
                 &self.exclude_tables,
             )?,
+            rows: crate::row_selection::RowSelection::parse(&self.columns, &self.row_filter)?,
         })
     }
 }

@@ -38,6 +38,25 @@ pub enum Compared {
     KeysOnly,
 }
 
+/// Which side a query reads: the source's rows are narrowed to the pipeline's row
+/// filter (`--row-filter`), the target's never are (a target row outside the
+/// filter is a difference).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The source.
+    Source,
+    /// The target.
+    Target,
+}
+
+/// `predicate` on `side`: on the source, ANDed with the table's row filter.
+fn on_side(table: &Table, side: Side, predicate: String) -> String {
+    match side {
+        Side::Source => table.source_rows(&predicate),
+        Side::Target => predicate,
+    }
+}
+
 /// A slice of a table by key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyRange {
@@ -269,6 +288,7 @@ pub async fn plan_ranges(
 /// Count and hash of a range on one side.
 pub async fn digest(
     client: &impl GenericClient,
+    side: Side,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
@@ -277,7 +297,7 @@ pub async fn digest(
         "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM ONLY {} WHERE {}",
         row_expr(table, compared),
         table.name.quoted(),
-        range.predicate(table)
+        on_side(table, side, range.predicate(table))
     );
     let r = client
         .query_one(&sql, &[])
@@ -293,24 +313,26 @@ pub async fn digest(
 /// row and the value counts its copies).
 pub async fn row_hashes(
     client: &impl GenericClient,
+    side: Side,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
     only: Option<&[Key]>,
 ) -> Result<HashMap<Key, i64>> {
-    row_hashes_where(client, table, range, compared, only, None).await
+    row_hashes_where(client, side, table, range, compared, only, None).await
 }
 
 /// [`row_hashes`], narrowed further by `extra` (a predicate on the row).
 async fn row_hashes_where(
     client: &impl GenericClient,
+    side: Side,
     table: &Table,
     range: &KeyRange,
     compared: Compared,
     only: Option<&[Key]>,
     extra: Option<&str>,
 ) -> Result<HashMap<Key, i64>> {
-    let mut filter = range.predicate(table);
+    let mut filter = on_side(table, side, range.predicate(table));
     if let Some(extra) = extra {
         filter = format!("{filter} AND {extra}");
     }
@@ -435,8 +457,24 @@ pub async fn diff_keys(
         None => None,
     };
     let (s, t) = tokio::try_join!(
-        row_hashes_where(source, table, range, compared, only, extra.as_deref()),
-        row_hashes_where(target, table, range, compared, only, extra.as_deref())
+        row_hashes_where(
+            source,
+            Side::Source,
+            table,
+            range,
+            compared,
+            only,
+            extra.as_deref()
+        ),
+        row_hashes_where(
+            target,
+            Side::Target,
+            table,
+            range,
+            compared,
+            only,
+            extra.as_deref()
+        )
     )?;
     let mut diff = KeyDiff::default();
     for (k, h) in &s {
@@ -499,17 +537,20 @@ async fn differing_buckets(
         }
         KeyRange::All => i64::MAX,
     };
-    let sql = format!(
-        "SELECT ({k} / {width})::bigint, count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text \
-           FROM ONLY {} WHERE {} GROUP BY 1",
-        row_expr(table, compared),
-        table.name.quoted(),
-        range.predicate(table),
-        k = quote_ident(&table.key[0]),
-    );
+    let sql = |side| {
+        format!(
+            "SELECT ({k} / {width})::bigint, count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text \
+               FROM ONLY {} WHERE {} GROUP BY 1",
+            row_expr(table, compared),
+            table.name.quoted(),
+            on_side(table, side, range.predicate(table)),
+            k = quote_ident(&table.key[0]),
+        )
+    };
+    let (on_source, on_target) = (sql(Side::Source), sql(Side::Target));
     let (s, t) = tokio::try_join!(
-        bucket_digests(source, &sql, table, range),
-        bucket_digests(target, &sql, table, range)
+        bucket_digests(source, &on_source, table, range),
+        bucket_digests(target, &on_target, table, range)
     )?;
     let mut ids: Vec<i64> = s
         .iter()

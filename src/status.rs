@@ -108,6 +108,9 @@ pub struct PipelineStatus {
     /// The pipeline's `--schemas`/`--exclude-schemas`/`--exclude-tables`, as flags;
     /// null without any.
     pub table_filter: Option<String>,
+    /// Each column list and row filter (`--columns`, `--row-filter`), as a
+    /// publication names it: `public.orders ("id", "total") WHERE (total > 0)`.
+    pub row_selection: Vec<String>,
     /// Why `run` is retrying (a server down or unreachable) while it retries, as
     /// `retrying: <reason> (for N s)`; null when it streams or is not running.
     pub retrying: Option<String>,
@@ -485,6 +488,12 @@ async fn pipeline_status(
         stop_reason: pipeline.stop_reason.clone(),
         table_filter: Some(state.table_filter(tgt, name).await?.describe())
             .filter(|d| !d.is_empty()),
+        row_selection: {
+            let rows = state.row_selection(tgt, name).await?;
+            rows.names()
+                .filter_map(|t| rows.describe(t).map(|d| format!("{t} {d}")))
+                .collect()
+        },
         retrying,
         switchover,
         tables,
@@ -688,6 +697,9 @@ impl StatusReport {
             }
             if let Some(f) = &p.table_filter {
                 out.push_str(&format!("  selection        {f}\n"));
+            }
+            for r in &p.row_selection {
+                out.push_str(&format!("  columns/rows     {r}\n"));
             }
             if let Some(r) = &p.retrying {
                 out.push_str(&format!("  run              {r}\n"));

@@ -137,6 +137,7 @@ async fn prepare_copies(
     let entries = state.table_entries(tgt, &pipeline.name).await?;
     let mut tables = Vec::new();
     let mut notes = Vec::new();
+    let rows = state.row_selection(tgt, &pipeline.name).await?;
     for name in &opts.tables {
         let entry = entries.iter().find(|e| &e.name == name);
         match (opts.action, entry) {
@@ -154,9 +155,11 @@ async fn prepare_copies(
             }
             _ => {}
         }
-        let table = catalog::load_table(src, name)
+        let mut table = catalog::load_table(src, name)
             .await?
             .with_context(|| format!("table {name} does not exist on the source"))?;
+        // A resync copies what the pipeline replicates of it.
+        rows.narrow(&mut table)?;
         if let Some(problem) = table.replicability_problem() {
             bail!(problem);
         }
@@ -218,7 +221,8 @@ async fn prepare_copies(
     .await?;
     if opts.action == TablesAction::Add {
         let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
-        crate::publication::ensure(src, &plan, &carried).await?;
+        let rows = state.row_selection(tgt, &pipeline.name).await?;
+        crate::publication::ensure(src, &plan, &carried, &rows).await?;
         follow_ddl(src, tgt, state, &pipeline.name).await?;
         wait_for_open_transactions(src).await?;
     }
@@ -479,11 +483,15 @@ async fn remove(
         );
     }
     let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
-    crate::publication::ensure(src, &plan, &kept).await?;
+    let mut rows = state.row_selection(tgt, &pipeline.name).await?;
+    rows.retain(|t| !gone.contains(t));
+    crate::publication::ensure(src, &plan, &kept, &rows).await?;
     in_transaction(tgt, async {
         for t in &gone {
             state.remove_table(tgt, &pipeline.name, t).await?;
         }
+        // A table added again later starts without its old list and filter.
+        state.set_row_selection(tgt, &pipeline.name, &rows).await?;
         // The pipeline no longer carries every table, nor these by name.
         let named = match state.selection(tgt, &pipeline.name).await? {
             Selection::Named(named) => named.into_iter().filter(|t| !gone.contains(t)).collect(),

@@ -170,7 +170,8 @@ pub async fn hashing_session(endpoint: &Endpoint, purpose: &str) -> Result<Clien
     Ok(client)
 }
 
-/// The tables a command works on: given, else the pipeline's, else every table.
+/// The tables a command works on: given, else the pipeline's, else every table;
+/// narrowed to the pipeline's column lists and row filters.
 pub async fn resolve_tables(
     src: &Client,
     tgt: &Client,
@@ -183,7 +184,15 @@ pub async fn resolve_tables(
         Some(_) => None,
     };
     let selection = given.map(|g| g.to_vec()).or(from_state);
-    catalog::list_tables(src, selection.as_deref(), state.schema()).await
+    let mut tables = catalog::list_tables(src, selection.as_deref(), state.schema()).await?;
+    // Only the columns and source rows the pipeline replicates are compared.
+    if state.installed_version(tgt).await?.is_some() {
+        state
+            .row_selection(tgt, slot)
+            .await?
+            .narrow_all(&mut tables)?;
+    }
+    Ok(tables)
 }
 
 /// Runs the comparison (and repair).
@@ -303,8 +312,20 @@ pub async fn verify_with(
         for (i, range) in mismatched {
             let table = &tables[i];
             let (s, t) = tokio::try_join!(
-                compare::digest(&src, table, &range, Compared::WholeRows),
-                compare::digest(&tgt, table, &range, Compared::WholeRows)
+                compare::digest(
+                    &src,
+                    compare::Side::Source,
+                    table,
+                    &range,
+                    Compared::WholeRows
+                ),
+                compare::digest(
+                    &tgt,
+                    compare::Side::Target,
+                    table,
+                    &range,
+                    Compared::WholeRows
+                )
             )?;
             if s != t {
                 still.push((i, range));
@@ -420,8 +441,20 @@ async fn repair(
 async fn table_equal(src: &Client, tgt: &Client, table: &Table, jobs: usize) -> Result<bool> {
     for range in compare::plan_ranges(src, tgt, table, jobs).await? {
         let (s, t) = tokio::try_join!(
-            compare::digest(src, table, &range, Compared::WholeRows),
-            compare::digest(tgt, table, &range, Compared::WholeRows)
+            compare::digest(
+                src,
+                compare::Side::Source,
+                table,
+                &range,
+                Compared::WholeRows
+            ),
+            compare::digest(
+                tgt,
+                compare::Side::Target,
+                table,
+                &range,
+                Compared::WholeRows
+            )
         )?;
         if s != t {
             return Ok(false);
@@ -458,8 +491,20 @@ async fn compare_all(
                 let Some((i, range)) = next else { break };
                 let table = &tables[i];
                 let (s, t) = tokio::try_join!(
-                    compare::digest(&src, table, &range, Compared::WholeRows),
-                    compare::digest(&tgt, table, &range, Compared::WholeRows)
+                    compare::digest(
+                        &src,
+                        compare::Side::Source,
+                        table,
+                        &range,
+                        Compared::WholeRows
+                    ),
+                    compare::digest(
+                        &tgt,
+                        compare::Side::Target,
+                        table,
+                        &range,
+                        Compared::WholeRows
+                    )
                 )?;
                 results.push((i, range, s, t));
             }

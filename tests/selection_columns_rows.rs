@@ -1,0 +1,338 @@
+//! Column lists and row filters (`--columns`, `--row-filter`, PostgreSQL 15+
+//! publications) carried through bootstrap, streaming, verify and status; refused
+//! up front where the source would refuse UPDATEs or DELETEs, or is too old.
+
+mod support;
+
+use std::time::Duration;
+
+use support::{run, wait_streaming, wait_while_running, walshuttle, Cluster, RunChild, RunLogs};
+use tokio_postgres::Client;
+
+/// `orders`: a key, a secondary UNIQUE (listed), a UNIQUE on a column left out,
+/// and a filter on the key. `"Order Items"`: quoted mixed-case names, a column
+/// left out, a filter on the key. `events`: REPLICA IDENTITY FULL, so its filter
+/// may read a non-key column and an UPDATE of that column moves a row in or out.
+const SCHEMA: &str = r#"
+    CREATE TABLE orders (id bigint PRIMARY KEY, code text NOT NULL UNIQUE, total numeric(12,2),
+                         secret text UNIQUE, note text);
+    INSERT INTO orders SELECT g, 'c' || g, g * 1.5, 's' || g, 'n' || g FROM generate_series(1, 300) g;
+    CREATE TABLE "Order Items" ("Item Id" int PRIMARY KEY, "Qty" int NOT NULL, "Comment" text);
+    INSERT INTO "Order Items" SELECT g, g % 9, 'comment ' || g FROM generate_series(1, 90) g;
+    CREATE TABLE events (id int PRIMARY KEY, kind text NOT NULL, body text);
+    ALTER TABLE events REPLICA IDENTITY FULL;
+    INSERT INTO events SELECT g, CASE WHEN g % 2 = 0 THEN 'keep' ELSE 'drop' END, 'b' || g
+        FROM generate_series(1, 40) g;
+"#;
+
+/// What the target must hold of each table: (source query, target query).
+const VIEWS: &[(&str, &str)] = &[
+    (
+        "SELECT id, code, total FROM orders WHERE id > 100",
+        "SELECT id, code, total FROM orders",
+    ),
+    (
+        r#"SELECT "Item Id", "Qty" FROM "Order Items" WHERE "Item Id" % 3 <> 0"#,
+        r#"SELECT "Item Id", "Qty" FROM "Order Items""#,
+    ),
+    (
+        "SELECT id, kind, body FROM events WHERE kind = 'keep'",
+        "SELECT id, kind, body FROM events",
+    ),
+];
+
+fn selection_args(cmd: &mut std::process::Command) {
+    cmd.args([
+        "--columns",
+        "orders (id, code, total)",
+        "--columns",
+        r#"public."Order Items" ("Item Id", "Qty")"#,
+        "--row-filter",
+        "orders WHERE id > 100",
+        "--row-filter",
+        r#""Order Items" WHERE "Item Id" % 3 <> 0"#,
+        "--row-filter",
+        "events WHERE kind = 'keep'",
+    ]);
+}
+
+async fn fingerprint(client: &Client, query: &str) -> Result<(i64, String), String> {
+    client
+        .query_one(
+            &format!(
+                "SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text)), '') FROM ({query}) t"
+            ),
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .map_err(|e| e.to_string())
+}
+
+/// Whether the target holds exactly the selected columns of the selected rows.
+async fn selected_equal(src: &Client, tgt: &Client) -> bool {
+    for (on_source, on_target) in VIEWS {
+        let s = fingerprint(src, on_source).await;
+        if s.is_err() || s != fingerprint(tgt, on_target).await {
+            return false;
+        }
+    }
+    true
+}
+
+async fn wait_selected_equal(child: &mut RunChild, src: &Client, tgt: &Client) {
+    wait_while_running(
+        "the selected columns and rows to converge",
+        Duration::from_secs(120),
+        child,
+        || selected_equal(src, tgt),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_list_and_a_row_filter_are_copied_streamed_and_verified() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(SCHEMA).await.unwrap();
+
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--jobs", "2"]);
+    selection_args(&mut cmd);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "bootstrap: {out}{err}");
+    assert!(
+        selected_equal(&src, &tgt).await,
+        "the bootstrap did not copy exactly the selected columns and rows"
+    );
+    // The target tables have only the listed columns, and the indexes on them.
+    let columns: Vec<String> = tgt
+        .query(
+            "SELECT table_name || '.' || column_name FROM information_schema.columns \
+             WHERE table_schema = 'public' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "Order Items.Item Id",
+            "Order Items.Qty",
+            "events.body",
+            "events.id",
+            "events.kind",
+            "orders.code",
+            "orders.id",
+            "orders.total"
+        ],
+    );
+    let code_unique: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE tablename = 'orders' AND indexdef LIKE '%UNIQUE%(code)%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(code_unique, 1, "the listed UNIQUE column lost its index");
+    // The publication carries the lists and filters.
+    let published: Vec<String> = src
+        .query(
+            "SELECT tablename || ' ' || coalesce(array_to_string(attnames, ','), '*') || ' ' || coalesce(rowfilter, '') \
+             FROM pg_publication_tables WHERE pubname = 'walshuttle' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        published,
+        [
+            "Order Items Item Id,Qty ((\"Item Id\" % 3) <> 0)",
+            "events id,kind,body (kind = 'keep'::text)",
+            "orders id,code,total (id > 100)",
+        ]
+    );
+
+    // Writes while nothing streams, then while `run` streams: UPDATEs moving rows
+    // into and out of each filter, an UPDATE of a column left out, deletes.
+    src.batch_execute(
+        r#"UPDATE orders SET id = 1000 WHERE id = 10;             -- into the filter
+           UPDATE orders SET id = -7, code = 'moved' WHERE id = 150; -- out of it
+           UPDATE orders SET secret = 'changed', note = 'x' WHERE id = 120;
+           DELETE FROM orders WHERE id IN (130, 20);
+           INSERT INTO orders VALUES (2000, 'new', 1, 'snew', 'n'), (50000, 'n2', 2, NULL, NULL);
+           UPDATE "Order Items" SET "Comment" = 'left out' WHERE "Item Id" = 4;
+           UPDATE "Order Items" SET "Item Id" = 301 WHERE "Item Id" = 3;
+           UPDATE "Order Items" SET "Qty" = 100 WHERE "Item Id" = 5;"#,
+    )
+    .await
+    .unwrap();
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("run");
+    let mut child = logs.spawn(cmd);
+    wait_streaming(&mut child, &src).await;
+    src.batch_execute(
+        r#"UPDATE events SET kind = 'drop' WHERE id = 2;           -- out: a DELETE
+           UPDATE events SET kind = 'keep', body = 'in' WHERE id = 3; -- in: an INSERT
+           UPDATE events SET body = 'still out' WHERE id = 5;
+           UPDATE events SET body = 'still in' WHERE id = 6;
+           DELETE FROM events WHERE id IN (8, 9);
+           UPDATE orders SET id = 3000 WHERE id = 11;
+           UPDATE orders SET id = -8 WHERE id = 160;
+           UPDATE orders SET total = total + 1 WHERE id BETWEEN 170 AND 180;
+           DELETE FROM "Order Items" WHERE "Item Id" IN (6, 7);"#,
+    )
+    .await
+    .unwrap();
+    wait_selected_equal(&mut child, &src, &tgt).await;
+
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("verify");
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "verify: {out}{err}");
+
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("status");
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(
+            r#"columns/rows     public."Order Items" ("Item Id", "Qty") WHERE ("Item Id" % 3 <> 0)"#
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(r#"columns/rows     public.orders ("id", "code", "total") WHERE (id > 100)"#),
+        "{out}"
+    );
+
+    child.sigterm();
+    assert!(
+        child.wait_exit(Duration::from_secs(60)).await.is_some(),
+        "run did not stop on SIGTERM"
+    );
+    // A target row outside the filter is a difference, and so is a changed value
+    // of a listed column; a change of a column left out on the source is not.
+    tgt.batch_execute("INSERT INTO orders VALUES (3, 'c3', 4.5)")
+        .await
+        .unwrap();
+    src.batch_execute("UPDATE orders SET note = 'unseen' WHERE id = 200")
+        .await
+        .unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("verify");
+    let (code, out, err) = run(cmd);
+    assert_eq!(
+        code, 1,
+        "verify must see the row outside the filter: {out}{err}"
+    );
+    assert!(out.contains("orders"), "{out}");
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["verify", "--repair"]);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "verify --repair: {out}{err}");
+    assert!(
+        selected_equal(&src, &tgt).await,
+        "the repair did not restore exactly the selected rows"
+    );
+    tgt.batch_execute(r#"UPDATE "Order Items" SET "Qty" = -1 WHERE "Item Id" = 10"#)
+        .await
+        .unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("verify");
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 1, "verify must see the changed value: {out}{err}");
+}
+
+/// Whether the target has walshuttle state, or the source a slot or publication.
+async fn anything_written(src: &Client, tgt: &Client) -> String {
+    let state: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'walshuttle'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let slots: i64 = src
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pubs: i64 = src
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tables: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    match (state, slots, pubs, tables) {
+        (0, 0, 0, 0) => String::new(),
+        _ => format!("state {state}, slots {slots}, publications {pubs}, target tables {tables}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_and_filters_the_source_would_refuse_updates_for_are_refused_up_front() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    for (flag, value, says) in [
+        // A filter on a column outside the replica identity: PostgreSQL would
+        // refuse every UPDATE and DELETE of orders.
+        ("--row-filter", "orders WHERE total > 0", "replica identity"),
+        // A column list without the replica identity.
+        ("--columns", "orders (code, total)", "replica identity"),
+        // With REPLICA IDENTITY FULL the list must hold every column.
+        ("--columns", "events (id, kind)", "replica identity"),
+        ("--columns", "orders (id, nope)", "no such column"),
+        ("--row-filter", "orders WHERE id > random()", "refuses"),
+        ("--row-filter", "missing WHERE id > 1", "does not replicate"),
+    ] {
+        let mut cmd = walshuttle(&source, &target);
+        cmd.args(["bootstrap", flag, value]);
+        let (code, out, err) = run(cmd);
+        assert_ne!(code, 0, "{flag} {value} was accepted: {out}{err}");
+        assert!(err.contains(says), "{flag} {value}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+        assert_eq!(anything_written(&src, &tgt).await, "", "{flag} {value}");
+    }
+    // The source still takes UPDATEs and DELETEs of every table.
+    src.batch_execute("UPDATE orders SET total = 0 WHERE id = 1; DELETE FROM events WHERE id = 1;")
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_older_than_15_is_refused_naming_the_version() {
+    let source = Cluster::start_version(14);
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--row-filter", "orders WHERE id > 100"]);
+    let (code, out, err) = run(cmd);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("PostgreSQL 15 or later"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
+    assert_eq!(anything_written(&src, &tgt).await, "");
+}
