@@ -252,6 +252,44 @@ async fn a_column_list_and_a_row_filter_are_copied_streamed_and_verified() {
     cmd.arg("verify");
     let (code, out, err) = run(cmd);
     assert_eq!(code, 1, "verify must see the changed value: {out}{err}");
+
+    // The slot is lost; writes go on. catch-up repairs the gap (and the changed
+    // value) with the same lists and filters, and keeps them in the publication.
+    src.batch_execute("SELECT pg_drop_replication_slot('walshuttle')")
+        .await
+        .unwrap();
+    src.batch_execute(
+        r#"UPDATE orders SET id = -9 WHERE id = 190;
+           UPDATE orders SET id = 4000 WHERE id = 12;
+           UPDATE events SET kind = 'drop' WHERE id = 4;
+           INSERT INTO "Order Items" VALUES (1000, 1, 'new'), (1002, 2, 'new');"#,
+    )
+    .await
+    .unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("catch-up");
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "catch-up: {out}{err}");
+    assert!(
+        selected_equal(&src, &tgt).await,
+        "catch-up did not restore exactly the selected columns and rows"
+    );
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("verify");
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "verify after catch-up: {out}{err}");
+    let filters: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'walshuttle' AND rowfilter IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        filters, 3,
+        "catch-up dropped the row filters from the publication"
+    );
 }
 
 /// Whether the target has walshuttle state, or the source a slot or publication.
