@@ -289,6 +289,36 @@ impl RowSelection {
     }
 }
 
+/// Refuses column lists or row filters given for an existing pipeline that
+/// differ from the ones it was created with: they are fixed for its life, and
+/// ignoring them silently would let a user believe a changed filter applies.
+pub async fn check_unchanged(
+    target: &impl tokio_postgres::GenericClient,
+    state: &crate::state::StateStore,
+    slot: &str,
+    given: &RowSelection,
+) -> Result<()> {
+    if given.is_empty() || state.installed_version(target).await?.is_none() {
+        return Ok(());
+    }
+    match state.existing_pipeline(target, slot).await? {
+        Some(p) if p.phase != crate::state::Phase::CreatingSlot => {}
+        _ => return Ok(()),
+    }
+    let stored = state.row_selection(target, slot).await?;
+    if &stored != given {
+        let shown: Vec<String> = stored
+            .names()
+            .filter_map(|t| stored.describe(t).map(|d| format!("{t} {d}")))
+            .collect();
+        bail!(
+            "pipeline {slot} was created with other column lists and row filters ({}); they are fixed for its life: give the same --columns/--row-filter (or none), or tear it down with `walshuttle teardown --slot {slot}` and bootstrap again",
+            if shown.is_empty() { "none".to_string() } else { shown.join("; ") }
+        );
+    }
+    Ok(())
+}
+
 /// Refuses, before anything is written, a selection the source cannot take: a
 /// source older than PostgreSQL 15, a table that is not replicated, or a column
 /// list or row filter that would make PostgreSQL refuse the table's UPDATEs and

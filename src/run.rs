@@ -616,6 +616,7 @@ async fn ensure_bootstrapped(
     let client = connect(target, "run").await?;
     // A state schema of an older release is upgraded before it is read.
     StateStore::open_upgrading(&client, state.schema()).await?;
+    crate::row_selection::check_unchanged(&client, state, &opts.slot, &opts.rows).await?;
     let phase = state
         .existing_pipeline(&client, &opts.slot)
         .await?

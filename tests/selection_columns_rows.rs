@@ -201,6 +201,19 @@ async fn a_column_list_and_a_row_filter_are_copied_streamed_and_verified() {
     let (code, out, err) = run(cmd);
     assert_eq!(code, 0, "verify: {out}{err}");
 
+    // They are fixed for the pipeline's life: other ones are refused, the same
+    // ones (as a config file repeats them) are not.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["bootstrap", "--row-filter", "orders WHERE id > 5"]);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("fixed for its life"), "{err}");
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("bootstrap");
+    selection_args(&mut cmd);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "{out}{err}");
+
     let mut cmd = walshuttle(&source, &target);
     cmd.arg("status");
     let (code, out, err) = run(cmd);
@@ -366,8 +379,25 @@ async fn a_source_older_than_15_is_refused_naming_the_version() {
     let src = source.client().await;
     let tgt = target.client().await;
     src.batch_execute(SCHEMA).await.unwrap();
+    // Given by the config file this time.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("walshuttle.toml");
+    std::fs::write(
+        &config,
+        "row_filter = [\"orders WHERE id > 100\"]\ncolumns = [\"orders (id, code)\"]\n",
+    )
+    .unwrap();
     let mut cmd = walshuttle(&source, &target);
-    cmd.args(["bootstrap", "--row-filter", "orders WHERE id > 100"]);
+    cmd.args(["--config", config.to_str().unwrap(), "config", "check"]);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("row_filter") && l.contains("orders WHERE id > 100")),
+        "{out}"
+    );
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["--config", config.to_str().unwrap(), "bootstrap"]);
     let (code, out, err) = run(cmd);
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("PostgreSQL 15 or later"), "{err}");

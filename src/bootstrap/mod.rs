@@ -158,6 +158,7 @@ pub async fn bootstrap(
     preflight::refuse_same_database(&src, &tgt).await?;
     // A state schema of an older release is upgraded before it is read.
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
+    crate::row_selection::check_unchanged(&tgt, &state, &opts.slot, &opts.rows).await?;
     let existing = state.existing_pipeline(&tgt, &opts.slot).await?;
     match existing {
         Some(p) if p.phase.copied() => Ok(BootstrapSummary {
