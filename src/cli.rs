@@ -274,6 +274,16 @@ pub struct TablesArgs {
     /// any writer, when the target role cannot use replica mode.
     #[arg(long)]
     pub allow_target_triggers: bool,
+
+    /// add: an added table's column list, 'schema.table (col, …)' (PostgreSQL 15+
+    /// source; as bootstrap's --columns). Repeatable.
+    #[arg(long = "columns", value_name = "TABLE (COLUMNS)")]
+    pub columns: Vec<String>,
+
+    /// add: an added table's row filter, 'schema.table WHERE expression'
+    /// (PostgreSQL 15+ source; as bootstrap's --row-filter). Repeatable.
+    #[arg(long = "row-filter", value_name = "TABLE WHERE EXPR")]
+    pub row_filter: Vec<String>,
 }
 
 impl TablesArgs {
@@ -292,6 +302,7 @@ impl TablesArgs {
             state_schema: self.state_schema.clone(),
             truncate_target: self.truncate_target,
             allow_target_triggers: self.allow_target_triggers,
+            rows: crate::row_selection::RowSelection::parse(&self.columns, &self.row_filter)?,
         })
     }
 }

@@ -209,6 +209,13 @@ impl RowSelection {
         self.tables.get(name)
     }
 
+    /// Adds (or replaces) the entries of `other`.
+    pub fn merge(&mut self, other: &RowSelection) {
+        for (name, rows) in &other.tables {
+            self.tables.insert(name.clone(), rows.clone());
+        }
+    }
+
     /// Keeps only the tables for which `keep` holds (a pipeline's tables).
     pub fn retain(&mut self, keep: impl Fn(&QualifiedName) -> bool) {
         self.tables.retain(|n, _| keep(n));
