@@ -474,4 +474,10 @@ async fn tables_add_takes_a_column_list_and_a_row_filter() {
         out.contains(r#"columns/rows     public.orders ("id", "code", "total") WHERE (id > 100)"#),
         "{out}"
     );
+    // The target is not a whole copy: no switchover to it.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["switchover", "--dry-run", "--json"]);
+    let (code, out, err) = tokio::task::spawn_blocking(move || run(cmd)).await.unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("not a whole copy"), "{out}{err}");
 }
