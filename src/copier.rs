@@ -210,8 +210,7 @@ async fn copy_one(job: &Job, src: &Client, tgt: &mut Client, name: &QualifiedNam
         return Ok(false);
     };
     // What the pipeline replicates of it (`--columns`, `--row-filter`).
-    job.state
-        .row_selection(&*tgt, &job.pipeline)
+    crate::row_selection::current(src, &*tgt, &job.state, &job.pipeline)
         .await?
         .narrow(&mut table)?;
     let (rows, lsn) =

@@ -29,7 +29,7 @@ use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
 use crate::catalog::Table;
-use crate::pg::{quote_ident, QualifiedName};
+use crate::pg::{quote_ident, PgResultExt, QualifiedName};
 
 /// The oldest source that takes column lists and row filters (`server_version_num`).
 pub const MIN_SERVER_VERSION: i32 = 150000;
@@ -54,10 +54,40 @@ impl TableRows {
             out.push_str(&format!(" ({})", list.join(", ")));
         }
         if let Some(f) = &self.filter {
-            out.push_str(&format!(" WHERE ({f})"));
+            if one_group(f) {
+                out.push_str(&format!(" WHERE {f}"));
+            } else {
+                out.push_str(&format!(" WHERE ({f})"));
+            }
         }
         out
     }
+}
+
+/// Whether `expr` is one parenthesized group, `( … )` (as PostgreSQL deparses a
+/// filter), so it needs no parentheses of its own. Quotes are skipped.
+fn one_group(expr: &str) -> bool {
+    let e = expr.trim();
+    if !e.starts_with('(') || !e.ends_with(')') {
+        return false;
+    }
+    let (mut depth, mut quote) = (0usize, None::<char>);
+    for (i, c) in e.char_indices() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), _) => {}
+            (None, '\'' | '"') => quote = Some(c),
+            (None, '(') => depth += 1,
+            (None, ')') => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 && i + 1 < e.len() {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    depth == 0 && quote.is_none()
 }
 
 /// Stored form: a list, since JSON object keys cannot be qualified names.
@@ -296,6 +326,75 @@ impl RowSelection {
     }
 }
 
+/// The pipeline's column lists and row filters as they stand: as its publication
+/// on the source holds them now, else (no publication) as recorded at creation.
+/// PostgreSQL keeps a publication's lists and filters through renames of columns
+/// and tables (it stores attribute numbers, relation oids and an expression tree),
+/// where the recorded names would go stale. Empty when none were recorded.
+pub async fn current(
+    source: &Client,
+    target: &impl tokio_postgres::GenericClient,
+    state: &crate::state::StateStore,
+    slot: &str,
+) -> Result<RowSelection> {
+    let stored = state.row_selection(target, slot).await?;
+    if stored.is_empty() {
+        return Ok(stored);
+    }
+    let Some(pipeline) = state.existing_pipeline(target, slot).await? else {
+        return Ok(stored);
+    };
+    let exists = source
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&pipeline.publication],
+        )
+        .await
+        .pg_context(|| {
+            format!(
+                "looking up publication {} on the source",
+                pipeline.publication
+            )
+        })?
+        .is_some();
+    if !exists {
+        return Ok(stored);
+    }
+    let rows = source
+        .query(
+            "SELECT n.nspname::text, c.relname::text, \
+                    CASE WHEN pr.prattrs IS NULL THEN NULL ELSE \
+                      ARRAY(SELECT a.attname::text FROM unnest(pr.prattrs::int2[]) WITH ORDINALITY AS k(num, ord) \
+                            JOIN pg_attribute a ON a.attrelid = pr.prrelid AND a.attnum = k.num ORDER BY k.ord) END, \
+                    pg_get_expr(pr.prqual, pr.prrelid) \
+             FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid \
+             JOIN pg_class c ON c.oid = pr.prrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE p.pubname = $1 AND (pr.prattrs IS NOT NULL OR pr.prqual IS NOT NULL)",
+            &[&pipeline.publication],
+        )
+        .await
+        .pg_context(|| {
+            format!(
+                "reading the column lists and row filters of publication {} on the source",
+                pipeline.publication
+            )
+        })?;
+    Ok(RowSelection {
+        tables: rows
+            .iter()
+            .map(|r| {
+                (
+                    QualifiedName::new(r.get::<_, String>(0), r.get::<_, String>(1)),
+                    TableRows {
+                        columns: r.get(2),
+                        filter: r.get(3),
+                    },
+                )
+            })
+            .collect(),
+    })
+}
+
 /// Refuses column lists or row filters given for an existing pipeline that
 /// differ from the ones it was created with: they are fixed for its life, and
 /// ignoring them silently would let a user believe a changed filter applies.
@@ -468,13 +567,15 @@ mod tests {
         let orders = QualifiedName::new("public", "orders");
         assert_eq!(
             sel.describe(&orders).unwrap(),
-            r#"("id", "total") WHERE ((id > 10))"#
+            r#"("id", "total") WHERE (id > 10)"#
         );
         assert_eq!(
             RowSelection::from_json(&sel.to_json().unwrap()).unwrap(),
             sel
         );
         assert!(RowSelection::parse(&[], &[]).unwrap().to_json().is_none());
+        assert!(one_group("(a > 1)") && one_group("((a) OR (b = ')'))"));
+        assert!(!one_group("(a) OR (b)") && !one_group("a > (1)"));
     }
 
     #[test]

@@ -489,7 +489,14 @@ async fn pipeline_status(
         table_filter: Some(state.table_filter(tgt, name).await?.describe())
             .filter(|d| !d.is_empty()),
         row_selection: {
-            let rows = state.row_selection(tgt, name).await?;
+            // As the publication holds them now when the source answers.
+            let rows = match src {
+                Some(src) => match crate::row_selection::current(src, tgt, state, name).await {
+                    Ok(rows) => rows,
+                    Err(_) => state.row_selection(tgt, name).await?,
+                },
+                None => state.row_selection(tgt, name).await?,
+            };
             rows.names()
                 .filter_map(|t| rows.describe(t).map(|d| format!("{t} {d}")))
                 .collect()

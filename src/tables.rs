@@ -149,7 +149,7 @@ async fn prepare_copies(
     let entries = state.table_entries(tgt, &pipeline.name).await?;
     let mut tables = Vec::new();
     let mut notes = Vec::new();
-    let mut rows = state.row_selection(tgt, &pipeline.name).await?;
+    let mut rows = crate::row_selection::current(src, tgt, state, &pipeline.name).await?;
     for name in &opts.tables {
         let entry = entries.iter().find(|e| &e.name == name);
         match (opts.action, entry) {
@@ -507,7 +507,7 @@ async fn remove(
         );
     }
     let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
-    let mut rows = state.row_selection(tgt, &pipeline.name).await?;
+    let mut rows = crate::row_selection::current(src, tgt, state, &pipeline.name).await?;
     rows.retain(|t| !gone.contains(t));
     crate::publication::ensure(src, &plan, &kept, &rows).await?;
     in_transaction(tgt, async {

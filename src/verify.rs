@@ -187,8 +187,7 @@ pub async fn resolve_tables(
     let mut tables = catalog::list_tables(src, selection.as_deref(), state.schema()).await?;
     // Only the columns and source rows the pipeline replicates are compared.
     if state.installed_version(tgt).await?.is_some() {
-        state
-            .row_selection(tgt, slot)
+        crate::row_selection::current(src, tgt, state, slot)
             .await?
             .narrow_all(&mut tables)?;
     }

@@ -364,11 +364,14 @@ impl Session<'_> {
                 continue;
             };
             // Only what the pipeline replicates (`--columns`, `--row-filter`).
-            self.cfg
-                .state
-                .row_selection(&self.main.client, &self.cfg.slot)
-                .await?
-                .narrow(&mut table)?;
+            crate::row_selection::current(
+                &self.source_sql,
+                &self.main.client,
+                &self.cfg.state,
+                &self.cfg.slot,
+            )
+            .await?
+            .narrow(&mut table)?;
             // Columns the stream has not brought to the target yet are filled in
             // by it when their Relation message arrives.
             let on_target = crate::catalog::load_table(&self.main.client, &name).await?;
