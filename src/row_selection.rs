@@ -396,8 +396,10 @@ pub async fn current(
 }
 
 /// Refuses column lists or row filters given for an existing pipeline that
-/// differ from the ones it was created with: they are fixed for its life, and
-/// ignoring them silently would let a user believe a changed filter applies.
+/// differ from the ones it was created with (or `tables add` gave it): they are
+/// fixed for its life, and ignoring them silently would let a user believe a
+/// changed filter applies. A recorded table the flags leave out is not a
+/// difference (`tables add` gave it its list and filter).
 pub async fn check_unchanged(
     target: &impl tokio_postgres::GenericClient,
     state: &crate::state::StateStore,
@@ -412,7 +414,8 @@ pub async fn check_unchanged(
         _ => return Ok(()),
     }
     let stored = state.row_selection(target, slot).await?;
-    if &stored != given {
+    // Tables the record has and the flags do not were added by `tables add`.
+    if given.tables.iter().any(|(n, r)| stored.get(n) != Some(r)) {
         let shown: Vec<String> = stored
             .names()
             .filter_map(|t| stored.describe(t).map(|d| format!("{t} {d}")))

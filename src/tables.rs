@@ -150,6 +150,9 @@ async fn prepare_copies(
     let mut tables = Vec::new();
     let mut notes = Vec::new();
     let mut rows = crate::row_selection::current(src, tgt, state, &pipeline.name).await?;
+    // The record keeps the names given at creation (`check_unchanged` compares
+    // flags with it); added tables join it.
+    let mut record = state.row_selection(tgt, &pipeline.name).await?;
     for name in &opts.tables {
         let entry = entries.iter().find(|e| &e.name == name);
         match (opts.action, entry) {
@@ -180,6 +183,7 @@ async fn prepare_copies(
             one.retain(|n| n == name);
             crate::row_selection::check_source(src, std::slice::from_ref(&table), &one).await?;
             rows.merge(&one);
+            record.merge(&one);
         }
         rows.narrow(&mut table)?;
         if let Some(problem) = table.replicability_problem() {
@@ -239,7 +243,9 @@ async fn prepare_copies(
                 .await?;
         }
         if !opts.rows.is_empty() {
-            state.set_row_selection(tgt, &pipeline.name, &rows).await?;
+            state
+                .set_row_selection(tgt, &pipeline.name, &record)
+                .await?;
         }
         state.bump_positions_version(tgt, &pipeline.name).await
     })
@@ -509,13 +515,17 @@ async fn remove(
     let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
     let mut rows = crate::row_selection::current(src, tgt, state, &pipeline.name).await?;
     rows.retain(|t| !gone.contains(t));
+    let mut record = state.row_selection(tgt, &pipeline.name).await?;
+    record.retain(|t| !gone.contains(t));
     crate::publication::ensure(src, &plan, &kept, &rows).await?;
     in_transaction(tgt, async {
         for t in &gone {
             state.remove_table(tgt, &pipeline.name, t).await?;
         }
         // A table added again later starts without its old list and filter.
-        state.set_row_selection(tgt, &pipeline.name, &rows).await?;
+        state
+            .set_row_selection(tgt, &pipeline.name, &record)
+            .await?;
         // The pipeline no longer carries every table, nor these by name.
         let named = match state.selection(tgt, &pipeline.name).await? {
             Selection::Named(named) => named.into_iter().filter(|t| !gone.contains(t)).collect(),
