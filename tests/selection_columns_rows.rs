@@ -15,8 +15,11 @@ use tokio_postgres::Client;
 /// may read a non-key column and an UPDATE of that column moves a row in or out.
 const SCHEMA: &str = r#"
     CREATE TABLE orders (id bigint PRIMARY KEY, code text NOT NULL UNIQUE, total numeric(12,2),
-                         secret text UNIQUE, note text);
-    INSERT INTO orders SELECT g, 'c' || g, g * 1.5, 's' || g, 'n' || g FROM generate_series(1, 300) g;
+                         secret text UNIQUE, note text, doc text);
+    ALTER TABLE orders ALTER COLUMN doc SET STORAGE EXTERNAL;
+    INSERT INTO orders SELECT g, 'c' || g, g * 1.5, 's' || g, 'n' || g,
+                              CASE WHEN g % 10 = 3 THEN repeat(md5(g::text), 200) END
+        FROM generate_series(1, 300) g;
     CREATE TABLE "Order Items" ("Item Id" int PRIMARY KEY, "Qty" int NOT NULL, "Comment" text);
     INSERT INTO "Order Items" SELECT g, g % 9, 'comment ' || g FROM generate_series(1, 90) g;
     CREATE TABLE events (id int PRIMARY KEY, kind text NOT NULL, body text);
@@ -28,8 +31,8 @@ const SCHEMA: &str = r#"
 /// What the target must hold of each table: (source query, target query).
 const VIEWS: &[(&str, &str)] = &[
     (
-        "SELECT id, code, total FROM orders WHERE id > 100",
-        "SELECT id, code, total FROM orders",
+        "SELECT id, code, total, doc FROM orders WHERE id > 100",
+        "SELECT id, code, total, doc FROM orders",
     ),
     (
         r#"SELECT "Item Id", "Qty" FROM "Order Items" WHERE "Item Id" % 3 <> 0"#,
@@ -44,7 +47,7 @@ const VIEWS: &[(&str, &str)] = &[
 fn selection_args(cmd: &mut std::process::Command) {
     cmd.args([
         "--columns",
-        "orders (id, code, total)",
+        "orders (id, code, total, doc)",
         "--columns",
         r#"public."Order Items" ("Item Id", "Qty")"#,
         "--row-filter",
@@ -128,6 +131,7 @@ async fn a_column_list_and_a_row_filter_are_copied_streamed_and_verified() {
             "events.id",
             "events.kind",
             "orders.code",
+            "orders.doc",
             "orders.id",
             "orders.total"
         ],
@@ -158,7 +162,7 @@ async fn a_column_list_and_a_row_filter_are_copied_streamed_and_verified() {
         [
             "Order Items Item Id,Qty ((\"Item Id\" % 3) <> 0)",
             "events id,kind,body (kind = 'keep'::text)",
-            "orders id,code,total (id > 100)",
+            "orders id,code,total,doc (id > 100)",
         ]
     );
 
@@ -188,6 +192,7 @@ async fn a_column_list_and_a_row_filter_are_copied_streamed_and_verified() {
            UPDATE events SET body = 'still in' WHERE id = 6;
            DELETE FROM events WHERE id IN (8, 9);
            UPDATE orders SET id = 3000 WHERE id = 11;
+           UPDATE orders SET id = 3013 WHERE id = 13;             -- in, TOASTed doc unchanged
            UPDATE orders SET id = -8 WHERE id = 160;
            UPDATE orders SET total = total + 1 WHERE id BETWEEN 170 AND 180;
            DELETE FROM "Order Items" WHERE "Item Id" IN (6, 7);"#,
@@ -225,7 +230,9 @@ async fn a_column_list_and_a_row_filter_are_copied_streamed_and_verified() {
         "{out}"
     );
     assert!(
-        out.contains(r#"columns/rows     public.orders ("id", "code", "total") WHERE (id > 100)"#),
+        out.contains(
+            r#"columns/rows     public.orders ("id", "code", "total", "doc") WHERE (id > 100)"#
+        ),
         "{out}"
     );
 
@@ -435,7 +442,7 @@ async fn tables_add_takes_a_column_list_and_a_row_filter() {
         "add",
         "orders",
         "--columns",
-        "orders (id, code, total)",
+        "orders (id, code, total, doc)",
         "--row-filter",
         "orders WHERE id > 100",
     ])
@@ -471,7 +478,9 @@ async fn tables_add_takes_a_column_list_and_a_row_filter() {
     cmd.arg("status");
     let (_, out, _) = run(cmd);
     assert!(
-        out.contains(r#"columns/rows     public.orders ("id", "code", "total") WHERE (id > 100)"#),
+        out.contains(
+            r#"columns/rows     public.orders ("id", "code", "total", "doc") WHERE (id > 100)"#
+        ),
         "{out}"
     );
     // The target is not a whole copy: no switchover to it.
