@@ -406,6 +406,7 @@ impl WatermarkArgs {
             updated_columns: Self::columns(&self.updated_column)?,
             without_slot,
             filter: b.filter.clone(),
+            rows: b.rows.clone(),
         })
     }
 }

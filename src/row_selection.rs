@@ -450,13 +450,7 @@ pub async fn check_source(source: &Client, tables: &[Table], sel: &RowSelection)
             "--columns and --row-filter need PostgreSQL 15 or later on the source (publication column lists and row filters); the source runs {version}: upgrade it, or replicate whole tables"
         );
     }
-    for name in sel.names() {
-        if !tables.iter().any(|t| &t.name == name) {
-            bail!(
-                "--columns/--row-filter name table {name}, which this pipeline does not replicate: add it to --tables, or drop its column list and row filter"
-            );
-        }
-    }
+    check_named(tables, sel)?;
     let mut narrowed: Vec<Table> = tables
         .iter()
         .filter(|t| sel.get(&t.name).is_some())
@@ -480,6 +474,18 @@ pub async fn check_source(source: &Client, tables: &[Table], sel: &RowSelection)
     let result = trial_statements(source, &begin, &named).await;
     let _ = source.batch_execute("ROLLBACK").await;
     result
+}
+
+/// Refuses a list or filter for a table that is not among `tables`.
+pub fn check_named(tables: &[Table], sel: &RowSelection) -> Result<()> {
+    for name in sel.names() {
+        if !tables.iter().any(|t| &t.name == name) {
+            bail!(
+                "--columns/--row-filter name table {name}, which this pipeline does not replicate: add it to --tables, or drop its column list and row filter"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs the trial: the publication, then an UPDATE and a DELETE of each table

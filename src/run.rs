@@ -61,6 +61,7 @@ impl RunOptions {
                 updated_columns: Default::default(),
                 without_slot: false,
                 filter: bootstrap.filter.clone(),
+                rows: bootstrap.rows.clone(),
             },
             bootstrap,
             status_interval: Duration::from_secs(1),

@@ -558,3 +558,36 @@ async fn a_listed_column_renamed_on_the_source_is_followed() {
         "{out}"
     );
 }
+
+/// `catch-up` on a target without a pipeline (the Python script's sync mode)
+/// begins one with the flags' column lists and row filters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_without_a_pipeline_takes_the_lists_and_filters() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    let tgt = target.client().await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["catch-up", "--tables", "orders,events,\"Order Items\""]);
+    selection_args(&mut cmd);
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "catch-up: {out}{err}");
+    assert!(
+        selected_equal(&src, &tgt).await,
+        "catch-up did not copy exactly the selected columns and rows"
+    );
+    let filters: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'walshuttle' AND rowfilter IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(filters, 3, "the publication lacks the row filters");
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("verify");
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 0, "verify: {out}{err}");
+}
