@@ -40,6 +40,7 @@ TPCB=0
 TPCB_SECONDS=60
 TPCB_CLIENTS=8
 TPCB_SCALE=10
+TPCB_BACKLOG_TXNS=40000
 PG17=0
 PG17_HOME=${PG17_HOME:-/var/cache/walshuttle/postgres/17}
 MANY=0
@@ -86,6 +87,9 @@ usage: bench/compare.sh [options]
   --tpcb-seconds T      pgbench -T of the TPC-B load (default 60)
   --tpcb-clients C      pgbench -c of the TPC-B load (default 8)
   --tpcb-scale S        pgbench -i -s of the TPC-B database (default 10)
+  --tpcb-backlog-txns N with --tpcb: then TPC-B transactions written by --tpcb-clients
+                        clients while the replicator is stopped, and the time to
+                        drain them (default 40000; 0 skips)
   --pg17                a second pair of clusters from PostgreSQL 17 (PG17_HOME, default
                         /var/cache/walshuttle/postgres/17): walshuttle and native with
                         WITH (binary = true, streaming = parallel) measured there too
@@ -136,6 +140,7 @@ while [ $# -gt 0 ]; do
         --tpcb-seconds) TPCB_SECONDS=$2; shift 2 ;;
         --tpcb-clients) TPCB_CLIENTS=$2; shift 2 ;;
         --tpcb-scale) TPCB_SCALE=$2; shift 2 ;;
+        --tpcb-backlog-txns) TPCB_BACKLOG_TXNS=$2; shift 2 ;;
         --pg17) PG17=1; shift ;;
         --many-tables) MANY=1; shift ;;
         --many-count) MANY_COUNT=$2; shift 2 ;;
@@ -149,7 +154,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 for v in SCALE JOBS BASE_PORT BULK_ROWS BACKLOG_TXNS STEADY_RATE STEADY_SECONDS WAIT_MAX \
-         TPCB_SECONDS TPCB_CLIENTS TPCB_SCALE MANY_COUNT MANY_ROWS MIXED_COUNT MIXED_MAX MANY_TIMEOUT; do
+         TPCB_SECONDS TPCB_CLIENTS TPCB_SCALE TPCB_BACKLOG_TXNS MANY_COUNT MANY_ROWS MIXED_COUNT MIXED_MAX MANY_TIMEOUT; do
     if ! [[ ${!v} =~ ^[0-9]+$ ]] || [ "${!v}" -lt 1 ]; then
         echo "compare.sh: ${v,,} must be a positive integer" >&2; exit 2
     fi
@@ -1045,6 +1050,34 @@ tpcb_load() {
     log "$tool: TPC-B: $tps tps; lag p50 $(percentile 0.50 "$secs") s, p99 $(percentile 0.99 "$secs") s, max $(sort -g "$secs" | tail -n 1) s; drained $(elapsed "$t_end" "$seen") s after pgbench ended"
 }
 
+# tpcb_backlog_write TOOL: TPCB_BACKLOG_TXNS TPC-B transactions by TPCB_CLIENTS clients
+# while the replicator is stopped; sets MARK_SEQ to the marker written after them
+tpcb_backlog_write() {
+    local tool=$1 per t0
+    per=$(( (TPCB_BACKLOG_TXNS + TPCB_CLIENTS - 1) / TPCB_CLIENTS ))
+    log "$tool: TPC-B backlog: $((per * TPCB_CLIENTS)) transactions by $TPCB_CLIENTS clients (replicator stopped)"
+    t0=$(now)
+    "$PGBIN/pgbench" -n -b tpcb-like -c "$TPCB_CLIENTS" -j 2 -t "$per" -h 127.0.0.1 -p "$SP" -U postgres tpcb \
+        >"$WORK/logs/pgbench-tpcb-backlog-$tool.log" 2>&1 \
+        || { broke "$tool: pgbench (TPC-B backlog) failed: $(tail -n 3 "$WORK/logs/pgbench-tpcb-backlog-$tool.log")"; return 1; }
+    record tpcb_backlog_write_s "$tool" "$(elapsed "$t0" "$(now)")"
+    MARK_SEQ=$(source_marker)
+    checkpoint_both
+}
+
+# tpcb_backlog_check TOOL T0: waits for the backlog's marker, records the drain from
+# T0 and whether source and target agree
+tpcb_backlog_check() {
+    local tool=$1 t0=$2 seen s t
+    seen=$(wait_marker "$MARK_SEQ" 900)
+    [ -n "$seen" ] || { broke "$tool: TPC-B backlog not drained within 900 s"; return 1; }
+    record tpcb_backlog_drain_s "$tool" "$(elapsed "$t0" "$seen")"
+    log "$tool: TPC-B backlog drained in $(elapsed "$t0" "$seen") s"
+    s=$(qs "$tpcb_checksum_sql"); t=$(qt "$tpcb_checksum_sql")
+    if [ "$s" = "$t" ]; then record consistent_after_tpcb_backlog "$tool" true
+    else record consistent_after_tpcb_backlog "$tool" false; broke "$tool: after the TPC-B backlog the target ($t) differs from the source ($s)"; fi
+}
+
 run_tpcb_walshuttle() { tpcb_walshuttle 15 walshuttle; }
 run_tpcb_walshuttle17() { tpcb_walshuttle 17 walshuttle17; }
 tpcb_walshuttle() {   # pair tool
@@ -1073,6 +1106,14 @@ tpcb_walshuttle() {   # pair tool
     # the profiler's own sample tables (pprof allocates ~100 MiB and more) would pass
     # for walshuttle's memory: a profiled run's peak RSS goes under its own name
     if [ -n "$prof" ]; then ws_stop tpcb_profiled "$tool-run-tpcb"; else ws_stop tpcb "$tool-run-tpcb"; fi
+    if [ "$TPCB_BACKLOG_TXNS" -gt 0 ]; then
+        set_step "$tool: TPC-B backlog"
+        tpcb_backlog_write "$tool" || return 1
+        t0=$(now)
+        ws_start_run "$tool-run-tpcb-backlog"
+        tpcb_backlog_check "$tool" "$t0" || return 1
+        ws_stop tpcb_backlog "$tool-run-tpcb-backlog"
+    fi
     if [ -n "$prof" ]; then
         if [ -s "$prof" ]; then
             mkdir -p "$RESULTS" "$LOGDIR"
@@ -1106,6 +1147,16 @@ tpcb_native() {   # pair tool subscription-options
     [ -n "$seen" ] || { broke "$tool: not caught up before the TPC-B load"; return 1; }
     set_step "$tool: TPC-B"
     tpcb_load "$tool" tpcb_sub
+    if [ "$TPCB_BACKLOG_TXNS" -gt 0 ]; then
+        set_step "$tool: TPC-B backlog"
+        qt "ALTER SUBSCRIPTION tpcb_sub DISABLE" >/dev/null
+        seen=$(poll_until "$SP" "NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'tpcb_sub' AND active)" 120 0.1)
+        [ -n "$seen" ] || { broke "$tool: TPC-B apply worker did not stop after DISABLE"; return 1; }
+        tpcb_backlog_write "$tool" || return 1
+        t0=$(now)
+        qt "ALTER SUBSCRIPTION tpcb_sub ENABLE" >/dev/null
+        tpcb_backlog_check "$tool" "$t0" || return 1
+    fi
     reset_target
 }
 
@@ -1318,6 +1369,7 @@ if [ "$TPCB" = 1 ]; then
         "tpcb_lag_seconds_p50|TPC-B lag p50 (heartbeat, every 0.2 s)|s"
         "tpcb_lag_seconds_p99|TPC-B lag p99 (heartbeat, every 0.2 s)|s"
         "tpcb_drain_s|TPC-B drain after end|s"
+        "tpcb_backlog_drain_s|TPC-B backlog drain, ${TPCB_BACKLOG_TXNS} txns by ${TPCB_CLIENTS} clients|s"
         "peak_rss_mib_tpcb|walshuttle peak RSS: run, TPC-B|MiB"
     )
 fi
@@ -1363,7 +1415,7 @@ rval() {   # key a:b
     ratio "$(val "$1" "$a")" "$bv"
 }
 OTHER_KEYS=(bulk_source_txn_s backlog_write_s backlog_wal_bytes steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes)
-[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb)
+[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb tpcb_backlog_write_s consistent_after_tpcb_backlog sigterm_exit_s_tpcb_backlog peak_rss_mib_tpcb_backlog)
 [ "$MANY" = 1 ] && OTHER_KEYS+=(many_consistent mixed_consistent many_tables_ready_at_timeout mixed_tables_ready_at_timeout peak_rss_mib_many_run peak_rss_mib_mixed_run)
 if [ "$ONLY" = copy ]; then
     ROWDEFS=("${ROWDEFS[0]}" "peak_rss_mib_bootstrap|walshuttle peak RSS: bootstrap|MiB")

@@ -123,6 +123,23 @@ sampler() {   # file
     done
 }
 
+table_sampler() {   # file: per second, each table's state on the target
+    while true; do
+        qt "SELECT extract(epoch FROM clock_timestamp())::numeric(14,1), schema_name || '.' || table_name, state
+              FROM walshuttle.pipeline_tables" 2>/dev/null | tr '|' ' ' >>"$1" || true
+        sleep 1
+    done
+}
+
+# The longest a table stayed `copied` (its copy in, its held changes replaying)
+# before it was `ready`: the replay's lag behind the writer.
+replay_lag() {   # file
+    awk '$3 == "copied" && !($2 in c) { c[$2] = $1 }
+         $3 == "ready" && ($2 in c) && !($2 in r) { r[$2] = $1 }
+         END { m = 0; n = 0; for (t in c) n++; for (t in r) if (r[t] - c[t] > m) m = r[t] - c[t];
+               printf "%.0f s (%d of the tables were seen copied and replaying)", m, n }' "$1"
+}
+
 reset() {
     q "$TP" postgres -c "DROP DATABASE IF EXISTS bench" >/dev/null
     q "$TP" postgres -c "CREATE DATABASE bench" >/dev/null
@@ -159,8 +176,12 @@ measure() {   # mode
             "$WS" run --jobs "$JOBS" >"$WORK/logs/$mode-run.log" 2>&1 & runpid=$!
             PIDS+=("$runpid"); all_ready; caught_up ;;
         online)
+            table_sampler "$WORK/tables-$mode" & PIDS+=($!)
             "$WS" run --online --jobs "$JOBS" >"$WORK/logs/$mode-run.log" 2>&1 & runpid=$!
-            PIDS+=("$runpid"); all_ready; caught_up ;;
+            PIDS+=("$runpid"); all_ready; caught_up
+            kill "${PIDS[-2]}" 2>/dev/null || true
+            replay_lag "$WORK/tables-$mode" >"$WORK/replay-lag"
+            log "online: longest copied-to-ready (held changes replaying): $(cat "$WORK/replay-lag")" ;;
         native)
             # As an operator would: the schema first, then a subscription that copies
             # every table (one tablesync worker and temporary slot per table) and
@@ -209,5 +230,10 @@ measure native
     echo "| mode | seconds | max retained WAL (MB) | oldest snapshot (s) |"
     echo "|---|---|---|---|"
     cat "$WORK/rows"
+    if [ -s "$WORK/replay-lag" ]; then
+        echo
+        echo "Online: the longest a table stayed \`copied\` (copy in, held changes replaying"
+        echo "under the writer) before it was \`ready\`: $(cat "$WORK/replay-lag"), sampled every second."
+    fi
 } | tee "$OUT"
 }

@@ -693,10 +693,11 @@ async fn indexes_sql(
     identity_only: bool,
 ) -> Result<Vec<String>> {
     let ctx = || format!("reading the indexes of {}", table.name);
+    // Indexes of a partitioned table (an existing target may be one) are `I`.
     let existing: BTreeSet<String> = target
         .query(
             "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relkind = 'i'",
+             WHERE n.nspname = $1 AND c.relkind IN ('i', 'I')",
             &[&table.name.schema],
         )
         .await

@@ -31,6 +31,7 @@
 //! - [`cli`]: the command-line contract users script against.
 //! - [`exit`]: exit codes a supervisor can act on (75: try again later).
 
+pub mod apply_waits;
 pub mod bootstrap;
 pub mod catalog;
 pub mod catchup;

@@ -144,6 +144,43 @@ struct HealthState {
     wal_budget: Option<u64>,
     /// Tables whose copy has not joined the stream yet.
     tables_copying: Option<u64>,
+    /// A lock wait of one of the apply sessions, while it lasts.
+    apply_wait: Option<ApplyWait>,
+}
+
+/// A lock wait of one of walshuttle's apply sessions on the target, seen by the
+/// watchdog while a step waits on it: reported by `/healthz` while it lasts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyWait {
+    /// The apply session that waits.
+    pub waiter: i32,
+    /// The sessions holding the lock it waits for.
+    pub holders: Vec<i32>,
+    /// Whether a holder is walshuttle's own session: a wait that cannot end by
+    /// itself (the watchdog resolves it at its next probe).
+    pub on_itself: bool,
+}
+
+impl ApplyWait {
+    fn describe(&self) -> String {
+        let holders = self
+            .holders
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.on_itself {
+            format!(
+                "apply session pid {} waits for walshuttle's own session pid {holders} on the target: a wait on itself, being resolved",
+                self.waiter
+            )
+        } else {
+            format!(
+                "apply session pid {} waits for a lock held by pid {holders} on the target (not walshuttle's): it goes on once that one ends",
+                self.waiter
+            )
+        }
+    }
 }
 
 static HEALTH: Mutex<HealthState> = Mutex::new(HealthState {
@@ -156,6 +193,7 @@ static HEALTH: Mutex<HealthState> = Mutex::new(HealthState {
     retained_wal: None,
     wal_budget: None,
     tables_copying: None,
+    apply_wait: None,
 });
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -254,6 +292,11 @@ pub fn reconnect() {
     metrics::counter!(names::RECONNECTS).increment(1);
 }
 
+/// Records the lock wait an apply session is in now (`None`: none waits).
+pub fn apply_wait(wait: Option<ApplyWait>) {
+    health().apply_wait = wait;
+}
+
 /// Counts an error of `kind` (`stream`, `slot_busy`, `fatal`).
 pub fn error(kind: &'static str) {
     metrics::counter!(names::ERRORS, "kind" => kind).increment(1);
@@ -277,6 +320,9 @@ pub struct HealthReport {
     /// Tables still being copied (online) or having their held changes applied;
     /// null before the stream started.
     pub tables_copying: Option<u64>,
+    /// Which apply session waits for which lock holder on the target, while it
+    /// lasts; null when none waits.
+    pub waiting: Option<String>,
     /// Why it is unhealthy; null when ok.
     pub reason: Option<String>,
 }
@@ -298,6 +344,10 @@ pub fn health_report(max_lag: Duration) -> HealthReport {
     let h = health();
     let (lag_seconds, lag_bytes) = lag(&h);
     let reason = match h.phase {
+        // A wait on itself is no progress, whatever the lag says.
+        RunPhase::Streaming if h.apply_wait.as_ref().is_some_and(|w| w.on_itself) => {
+            h.apply_wait.as_ref().map(ApplyWait::describe)
+        }
         RunPhase::Streaming => match (lag_seconds, h.retained_wal, h.wal_budget) {
             (Some(s), _, _) if s > max_lag.as_secs_f64() => Some(format!(
                 "lag of {s:.1} s exceeds the threshold of {:.1} s (--healthz-max-lag)",
@@ -322,6 +372,7 @@ pub fn health_report(max_lag: Duration) -> HealthReport {
         retained_wal_bytes: h.retained_wal,
         wal_budget_bytes: h.wal_budget,
         tables_copying: h.tables_copying,
+        waiting: h.apply_wait.as_ref().map(ApplyWait::describe),
         reason,
     }
 }
@@ -692,6 +743,7 @@ mod tests {
             retained_wal: None,
             wal_budget: None,
             tables_copying: None,
+            apply_wait: None,
         };
         assert_eq!(lag(&h), (None, None));
         h.source_end = Lsn(1000);

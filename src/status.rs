@@ -41,6 +41,9 @@ pub struct StatusReport {
     pub warn_retained_bytes: u64,
     /// Every pipeline recorded on the target, by name.
     pub pipelines: Vec<PipelineStatus>,
+    /// Lock waits of walshuttle's apply sessions on the target now (which session
+    /// waits, how long, on whom); empty when none waits.
+    pub apply_waits: Vec<String>,
     /// Every warning, each naming its pipeline.
     pub warnings: Vec<String>,
 }
@@ -217,12 +220,15 @@ pub async fn status(
         warnings.extend(p.warnings.iter().cloned());
         pipelines.push(p);
     }
+    let apply_waits = crate::apply_waits::on_target(&tgt).await?;
+    warnings.extend(apply_waits.iter().map(|w| format!("waiting: {w}")));
     Ok(StatusReport {
         source: source.map(|s| s.redacted.clone()),
         target: target.redacted.clone(),
         state_schema: opts.state_schema.clone(),
         warn_retained_bytes: opts.warn_retained_bytes,
         pipelines,
+        apply_waits,
         warnings,
     })
 }

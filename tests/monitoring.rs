@@ -18,24 +18,39 @@ fn sample(body: &str, series: &str, label: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_start_at_zero_and_a_fatal_stop_is_scraped_before_exit() {
+/// Two clusters, `schema` on the source, and `run --metrics-addr` on a free port.
+async fn run_with_metrics(
+    schema: &str,
+) -> (
+    Cluster,
+    Cluster,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+    u16,
+    RunLogs,
+    support::RunChild,
+) {
     let source = Cluster::start();
     let target = Cluster::start();
     let src = source.client().await;
     let tgt = target.client().await;
-    src.batch_execute(
+    src.batch_execute(schema).await.unwrap();
+    let port = free_port();
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let child = logs.spawn(cmd);
+    (source, target, src, tgt, port, logs, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_start_at_zero_and_a_fatal_stop_is_scraped_before_exit() {
+    let (source, target, src, tgt, port, _logs, mut child) = run_with_metrics(
         "CREATE TABLE ck (id int PRIMARY KEY, v int);
          INSERT INTO ck SELECT g, g FROM generate_series(1, 10) g;",
     )
-    .await
-    .unwrap();
-    let port = free_port();
+    .await;
     let addr = format!("127.0.0.1:{port}");
-    let mut logs = RunLogs::new();
-    let mut cmd = walshuttle(&source, &target);
-    cmd.args(["run", "--metrics-addr", &addr]);
-    let mut child = logs.spawn(cmd);
 
     // The first time /healthz says streaming, it already knows the retained WAL.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -119,4 +134,99 @@ async fn counters_start_at_zero_and_a_fatal_stop_is_scraped_before_exit() {
     // Scraped: it exits soon after, with 1.
     let status = child.wait_exit(Duration::from_secs(30)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(1), "{}", child.log());
+}
+
+/// An apply session held up by another application's lock on the target: `/healthz`
+/// names the wait (still healthy: it ends when that session does) and `status` says
+/// which apply session waits, how long and on whom; once the holder ends, the wait is
+/// gone and the row arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_wait_on_the_target_is_named_by_healthz_and_status() {
+    let (source, target, src, tgt, port, _logs, mut child) = run_with_metrics(
+        "CREATE TABLE \"Held Rows\" (id int PRIMARY KEY, v int);
+         INSERT INTO \"Held Rows\" SELECT g, g FROM generate_series(1, 10) g;",
+    )
+    .await;
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["\"Held Rows\""],
+        Duration::from_secs(120),
+    )
+    .await;
+
+    // Another application holds row 1 on the target; the source updates it.
+    let holder = target.client().await;
+    holder
+        .batch_execute("BEGIN; UPDATE \"Held Rows\" SET v = v WHERE id = 1")
+        .await
+        .unwrap();
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    src.batch_execute("UPDATE \"Held Rows\" SET v = 100 WHERE id = 1")
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let health = loop {
+        child.assert_running("while an apply session waits");
+        if let Some((_, body)) = http_get(port, "/healthz") {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if v["waiting"].is_string() {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "/healthz never named the wait");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let waiting = health["waiting"].as_str().unwrap_or_default();
+    assert!(
+        waiting.contains(&format!("held by pid {holder_pid}"))
+            && waiting.contains("not walshuttle's"),
+        "{health}"
+    );
+    assert_eq!(
+        health["status"], "ok",
+        "a wait on someone else is healthy: {health}"
+    );
+
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("status");
+    let (code, stdout, stderr) = run(cmd);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("waiting: walshuttle apply")
+            && stdout.contains(&format!("held by pid {holder_pid}")),
+        "status does not name the wait:\n{stdout}"
+    );
+
+    // The holder ends: the row arrives and the wait is gone.
+    holder.batch_execute("COMMIT").await.unwrap();
+    wait_for_convergence_running(
+        &mut child,
+        &src,
+        &tgt,
+        &["\"Held Rows\""],
+        Duration::from_secs(60),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = http_get(port, "/healthz")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["waiting"].is_null() && v["phase"] == "streaming" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/healthz still names a wait: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

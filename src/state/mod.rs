@@ -30,8 +30,8 @@ mod tables;
 use anyhow::{bail, Result};
 use tokio_postgres::{Client, GenericClient};
 
+use crate::pg::SnapshotView;
 use crate::pg::{quote_ident, quote_literal, Lsn, PgResultExt, QualifiedName};
-use crate::positions::SnapshotView;
 
 /// Every table of the state schema, those holding rows of other tables' pipelines
 /// after those they refer to.

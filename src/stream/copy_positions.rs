@@ -11,7 +11,7 @@ use tokio_postgres::types::{FromSql, Type};
 use tokio_postgres::Client;
 
 use super::apply::Op;
-use super::decoder::TupleValue;
+use super::decoder::{OldTuple, TupleData, TupleValue};
 use crate::pg::{Lsn, PgResultExt, QualifiedName};
 use crate::positions::{LivePositions, Position, Scope};
 use crate::rewrite::key_rows;
@@ -41,9 +41,15 @@ pub enum Decision {
     /// The copies holding its rows already reflect it.
     Skip,
     /// A key change whose old row is in a copy that already reflects it and whose
-    /// new row is not, but the new row lacks unchanged TOASTed values: the row must
-    /// be read from the source again (by key).
-    Refetch,
+    /// new row is not, but the new row lacks unchanged TOASTed values (and no whole
+    /// old row carries them): the row must be read from the source again by its
+    /// new key (see [`super::refetch`]).
+    Refetch {
+        /// The relation.
+        rel: u32,
+        /// The new row as the stream sent it.
+        new: TupleData,
+    },
 }
 
 /// The copy positions a session has not yet passed, with the version they were read
@@ -159,6 +165,12 @@ impl StreamPositions {
         self.live.adopt(table, &copies.live, applied);
     }
 
+    /// Adds a position recorded while the stream runs (a row read again from the
+    /// source, see [`super::refetch`]): it decides the row's later changes at once.
+    pub fn add(&mut self, position: Position) {
+        self.live.add(position);
+    }
+
     /// Forgets positions the stream has passed.
     pub fn expire(&mut self, applied: Lsn) {
         self.live.expire(applied);
@@ -215,12 +227,13 @@ impl StreamPositions {
                     // The old row's copy already lacks it; the new row's copy does not
                     // have it yet: the change is an insert of the new row.
                     (true, false) => {
+                        let new = with_old_values(new, old.as_ref());
                         if new
                             .columns
                             .iter()
                             .any(|v| matches!(v, TupleValue::UnchangedToast))
                         {
-                            Decision::Refetch
+                            Decision::Refetch { rel, new }
                         } else {
                             Decision::Apply(Op::Insert { rel, new })
                         }
@@ -234,6 +247,21 @@ impl StreamPositions {
             }
         }
     }
+}
+
+/// `new` with its unchanged TOASTed values taken from a whole old row (`REPLICA
+/// IDENTITY FULL` sends the old row with every value): those columns did not change.
+fn with_old_values(mut new: TupleData, old: Option<&OldTuple>) -> TupleData {
+    if let Some(OldTuple::Full(old)) = old {
+        for (value, before) in new.columns.iter_mut().zip(&old.columns) {
+            if matches!(value, TupleValue::UnchangedToast)
+                && !matches!(before, TupleValue::UnchangedToast)
+            {
+                *value = before.clone();
+            }
+        }
+    }
+    new
 }
 
 /// Converts stored key texts into the values the stream sends for those columns.
@@ -279,4 +307,104 @@ async fn convert_keys(
         out.push(key);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(xmin: u64) -> Arc<crate::positions::SnapshotView> {
+        Arc::new(crate::positions::SnapshotView {
+            xmin,
+            xmax: xmin,
+            xip: Vec::new(),
+            lsn: Lsn(1 << 40),
+        })
+    }
+
+    fn id(v: i64) -> TupleValue {
+        TupleValue::Binary(Bytes::copy_from_slice(&v.to_be_bytes()))
+    }
+
+    /// Keys below 100 copied before transaction 50, the rest after it.
+    fn positions() -> StreamPositions {
+        let table = QualifiedName::new("public", "t");
+        let range = |pid, lo, hi, xmin| Position {
+            id: pid,
+            table: table.clone(),
+            scope: Scope::Range {
+                column: "id".into(),
+                lo,
+                hi,
+            },
+            snapshot: snapshot(xmin),
+        };
+        StreamPositions {
+            live: LivePositions::new(vec![
+                range(1, None, Some(100), 40),
+                range(2, Some(100), None, 60),
+            ]),
+            version: 0,
+        }
+    }
+
+    fn key_change(old: OldTuple) -> Op {
+        Op::Update {
+            rel: 7,
+            old: Some(old),
+            new: TupleData {
+                columns: vec![id(5), TupleValue::UnchangedToast],
+            },
+        }
+    }
+
+    #[test]
+    fn a_key_change_into_an_earlier_copy_without_its_toast_value_is_read_again() {
+        let p = positions();
+        let table = QualifiedName::new("public", "t");
+        let columns = vec!["id".to_string(), "doc".to_string()];
+        let old = OldTuple::Key(TupleData {
+            columns: vec![id(150), TupleValue::Null],
+        });
+        match p.decide(&table, &columns, 50, key_change(old)) {
+            Decision::Refetch { rel, new } => {
+                assert_eq!(rel, 7);
+                assert_eq!(new.columns[0], id(5));
+            }
+            other => panic!("expected a read again, got {other:?}"),
+        }
+        // A whole old row carries the value: an insert, nothing to read.
+        let doc = TupleValue::Binary(Bytes::from_static(b"doc"));
+        let old = OldTuple::Full(TupleData {
+            columns: vec![id(150), doc.clone()],
+        });
+        match p.decide(&table, &columns, 50, key_change(old)) {
+            Decision::Apply(Op::Insert { new, .. }) => {
+                assert_eq!(new.columns, vec![id(5), doc]);
+            }
+            other => panic!("expected an insert, got {other:?}"),
+        }
+        // A row read again by key decides that key from then on.
+        let mut p = p;
+        p.add(Position {
+            id: 3,
+            table: table.clone(),
+            scope: Scope::Keys {
+                columns: vec!["id".into()],
+                keys: vec![vec![Bytes::copy_from_slice(&5i64.to_be_bytes())]],
+            },
+            snapshot: snapshot(70),
+        });
+        let update = Op::Update {
+            rel: 7,
+            old: None,
+            new: TupleData {
+                columns: vec![id(5), TupleValue::Null],
+            },
+        };
+        assert!(matches!(
+            p.decide(&table, &columns, 65, update),
+            Decision::Skip
+        ));
+    }
 }

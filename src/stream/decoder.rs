@@ -28,7 +28,7 @@ use crate::pg::lsn::Lsn;
 
 mod tuple;
 
-pub use tuple::{TupleData, TupleValue};
+pub use crate::pg::{TupleData, TupleValue};
 
 /// Why a buffer is not a well-formed pgoutput message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

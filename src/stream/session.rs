@@ -10,7 +10,7 @@
 //! durable (the target's WAL is flushed past it), because apply commits
 //! asynchronously.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use tokio_postgres::Client;
 use super::apply::{Op, TargetSession, FLUSH_BYTES};
 use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
+use super::durability::Durability;
 use super::io::{Incoming, StreamIo};
 use super::lanes::{Batch, ConflictKeys, Lanes};
 use super::memory::StreamMemory;
@@ -37,6 +38,7 @@ mod captured_ddl;
 mod commits;
 mod event_loop;
 mod held_tables;
+mod refetched;
 mod relation_changes;
 mod spooled;
 mod start;
@@ -178,8 +180,8 @@ struct Session<'a> {
     batch_last: Option<(Lsn, PgTimestamp)>,
     batch_started: Instant,
     applied: Lsn,
-    durable: Lsn,
-    pending_durable: VecDeque<(Lsn, Lsn)>,
+    /// Which applied transactions the target has flushed (what may be confirmed).
+    durability: Durability,
     received: Lsn,
     idle_wal_end: Lsn,
     /// Ranges written outside the stream that it has not passed yet.
@@ -210,14 +212,10 @@ struct Session<'a> {
     /// Relation oids of tables removed from the pipeline: their changes still in
     /// flight are not applied.
     ignored: HashSet<u32>,
-    /// When the target's flushed position was last read.
-    last_durable_check: Instant,
     /// Silence from the source after which its connection is considered dead: the
     /// source's own `wal_sender_timeout`, within [5 s, 60 s]. walshuttle asks for a
     /// reply every status interval, so a live source is never silent that long.
     receive_timeout: Duration,
-    /// `SELECT pg_current_wal_flush_lsn()`, prepared once on `monitor`.
-    flush_lsn_query: tokio_postgres::Statement,
     /// The prefix of the DDL capture trigger's messages, when the pipeline captures
     /// DDL (`--capture-ddl`, see [`crate::ddl_capture`]).
     ddl_prefix: Option<String>,
@@ -485,8 +483,11 @@ impl Session<'_> {
     }
 
     /// Applies the copy positions to a change of transaction `xid`: `None` when the
-    /// copies holding its rows already reflect it.
-    fn filter(&self, xid: u32, op: Op) -> Result<Option<Op>> {
+    /// copies holding its rows already reflect it. A key change the copies cannot
+    /// complete is read again from the source (see `refetched`), except in a
+    /// streamed transaction not yet committed: that one is received again and
+    /// applied whole at its commit.
+    async fn filter(&mut self, xid: u32, op: Op, streamed: bool) -> Result<Option<Op>> {
         if self.positions.is_empty() {
             return Ok(Some(op));
         }
@@ -497,12 +498,17 @@ impl Session<'_> {
         {
             Decision::Apply(op) => Ok(Some(op)),
             Decision::Skip => Ok(None),
-            Decision::Refetch => Err(Fatal(format!(
-                "a key change in {} moved a row with unchanged TOASTed values from a range copied later into one copied earlier, inside the window of a resumed copy: run `walshuttle verify --repair --tables {}` and then `walshuttle run` again",
-                shape.name,
-                shape.name.quoted()
-            ))
-            .into()),
+            Decision::Refetch { .. } if streamed => {
+                self.cfg.memory.apply_whole(xid);
+                anyhow::bail!(
+                    "streamed transaction {xid} moved a row with unchanged TOASTed values into a range copied earlier: reconnecting to receive it again and apply it whole at its commit, when its row can be read again from the source"
+                )
+            }
+            Decision::Refetch { rel, new } => {
+                let (op, position) = self.refetch(xid, rel, new).await?;
+                self.positions.add(position);
+                Ok(op)
+            }
         }
     }
 
@@ -522,7 +528,7 @@ impl Session<'_> {
             if let Some(st) = self.streams.get_mut(&top) {
                 st.tables.insert(op.rel());
             }
-            let Some(op) = self.filter(top, op)? else {
+            let Some(op) = self.filter(top, op, true).await? else {
                 return Ok(());
             };
             let Some(st) = self.streams.get_mut(&top) else {
@@ -571,7 +577,7 @@ impl Session<'_> {
             self.main_has_partial = true;
             return Ok(());
         }
-        let Some(op) = self.filter(xid, op)? else {
+        let Some(op) = self.filter(xid, op, false).await? else {
             return Ok(());
         };
         // The lane rule: a change touching a row of a batch in flight is sent only

@@ -2,29 +2,9 @@
 //! messages, kept apart from the message decoder because rows are where the
 //! bytes (and the zero-copy care) are.
 
-use bytes::Bytes;
+use crate::pg::{TupleData, TupleValue};
 
 use super::{DecodeError, Reader};
-
-/// One column's value in a row image.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TupleValue {
-    /// `n`: SQL NULL.
-    Null,
-    /// `u`: an unchanged TOASTed value that the source did not send.
-    UnchangedToast,
-    /// `t`: the value in PostgreSQL's text format.
-    Text(Bytes),
-    /// `b`: the value in the type's binary format.
-    Binary(Bytes),
-}
-
-/// A row image: one value per published column, in the Relation's order.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TupleData {
-    /// The column values.
-    pub columns: Vec<TupleValue>,
-}
 
 impl TupleData {
     /// Reads an `i16` column count and that many columns.

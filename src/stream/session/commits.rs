@@ -167,8 +167,8 @@ impl Session<'_> {
     /// After a commit: learn what has become durable (at most every 100 ms, since the
     /// target flushes asynchronous commits in the background) and tell the source.
     pub(super) async fn report_after_commit(&mut self) -> Result<()> {
-        if self.last_durable_check.elapsed() >= Duration::from_millis(100) {
-            self.check_durable().await?;
+        if self.durability.check_due() {
+            self.durability.check().await?;
         }
         self.send_status(false).await
     }
@@ -181,8 +181,7 @@ impl Session<'_> {
                 tracing::info!(lsn = %end_lsn, "the stream has passed every range copied outside it");
             }
         }
-        self.pending_durable
-            .push_back((end_lsn, target_lsn.unwrap_or(Lsn(u64::MAX))));
+        self.durability.committed(end_lsn, target_lsn);
     }
 
     /// SQL run inside each apply transaction before COMMIT: the progress row, and
@@ -204,35 +203,12 @@ impl Session<'_> {
         sql
     }
 
-    /// Moves `durable` forward over commits the target has flushed.
-    pub(super) async fn check_durable(&mut self) -> Result<()> {
-        self.last_durable_check = Instant::now();
-        if self.pending_durable.is_empty() {
-            return Ok(());
-        }
-        let flushed: String = self
-            .monitor
-            .query_one(&self.flush_lsn_query, &[])
-            .await
-            .pg_context(|| "reading the target's flushed WAL position".into())?
-            .get(0);
-        let flushed: Lsn = flushed.parse().unwrap_or_default();
-        while let Some(&(source_lsn, target_lsn)) = self.pending_durable.front() {
-            if target_lsn > flushed {
-                break;
-            }
-            self.durable = self.durable.max(source_lsn);
-            self.pending_durable.pop_front();
-        }
-        Ok(())
-    }
-
     /// The position the source may free WAL up to.
     pub(super) fn flush_position(&self) -> Lsn {
-        if self.pending_durable.is_empty() && self.is_idle() {
-            self.durable.max(self.idle_wal_end)
+        if self.durability.all_durable() && self.is_idle() {
+            self.durability.durable().max(self.idle_wal_end)
         } else {
-            self.durable
+            self.durability.durable()
         }
     }
 

@@ -233,7 +233,7 @@ impl Session<'_> {
             }
         }
         self.resync_pending().await?;
-        self.check_durable().await?;
+        self.durability.check().await?;
         self.publish_flush();
         let applied = self.flush_position().max(self.applied);
         crate::observe::stream_position(self.received, applied, self.is_idle());
@@ -257,7 +257,7 @@ impl Session<'_> {
             // Copy positions the stream has passed are forgotten on the target too.
             self.cfg
                 .state
-                .expire_positions(&*self.monitor, &self.cfg.slot, self.durable)
+                .expire_positions(&*self.monitor, &self.cfg.slot, self.durability.durable())
                 .await?;
             self.record_slot_wal().await?;
             clocks.last_expiry = Instant::now();

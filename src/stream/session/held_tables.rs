@@ -179,8 +179,13 @@ impl Session<'_> {
                 apply.push(*oid);
             }
         }
-        if let Some(sql) = self.truncate_sql(&apply, restart_identity)? {
+        if !apply.is_empty() {
             self.main.flush(&self.relations).await?;
+        }
+        if let Some(sql) = self
+            .truncate_sql(&self.main.client, &apply, restart_identity)
+            .await?
+        {
             self.main.execute_in_txn(&sql).await?;
         }
         Ok(())
@@ -213,7 +218,7 @@ impl Session<'_> {
             };
             // What the table's copies saw (one snapshot, or one per key range),
             // however far the stream is past them now.
-            let copies = StreamPositions::for_table(
+            let mut copies = StreamPositions::for_table(
                 &self.cfg.state,
                 &self.main.client,
                 &self.source_sql,
@@ -231,7 +236,7 @@ impl Session<'_> {
             }
             let started = Instant::now();
             let drained = loop {
-                let drained = self.replay_chunk(&table, oid, &copies).await?;
+                let drained = self.replay_chunk(&table, oid, &mut copies).await?;
                 if drained || started.elapsed() >= REPLAY_SLICE {
                     break drained;
                 }
@@ -270,7 +275,7 @@ impl Session<'_> {
         &mut self,
         table: &QualifiedName,
         oid: u32,
-        copies: &StreamPositions,
+        copies: &mut StreamPositions,
     ) -> Result<bool> {
         let held = self
             .cfg
@@ -311,8 +316,11 @@ impl Session<'_> {
                     if !copies.truncate(table, xid)? {
                         continue;
                     }
-                    if let Some(sql) = self.truncate_sql(&[oid], t.restart_identity)? {
-                        self.main.flush(&self.relations).await?;
+                    self.main.flush(&self.relations).await?;
+                    if let Some(sql) = self
+                        .truncate_sql(&self.main.client, &[oid], t.restart_identity)
+                        .await?
+                    {
                         self.main.execute_in_txn(&sql).await?;
                     }
                     continue;
@@ -324,12 +332,13 @@ impl Session<'_> {
             let op = match copies.decide(table, columns, xid, op) {
                 Decision::Apply(op) => op,
                 Decision::Skip => continue,
-                Decision::Refetch => {
-                    return Err(Fatal(format!(
-                        "a key change in {table} moved a row with unchanged TOASTed values between key ranges copied under different snapshots: run `walshuttle tables resync {}`",
-                        table.quoted()
-                    ))
-                    .into())
+                Decision::Refetch { rel, new } => {
+                    let (op, position) = self.refetch(xid, rel, new).await?;
+                    copies.add(position);
+                    match op {
+                        Some(op) => op,
+                        None => continue,
+                    }
                 }
             };
             self.main.push(op);

@@ -4,9 +4,15 @@
 use super::*;
 
 impl Session<'_> {
-    /// The TRUNCATE of the replicated tables among `oids`, if any.
-    pub(super) fn truncate_sql(
+    /// The TRUNCATE of the replicated tables among `oids`, if any, as `client` (the
+    /// connection that runs it, in its open transaction) sees them. The source's
+    /// message lists every relation it truncated, so each is truncated `ONLY`: the
+    /// target's inheritance children are not the source's (a child the pipeline
+    /// does not carry, or one only the target has). A table partitioned on the
+    /// target is truncated with its partitions, as PostgreSQL's own apply does.
+    pub(super) async fn truncate_sql(
         &self,
+        client: &Client,
         oids: &[u32],
         restart_identity: bool,
     ) -> Result<Option<String>> {
@@ -17,9 +23,32 @@ impl Session<'_> {
         if names.is_empty() {
             return Ok(None);
         }
+        let partitioned: Vec<bool> = client
+            .query(
+                "SELECT coalesce(c.relkind = 'p', false) \
+                 FROM unnest($1::text[]) WITH ORDINALITY AS u(name, i) \
+                 LEFT JOIN pg_class c ON c.oid = to_regclass(u.name) ORDER BY u.i",
+                &[&names],
+            )
+            .await
+            .pg_context(|| "reading which truncated tables are partitioned on the target".into())?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let targets: Vec<String> = names
+            .iter()
+            .zip(partitioned.iter().chain(std::iter::repeat(&false)))
+            .map(|(name, &p)| {
+                if p {
+                    name.clone()
+                } else {
+                    format!("ONLY {name}")
+                }
+            })
+            .collect();
         Ok(Some(format!(
             "TRUNCATE {}{}",
-            names.join(", "),
+            targets.join(", "),
             if restart_identity {
                 " RESTART IDENTITY"
             } else {
@@ -50,12 +79,24 @@ impl Session<'_> {
                 }
                 live.push(*oid);
             }
-            let Some(sql) = self.truncate_sql(&live, restart_identity)? else {
+            if live.is_empty() {
+                return Ok(());
+            }
+            let Some(st) = self.streams.get_mut(&top) else {
+                return Ok(());
+            };
+            st.tables.extend(live.iter().copied());
+            st.session.flush(&self.relations).await?;
+            let Some(st) = self.streams.get(&top) else {
+                return Ok(());
+            };
+            let Some(sql) = self
+                .truncate_sql(&st.session.client, &live, restart_identity)
+                .await?
+            else {
                 return Ok(());
             };
             if let Some(st) = self.streams.get_mut(&top) {
-                st.tables.extend(live.iter().copied());
-                st.session.flush(&self.relations).await?;
                 st.session.execute_in_txn(&sql).await?;
             }
             return Ok(());

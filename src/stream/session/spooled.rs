@@ -68,7 +68,7 @@ impl Session<'_> {
             if self.ignored.contains(&op.rel()) || self.hold(c.commit_lsn, c.xid, &op).await? {
                 continue;
             }
-            let Some(op) = self.filter(c.xid, op)? else {
+            let Some(op) = self.filter(c.xid, op, false).await? else {
                 continue;
             };
             self.main.push(op);

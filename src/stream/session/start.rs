@@ -113,10 +113,6 @@ pub(super) async fn start<'a>(
     // Position checks and flags go through their own connection: the apply
     // connection may be in the middle of a COPY.
     let monitor = connect(target, "apply monitor").await?;
-    let flush_lsn_query = monitor
-        .prepare("SELECT pg_current_wal_flush_lsn()::text")
-        .await
-        .pg_context(|| "preparing on the target".into())?;
     // If this process vanishes behind a stalled network, the server ends the
     // abandoned apply transaction and frees its locks for the next session.
     target_client
@@ -139,15 +135,8 @@ pub(super) async fn start<'a>(
         .and_then(|c| c.parse::<Lsn>().ok())
         .unwrap_or_default()
         .min(applied);
-    let target_insert: String = monitor
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .pg_context(|| "reading the target's WAL position".into())?
-        .get(0);
-    let mut pending_durable = VecDeque::new();
-    if confirmed < applied {
-        pending_durable.push_back((applied, target_insert.parse().unwrap_or(Lsn(u64::MAX))));
-    }
+    let monitor = Arc::new(monitor);
+    let durability = Durability::start(Arc::clone(&monitor), confirmed, applied).await?;
     let wal_sender_timeout_ms: i64 = source_sql
         .query_one(
             "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
@@ -187,10 +176,8 @@ pub(super) async fn start<'a>(
         resync_on_shape: HashSet::new(),
         replay_tables,
         ignored: HashSet::new(),
-        last_durable_check: Instant::now(),
         receive_timeout,
-        monitor: Arc::new(monitor),
-        flush_lsn_query,
+        monitor,
         ddl_prefix,
         cfg,
         source,
@@ -219,8 +206,7 @@ pub(super) async fn start<'a>(
         batch_last: None,
         batch_started: Instant::now(),
         applied,
-        durable: confirmed,
-        pending_durable,
+        durability,
         received: applied,
         idle_wal_end: Lsn::ZERO,
         positions,

@@ -35,8 +35,8 @@ impl Session<'_> {
             .pg_context(|| "flushing the target's WAL before stopping".into())?;
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            self.check_durable().await?;
-            if self.pending_durable.is_empty() || Instant::now() > deadline {
+            self.durability.check().await?;
+            if self.durability.all_durable() || Instant::now() > deadline {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -51,7 +51,7 @@ impl Session<'_> {
     /// most [`restart_point::WAIT`]. Best effort: a new transaction arriving, or a
     /// source that does not answer, ends the wait.
     pub(super) async fn settle_restart_point(&mut self) {
-        if !(self.is_idle() && self.pending_durable.is_empty()) {
+        if !(self.is_idle() && self.durability.all_durable()) {
             return;
         }
         let confirmed = self.flush_position();

@@ -46,6 +46,34 @@ pub(super) async fn source_fault(mut fault: watch::Receiver<Option<String>>) -> 
     }
 }
 
+/// Clears the wait `/healthz` reports when the watchdog ends with its step.
+struct WaitReport;
+
+impl WaitReport {
+    fn set(&self, probe: &Probe) {
+        let wait = match (&probe.self_wait, &probe.foreign_wait) {
+            (Some((waiter, holder)), _) => Some(crate::observe::ApplyWait {
+                waiter: *waiter,
+                holders: vec![*holder],
+                on_itself: true,
+            }),
+            (None, Some((waiter, holders))) => Some(crate::observe::ApplyWait {
+                waiter: *waiter,
+                holders: holders.clone(),
+                on_itself: false,
+            }),
+            (None, None) => None,
+        };
+        crate::observe::apply_wait(wait);
+    }
+}
+
+impl Drop for WaitReport {
+    fn drop(&mut self) {
+        crate::observe::apply_wait(None);
+    }
+}
+
 /// What one probe saw of walshuttle's sessions on the target.
 struct Probe {
     /// Sessions running a statement.
@@ -99,6 +127,7 @@ pub(super) async fn watch_target(
     let mut seen = progress.load(Ordering::Relaxed);
     let mut foreign_logged = false;
     let mut last_self_wait: Option<(i32, i32)> = None;
+    let report = WaitReport;
     loop {
         tokio::time::sleep(PROBE_INTERVAL).await;
         let probe = match tokio::time::timeout(limit, probe(&monitor, &pids)).await {
@@ -116,6 +145,7 @@ pub(super) async fn watch_target(
             }
             Ok(Ok(probe)) => probe,
         };
+        report.set(&probe);
         // Seen at two probes in a row: a wait that cannot end lasts, while a
         // moment's wait (two lanes extending one table) is gone by the next probe.
         match (probe.self_wait, last_self_wait) {
