@@ -323,12 +323,14 @@ impl Session<'_> {
                 self.on_relation(rel, at).await?
             }
             LogicalMessage::Insert(m) => {
-                let (rel, unsent) = (m.relation_oid, unsent_toast(&m.new));
-                self.on_change(m.xid, Op::Insert { rel, new: m.new })
-                    .await?;
-                if unsent {
-                    self.resync_unsent_toast(rel);
-                }
+                self.on_change(
+                    m.xid,
+                    Op::Insert {
+                        rel: m.relation_oid,
+                        new: m.new,
+                    },
+                )
+                .await?
             }
             LogicalMessage::Update(m) => {
                 self.on_change(
@@ -467,28 +469,17 @@ impl Session<'_> {
         Ok(())
     }
 
-    /// An UPDATE that moved a row into a row filter (`--row-filter`) arrives as an
-    /// INSERT, and pgoutput leaves out its TOASTed values the UPDATE did not change
-    /// (`pgoutput_row_filter` restores only replica identity columns): the insert
-    /// writes NULL there, so the table is copied again once the transaction is in.
-    fn resync_unsent_toast(&mut self, rel: u32) {
-        let Ok(shape) = self.relations.get(rel) else {
-            return;
-        };
-        let name = shape.name.clone();
-        tracing::warn!(table = %name, "a row moved into the row filter arrived without its unchanged TOASTed values (pgoutput does not send them): copying the table again");
-        if !self.pending_resync.contains(&name) {
-            self.pending_resync.push(name);
-        }
-    }
-
     /// Applies the copy positions to a change of transaction `xid`: `None` when the
     /// copies holding its rows already reflect it. A key change the copies cannot
     /// complete is read again from the source (see `refetched`), except in a
     /// streamed transaction not yet committed: that one is received again and
     /// applied whole at its commit.
     async fn filter(&mut self, xid: u32, op: Op, streamed: bool) -> Result<Option<Op>> {
-        if self.positions.is_empty() {
+        // An INSERT lacking unchanged TOASTed values (a row moved into a row
+        // filter) is read again even with no copy positions.
+        let lacks =
+            matches!(&op, Op::Insert { new, .. } if super::copy_positions::lacks_toast(new));
+        if self.positions.is_empty() && !lacks {
             return Ok(Some(op));
         }
         let shape = self.relations.get(op.rel())?;
@@ -612,12 +603,4 @@ impl Session<'_> {
         }
         Ok(())
     }
-}
-
-/// Whether an inserted row lacks values pgoutput did not send (see
-/// [`Session::resync_unsent_toast`]).
-fn unsent_toast(row: &decoder::TupleData) -> bool {
-    row.columns
-        .iter()
-        .any(|v| matches!(v, decoder::TupleValue::UnchangedToast))
 }
