@@ -373,6 +373,18 @@ async fn lists_and_filters_the_source_would_refuse_updates_for_are_refused_up_fr
         assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
         assert_eq!(anything_written(&src, &tgt).await, "", "{flag} {value}");
     }
+    // Not with --online (yet): refused before anything is written.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args([
+        "bootstrap",
+        "--online",
+        "--row-filter",
+        "orders WHERE id > 1",
+    ]);
+    let (code, out, err) = run(cmd);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("--online"), "{err}");
+    assert_eq!(anything_written(&src, &tgt).await, "", "--online");
     // The source still takes UPDATEs and DELETEs of every table.
     src.batch_execute("UPDATE orders SET total = 0 WHERE id = 1; DELETE FROM events WHERE id = 1;")
         .await
