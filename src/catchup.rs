@@ -279,7 +279,10 @@ pub async fn catch_up(
                 })
                 .collect();
             state.set_tables(&tgt, &opts.slot, &entries).await?;
-            let rows = crate::row_selection::current(&src, &tgt, &state, &opts.slot).await?;
+            let rows = match new_pipeline {
+                true => opts.rows.clone(),
+                false => crate::row_selection::current(&src, &tgt, &state, &opts.slot).await?,
+            };
             crate::publication::ensure(&src, &publication, &names, &rows).await?;
             drop_slot_if_exists(&src, &opts.slot).await?;
             let snapshot = create_slot_with_snapshot(source, &src, &opts.slot, &names).await?;

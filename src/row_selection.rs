@@ -492,6 +492,7 @@ pub fn check_named(tables: &[Table], sel: &RowSelection) -> Result<()> {
 /// planned (not run) under it.
 async fn trial_statements(source: &Client, begin: &str, named: &[&Table]) -> Result<()> {
     if let Err(e) = source.batch_execute(begin).await {
+        lock_wait(&e)?;
         bail!(
             "the source refuses the column lists and row filters: {} (only columns of the table; a filter may use only columns, constants and built-in immutable functions and operators)",
             crate::pg::connect::describe(&e)
@@ -516,6 +517,7 @@ async fn trial_statements(source: &Client, begin: &str, named: &[&Table]) -> Res
             ),
         ] {
             if let Err(e) = source.batch_execute(&sql).await {
+                lock_wait(&e)?;
                 bail!(
                     "with this column list or row filter the source would refuse every {what} of table {}: {}; a column list must include every replica identity column ({}), and a row filter may use only those columns",
                     table.name,
@@ -524,6 +526,18 @@ async fn trial_statements(source: &Client, begin: &str, named: &[&Table]) -> Res
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// A trial statement that waited too long for a lock says so (another session
+/// holds a conflicting lock on a table: a DDL, a VACUUM FULL), not that the list
+/// or filter is wrong.
+fn lock_wait(e: &tokio_postgres::Error) -> Result<()> {
+    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+        bail!(
+            "checking the column lists and row filters on the source waited more than 10 s for a lock on their tables (another session holds a conflicting one, e.g. a DDL or VACUUM FULL): try again when it is done"
+        );
     }
     Ok(())
 }
