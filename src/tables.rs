@@ -95,6 +95,13 @@ pub async fn change(
         if opts.action != TablesAction::Add {
             bail!("--columns and --row-filter go with `walshuttle tables add` (a table's list and filter are fixed once it is carried)");
         }
+        let lists = opts
+            .rows
+            .names()
+            .any(|t| opts.rows.get(t).is_some_and(|r| r.columns.is_some()));
+        if lists && state.capture_ddl(&tgt, &pipeline.name).await? {
+            bail!("--columns does not work with a pipeline that captures DDL yet (captured DDL on a column left out, e.g. an index, could not be applied on the target): --row-filter does");
+        }
         if let Some(other) = opts.rows.names().find(|n| !opts.tables.contains(n)) {
             bail!(
                 "--columns/--row-filter name table {other}, which is not among the tables to add"

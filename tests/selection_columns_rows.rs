@@ -385,6 +385,18 @@ async fn lists_and_filters_the_source_would_refuse_updates_for_are_refused_up_fr
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("--online"), "{err}");
     assert_eq!(anything_written(&src, &tgt).await, "", "--online");
+    // Nor column lists with --capture-ddl.
+    let mut cmd = walshuttle(&source, &target);
+    cmd.args([
+        "bootstrap",
+        "--capture-ddl",
+        "--columns",
+        "orders (id, code)",
+    ]);
+    let (code, out, err) = run(cmd);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("--capture-ddl"), "{err}");
+    assert_eq!(anything_written(&src, &tgt).await, "", "--capture-ddl");
     // The source still takes UPDATEs and DELETEs of every table.
     src.batch_execute("UPDATE orders SET total = 0 WHERE id = 1; DELETE FROM events WHERE id = 1;")
         .await
