@@ -71,6 +71,7 @@ usage: bench/compare.sh [options]
                         PostgreSQL's default)
   --only copy           measure only the initial copy of each tool (no bulk apply,
                         backlog, latency or steady state)
+  --only tpcb           measure only the TPC-B parts (implies --tpcb)
   --out NAME            write bench/results/NAME.json and NAME.md, logs to
                         bench/results/logs/NAME/ (default latest: latest.json,
                         latest.md, logs/)
@@ -160,7 +161,7 @@ for v in SCALE JOBS BASE_PORT BULK_ROWS BACKLOG_TXNS STEADY_RATE STEADY_SECONDS 
     fi
 done
 case "$NATIVE_STREAMING" in on|off) ;; *) echo "compare.sh: --native-streaming on|off" >&2; exit 2 ;; esac
-case "$ONLY" in all|copy) ;; *) echo "compare.sh: --only copy (or all, the default)" >&2; exit 2 ;; esac
+case "$ONLY" in all|copy) ;; tpcb) TPCB=1 ;; *) echo "compare.sh: --only copy or --only tpcb (or all, the default)" >&2; exit 2 ;; esac
 if ! [[ $OUT =~ ^[A-Za-z0-9._-]+$ ]]; then echo "compare.sh: --out must be a plain file name" >&2; exit 2; fi
 if [ "$PROFILE" = 1 ] && [ "$TPCB" = 0 ]; then echo "compare.sh: --profile profiles the TPC-B run: give --tpcb too" >&2; exit 2; fi
 if [ "$MIXED_COUNT" -lt 2 ] || [ "$MIXED_MAX" -lt 10 ]; then echo "compare.sh: --mixed-count must be at least 2 and --mixed-max at least 10" >&2; exit 2; fi
@@ -1300,16 +1301,20 @@ if awk -v l="$LOAD_START" 'BEGIN { exit !(l > 0.5) }'; then
     note "the machine was not idle when the benchmark started (1-minute load average $LOAD_START): other work skews the figures"
 fi
 T_ALL0=$(now)
-part run_pgcopydb
-part run_psql_pipe
-[ "$FLOOR" = 1 ] && part run_floor
-part run_walshuttle
-part run_native
+if [ "$ONLY" != tpcb ]; then
+    part run_pgcopydb
+    part run_psql_pipe
+    [ "$FLOOR" = 1 ] && part run_floor
+    part run_walshuttle
+    part run_native
+fi
 PG17_VERSION=""
 if [ "$PG17" = 1 ]; then
     setup_pg17
-    part run_walshuttle17
-    part run_native17
+    if [ "$ONLY" != tpcb ]; then
+        part run_walshuttle17
+        part run_native17
+    fi
 fi
 if [ "$TPCB" = 1 ]; then
     log "TPC-B: preparing database tpcb (pgbench -i -s $TPCB_SCALE)"
@@ -1420,6 +1425,12 @@ OTHER_KEYS=(bulk_source_txn_s backlog_write_s backlog_wal_bytes steady_pgbench_t
 if [ "$ONLY" = copy ]; then
     ROWDEFS=("${ROWDEFS[0]}" "peak_rss_mib_bootstrap|walshuttle peak RSS: bootstrap|MiB")
     OTHER_KEYS=(initial_copy_target_indexes)
+fi
+if [ "$ONLY" = tpcb ]; then
+    KEEP_ROWS=()
+    for r in "${ROWDEFS[@]}"; do case "$r" in tpcb_*|peak_rss_mib_tpcb*) KEEP_ROWS+=("$r") ;; esac; done
+    ROWDEFS=("${KEEP_ROWS[@]}")
+    OTHER_KEYS=(tpcb_pgbench_tps tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s consistent_after_tpcb tpcb_backlog_write_s consistent_after_tpcb_backlog)
 fi
 # the Other figures' columns: the streaming tools
 OCOLS=(walshuttle native)
