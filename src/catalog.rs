@@ -91,12 +91,25 @@ pub struct Table {
     /// its rows are then read whole, not `ONLY` ([`crate::own_rows`]).
     #[serde(skip)]
     pub target_partitioned: bool,
+    /// The pipeline's row filter for this table (`--row-filter`), an SQL expression
+    /// on the source's row; set by [`crate::row_selection::RowSelection::narrow`].
+    pub row_filter: Option<String>,
 }
 
 impl Table {
     /// Names of the columns that rows carry (generated columns excluded).
     pub fn copied_columns(&self) -> Vec<&Column> {
         self.columns.iter().filter(|c| c.is_copied()).collect()
+    }
+
+    /// `predicate` narrowed to the source rows the pipeline replicates: ANDed
+    /// with the row filter, if any. For queries on the source only (a target row
+    /// outside the filter is a difference, not something to skip).
+    pub fn source_rows(&self, predicate: &str) -> String {
+        match &self.row_filter {
+            Some(f) => format!("({predicate}) AND ({f})"),
+            None => predicate.to_string(),
+        }
     }
 
     /// Quoted, comma-separated list of the copied columns.
@@ -389,6 +402,7 @@ pub async fn load_table(client: &Client, name: &QualifiedName) -> Result<Option<
         estimated_rows: rel.get(3),
         target_types: Default::default(),
         target_partitioned: false,
+        row_filter: None,
     }))
 }
 
@@ -722,7 +736,14 @@ async fn indexes_sql(
                     i.indisunique AND NOT i.indisprimary AND NOT i.indisreplident, \
                     ARRAY(SELECT coalesce(a.attname::text, '') FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(n, o) \
                           LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n \
-                          WHERE k.o <= i.indnkeyatts) \
+                          WHERE k.o <= i.indnkeyatts), \
+                    ARRAY(SELECT a.attname::text FROM pg_depend d JOIN pg_attribute a \
+                            ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
+                          WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid \
+                            AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid \
+                            AND d.refobjsubid > 0 \
+                          UNION SELECT a.attname::text FROM pg_attribute a \
+                          WHERE a.attrelid = i.indrelid AND a.attnum > 0 AND a.attnum = ANY(i.indkey)) \
              FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid \
              LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p', 'u', 'x') \
              WHERE i.indrelid = $1 AND (NOT $2 OR i.indisprimary OR i.indisreplident) \
@@ -735,6 +756,15 @@ async fn indexes_sql(
     for row in rows {
         let index_name: String = row.get(0);
         if existing.contains(&index_name) {
+            continue;
+        }
+        // An index on a column the pipeline leaves out (`--columns`) cannot exist
+        // on the target.
+        let uses: Vec<String> = row.get(7);
+        if uses
+            .iter()
+            .any(|u| !table.columns.iter().any(|c| &c.name == u))
+        {
             continue;
         }
         // A table partitioned on the target (the user's choice) can hold a unique

@@ -62,6 +62,9 @@ pub struct CatchUpOptions {
     pub without_slot: bool,
     /// `--schemas`/`--exclude-schemas`/`--exclude-tables`: tables left out.
     pub filter: crate::selection::TableFilter,
+    /// Column lists and row filters (`--columns`, `--row-filter`): for a target
+    /// without a pipeline (a pipeline has its own).
+    pub rows: crate::row_selection::RowSelection,
 }
 
 impl CatchUpOptions {
@@ -164,6 +167,18 @@ pub async fn catch_up(
     if tables.is_empty() {
         bail!("no tables to catch up: name them with --tables");
     }
+    // A pipeline's lists and filters narrowed the tables already (and other ones
+    // given now are refused); without a pipeline, the flags' apply.
+    let new_pipeline = pipeline.is_none();
+    if !new_pipeline {
+        crate::row_selection::check_unchanged(&tgt, &state, &opts.slot, &opts.rows).await?;
+    } else if !opts.rows.is_empty() {
+        match use_slot {
+            true => crate::row_selection::check_source(&src, &tables, &opts.rows).await?,
+            false => crate::row_selection::check_named(&tables, &opts.rows)?,
+        }
+        opts.rows.narrow_all(&mut tables)?;
+    }
     if use_slot {
         for t in &tables {
             if let Some(problem) = t.replicability_problem() {
@@ -249,6 +264,12 @@ pub async fn catch_up(
         _ if use_slot => {
             pipeline.phase = Phase::CatchingUp;
             state.save_pipeline(&tgt, &pipeline).await?;
+            if new_pipeline {
+                // A pipeline begun here records the flags' lists and filters.
+                state
+                    .set_row_selection(&tgt, &opts.slot, &opts.rows)
+                    .await?;
+            }
             let entries: Vec<TableEntry> = names
                 .iter()
                 .map(|t| TableEntry {
@@ -258,7 +279,11 @@ pub async fn catch_up(
                 })
                 .collect();
             state.set_tables(&tgt, &opts.slot, &entries).await?;
-            crate::publication::ensure(&src, &publication, &names).await?;
+            let rows = match new_pipeline {
+                true => opts.rows.clone(),
+                false => crate::row_selection::current(&src, &tgt, &state, &opts.slot).await?,
+            };
+            crate::publication::ensure(&src, &publication, &names, &rows).await?;
             drop_slot_if_exists(&src, &opts.slot).await?;
             let snapshot = create_slot_with_snapshot(source, &src, &opts.slot, &names).await?;
             tracing::info!(slot = %opts.slot, lsn = %snapshot.lsn, ?reason, "created a new slot for catch-up");

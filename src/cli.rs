@@ -274,6 +274,16 @@ pub struct TablesArgs {
     /// any writer, when the target role cannot use replica mode.
     #[arg(long)]
     pub allow_target_triggers: bool,
+
+    /// add: an added table's column list, 'schema.table (col, …)' (PostgreSQL 15+
+    /// source; as bootstrap's --columns). Repeatable.
+    #[arg(long = "columns", value_name = "TABLE (COLUMNS)")]
+    pub columns: Vec<String>,
+
+    /// add: an added table's row filter, 'schema.table WHERE expression'
+    /// (PostgreSQL 15+ source; as bootstrap's --row-filter). Repeatable.
+    #[arg(long = "row-filter", value_name = "TABLE WHERE EXPR")]
+    pub row_filter: Vec<String>,
 }
 
 impl TablesArgs {
@@ -292,6 +302,7 @@ impl TablesArgs {
             state_schema: self.state_schema.clone(),
             truncate_target: self.truncate_target,
             allow_target_triggers: self.allow_target_triggers,
+            rows: crate::row_selection::RowSelection::parse(&self.columns, &self.row_filter)?,
         })
     }
 }
@@ -395,6 +406,7 @@ impl WatermarkArgs {
             updated_columns: Self::columns(&self.updated_column)?,
             without_slot,
             filter: b.filter.clone(),
+            rows: b.rows.clone(),
         })
     }
 }
@@ -489,6 +501,8 @@ impl VerifyArgs {
             schemas: Vec::new(),
             exclude_schemas: Vec::new(),
             exclude_tables: Vec::new(),
+            columns: Vec::new(),
+            row_filter: Vec::new(),
         }
         .options()?;
         Ok(crate::verify::VerifyOptions {
@@ -605,6 +619,18 @@ pub struct BootstrapArgs {
     #[arg(long, value_delimiter = ',', value_name = "PATTERNS")]
     pub exclude_tables: Vec<String>,
 
+    /// A table's column list, as a publication takes it: 'schema.table (col, "Col")'
+    /// (PostgreSQL 15+ source). Only these columns are copied, streamed and
+    /// compared; the list must include the replica identity. Repeatable.
+    #[arg(long = "columns", value_name = "TABLE (COLUMNS)")]
+    pub columns: Vec<String>,
+
+    /// A table's row filter, as a publication takes it: 'schema.table WHERE
+    /// expression' (PostgreSQL 15+ source). Only source rows it keeps are copied,
+    /// streamed and compared; it may use only replica identity columns. Repeatable.
+    #[arg(long = "row-filter", value_name = "TABLE WHERE EXPR")]
+    pub row_filter: Vec<String>,
+
     /// Replication slot name; also names the pipeline.
     #[arg(long, default_value = "walshuttle")]
     pub slot: String,
@@ -677,6 +703,7 @@ impl BootstrapArgs {
                 &self.exclude_schemas,
                 &self.exclude_tables,
             )?,
+            rows: crate::row_selection::RowSelection::parse(&self.columns, &self.row_filter)?,
         })
     }
 }

@@ -9,7 +9,11 @@ use anyhow::Result;
 use tokio_postgres::GenericClient;
 
 use crate::catalog::{Column, Table, TypeSpec};
-use crate::config::Side;
+/// Which side a query reads: the source's rows are narrowed to the pipeline's row
+/// filter (`--row-filter`), the target's never are (a target row outside the
+/// filter is a difference), and the target's may be a partitioned table
+/// ([`crate::own_rows`]).
+pub use crate::config::Side;
 use crate::own_rows::own_rows;
 use crate::pg::{quote_ident, PgResultExt};
 use crate::rewrite::{keys_predicate, text_array};
@@ -38,6 +42,14 @@ pub enum Compared {
     WholeRows,
     /// Only the key: finds missing and extra rows (deletes), cheaply.
     KeysOnly,
+}
+
+/// `predicate` on `side`: on the source, ANDed with the table's row filter.
+fn on_side(table: &Table, side: Side, predicate: String) -> String {
+    match side {
+        Side::Source => table.source_rows(&predicate),
+        Side::Target => predicate,
+    }
 }
 
 /// A slice of a table by key.
@@ -293,7 +305,7 @@ pub async fn digest(
         "SELECT count(*), coalesce(sum(hashtextextended({}, 0)), 0)::text FROM {} WHERE {}",
         row_expr(table, compared),
         rows_on(table, side),
-        range.predicate(table)
+        on_side(table, side, range.predicate(table))
     );
     let r = client
         .query_one(&sql, &[])
@@ -328,7 +340,7 @@ async fn row_hashes_where(
     only: Option<&[Key]>,
     extra: Option<&str>,
 ) -> Result<HashMap<Key, i64>> {
-    let mut filter = range.predicate(table);
+    let mut filter = on_side(table, side, range.predicate(table));
     if let Some(extra) = extra {
         filter = format!("{filter} AND {extra}");
     }
@@ -539,7 +551,7 @@ async fn differing_buckets(
                FROM {} WHERE {} GROUP BY 1",
             row_expr(table, compared),
             rows_on(table, side),
-            range.predicate(table),
+            on_side(table, side, range.predicate(table)),
             k = quote_ident(&table.key[0]),
         )
     };

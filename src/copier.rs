@@ -205,10 +205,14 @@ async fn copy_one(job: &Job, src: &Client, tgt: &mut Client, name: &QualifiedNam
     if !still_held {
         return Ok(false);
     }
-    let Some(table) = catalog::load_table(src, name).await? else {
+    let Some(mut table) = catalog::load_table(src, name).await? else {
         tracing::warn!(table = %name, "the held table no longer exists on the source: not copying it; remove it with `walshuttle tables remove {}`", name.quoted());
         return Ok(false);
     };
+    // What the pipeline replicates of it (`--columns`, `--row-filter`).
+    crate::row_selection::current(src, &*tgt, &job.state, &job.pipeline)
+        .await?
+        .narrow(&mut table)?;
     let (rows, lsn) =
         crate::tables::copy_held(&job.source, tgt, &job.state, &job.pipeline, &table).await?;
     tracing::info!(table = %name, rows, snapshot = %lsn, "copied online; the stream applies the changes it held meanwhile");

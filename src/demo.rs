@@ -84,6 +84,7 @@ pub async fn demo(opts: &DemoOptions, mut stop: watch::Receiver<bool>) -> Result
         capture_ddl: false,
         online: false,
         filter: Default::default(),
+        rows: Default::default(),
     };
     println!("bootstrapping the target");
     let summary = bootstrap::bootstrap(&source, &target, &boot).await?;

@@ -52,6 +52,7 @@ pub mod positions;
 pub mod publication;
 pub mod range_copy;
 pub mod rewrite;
+pub mod row_selection;
 pub mod run;
 pub mod selection;
 pub mod sequences;

@@ -171,6 +171,7 @@ async fn adopt(
             state_schema: state.schema().to_string(),
             truncate_target: false,
             allow_target_triggers,
+            rows: Default::default(),
         };
         match crate::tables::change(source, target, &opts).await {
             Ok(lines) => {

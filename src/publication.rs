@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use tokio_postgres::Client;
 
 use crate::pg::{quote_ident, quote_literal, PgResultExt, QualifiedName};
+use crate::row_selection::RowSelection;
 use crate::state::StateStore;
 
 /// The comment walshuttle puts on the publications it creates, before the slot name.
@@ -156,16 +157,22 @@ fn check(plan: &Plan, owner: &Owner) -> Result<()> {
 }
 
 /// Creates the pipeline's publication for exactly `tables` (marked as the pipeline's),
-/// or points its existing one at exactly them. Checks ownership again: something may
-/// have changed since [`plan`].
-pub async fn ensure(src: &Client, plan: &Plan, tables: &[QualifiedName]) -> Result<()> {
+/// or points its existing one at exactly them, each with its column list and row
+/// filter from `rows`. Checks ownership again: something may have changed since
+/// [`plan`].
+pub async fn ensure(
+    src: &Client,
+    plan: &Plan,
+    tables: &[QualifiedName],
+    rows: &RowSelection,
+) -> Result<()> {
     let name = &plan.name;
     // `ONLY`: without it PostgreSQL publishes every inheritance child of a table as
     // well, tables nobody named. (A partitioned table's partitions are published
     // through it either way; the pipeline lists leaf partitions themselves.)
     let list = tables
         .iter()
-        .map(|t| format!("ONLY {}", t.quoted()))
+        .map(|t| rows.publication_item(t))
         .collect::<Vec<_>>()
         .join(", ");
     let owner = owner(src, name).await?;

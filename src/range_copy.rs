@@ -183,7 +183,7 @@ pub async fn copy(
             &tx,
             &table.name,
             &table.copied_column_list(),
-            &predicate,
+            &table.source_rows(&predicate),
             binary,
             &|_| {},
         )

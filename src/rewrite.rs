@@ -193,6 +193,7 @@ pub async fn rewrite_reporting(
             }
             for batch in keys.chunks(50_000) {
                 let p = keys_predicate(table, batch);
+                let p = table.source_rows(&p);
                 copied += copy_rows(source, tx, &table.name, &columns, &p, binary, on_bytes)
                     .await?
                     .0;
@@ -237,7 +238,7 @@ pub async fn rewrite_reporting(
         tx,
         &table.name,
         &columns,
-        &predicate,
+        &table.source_rows(&predicate),
         binary,
         on_bytes,
     )
@@ -257,8 +258,9 @@ async fn copy_into_staging(
     let format = if binary { " (FORMAT binary)" } else { "" };
     let reader = source
         .copy_out(&format!(
-            "COPY (SELECT {columns} FROM ONLY {} WHERE {condition}) TO STDOUT{format}",
-            table.name.quoted()
+            "COPY (SELECT {columns} FROM ONLY {} WHERE {}) TO STDOUT{format}",
+            table.name.quoted(),
+            table.source_rows(condition)
         ))
         .await
         .pg_context(ctx)?;

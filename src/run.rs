@@ -61,6 +61,7 @@ impl RunOptions {
                 updated_columns: Default::default(),
                 without_slot: false,
                 filter: bootstrap.filter.clone(),
+                rows: bootstrap.rows.clone(),
             },
             bootstrap,
             status_interval: Duration::from_secs(1),
@@ -616,6 +617,7 @@ async fn ensure_bootstrapped(
     let client = connect(target, "run").await?;
     // A state schema of an older release is upgraded before it is read.
     StateStore::open_upgrading(&client, state.schema()).await?;
+    crate::row_selection::check_unchanged(&client, state, &opts.slot, &opts.rows).await?;
     let phase = state
         .existing_pipeline(&client, &opts.slot)
         .await?

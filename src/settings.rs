@@ -74,6 +74,10 @@ pub struct FileConfig {
     pub exclude_schemas: Option<List>,
     /// Table patterns left out (`--exclude-tables`).
     pub exclude_tables: Option<List>,
+    /// Column lists, `schema.table (col, …)` each (`--columns`).
+    pub columns: Option<Vec<String>>,
+    /// Row filters, `schema.table WHERE expression` each (`--row-filter`).
+    pub row_filter: Option<Vec<String>>,
     /// Empty target tables that hold rows before copying.
     pub truncate_target: Option<bool>,
     /// Fire target foreign keys and triggers on replicated rows as for any writer.
@@ -239,6 +243,11 @@ impl FileConfig {
             &items(&self.exclude_tables),
         )
         .map_err(|e| anyhow::anyhow!("`schemas`/`exclude_schemas`/`exclude_tables`: {e}"))?;
+        crate::row_selection::RowSelection::parse(
+            self.columns.as_deref().unwrap_or_default(),
+            self.row_filter.as_deref().unwrap_or_default(),
+        )
+        .map_err(|e| anyhow::anyhow!("`columns`/`row_filter`: {e}"))?;
         for (key, list) in [
             ("created_column", &self.created_column),
             ("updated_column", &self.updated_column),
@@ -382,6 +391,12 @@ impl Resolved {
                 .filter(|_| !given("exclude_tables"))
             {
                 b.exclude_tables = v.items();
+            }
+            if let Some(v) = f.columns.as_ref().filter(|_| !given("columns")) {
+                b.columns = v.clone();
+            }
+            if let Some(v) = f.row_filter.as_ref().filter(|_| !given("row_filter")) {
+                b.row_filter = v.clone();
             }
             if let Some(v) = f.slot.as_ref().filter(|_| !given("slot")) {
                 b.slot = v.clone();
@@ -647,6 +662,9 @@ impl Resolved {
             ("exclude_tables", &f.exclude_tables),
         ] {
             plain(key, list.as_ref().map(|l| l.items().join(", ")), "none");
+        }
+        for (key, list) in [("columns", &f.columns), ("row_filter", &f.row_filter)] {
+            plain(key, list.as_ref().map(|l| l.join("; ")), "none");
         }
         plain(
             "truncate_target",

@@ -111,6 +111,9 @@ pub struct PipelineStatus {
     /// The pipeline's `--schemas`/`--exclude-schemas`/`--exclude-tables`, as flags;
     /// null without any.
     pub table_filter: Option<String>,
+    /// Each column list and row filter (`--columns`, `--row-filter`), as a
+    /// publication names it: `public.orders ("id", "total") WHERE (total > 0)`.
+    pub row_selection: Vec<String>,
     /// Why `run` is retrying (a server down or unreachable) while it retries, as
     /// `retrying: <reason> (for N s)`; null when it streams or is not running.
     pub retrying: Option<String>,
@@ -491,6 +494,19 @@ async fn pipeline_status(
         stop_reason: pipeline.stop_reason.clone(),
         table_filter: Some(state.table_filter(tgt, name).await?.describe())
             .filter(|d| !d.is_empty()),
+        row_selection: {
+            // As the publication holds them now when the source answers.
+            let rows = match src {
+                Some(src) => match crate::row_selection::current(src, tgt, state, name).await {
+                    Ok(rows) => rows,
+                    Err(_) => state.row_selection(tgt, name).await?,
+                },
+                None => state.row_selection(tgt, name).await?,
+            };
+            rows.names()
+                .filter_map(|t| rows.describe(t).map(|d| format!("{t} {d}")))
+                .collect()
+        },
         retrying,
         switchover,
         tables,
@@ -694,6 +710,9 @@ impl StatusReport {
             }
             if let Some(f) = &p.table_filter {
                 out.push_str(&format!("  selection        {f}\n"));
+            }
+            for r in &p.row_selection {
+                out.push_str(&format!("  columns/rows     {r}\n"));
             }
             if let Some(r) = &p.retrying {
                 out.push_str(&format!("  run              {r}\n"));

@@ -65,6 +65,8 @@ pub struct TablesOptions {
     pub truncate_target: bool,
     /// Fire target foreign keys and triggers on copied rows.
     pub allow_target_triggers: bool,
+    /// add: the added tables' column lists and row filters.
+    pub rows: crate::row_selection::RowSelection,
 }
 
 /// Changes the pipeline's tables as `opts` says; returns one line per table for the
@@ -88,6 +90,23 @@ pub async fn change(
             "pipeline {} has not finished its bootstrap: let `walshuttle run` (or `walshuttle bootstrap`) finish it first",
             opts.slot
         );
+    }
+    if !opts.rows.is_empty() {
+        if opts.action != TablesAction::Add {
+            bail!("--columns and --row-filter go with `walshuttle tables add` (a table's list and filter are fixed once it is carried)");
+        }
+        let lists = opts
+            .rows
+            .names()
+            .any(|t| opts.rows.get(t).is_some_and(|r| r.columns.is_some()));
+        if lists && state.capture_ddl(&tgt, &pipeline.name).await? {
+            bail!("--columns does not work with a pipeline that captures DDL yet (captured DDL on a column left out, e.g. an index, could not be applied on the target): --row-filter does");
+        }
+        if let Some(other) = opts.rows.names().find(|n| !opts.tables.contains(n)) {
+            bail!(
+                "--columns/--row-filter name table {other}, which is not among the tables to add"
+            );
+        }
     }
     // One copier per table: `run` copies the held tables of an online bootstrap
     // (or of an interrupted `tables add`) that no command is working on.
@@ -137,6 +156,10 @@ async fn prepare_copies(
     let entries = state.table_entries(tgt, &pipeline.name).await?;
     let mut tables = Vec::new();
     let mut notes = Vec::new();
+    let mut rows = crate::row_selection::current(src, tgt, state, &pipeline.name).await?;
+    // The record keeps the names given at creation (`check_unchanged` compares
+    // flags with it); added tables join it.
+    let mut record = state.row_selection(tgt, &pipeline.name).await?;
     for name in &opts.tables {
         let entry = entries.iter().find(|e| &e.name == name);
         match (opts.action, entry) {
@@ -154,9 +177,22 @@ async fn prepare_copies(
             }
             _ => {}
         }
-        let table = catalog::load_table(src, name)
+        let mut table = catalog::load_table(src, name)
             .await?
             .with_context(|| format!("table {name} does not exist on the source"))?;
+        // An added table takes its list and filter (checked as bootstrap checks
+        // them); a resync copies what the pipeline replicates of it.
+        if opts.rows.get(name).is_some() {
+            if entry.is_some_and(|e| e.state != TableState::Held) {
+                bail!("{name} is already part of the pipeline: its column list and row filter are fixed");
+            }
+            let mut one = opts.rows.clone();
+            one.retain(|n| n == name);
+            crate::row_selection::check_source(src, std::slice::from_ref(&table), &one).await?;
+            rows.merge(&one);
+            record.merge(&one);
+        }
+        rows.narrow(&mut table)?;
         if let Some(problem) = table.replicability_problem() {
             bail!(problem);
         }
@@ -213,12 +249,17 @@ async fn prepare_copies(
                 .set_selection(tgt, &pipeline.name, Some(&named))
                 .await?;
         }
+        if !opts.rows.is_empty() {
+            state
+                .set_row_selection(tgt, &pipeline.name, &record)
+                .await?;
+        }
         state.bump_positions_version(tgt, &pipeline.name).await
     })
     .await?;
     if opts.action == TablesAction::Add {
         let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
-        crate::publication::ensure(src, &plan, &carried).await?;
+        crate::publication::ensure(src, &plan, &carried, &rows).await?;
         follow_ddl(src, tgt, state, &pipeline.name).await?;
         wait_for_open_transactions(src).await?;
     }
@@ -477,11 +518,19 @@ async fn remove(
         );
     }
     let plan = crate::publication::plan(src, tgt, state, &pipeline.name, None).await?;
-    crate::publication::ensure(src, &plan, &kept).await?;
+    let mut rows = crate::row_selection::current(src, tgt, state, &pipeline.name).await?;
+    rows.retain(|t| !gone.contains(t));
+    let mut record = state.row_selection(tgt, &pipeline.name).await?;
+    record.retain(|t| !gone.contains(t));
+    crate::publication::ensure(src, &plan, &kept, &rows).await?;
     in_transaction(tgt, async {
         for t in &gone {
             state.remove_table(tgt, &pipeline.name, t).await?;
         }
+        // A table added again later starts without its old list and filter.
+        state
+            .set_row_selection(tgt, &pipeline.name, &record)
+            .await?;
         // The pipeline no longer carries every table, nor these by name.
         let named = match state.selection(tgt, &pipeline.name).await? {
             Selection::Named(named) => named.into_iter().filter(|t| !gone.contains(t)).collect(),

@@ -170,7 +170,8 @@ pub async fn hashing_session(endpoint: &Endpoint, purpose: &str) -> Result<Clien
     Ok(client)
 }
 
-/// The tables a command works on: given, else the pipeline's, else every table.
+/// The tables a command works on: given, else the pipeline's, else every table;
+/// narrowed to the pipeline's column lists and row filters.
 pub async fn resolve_tables(
     src: &Client,
     tgt: &Client,
@@ -183,7 +184,14 @@ pub async fn resolve_tables(
         Some(_) => None,
     };
     let selection = given.map(|g| g.to_vec()).or(from_state);
-    catalog::list_tables(src, selection.as_deref(), state.schema()).await
+    let mut tables = catalog::list_tables(src, selection.as_deref(), state.schema()).await?;
+    // Only the columns and source rows the pipeline replicates are compared.
+    if state.installed_version(tgt).await?.is_some() {
+        crate::row_selection::current(src, tgt, state, slot)
+            .await?
+            .narrow_all(&mut tables)?;
+    }
+    Ok(tables)
 }
 
 /// Runs the comparison (and repair).

@@ -22,6 +22,9 @@ use crate::state::{ChunkRange, ChunkRow, StateStore, StoredScope};
 pub struct CopySpec {
     /// Quoted column list (generated columns excluded).
     pub columns: String,
+    /// The pipeline's row filter for the table (`--row-filter`), ANDed with each
+    /// chunk's range.
+    pub row_filter: Option<String>,
     /// Binary COPY when both sides have identical, portable types; text otherwise.
     pub binary: bool,
     /// The integer column key chunks are ranges of.
@@ -100,7 +103,13 @@ async fn copy_chunk(
         "COPY (SELECT {} FROM ONLY {} WHERE {}) TO STDOUT{format}",
         spec.columns,
         table.quoted(),
-        plan::predicate(&chunk.range, spec.chunk_column.as_deref())
+        match &spec.row_filter {
+            Some(f) => format!(
+                "({}) AND ({f})",
+                plan::predicate(&chunk.range, spec.chunk_column.as_deref())
+            ),
+            None => plan::predicate(&chunk.range, spec.chunk_column.as_deref()),
+        }
     );
     let copy_in = format!(
         "COPY {} ({}) FROM STDIN{format}",

@@ -59,6 +59,8 @@ pub struct BootstrapOptions {
     /// Tables left out of (or schemas kept in) the selection: `--schemas`,
     /// `--exclude-schemas`, `--exclude-tables`.
     pub filter: crate::selection::TableFilter,
+    /// Column lists and row filters (`--columns`, `--row-filter`).
+    pub rows: crate::row_selection::RowSelection,
 }
 
 /// Rows and bytes copied into one table.
@@ -156,6 +158,7 @@ pub async fn bootstrap(
     preflight::refuse_same_database(&src, &tgt).await?;
     // A state schema of an older release is upgraded before it is read.
     let state = StateStore::open_upgrading(&tgt, &opts.state_schema).await?;
+    crate::row_selection::check_unchanged(&tgt, &state, &opts.slot, &opts.rows).await?;
     let existing = state.existing_pipeline(&tgt, &opts.slot).await?;
     match existing {
         Some(p) if p.phase.copied() => Ok(BootstrapSummary {
@@ -281,7 +284,7 @@ async fn fresh(
         stop_reason: None,
     };
     state.save_pipeline(tgt, &pipeline).await?;
-    crate::publication::ensure(src, &checked.publication, &table_names).await?;
+    crate::publication::ensure(src, &checked.publication, &table_names, &checked.rows).await?;
     if opts.capture_ddl {
         let (every, publication) = (opts.tables.is_none(), &checked.publication.name);
         crate::ddl_capture::enable(
@@ -394,6 +397,9 @@ async fn fresh(
             .await?;
         state
             .set_table_filter(&tx, &pipeline.name, &opts.filter)
+            .await?;
+        state
+            .set_row_selection(&tx, &pipeline.name, &checked.rows)
             .await?;
         state.set_tables(&tx, &pipeline.name, &entries).await?;
         state.record_plan(&tx, &opts.slot, &chunks).await?;
@@ -648,6 +654,7 @@ async fn copy_chunks(
                 t.name.clone(),
                 CopySpec {
                     columns: t.copied_column_list(),
+                    row_filter: t.row_filter.clone(),
                     binary: fit.binary(),
                     chunk_column: columns.get(&t.name).cloned().flatten(),
                 },

@@ -230,6 +230,51 @@ impl StateStore {
         }
     }
 
+    /// Records the pipeline's column lists and row filters (`--columns`,
+    /// `--row-filter`), or none.
+    pub async fn set_row_selection(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+        selection: &crate::row_selection::RowSelection,
+    ) -> Result<()> {
+        let text = selection.to_json();
+        self.set_pipeline_column(
+            client,
+            pipeline,
+            "row_selection",
+            &text,
+            "the column lists and row filters",
+        )
+        .await
+    }
+
+    /// The pipeline's column lists and row filters; empty when it has none (or
+    /// does not exist).
+    pub async fn row_selection(
+        &self,
+        client: &impl GenericClient,
+        pipeline: &str,
+    ) -> Result<crate::row_selection::RowSelection> {
+        let text: Option<String> = client
+            .query_opt(
+                &format!(
+                    "SELECT row_selection FROM {} WHERE pipeline = $1",
+                    self.table("pipelines")
+                ),
+                &[&pipeline],
+            )
+            .await
+            .pg_context(|| {
+                format!("reading the column lists and row filters of pipeline {pipeline}")
+            })?
+            .and_then(|r| r.get(0));
+        match text {
+            Some(t) => crate::row_selection::RowSelection::from_json(&t),
+            None => Ok(Default::default()),
+        }
+    }
+
     /// Records (or, with `None`, clears) why `run` is retrying while it retries
     /// (a server down or unreachable), for `status`; `since` is kept while the
     /// reason changes.

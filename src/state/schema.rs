@@ -175,5 +175,14 @@ ALTER TABLE {s}.pipelines ADD COLUMN table_filter text;
 INSERT INTO {s}.schema_version (version) VALUES (7);
 ";
 
+/// Version 8: the pipeline's column lists and row filters (`--columns`,
+/// `--row-filter`; JSON, see [`crate::row_selection`]): every copy and comparison
+/// reads them, so an older walshuttle (which would compare whole tables) must
+/// refuse this state.
+pub const V8: &str = "
+ALTER TABLE {s}.pipelines ADD COLUMN row_selection text;
+INSERT INTO {s}.schema_version (version) VALUES (8);
+";
+
 /// Every version's block, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
-pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7];
+pub const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5, V6, V7, V8];

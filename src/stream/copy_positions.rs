@@ -191,9 +191,17 @@ impl StreamPositions {
 
     /// Decides what to do with `op` on `table` (columns `columns` in tuple order),
     /// made by source transaction `xid`.
+    ///
+    /// An INSERT lacking unchanged TOASTed values (an UPDATE that moved a row into
+    /// a row filter, `--row-filter`: pgoutput sends it as an INSERT of the new row
+    /// and restores only the replica identity's values) is read again, as a key
+    /// change the copies cannot complete is, unless a copy holds it already.
     pub fn decide(&self, table: &QualifiedName, columns: &[String], xid: u32, op: Op) -> Decision {
         if !self.live.covers_table(table) {
-            return Decision::Apply(op);
+            return match op {
+                Op::Insert { rel, new } if lacks_toast(&new) => Decision::Refetch { rel, new },
+                op => Decision::Apply(op),
+            };
         }
         let held = |tuple: &[TupleValue]| {
             self.live
@@ -205,7 +213,12 @@ impl StreamPositions {
                 if held(&new.columns) {
                     Decision::Skip
                 } else {
-                    Decision::Apply(op)
+                    match op {
+                        Op::Insert { rel, new } if lacks_toast(&new) => {
+                            Decision::Refetch { rel, new }
+                        }
+                        op => Decision::Apply(op),
+                    }
                 }
             }
             Op::Delete { ref old, .. } => {
@@ -247,6 +260,13 @@ impl StreamPositions {
             }
         }
     }
+}
+
+/// Whether a new row lacks values pgoutput did not send (unchanged TOAST).
+pub fn lacks_toast(new: &TupleData) -> bool {
+    new.columns
+        .iter()
+        .any(|v| matches!(v, TupleValue::UnchangedToast))
 }
 
 /// `new` with its unchanged TOASTed values taken from a whole old row (`REPLICA
@@ -404,6 +424,39 @@ mod tests {
         };
         assert!(matches!(
             p.decide(&table, &columns, 65, update),
+            Decision::Skip
+        ));
+    }
+
+    #[test]
+    fn an_insert_without_its_toast_value_is_read_again_unless_a_copy_holds_it() {
+        // A row moved into a row filter: an INSERT lacking an unchanged TOAST value.
+        let insert = |key| Op::Insert {
+            rel: 7,
+            new: TupleData {
+                columns: vec![id(key), TupleValue::UnchangedToast],
+            },
+        };
+        let columns = vec!["id".to_string(), "doc".to_string()];
+        let other = QualifiedName::new("public", "other");
+        let none = StreamPositions {
+            live: LivePositions::new(Vec::new()),
+            version: 0,
+        };
+        assert!(matches!(
+            none.decide(&other, &columns, 50, insert(5)),
+            Decision::Refetch { rel: 7, .. }
+        ));
+        let p = positions();
+        let table = QualifiedName::new("public", "t");
+        // Key 5 was copied before transaction 50 (not held): read again.
+        assert!(matches!(
+            p.decide(&table, &columns, 50, insert(5)),
+            Decision::Refetch { .. }
+        ));
+        // Key 150 was copied after it: the copy holds the row.
+        assert!(matches!(
+            p.decide(&table, &columns, 50, insert(150)),
             Decision::Skip
         ));
     }

@@ -68,14 +68,19 @@ impl<'a> FromSql<'a> for Raw {
 /// made by source transaction `xid`), under a fresh snapshot that sees `xid`.
 /// Bounded by [`TIMEOUT`]; a source that does not answer in time is a transient
 /// error.
+///
+/// `row_filter` is the table's row filter (`--row-filter`): a row outside it now
+/// is not read (a later change in the stream moved it out).
 pub async fn read_row(
     source: &Endpoint,
     shape: &TableShape,
     key_columns: &[String],
     new: &TupleData,
     xid: u32,
+    row_filter: Option<&str>,
 ) -> Result<Refetched> {
-    match tokio::time::timeout(TIMEOUT, read_row_now(source, shape, key_columns, new, xid)).await {
+    let read = read_row_now(source, shape, key_columns, new, xid, row_filter);
+    match tokio::time::timeout(TIMEOUT, read).await {
         Ok(result) => result,
         Err(_) => Err(timed_out(&shape.name)),
     }
@@ -99,6 +104,7 @@ async fn read_row_now(
     key_columns: &[String],
     new: &TupleData,
     xid: u32,
+    row_filter: Option<&str>,
 ) -> Result<Refetched> {
     let ctx = || format!("reading a row of {} again from the source", shape.name);
     let key_at: Option<Vec<usize>> = key_columns
@@ -166,6 +172,10 @@ async fn read_row_now(
         })
         .collect::<Vec<_>>()
         .join(", ");
+    let filter = match row_filter {
+        Some(f) => format!("{filter} AND ({f})"),
+        None => filter,
+    };
     let row_sql = format!(
         "SELECT {select} FROM ONLY {} WHERE {filter}",
         shape.name.quoted()

@@ -465,7 +465,11 @@ impl Session<'_> {
     /// streamed transaction not yet committed: that one is received again and
     /// applied whole at its commit.
     async fn filter(&mut self, xid: u32, op: Op, streamed: bool) -> Result<Option<Op>> {
-        if self.positions.is_empty() {
+        // An INSERT lacking unchanged TOASTed values (a row moved into a row
+        // filter) is read again even with no copy positions.
+        let lacks =
+            matches!(&op, Op::Insert { new, .. } if super::copy_positions::lacks_toast(new));
+        if self.positions.is_empty() && !lacks {
             return Ok(Some(op));
         }
         let shape = self.relations.get(op.rel())?;

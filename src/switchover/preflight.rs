@@ -152,6 +152,19 @@ pub async fn check(
             message: format!("pipeline {name} carries no tables"),
         });
     }
+    // A target holding only some columns or rows of a table is not a copy the
+    // applications can move to: what the lists and filters left out would be lost.
+    let rows = state.row_selection(tgt, name).await?;
+    if !rows.is_empty() {
+        let shown: Vec<String> = rows.names().map(|t| t.to_string()).collect();
+        problems.push(Problem {
+            check: "pipeline",
+            message: format!(
+                "pipeline {name} carries only some columns or rows of {} (--columns/--row-filter), so the target is not a whole copy to move the applications to: switch over a pipeline of whole tables",
+                shown.join(", ")
+            ),
+        });
+    }
 
     // Lag, sampled a few times: a moment's spike under load is not "above".
     for attempt in 0..4 {

@@ -119,7 +119,7 @@ pub async fn start(
         slot: name.clone(),
         adopt_unmarked: false,
     };
-    publication::ensure(tgt, &publication_plan, &plan.tables).await?;
+    publication::ensure(tgt, &publication_plan, &plan.tables, &Default::default()).await?;
     let start: String = tgt
         .query_one(
             "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",

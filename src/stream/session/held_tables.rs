@@ -372,6 +372,15 @@ impl Session<'_> {
             let Some(mut table) = crate::catalog::load_table(&self.source_sql, &name).await? else {
                 continue;
             };
+            // Only what the pipeline replicates (`--columns`, `--row-filter`).
+            crate::row_selection::current(
+                &self.source_sql,
+                &self.main.client,
+                &self.cfg.state,
+                &self.cfg.slot,
+            )
+            .await?
+            .narrow(&mut table)?;
             // Columns the stream has not brought to the target yet are filled in
             // by it when their Relation message arrives.
             let on_target = crate::catalog::load_table(&self.main.client, &name).await?;

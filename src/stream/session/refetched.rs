@@ -35,7 +35,26 @@ impl Session<'_> {
             .await?
             .map(|t| t.key)
             .unwrap_or_default();
-        let read = refetch::read_row(self.source, &shape, &key_columns, &new, xid).await?;
+        // A row moved into a row filter (`--row-filter`) is read only if it is
+        // still inside it.
+        let row_filter = crate::row_selection::current(
+            &self.source_sql,
+            &self.main.client,
+            &self.cfg.state,
+            &self.cfg.slot,
+        )
+        .await?
+        .get(&shape.name)
+        .and_then(|r| r.filter.clone());
+        let read = refetch::read_row(
+            self.source,
+            &shape,
+            &key_columns,
+            &new,
+            xid,
+            row_filter.as_deref(),
+        )
+        .await?;
         let snapshot_id = self
             .cfg
             .state
@@ -62,7 +81,7 @@ impl Session<'_> {
             key = %read.key_text.join(", "),
             xid,
             found = read.row.is_some(),
-            "a key change moved a row with unchanged TOASTed values into a range copied earlier: its row was read again from the source, and later changes the read holds are skipped"
+            "a key change moved a row with unchanged TOASTed values into a range copied earlier (or into the row filter): its row was read again from the source, and later changes the read holds are skipped"
         );
         let position = Position {
             id,
