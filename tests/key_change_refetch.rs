@@ -10,7 +10,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    run, wait_for_convergence_running, wait_until, walshuttle, Cluster, ClusterOptions, RunLogs,
+    kill_bootstrap_after_first_chunk, run, wait_for_convergence_running, wait_until, walshuttle,
+    Cluster, ClusterOptions, RunLogs,
 };
 use tokio_postgres::Client;
 
@@ -27,38 +28,6 @@ async fn scalar_i64(client: &Client, sql: &str) -> i64 {
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .get(0)
-}
-
-/// Starts `bootstrap --jobs 1` and SIGKILLs it once `table` has at least one chunk
-/// done and at least one not done.
-async fn kill_bootstrap_after_first_chunk(source: &Cluster, target: &Cluster, table: &str) {
-    let mut cmd = walshuttle(source, target);
-    cmd.args(["bootstrap", "--jobs", "1"]);
-    let mut child = cmd.spawn().expect("spawn bootstrap");
-    let tgt = target.client().await;
-    wait_until("a first chunk done", Duration::from_secs(180), || async {
-        tgt.query_one(
-            "SELECT count(*) FROM walshuttle.chunks WHERE table_name = $1 AND done_at IS NOT NULL",
-            &[&table],
-        )
-        .await
-        .map(|r| r.get::<_, i64>(0) >= 1)
-        .unwrap_or(false)
-    })
-    .await;
-    child.kill().expect("SIGKILL bootstrap");
-    child.wait().expect("reap bootstrap");
-    let undone = scalar_i64(
-        &tgt,
-        &format!(
-            "SELECT count(*) FROM walshuttle.chunks WHERE table_name = '{table}' AND done_at IS NULL"
-        ),
-    )
-    .await;
-    assert!(
-        undone > 0,
-        "the bootstrap finished before it could be killed"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

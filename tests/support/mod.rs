@@ -693,3 +693,36 @@ pub async fn wait_streaming(run: &mut RunChild, src: &Client) {
     )
     .await;
 }
+
+/// Starts `bootstrap --jobs 1` and SIGKILLs it once `table` has at least one chunk
+/// done and at least one not done.
+pub async fn kill_bootstrap_after_first_chunk(source: &Cluster, target: &Cluster, table: &str) {
+    let mut cmd = walshuttle(source, target);
+    cmd.args(["bootstrap", "--jobs", "1"]);
+    let mut child = cmd.spawn().expect("spawn bootstrap");
+    let tgt = target.client().await;
+    wait_until("a first chunk done", Duration::from_secs(180), || async {
+        tgt.query_one(
+            "SELECT count(*) FROM walshuttle.chunks WHERE table_name = $1 AND done_at IS NOT NULL",
+            &[&table],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0) >= 1)
+        .unwrap_or(false)
+    })
+    .await;
+    child.kill().expect("SIGKILL bootstrap");
+    child.wait().expect("reap bootstrap");
+    let undone: i64 = tgt
+        .query_one(
+            "SELECT count(*) FROM walshuttle.chunks WHERE table_name = $1 AND done_at IS NULL",
+            &[&table],
+        )
+        .await
+        .expect("count the chunks not done")
+        .get(0);
+    assert!(
+        undone > 0,
+        "the bootstrap finished before it could be killed"
+    );
+}
