@@ -209,9 +209,39 @@ async fn key_change_held_during_an_online_copy_refetches_at_replay() {
     let mut cmd = walshuttle(&source, &target);
     cmd.args(["run", "--online", "--jobs", "1"]);
     let mut child = logs.spawn(cmd);
-    // Once the first range is in, the target's copy of the next ones waits behind a
-    // SHARE lock while rows of the last range move into the first.
-    let mut locker = target.client().await;
+    // While the first key range is being copied (its transaction holds ROW
+    // EXCLUSIVE on the target table), ask for a SHARE lock: it is granted when that
+    // range commits, and the next range's copy queues behind it, so rows of the last
+    // range can move into the first, already copied. (Asked for only once the first
+    // range showed, the lock raced with the next ranges on a quiet machine.)
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    loop {
+        let copying: bool = tgt
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE relation = to_regclass('public.docs')
+                   AND mode = 'RowExclusiveLock' AND granted AND pid <> pg_backend_pid())",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(false);
+        if copying {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first key range of docs was never seen being copied"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let locker = target.client().await;
+    let lock = tokio::spawn(async move {
+        locker
+            .batch_execute("BEGIN; LOCK TABLE docs IN SHARE MODE")
+            .await
+            .expect("lock docs on the target");
+        locker
+    });
     wait_until(
         "the first key range copied",
         Duration::from_secs(180),
@@ -223,10 +253,7 @@ async fn key_change_held_during_an_online_copy_refetches_at_replay() {
         },
     )
     .await;
-    let lock = locker.transaction().await.expect("begin");
-    lock.batch_execute("LOCK TABLE docs IN SHARE MODE")
-        .await
-        .expect("lock docs on the target");
+    let locker = lock.await.expect("the lock task");
     let last = scalar_i64(&tgt, "SELECT coalesce(max(id), 0) FROM docs").await;
     assert!(
         last < 200_000,
@@ -240,7 +267,10 @@ async fn key_change_held_during_an_online_copy_refetches_at_replay() {
     .await;
     exec(&src, "UPDATE docs SET id = 20 WHERE id = 299000").await;
     exec(&src, "DELETE FROM docs WHERE id = 20").await;
-    lock.rollback().await.expect("release the lock");
+    locker
+        .batch_execute("ROLLBACK")
+        .await
+        .expect("release the lock");
     wait_for_convergence_running(&mut child, &src, &tgt, &["docs"], Duration::from_secs(240)).await;
     assert_eq!(
         scalar_i64(
