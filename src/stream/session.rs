@@ -63,11 +63,11 @@ const REPLAY_CHUNK: i64 = 2000;
 /// How long one target transaction spends applying a table's held changes: the
 /// other tables stream in between, while a long copy's backlog drains.
 const REPLAY_SLICE: Duration = Duration::from_millis(150);
-/// Oldest a coalesced batch may get before it is committed. While the stream never
-/// goes quiet (TPC-B at full speed) every transaction waits up to this long to be
-/// visible; 100 ms halved TPC-B's lag p99 against 500 ms and drained its backlog no
-/// slower (bench/results/issue20-tpcb-age{100,500}-quiet.md).
-const MAX_BATCH_AGE: Duration = Duration::from_millis(100);
+/// Oldest a coalesced batch may get before it is committed. 100 ms halved TPC-B's
+/// lag p99 on a quiet machine (bench/results/issue20-tpcb-age{100,500}-quiet.md) but
+/// could not keep up over a slow link (network_faults: 50 ms per chunk each way),
+/// where every batch pays its round trips: 500 ms until the cap adapts to the link.
+const MAX_BATCH_AGE: Duration = Duration::from_millis(500);
 /// Longest a clean stop waits for the target.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
