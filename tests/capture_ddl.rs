@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use support::workload::RowWriter;
 use support::{
-    run, wait_for_convergence_running, wait_streaming, walshuttle, Cluster, ClusterOptions,
-    RunChild, RunLogs,
+    run, scalar_i64, wait_for_convergence_running, wait_streaming, walshuttle, Cluster,
+    ClusterOptions, RunChild, RunLogs,
 };
 use tokio_postgres::Client;
 
@@ -47,14 +47,6 @@ async fn columns(client: &Client, table: &str) -> Vec<String> {
         .iter()
         .map(|r| r.get(0))
         .collect()
-}
-
-async fn scalar_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
 }
 
 async fn converge(run: &mut RunChild, src: &Client, tgt: &Client, tables: &[&str]) {

@@ -10,18 +10,10 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    kill_bootstrap_after_first_chunk, run, wait_for_convergence_running, wait_until, walshuttle,
-    Cluster, RunChild, RunLogs,
+    kill_bootstrap_after_first_chunk, run, scalar_i64, wait_for_convergence_running, wait_until,
+    walshuttle, Cluster, RunChild, RunLogs,
 };
 use tokio_postgres::Client;
-
-async fn scalar_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
 
 fn verify_exit(source: &Cluster, target: &Cluster) -> (i32, String) {
     let mut cmd = walshuttle(source, target);

@@ -10,25 +10,9 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    kill_bootstrap_after_first_chunk, run, wait_for_convergence_running, wait_until, walshuttle,
-    Cluster, ClusterOptions, RunLogs,
+    exec, kill_bootstrap_after_first_chunk, run, scalar_i64, wait_for_convergence_running,
+    wait_until, walshuttle, Cluster, ClusterOptions, RunLogs,
 };
-use tokio_postgres::Client;
-
-async fn exec(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
-async fn scalar_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_change_into_an_earlier_copied_range_refetches_the_toasted_row() {

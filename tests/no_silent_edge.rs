@@ -10,8 +10,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    assert_tables_equal, run, wait_for_convergence_running, wait_streaming, walshuttle, Cluster,
-    ClusterOptions, RunLogs,
+    assert_tables_equal, exec, run, scalar_i64, wait_for_convergence_running, wait_streaming,
+    walshuttle, Cluster, ClusterOptions, RunLogs,
 };
 use tokio_postgres::Client;
 
@@ -29,21 +29,6 @@ fn bootstrap_ok(source: &Cluster, target: &Cluster, extra: &[&str]) {
     cmd.args(["bootstrap", "--jobs", "2"]).args(extra);
     let (code, stdout, stderr) = run(cmd);
     assert_eq!(code, 0, "bootstrap failed:\n{stdout}\n{stderr}");
-}
-
-async fn exec(client: &Client, sql: &str) {
-    client
-        .batch_execute(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
-async fn scalar_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
 }
 
 // ---------------------------------------------------------------------------

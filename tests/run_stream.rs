@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use support::{
-    applied_beyond, applied_lsn, assert_tables_equal, slot_active, table_fingerprint,
+    applied_beyond, applied_lsn, assert_tables_equal, scalar_i64, slot_active, table_fingerprint,
     wait_for_convergence_running, wait_while_running, walshuttle, Cluster, RunChild, RunLogs,
 };
 use tokio_postgres::Client;
@@ -30,14 +30,6 @@ fn seeded_rng(test: &str) -> StdRng {
     let seed: u64 = rand::random();
     eprintln!("{test}: rng seed {seed}");
     StdRng::seed_from_u64(seed)
-}
-
-async fn scalar_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
 }
 
 /// Batches on the target that do not have exactly `per_batch` rows, and whether

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use support::workload::RowWriter;
 use support::{
-    assert_tables_equal, run, tail, wait_for_convergence_running, wait_streaming,
+    assert_tables_equal, run, scalar_i64, tail, wait_for_convergence_running, wait_streaming,
     wait_while_running, walshuttle, Cluster, ClusterOptions, RunChild, RunLogs,
 };
 use tokio_postgres::Client;
@@ -34,14 +34,6 @@ fn verify_exit(source: &Cluster, target: &Cluster, extra: &[&str]) -> (i32, Stri
 fn assert_verify_ok(source: &Cluster, target: &Cluster) {
     let (code, out) = verify_exit(source, target, &[]);
     assert_eq!(code, 0, "verify did not find both sides equal:\n{out}");
-}
-
-async fn scalar_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
 }
 
 /// The target's columns of `public.<table>`, in order, with whether each is NOT NULL.

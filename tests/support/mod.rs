@@ -726,3 +726,20 @@ pub async fn kill_bootstrap_after_first_chunk(source: &Cluster, target: &Cluster
         "the bootstrap finished before it could be killed"
     );
 }
+
+/// Runs `sql` (one or more statements), panicking with it on an error.
+pub async fn exec(client: &Client, sql: &str) {
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+/// The first column of the one row `sql` returns, as `i64`, panicking with it on an error.
+pub async fn scalar_i64(client: &Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
