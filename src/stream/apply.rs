@@ -161,6 +161,9 @@ pub struct TargetSession {
     /// else buffered: rows stream to the target as they are decoded, overlapping
     /// the target's work with the source's.
     open_copy: Option<OpenCopy>,
+    /// How long the last commit took, its round trip included (see
+    /// [`super::batch_age`]).
+    last_commit_took: Option<std::time::Duration>,
 }
 
 /// An open `COPY … FROM STDIN` fed row by row.
@@ -213,6 +216,7 @@ impl TargetSession {
             counts: ApplyCounts::default(),
             uncommitted: HashMap::new(),
             open_copy: None,
+            last_commit_took: None,
         })
     }
 
@@ -485,7 +489,9 @@ impl TargetSession {
             .pg_context(|| "committing an apply transaction on the target".into())
             // Deferred constraints are checked here: the server names the table.
             .map_err(|e| self.locate(e, span_lsns(span), None))?;
-        observe::apply_commit_duration(started.elapsed());
+        let took = started.elapsed();
+        self.last_commit_took = Some(took);
+        observe::apply_commit_duration(took);
         for ((table, op), n) in rows {
             observe::rows_applied(&table, op, n);
         }
@@ -494,6 +500,11 @@ impl TargetSession {
             _ => None,
         });
         Ok(lsn)
+    }
+
+    /// How long the last commit took, its round trip included; `None` before one.
+    pub fn last_commit_took(&self) -> Option<std::time::Duration> {
+        self.last_commit_took
     }
 
     /// Rolls the open transaction back and drops buffered ops.

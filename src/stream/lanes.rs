@@ -195,6 +195,8 @@ pub struct Committed {
     pub commit_time: PgTimestamp,
     /// Source transactions in it.
     pub txns: usize,
+    /// How long its commit took.
+    pub commit_took: Option<std::time::Duration>,
 }
 
 /// A batch whose remaining statements a task is sending.
@@ -343,6 +345,7 @@ impl Lanes {
         };
         sent?;
         let target_lsn = session.commit(&done.commit_sql).await?;
+        let session_commit_took = session.last_commit_took();
         self.committed.send_replace(done.seq);
         self.idle.push((session, done.pid));
         Ok(Some(Committed {
@@ -350,6 +353,7 @@ impl Lanes {
             target_lsn,
             commit_time: done.commit_time,
             txns: done.txns,
+            commit_took: session_commit_took,
         }))
     }
 

@@ -20,6 +20,7 @@
 
 pub mod added_columns;
 pub mod apply;
+pub mod batch_age;
 pub mod constraints;
 pub mod copy_positions;
 pub mod decoder;

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_postgres::Client;
 
 use super::apply::{Op, TargetSession, FLUSH_BYTES};
+use super::batch_age::BatchAgeCap;
 use super::copy_positions::{Decision, StreamPositions};
 use super::decoder::{self, LogicalMessage, PgTimestamp, Relation};
 use super::durability::Durability;
@@ -63,11 +64,6 @@ const REPLAY_CHUNK: i64 = 2000;
 /// How long one target transaction spends applying a table's held changes: the
 /// other tables stream in between, while a long copy's backlog drains.
 const REPLAY_SLICE: Duration = Duration::from_millis(150);
-/// Oldest a coalesced batch may get before it is committed. 100 ms halved TPC-B's
-/// lag p99 on a quiet machine (bench/results/issue20-tpcb-age{100,500}-quiet.md) but
-/// could not keep up over a slow link (network_faults: 50 ms per chunk each way),
-/// where every batch pays its round trips: 500 ms until the cap adapts to the link.
-const MAX_BATCH_AGE: Duration = Duration::from_millis(500);
 /// Longest a clean stop waits for the target.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -180,6 +176,9 @@ struct Session<'a> {
     batch_txns: usize,
     batch_last: Option<(Lsn, PgTimestamp)>,
     batch_started: Instant,
+    /// Oldest a batch may get while the stream never goes quiet, learnt from the
+    /// target's commit durations.
+    batch_age: BatchAgeCap,
     applied: Lsn,
     /// Which applied transactions the target has flushed (what may be confirmed).
     durability: Durability,
@@ -303,7 +302,7 @@ impl Session<'_> {
                     self.commit_all().await?;
                 } else if self.batch_txns >= self.max_batch_txns()
                     || self.main.buffered_bytes() >= FLUSH_BYTES
-                    || self.batch_started.elapsed() >= MAX_BATCH_AGE
+                    || self.batch_started.elapsed() >= self.batch_age.cap()
                 {
                     self.commit_batch().await?;
                 }

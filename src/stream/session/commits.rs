@@ -75,6 +75,9 @@ impl Session<'_> {
         self.flush_held().await?;
         let sql = self.progress_sql(end_lsn, commit_time);
         let target_lsn = self.main.commit(&sql).await?;
+        if let Some(took) = self.main.last_commit_took() {
+            self.batch_age.commit_took(took);
+        }
         self.main_keys = ConflictKeys::default();
         self.committed(end_lsn, target_lsn);
         crate::observe::transactions_applied(self.batch_txns, commit_time);
@@ -153,6 +156,9 @@ impl Session<'_> {
             return Ok(false);
         };
         self.committed(done.end_lsn, done.target_lsn);
+        if let Some(took) = done.commit_took {
+            self.batch_age.commit_took(took);
+        }
         crate::observe::transactions_applied(done.txns, done.commit_time);
         Ok(true)
     }

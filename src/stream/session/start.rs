@@ -201,6 +201,7 @@ pub(super) async fn start<'a>(
         batch_txns: 0,
         batch_last: None,
         batch_started: Instant::now(),
+        batch_age: Default::default(),
         applied,
         durability,
         received: applied,
