@@ -125,6 +125,12 @@ impl StreamIo {
             || self.shared.more_buffered.load(Ordering::Relaxed) > 0
     }
 
+    /// Whether the read-ahead is at least half full: the source sends faster than
+    /// the apply path takes, a backlog is being drained.
+    pub fn is_behind(&self) -> bool {
+        self.shared.waiting.load(Ordering::Relaxed) >= READ_AHEAD_MESSAGES as u64 / 2
+    }
+
     fn failure(&self) -> anyhow::Error {
         match self.fault.borrow().clone() {
             Some(why) => anyhow::anyhow!("{why}"),

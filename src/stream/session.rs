@@ -302,7 +302,7 @@ impl Session<'_> {
                     self.commit_all().await?;
                 } else if self.batch_txns >= self.max_batch_txns()
                     || self.main.buffered_bytes() >= FLUSH_BYTES
-                    || self.batch_started.elapsed() >= self.batch_age.cap()
+                    || self.batch_started.elapsed() >= self.batch_age.cap(self.io.is_behind())
                 {
                     self.commit_batch().await?;
                 }
