@@ -14,9 +14,13 @@
 //! lag, exactly when the machine was busiest (TPC-B on PostgreSQL 17: lag p99 0.3 to
 //! 0.6 s against 0.15 s). Until a commit has been measured the cap is the ceiling.
 //!
-//! While a backlog drains (the read-ahead half full) the cap is the ceiling too:
-//! there the lag is the backlog's, and batches of 50 ms drained 60,000 single-row
-//! updates 13% slower than batches of 500 ms (bench/results/issue20-backlog-adaptive.md).
+//! While the apply path is behind (hundreds of messages read ahead) the cap is the
+//! ceiling too: a batch's fixed cost is more than its commit (a statement per table,
+//! a COPY's start and end), and small batches fall further behind. Batches of 50 ms
+//! drained 60,000 single-row updates 13% slower than batches of 500 ms
+//! (bench/results/issue20-backlog-adaptive.md), and under TPC-B on PostgreSQL 17 the
+//! lag grew in a saw-tooth while the apply kept up only in bigger batches. So batches
+//! stay small while the apply keeps up, and grow as soon as it does not.
 
 use std::collections::VecDeque;
 use std::time::Duration;
