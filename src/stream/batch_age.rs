@@ -10,9 +10,9 @@
 //! The fixed cost then stays under a tenth of a batch's time, and the lag under the
 //! ceiling. The round trip is the shortest of the last [`WINDOW`] commits (as TCP's
 //! BBR estimates a path's delay): a commit slowed by a busy machine or a checkpoint
-//! says nothing about the link, and a moving average of them grew the cap, and so the
-//! lag, exactly when the machine was busiest (TPC-B on PostgreSQL 17: lag p99 0.3 to
-//! 0.6 s against 0.15 s). Until a commit has been measured the cap is the ceiling.
+//! says nothing about the link, and a moving average of them would grow the cap, and
+//! so the lag, exactly when the machine is busiest. Until a commit has been measured
+//! the cap is the ceiling.
 //!
 //! While the apply path is behind (hundreds of messages read ahead) the cap is the
 //! ceiling too: a batch's fixed cost is more than its commit (a statement per table,
