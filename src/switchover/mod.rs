@@ -16,7 +16,8 @@
 //! ```
 //!
 //! The proof (see [`fence`]) reads a slot of the fence's own from the fence LSN
-//! after the verify. At done the old source is left closed to the application,
+//! after the verify, and during the drain (a write past the fence may keep the
+//! stream from ever reaching it). At done the old source is left closed to the application,
 //! the pipeline is finished (`run` stops), and taking a way back
 //! ([`reverse::lift_old_fence`]) makes its target writable again.
 //!
@@ -291,7 +292,15 @@ async fn after_fence(
     )
     .await;
     let step = Instant::now();
-    report.drained_to = Some(drain(src, tgt, state, &opts.slot, fence_lsn).await?);
+    match drain(src, tgt, state, &opts.slot, fence, fence_lsn).await? {
+        Drained::To(lsn) => report.drained_to = Some(lsn),
+        Drained::PastTheFence(proof) => {
+            report.times.drain = step.elapsed().as_secs_f64();
+            let reason = passed_the_fence(&proof, fence_lsn);
+            report.proof = Some(proof);
+            return Ok(Some(reason));
+        }
+    }
     report.times.drain = step.elapsed().as_secs_f64();
 
     report.current_step = "the sequences";
@@ -353,10 +362,7 @@ async fn after_fence(
     report.times.proof = step.elapsed().as_secs_f64();
     report.proof = proof.clone();
     if let Some(p) = proof.filter(|p| p.changes_after_fence > 0) {
-        return Ok(Some(format!(
-            "{} changes in {} transactions to replicated tables committed on the source after the fence LSN {fence_lsn} (read up to {}): a session passed the fence, so the target is not handed writes",
-            p.changes_after_fence, p.transactions_after_fence, p.checked_to
-        )));
+        return Ok(Some(passed_the_fence(&p, fence_lsn)));
     }
 
     if opts.reverse {
@@ -369,17 +375,41 @@ async fn after_fence(
     Ok(None)
 }
 
+/// The abort reason when the proof found changes committed after the fence.
+fn passed_the_fence(proof: &fence::Proof, fence_lsn: Lsn) -> String {
+    format!(
+        "{} changes in {} transactions to replicated tables committed on the source after the fence LSN {fence_lsn} (read up to {}): a session passed the fence, so the target is not handed writes",
+        proof.changes_after_fence, proof.transactions_after_fence, proof.checked_to
+    )
+}
+
+/// How the drain ended.
+enum Drained {
+    /// The stream applied everything up to the fence; covered up to this position.
+    To(Lsn),
+    /// A change to a replicated table committed after the fence: the switchover
+    /// aborts now, not at `--max-downtime` (the stream may never reach the fence:
+    /// the fence ended `run`'s lookup session, which a change arriving now may need).
+    PastTheFence(fence::Proof),
+}
+
+/// How often the drain reads the fence's own slot for a write past the fence.
+const DRAIN_PROOF_EVERY: Duration = Duration::from_millis(500);
+
 /// Waits until the stream has applied everything committed on the source up to
-/// `fence`: the target's applied position, or the slot's confirmed position (which
-/// `run` moves past quiet WAL only once everything before it is durable on the
-/// target), at or past it. Returns the position that covered it.
+/// `fence_lsn`: the target's applied position, or the slot's confirmed position
+/// (which `run` moves past quiet WAL only once everything before it is durable on
+/// the target), at or past it. Meanwhile it reads the fence's proof slot, so that
+/// a write past the fence ends the wait at once.
 async fn drain(
     src: &Client,
     tgt: &Client,
     state: &StateStore,
     slot: &str,
-    fence: Lsn,
-) -> Result<Lsn> {
+    fence: &fence::Fence,
+    fence_lsn: Lsn,
+) -> Result<Drained> {
+    let mut proved_at = Instant::now();
     loop {
         let confirmed: Option<Lsn> = src
             .query_opt(
@@ -392,8 +422,14 @@ async fn drain(
             .and_then(|t| t.parse().ok());
         let applied = state.progress(tgt, slot).await?;
         let reached = confirmed.max(applied).unwrap_or_default();
-        if reached >= fence {
-            return Ok(reached);
+        if reached >= fence_lsn {
+            return Ok(Drained::To(reached));
+        }
+        if proved_at.elapsed() >= DRAIN_PROOF_EVERY {
+            proved_at = Instant::now();
+            if let Some(proof) = fence.prove().await?.filter(|p| p.changes_after_fence > 0) {
+                return Ok(Drained::PastTheFence(proof));
+            }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

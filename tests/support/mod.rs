@@ -363,10 +363,25 @@ impl RunChild {
 
     /// Sends SIGTERM (does not wait).
     pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM, "SIGTERM");
+    }
+
+    /// Freezes the process (SIGSTOP): its connections stay open, it reads and
+    /// answers nothing, like a replicator stuck on a slow target.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP, "SIGSTOP");
+    }
+
+    /// Lets a [`RunChild::pause`]d process go on (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT, "SIGCONT");
+    }
+
+    fn signal(&self, signal: libc::c_int, name: &str) {
         // SAFETY: kill(2) on our own child's pid; it has not been reaped yet, so the
         // pid cannot have been reused.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill(SIGTERM) failed");
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill({name}) failed");
     }
 
     /// The exit status if the process has exited.
