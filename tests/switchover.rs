@@ -738,10 +738,31 @@ async fn a_write_past_the_fence_aborts_the_switchover() {
         .unwrap();
     let mut logs = RunLogs::new();
     let mut child = streaming(&mut logs, &source, &target, &src, &tgt, free_port()).await;
-    child.pause();
+    // An open transaction with an xid holds the creation of the fence's proof
+    // slot up, so `run` is frozen after the preflight (which needs it to stream)
+    // and before the fence.
+    let blocker = source.client().await;
+    blocker
+        .batch_execute("BEGIN; SELECT txid_current()")
+        .await
+        .unwrap();
     let mut cmd = walshuttle(&source, &target);
     cmd.args(["switchover", "--json", "--max-downtime", "60s"]);
     let switching = tokio::spawn(run_blocking(cmd));
+    wait_until(
+        "the switchover to be fencing",
+        Duration::from_secs(60),
+        || async {
+            switching.is_finished()
+                || tgt
+                    .query_one("SELECT switchover_phase FROM walshuttle.pipelines", &[])
+                    .await
+                    .is_ok_and(|r| r.get::<_, Option<String>>(0).as_deref() == Some("fencing"))
+        },
+    )
+    .await;
+    child.pause();
+    blocker.batch_execute("ROLLBACK").await.unwrap();
     wait_until(
         "the switchover to be draining",
         Duration::from_secs(60),
