@@ -155,6 +155,12 @@ async fn a_lock_wait_on_the_target_is_named_by_healthz_and_status() {
         Duration::from_secs(120),
     )
     .await;
+    // Converged by the bootstrap's copy alone: the lock below must meet the stream,
+    // not the bootstrap's last steps on the table.
+    support::wait_while_running("run to stream", Duration::from_secs(60), &mut child, || {
+        support::slot_active(&src, "walshuttle")
+    })
+    .await;
 
     // Another application holds row 1 on the target; the source updates it.
     let holder = target.client().await;
