@@ -1002,6 +1002,27 @@ prepare_tpcb() {
 
 tpcb_checksum_sql="SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ':' || (SELECT sum(bbalance) FROM pgbench_branches) || ':' || (SELECT count(*) FROM pgbench_history)"
 
+# cpu_ticks PID...: user + system clock ticks (CLK_TCK) the processes have used; a
+# process that is gone counts 0
+cpu_ticks() {
+    local p total=0 t
+    for p in "$@"; do
+        t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$p/stat" 2>/dev/null) || t=0
+        total=$((total + ${t:-0}))
+    done
+    echo "$total"
+}
+# apply_pids TOOL: what applies the stream: every process of the target cluster
+# (walshuttle's backends, native's apply worker, the target's own writers), and
+# walshuttle's process when TOOL is walshuttle's
+apply_pids() {
+    local dir pm
+    dir=$(qt "SHOW data_directory")
+    pm=$(head -n 1 "$dir/postmaster.pid" 2>/dev/null)
+    [ -n "$pm" ] && pgrep -P "$pm"
+    case "$1" in walshuttle*) echo "$WS_PID" ;; esac
+}
+
 # tpcb_load TOOL SLOT: the replicator streams database tpcb (use_pair PAIR tpcb done);
 # pgbench -b tpcb-like at full speed while a heartbeat commits every 100 ms and the
 # target's heartbeat age is sampled every 0.2 s; then the drain after pgbench ends
@@ -1021,6 +1042,12 @@ tpcb_load() {
     "$PGBIN/pgbench" -n -b tpcb-like -c "$TPCB_CLIENTS" -j 2 -T "$TPCB_SECONDS" -P 10 -h 127.0.0.1 -p "$SP" -U postgres tpcb \
         >"$WORK/logs/pgbench-tpcb-$tool.log" 2>&1 &
     pbpid=$!; track "$pbpid"
+    # CPU of what applies, per source transaction: the target cluster's processes
+    # (and walshuttle's) over the load, divided by pgbench's transactions
+    local cpu_pids cpu0 cpu1 ws_cpu0 ws_cpu1 txns tck
+    read -r -a cpu_pids <<<"$(apply_pids "$tool" | tr '\n' ' ')"
+    cpu0=$(cpu_ticks "${cpu_pids[@]}")
+    case "$tool" in walshuttle*) ws_cpu0=$(cpu_ticks "$WS_PID") ;; esac
     # one psql session samples the target's heartbeat age for the whole load
     { printf 'SELECT round(extract(epoch FROM clock_timestamp() - ts)::numeric, 3) FROM bench_heartbeat WHERE id = 1\n\\watch 0.2\n' |
         timeout "$TPCB_SECONDS" "$PSQL" -X -At -h 127.0.0.1 -p "$TP" -U postgres -d tpcb 2>>"$WORK/logs/poll.log" || true; } |
@@ -1028,6 +1055,14 @@ tpcb_load() {
     smpid=$!; track "$smpid"
     wait "$pbpid" || broke "$tool: pgbench (TPC-B) failed: $(tail -n 3 "$WORK/logs/pgbench-tpcb-$tool.log")"
     t_end=$(now)
+    cpu1=$(cpu_ticks "${cpu_pids[@]}")
+    case "$tool" in walshuttle*) ws_cpu1=$(cpu_ticks "$WS_PID") ;; esac
+    txns=$(awk '/number of transactions actually processed:/ { print $NF; exit }' "$WORK/logs/pgbench-tpcb-$tool.log" | cut -d/ -f1)
+    tck=$(getconf CLK_TCK)
+    if [ -n "$txns" ] && [ "$txns" -gt 0 ]; then
+        record tpcb_apply_cpu_us_per_txn "$tool" "$(awk -v d=$((cpu1 - cpu0)) -v n="$txns" -v h="$tck" 'BEGIN { printf "%.1f", d * 1e6 / h / n }')"
+        [ -n "${ws_cpu1:-}" ] && record tpcb_walshuttle_cpu_us_per_txn "$tool" "$(awk -v d=$((ws_cpu1 - ws_cpu0)) -v n="$txns" -v h="$tck" 'BEGIN { printf "%.1f", d * 1e6 / h / n }')"
+    fi
     seq=$(source_marker)
     seen=$(wait_marker "$seq" 900)
     wait "$smpid" 2>/dev/null || true
@@ -1374,6 +1409,7 @@ if [ "$TPCB" = 1 ]; then
         "tpcb_lag_seconds_p50|TPC-B lag p50 (heartbeat, every 0.2 s)|s"
         "tpcb_lag_seconds_p99|TPC-B lag p99 (heartbeat, every 0.2 s)|s"
         "tpcb_drain_s|TPC-B drain after end|s"
+        "tpcb_apply_cpu_us_per_txn|TPC-B apply CPU per source txn (target cluster + replicator)|µs"
         "tpcb_backlog_drain_s|TPC-B backlog drain, ${TPCB_BACKLOG_TXNS} txns by ${TPCB_CLIENTS} clients|s"
         "peak_rss_mib_tpcb|walshuttle peak RSS: run, TPC-B|MiB"
     )
@@ -1420,7 +1456,7 @@ rval() {   # key a:b
     ratio "$(val "$1" "$a")" "$bv"
 }
 OTHER_KEYS=(bulk_source_txn_s backlog_write_s backlog_wal_bytes steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes)
-[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb tpcb_backlog_write_s consistent_after_tpcb_backlog sigterm_exit_s_tpcb_backlog peak_rss_mib_tpcb_backlog)
+[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb tpcb_backlog_write_s consistent_after_tpcb_backlog sigterm_exit_s_tpcb_backlog peak_rss_mib_tpcb_backlog)
 [ "$MANY" = 1 ] && OTHER_KEYS+=(many_consistent mixed_consistent many_tables_ready_at_timeout mixed_tables_ready_at_timeout peak_rss_mib_many_run peak_rss_mib_mixed_run)
 if [ "$ONLY" = copy ]; then
     ROWDEFS=("${ROWDEFS[0]}" "peak_rss_mib_bootstrap|walshuttle peak RSS: bootstrap|MiB")
@@ -1430,7 +1466,7 @@ if [ "$ONLY" = tpcb ]; then
     KEEP_ROWS=()
     for r in "${ROWDEFS[@]}"; do case "$r" in tpcb_*|peak_rss_mib_tpcb*) KEEP_ROWS+=("$r") ;; esac; done
     ROWDEFS=("${KEEP_ROWS[@]}")
-    OTHER_KEYS=(tpcb_pgbench_tps tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s consistent_after_tpcb tpcb_backlog_write_s consistent_after_tpcb_backlog)
+    OTHER_KEYS=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s consistent_after_tpcb tpcb_backlog_write_s consistent_after_tpcb_backlog)
 fi
 # the Other figures' columns: the streaming tools
 OCOLS=(walshuttle native)
