@@ -45,17 +45,21 @@ fn main() -> ExitCode {
     let json_logs = cli.connections.log_format == "json";
     #[cfg(feature = "profiling")]
     let profile = profiling::start();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // `run` streams on one worker thread: its work is one task that receives,
-    // decodes and applies, and with a worker per core each message woke another
-    // thread (futex, context switch). Measured under TPC-B on 2 cores: 140 → 106 µs
-    // of walshuttle's CPU per source transaction, and its bootstrap copied as fast
-    // (docs/design.md, "One worker thread for run"). Other commands keep one per
-    // core; TOKIO_WORKER_THREADS overrides both.
-    if matches!(cli.command, Command::Run(_)) && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
-    {
-        builder.worker_threads(1);
-    }
+    // `run` runs on one thread: its streaming is one task that receives, decodes and
+    // applies, and every message the connections' tasks hand it woke another thread
+    // (futex, context switch) under a runtime with a worker per core, and still with
+    // one worker (the `block_on` future runs on the main thread, beside it).
+    // Measured under TPC-B on 2 cores: walshuttle's CPU per source transaction fell
+    // from 127-140 µs (a worker per core) to 90-106 µs (one worker) and 64 µs (one
+    // thread); see docs/design.md, "One thread for run". Other commands keep a
+    // worker per core; TOKIO_WORKER_THREADS gives any command that many workers.
+    let one_thread = matches!(cli.command, Command::Run(_))
+        && std::env::var_os("TOKIO_WORKER_THREADS").is_none();
+    let mut builder = if one_thread {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
