@@ -69,6 +69,22 @@ async fn streaming(
     child
 }
 
+/// Waits until a running switchover records `phase` on the target (or ends).
+async fn wait_for_phase<T>(tgt: &Client, switching: &tokio::task::JoinHandle<T>, phase: &str) {
+    wait_until(
+        &format!("the switchover to be {phase}"),
+        Duration::from_secs(60),
+        || async {
+            switching.is_finished()
+                || tgt
+                    .query_one("SELECT switchover_phase FROM walshuttle.pipelines", &[])
+                    .await
+                    .is_ok_and(|r| r.get::<_, Option<String>>(0).as_deref() == Some(phase))
+        },
+    )
+    .await;
+}
+
 /// Why a write through a new session on `cluster` failed: the SQLSTATE of the
 /// refused write, or `connect` when no session could be opened (`None`: it
 /// committed).
@@ -643,18 +659,7 @@ async fn an_abort_leaves_sessions_of_the_fence_writable() {
         "1s",
     ]);
     let switching = tokio::spawn(run_blocking(cmd));
-    wait_until(
-        "the switchover to be draining",
-        Duration::from_secs(60),
-        || async {
-            switching.is_finished()
-                || tgt
-                    .query_one("SELECT switchover_phase FROM walshuttle.pipelines", &[])
-                    .await
-                    .is_ok_and(|r| r.get::<_, Option<String>>(0).as_deref() == Some("draining"))
-        },
-    )
-    .await;
+    wait_for_phase(&tgt, &switching, "draining").await;
     // The pool connects as soon as it can while the switchover runs.
     let mut pooled = None;
     while !switching.is_finished() {
@@ -749,34 +754,10 @@ async fn a_write_past_the_fence_aborts_the_switchover() {
     let mut cmd = walshuttle(&source, &target);
     cmd.args(["switchover", "--json", "--max-downtime", "60s"]);
     let switching = tokio::spawn(run_blocking(cmd));
-    wait_until(
-        "the switchover to be fencing",
-        Duration::from_secs(60),
-        || async {
-            switching.is_finished()
-                || tgt
-                    .query_one("SELECT switchover_phase FROM walshuttle.pipelines", &[])
-                    .await
-                    .is_ok_and(|r| r.get::<_, Option<String>>(0).as_deref() == Some("fencing"))
-        },
-    )
-    .await;
+    wait_for_phase(&tgt, &switching, "fencing").await;
     child.pause();
     blocker.batch_execute("ROLLBACK").await.unwrap();
-    wait_until(
-        "the switchover to be draining",
-        Duration::from_secs(60),
-        || async {
-            switching.is_finished()
-                || tgt
-                    .query_one("SELECT switchover_phase FROM walshuttle.pipelines", &[])
-                    .await
-                    .is_ok_and(|r| {
-                        matches!(r.get::<_, Option<String>>(0).as_deref(), Some("draining"))
-                    })
-        },
-    )
-    .await;
+    wait_for_phase(&tgt, &switching, "draining").await;
     assert!(
         !switching.is_finished(),
         "the switchover ended before the drain: {:?}",
