@@ -157,10 +157,7 @@ async fn a_lock_wait_on_the_target_is_named_by_healthz_and_status() {
     .await;
     // Converged by the bootstrap's copy alone: the lock below must meet the stream,
     // not the bootstrap's last steps on the table.
-    support::wait_while_running("run to stream", Duration::from_secs(60), &mut child, || {
-        support::slot_active(&src, "walshuttle")
-    })
-    .await;
+    support::wait_streaming(&mut child, &src).await;
 
     // Another application holds row 1 on the target; the source updates it.
     let holder = target.client().await;

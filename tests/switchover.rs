@@ -62,10 +62,7 @@ async fn streaming(
     let mut child = logs.spawn(cmd);
     wait_for_convergence_running(&mut child, src, tgt, BATCH_TABLES, Duration::from_secs(90)).await;
     // Converged by the bootstrap alone: wait for the stream itself.
-    support::wait_while_running("run to stream", Duration::from_secs(60), &mut child, || {
-        support::slot_active(src, "walshuttle")
-    })
-    .await;
+    support::wait_streaming(&mut child, src).await;
     child
 }
 
@@ -817,10 +814,7 @@ async fn every_sequence_arrives(source: Cluster, target: Cluster) {
     cmd.args(["run", "--status-interval", "0.2"]);
     let mut child = logs.spawn(cmd);
     wait_for_convergence_running(&mut child, &src, &tgt, &tables, Duration::from_secs(90)).await;
-    support::wait_while_running("run to stream", Duration::from_secs(60), &mut child, || {
-        support::slot_active(&src, "walshuttle")
-    })
-    .await;
+    support::wait_streaming(&mut child, &src).await;
     // The bootstrap made them, with the defaults that call them.
     for (sql, what) in [
         (

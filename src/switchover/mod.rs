@@ -292,16 +292,16 @@ async fn after_fence(
     )
     .await;
     let step = Instant::now();
-    match drain(src, tgt, state, &opts.slot, fence, fence_lsn).await? {
+    let drained = drain(src, tgt, state, &opts.slot, fence, fence_lsn).await?;
+    report.times.drain = step.elapsed().as_secs_f64();
+    match drained {
         Drained::To(lsn) => report.drained_to = Some(lsn),
         Drained::PastTheFence(proof) => {
-            report.times.drain = step.elapsed().as_secs_f64();
             let reason = passed_the_fence(&proof, fence_lsn);
             report.proof = Some(proof);
             return Ok(Some(reason));
         }
     }
-    report.times.drain = step.elapsed().as_secs_f64();
 
     report.current_step = "the sequences";
     record(tgt, state, opts, "sequences", None).await;
