@@ -285,8 +285,9 @@ pub(super) async fn table_binary_capable(
     }
     match crate::catalog::check_target(target, &table).await {
         Ok(fit) => Ok(fit.binary()),
-        // A lost connection is retried; an incompatible table is not.
-        Err(e) if source.is_closed() || target.is_closed() => Err(e),
+        // A server's answer (a lost connection, a shutdown) is judged by its
+        // SQLSTATE; an incompatible table is not retried.
+        Err(e) if crate::stream::faults::from_a_server(&e) => Err(e),
         Err(e) => Err(Fatal(e.to_string()).into()),
     }
 }
