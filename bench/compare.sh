@@ -806,11 +806,13 @@ walshuttle_all() {   # pair tool
     ws_stop bulk_apply "$tool-run-bulk"
     backlog_write "$tool"
     log "$tool: backlog: starting walshuttle run again"
+    drain_cpu_begin
     t0=$(now)
     ws_start_run "$tool-run-backlog"
     seen=$(wait_marker "$MARK_SEQ" 900)
     [ -n "$seen" ] || { broke "$tool: backlog not drained within 900 s: $(tail -n 5 "$WORK/logs/$tool-run-backlog.log" | tr '\n' ' ')"; return 1; }
     record backlog_drain_s "$tool" "$(elapsed "$t0" "$seen")"
+    drain_cpu_record "$tool" backlog "$(elapsed "$t0" "$seen")"
     log "$tool: backlog drained in $(elapsed "$t0" "$seen") s (from process start)"
     check_consistent "$tool" backlog_drain
     ws_stop backlog_drain "$tool-run-backlog"
@@ -866,11 +868,13 @@ native_all() {   # pair tool subscription-options
     [ -n "$seen" ] || { broke "$tool: apply worker did not stop after DISABLE"; return 1; }
     backlog_write "$tool"
     log "$tool: backlog: ALTER SUBSCRIPTION ... ENABLE"
+    drain_cpu_begin
     t0=$(now)
     qt "ALTER SUBSCRIPTION bench_sub ENABLE" >/dev/null
     seen=$(wait_marker "$MARK_SEQ" 900)
     [ -n "$seen" ] || { broke "$tool: backlog not drained within 900 s"; return 1; }
     record backlog_drain_s "$tool" "$(elapsed "$t0" "$seen")"
+    drain_cpu_record "$tool" backlog "$(elapsed "$t0" "$seen")"
     log "$tool: backlog drained in $(elapsed "$t0" "$seen") s (from ENABLE)"
     check_consistent "$tool" backlog_drain
 
@@ -1012,6 +1016,34 @@ cpu_ticks() {
     done
     echo "$total"
 }
+# cluster_ticks PORT: CPU clock ticks a cluster has used: its postmaster's own and
+# its reaped children's (cutime, cstime: backends and walsenders that exited), plus
+# every live child's; the difference over an interval is the cluster's CPU in it
+cluster_ticks() {
+    local dir pm own
+    dir=$(q "$1" postgres -c "SHOW data_directory")
+    pm=$(head -n 1 "$dir/postmaster.pid" 2>/dev/null)
+    [ -n "$pm" ] || { echo 0; return; }
+    own=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 + $14 + $15 }' "/proc/$pm/stat" 2>/dev/null) || own=0
+    # shellcheck disable=SC2046
+    echo $(( ${own:-0} + $(cpu_ticks $(pgrep -P "$pm")) ))
+}
+# drain_cpu_begin: notes both clusters' CPU when a drain starts
+drain_cpu_begin() { DRAIN_SRC0=$(cluster_ticks "$SP"); DRAIN_TGT0=$(cluster_ticks "$TP"); }
+# drain_cpu_record TOOL PREFIX SECONDS: what each side spent of a drain of SECONDS:
+# CPU seconds of the source cluster (the walsender decoding), the target cluster
+# (what executes the changes) and walshuttle's process (started with the drain)
+drain_cpu_record() {
+    local tool=$1 prefix=$2 secs=$3 tck src tgt
+    tck=$(getconf CLK_TCK)
+    src=$(( $(cluster_ticks "$SP") - DRAIN_SRC0 )); tgt=$(( $(cluster_ticks "$TP") - DRAIN_TGT0 ))
+    record "${prefix}_source_cpu_s" "$tool" "$(awk -v d="$src" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')"
+    record "${prefix}_target_cpu_s" "$tool" "$(awk -v d="$tgt" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')"
+    case "$tool" in walshuttle*)
+        record "${prefix}_walshuttle_cpu_s" "$tool" "$(awk -v d="$(cpu_ticks "$WS_PID")" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')" ;;
+    esac
+    log "$tool: drain of $secs s: source cluster $(awk -v d="$src" -v h="$tck" 'BEGIN { printf "%.2f", d / h }') s CPU, target cluster $(awk -v d="$tgt" -v h="$tck" 'BEGIN { printf "%.2f", d / h }') s"
+}
 # apply_pids TOOL: what applies the stream: every process of the target cluster
 # (walshuttle's backends, native's apply worker, the target's own writers), and
 # walshuttle's process when TOOL is walshuttle's
@@ -1108,6 +1140,7 @@ tpcb_backlog_check() {
     seen=$(wait_marker "$MARK_SEQ" 900)
     [ -n "$seen" ] || { broke "$tool: TPC-B backlog not drained within 900 s"; return 1; }
     record tpcb_backlog_drain_s "$tool" "$(elapsed "$t0" "$seen")"
+    drain_cpu_record "$tool" tpcb_backlog "$(elapsed "$t0" "$seen")"
     log "$tool: TPC-B backlog drained in $(elapsed "$t0" "$seen") s"
     s=$(qs "$tpcb_checksum_sql"); t=$(qt "$tpcb_checksum_sql")
     if [ "$s" = "$t" ]; then record consistent_after_tpcb_backlog "$tool" true
@@ -1145,6 +1178,7 @@ tpcb_walshuttle() {   # pair tool
     if [ "$TPCB_BACKLOG_TXNS" -gt 0 ]; then
         set_step "$tool: TPC-B backlog"
         tpcb_backlog_write "$tool" || return 1
+        drain_cpu_begin
         t0=$(now)
         ws_start_run "$tool-run-tpcb-backlog"
         tpcb_backlog_check "$tool" "$t0" || return 1
@@ -1189,6 +1223,7 @@ tpcb_native() {   # pair tool subscription-options
         seen=$(poll_until "$SP" "NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'tpcb_sub' AND active)" 120 0.1)
         [ -n "$seen" ] || { broke "$tool: TPC-B apply worker did not stop after DISABLE"; return 1; }
         tpcb_backlog_write "$tool" || return 1
+        drain_cpu_begin
         t0=$(now)
         qt "ALTER SUBSCRIPTION tpcb_sub ENABLE" >/dev/null
         tpcb_backlog_check "$tool" "$t0" || return 1
@@ -1455,8 +1490,8 @@ rval() {   # key a:b
     fi
     ratio "$(val "$1" "$a")" "$bv"
 }
-OTHER_KEYS=(bulk_source_txn_s backlog_write_s backlog_wal_bytes steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes)
-[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb tpcb_backlog_write_s consistent_after_tpcb_backlog sigterm_exit_s_tpcb_backlog peak_rss_mib_tpcb_backlog)
+OTHER_KEYS=(bulk_source_txn_s backlog_write_s backlog_wal_bytes backlog_source_cpu_s backlog_target_cpu_s backlog_walshuttle_cpu_s steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes)
+[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb tpcb_backlog_write_s tpcb_backlog_source_cpu_s tpcb_backlog_target_cpu_s tpcb_backlog_walshuttle_cpu_s consistent_after_tpcb_backlog sigterm_exit_s_tpcb_backlog peak_rss_mib_tpcb_backlog)
 [ "$MANY" = 1 ] && OTHER_KEYS+=(many_consistent mixed_consistent many_tables_ready_at_timeout mixed_tables_ready_at_timeout peak_rss_mib_many_run peak_rss_mib_mixed_run)
 if [ "$ONLY" = copy ]; then
     ROWDEFS=("${ROWDEFS[0]}" "peak_rss_mib_bootstrap|walshuttle peak RSS: bootstrap|MiB")
@@ -1466,7 +1501,7 @@ if [ "$ONLY" = tpcb ]; then
     KEEP_ROWS=()
     for r in "${ROWDEFS[@]}"; do case "$r" in tpcb_*|peak_rss_mib_tpcb*) KEEP_ROWS+=("$r") ;; esac; done
     ROWDEFS=("${KEEP_ROWS[@]}")
-    OTHER_KEYS=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s consistent_after_tpcb tpcb_backlog_write_s consistent_after_tpcb_backlog)
+    OTHER_KEYS=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s consistent_after_tpcb tpcb_backlog_write_s tpcb_backlog_source_cpu_s tpcb_backlog_target_cpu_s tpcb_backlog_walshuttle_cpu_s consistent_after_tpcb_backlog)
 fi
 # the Other figures' columns: the streaming tools
 OCOLS=(walshuttle native)
