@@ -535,6 +535,7 @@ bulk_apply() {
     t_start=$(now)
     qs "$BULK_SQL" >/dev/null
     t_commit=$(now)
+    drain_cpu_begin
     maxid=$(qs "SELECT max(id) FROM recommendations")
     seen=$(poll_until "$TP" "coalesce((SELECT max(id) FROM recommendations), 0) >= $maxid" 900)
     [ -n "$seen" ] || { broke "$tool: bulk apply: target did not show the inserted rows within 900 s"; return 1; }
@@ -542,6 +543,7 @@ bulk_apply() {
     [ "$count" = $((before + BULK_ROWS)) ] || broke "$tool: bulk apply: target has $count rows, expected $((before + BULK_ROWS))"
     record bulk_source_txn_s "$tool" "$(elapsed "$t_start" "$t_commit")"
     record bulk_apply_from_commit_s "$tool" "$(elapsed "$t_commit" "$seen")"
+    drain_cpu_record "$tool" bulk_after_commit "$(elapsed "$t_commit" "$seen")"
     record bulk_apply_from_start_s "$tool" "$(elapsed "$t_start" "$seen")"
     log "$tool: bulk apply: source txn $(elapsed "$t_start" "$t_commit") s; visible on target $(elapsed "$t_commit" "$seen") s after COMMIT returned"
 }
@@ -806,6 +808,7 @@ walshuttle_all() {   # pair tool
     ws_stop bulk_apply "$tool-run-bulk"
     backlog_write "$tool"
     log "$tool: backlog: starting walshuttle run again"
+    decode_floor_begin
     drain_cpu_begin
     t0=$(now)
     ws_start_run "$tool-run-backlog"
@@ -816,6 +819,7 @@ walshuttle_all() {   # pair tool
     log "$tool: backlog drained in $(elapsed "$t0" "$seen") s (from process start)"
     check_consistent "$tool" backlog_drain
     ws_stop backlog_drain "$tool-run-backlog"
+    decode_floor "$tool" backlog
 
     set_step "$tool: steady state"
     ws_start_run "$tool-run-steady"
@@ -863,6 +867,7 @@ native_all() {   # pair tool subscription-options
     bulk_apply "$tool"
 
     set_step "$tool: backlog drain"
+    settle_slot bench_sub
     qt "ALTER SUBSCRIPTION bench_sub DISABLE" >/dev/null
     seen=$(poll_until "$SP" "NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'bench_sub' AND active)" 120 0.1)
     [ -n "$seen" ] || { broke "$tool: apply worker did not stop after DISABLE"; return 1; }
@@ -1029,10 +1034,14 @@ cluster_ticks() {
     echo $(( ${own:-0} + $(cpu_ticks $(pgrep -P "$pm")) ))
 }
 # drain_cpu_begin: notes both clusters' CPU when a drain starts
-drain_cpu_begin() { DRAIN_SRC0=$(cluster_ticks "$SP"); DRAIN_TGT0=$(cluster_ticks "$TP"); }
+# (and walshuttle's process, when one runs already; one started after counts from 0)
+drain_cpu_begin() {
+    DRAIN_SRC0=$(cluster_ticks "$SP"); DRAIN_TGT0=$(cluster_ticks "$TP")
+    DRAIN_WS0=0; [ -n "${WS_PID:-}" ] && [ -e "/proc/$WS_PID" ] && DRAIN_WS0=$(cpu_ticks "$WS_PID")
+}
 # drain_cpu_record TOOL PREFIX SECONDS: what each side spent of a drain of SECONDS:
-# CPU seconds of the source cluster (the walsender decoding), the target cluster
-# (what executes the changes) and walshuttle's process (started with the drain)
+# CPU seconds of the source cluster (the walsender decoding and sending), the target
+# cluster (what executes the changes) and walshuttle's process
 drain_cpu_record() {
     local tool=$1 prefix=$2 secs=$3 tck src tgt
     tck=$(getconf CLK_TCK)
@@ -1040,9 +1049,50 @@ drain_cpu_record() {
     record "${prefix}_source_cpu_s" "$tool" "$(awk -v d="$src" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')"
     record "${prefix}_target_cpu_s" "$tool" "$(awk -v d="$tgt" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')"
     case "$tool" in walshuttle*)
-        record "${prefix}_walshuttle_cpu_s" "$tool" "$(awk -v d="$(cpu_ticks "$WS_PID")" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')" ;;
+        record "${prefix}_walshuttle_cpu_s" "$tool" "$(awk -v d="$(( $(cpu_ticks "$WS_PID") - DRAIN_WS0 ))" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')" ;;
     esac
     log "$tool: drain of $secs s: source cluster $(awk -v d="$src" -v h="$tck" 'BEGIN { printf "%.2f", d / h }') s CPU, target cluster $(awk -v d="$tgt" -v h="$tck" 'BEGIN { printf "%.2f", d / h }') s"
+}
+# settle_slot SLOT: before a peer's replicator is stopped for a backlog, lets the
+# source move SLOT's restart point past everything written so far (a CHECKPOINT logs
+# the running transactions the walsender needs; walshuttle's run waits for the same
+# when it stops), so the next start does not decode again what came before (the bulk
+# transaction, the load) and the drain measures the backlog alone
+settle_slot() {
+    local slot=$1 lsn seen
+    lsn=$(qs "SELECT pg_current_wal_lsn()")
+    qs_admin "CHECKPOINT" >/dev/null
+    source_marker >/dev/null
+    seen=$(poll_until "$SP" "coalesce((SELECT restart_lsn >= '$lsn' FROM pg_replication_slots WHERE slot_name = '$slot'), false)" 60 0.2)
+    [ -n "$seen" ] || note "$slot: the source did not move the slot's restart point within 60 s: its next start decodes again what came before the backlog"
+}
+# decode_floor_begin: copies walshuttle's (inactive) slot, so that the backlog can be
+# decoded a second time after walshuttle drained it
+decode_floor_begin() {
+    qs "SELECT pg_copy_logical_replication_slot('walshuttle', 'bench_decode_floor')" >/dev/null
+    FLOOR_END=$(qs "SELECT pg_current_wal_lsn()")
+}
+# decode_floor TOOL PREFIX: what the source's decoding alone costs for the backlog:
+# the copied slot read with walshuttle's options (pgoutput, protocol 2, binary) by
+# pg_logical_slot_get_binary_changes, in a backend, with no network and no consumer.
+# Not a floor of the drain: a walsender also sends each message (a send() per message
+# while its reader keeps up), which costs it several times this (measured: 1.75 s of
+# walsender CPU for 40,000 TPC-B transactions read by pg_recvlogical, 0.26 s here)
+decode_floor() {
+    local tool=$1 prefix=$2 pub t0 t1 src
+    pub=$(qs "SELECT pubname FROM pg_publication ORDER BY pubname = 'walshuttle' DESC LIMIT 1")
+    drain_cpu_begin
+    t0=$(now)
+    if qs "SELECT count(*) FROM pg_logical_slot_get_binary_changes('bench_decode_floor', '$FLOOR_END', NULL, 'proto_version', '2', 'publication_names', '$pub', 'binary', 'true')" \
+        >"$WORK/logs/decode-floor-$prefix-$tool.log" 2>&1; then
+        t1=$(now)
+        src=$(awk -v d=$(( $(cluster_ticks "$SP") - DRAIN_SRC0 )) -v h="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", d / h }')
+        record "${prefix}_decode_alone_s" "$tool" "$(elapsed "$t0" "$t1")"
+        log "$tool: the source decodes the backlog alone (SQL, no network) in $(elapsed "$t0" "$t1") s (source cluster $src s CPU)"
+    else
+        broke "$tool: decoding the backlog alone failed: $(tail -n 3 "$WORK/logs/decode-floor-$prefix-$tool.log" | tr '\n' ' ')"
+    fi
+    qs "SELECT pg_drop_replication_slot('bench_decode_floor')" >/dev/null || true
 }
 # apply_pids TOOL: what applies the stream: every process of the target cluster
 # (walshuttle's backends, native's apply worker, the target's own writers), and
@@ -1178,11 +1228,13 @@ tpcb_walshuttle() {   # pair tool
     if [ "$TPCB_BACKLOG_TXNS" -gt 0 ]; then
         set_step "$tool: TPC-B backlog"
         tpcb_backlog_write "$tool" || return 1
+        decode_floor_begin
         drain_cpu_begin
         t0=$(now)
         ws_start_run "$tool-run-tpcb-backlog"
         tpcb_backlog_check "$tool" "$t0" || return 1
         ws_stop tpcb_backlog "$tool-run-tpcb-backlog"
+        decode_floor "$tool" tpcb_backlog
     fi
     if [ -n "$prof" ]; then
         if [ -s "$prof" ]; then
@@ -1219,6 +1271,7 @@ tpcb_native() {   # pair tool subscription-options
     tpcb_load "$tool" tpcb_sub
     if [ "$TPCB_BACKLOG_TXNS" -gt 0 ]; then
         set_step "$tool: TPC-B backlog"
+        settle_slot tpcb_sub
         qt "ALTER SUBSCRIPTION tpcb_sub DISABLE" >/dev/null
         seen=$(poll_until "$SP" "NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = 'tpcb_sub' AND active)" 120 0.1)
         [ -n "$seen" ] || { broke "$tool: TPC-B apply worker did not stop after DISABLE"; return 1; }
@@ -1490,8 +1543,8 @@ rval() {   # key a:b
     fi
     ratio "$(val "$1" "$a")" "$bv"
 }
-OTHER_KEYS=(bulk_source_txn_s backlog_write_s backlog_wal_bytes backlog_source_cpu_s backlog_target_cpu_s backlog_walshuttle_cpu_s steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes)
-[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb tpcb_backlog_write_s tpcb_backlog_source_cpu_s tpcb_backlog_target_cpu_s tpcb_backlog_walshuttle_cpu_s consistent_after_tpcb_backlog sigterm_exit_s_tpcb_backlog peak_rss_mib_tpcb_backlog)
+OTHER_KEYS=(bulk_source_txn_s bulk_after_commit_source_cpu_s bulk_after_commit_target_cpu_s bulk_after_commit_walshuttle_cpu_s backlog_write_s backlog_wal_bytes backlog_decode_alone_s backlog_source_cpu_s backlog_target_cpu_s backlog_walshuttle_cpu_s steady_pgbench_tps steady_lag_seconds_max steady_lag_bytes_max steady_final_catchup_s sigterm_exit_s_bulk_apply sigterm_exit_s_backlog_drain sigterm_exit_s_steady_state consistent_after_backlog_drain consistent_after_steady_state initial_copy_target_indexes)
+[ "$TPCB" = 1 ] && OTHER_KEYS+=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s sigterm_exit_s_tpcb sigterm_exit_s_tpcb_profiled peak_rss_mib_tpcb_profiled consistent_after_tpcb tpcb_backlog_write_s tpcb_backlog_decode_alone_s tpcb_backlog_source_cpu_s tpcb_backlog_target_cpu_s tpcb_backlog_walshuttle_cpu_s consistent_after_tpcb_backlog sigterm_exit_s_tpcb_backlog peak_rss_mib_tpcb_backlog)
 [ "$MANY" = 1 ] && OTHER_KEYS+=(many_consistent mixed_consistent many_tables_ready_at_timeout mixed_tables_ready_at_timeout peak_rss_mib_many_run peak_rss_mib_mixed_run)
 if [ "$ONLY" = copy ]; then
     ROWDEFS=("${ROWDEFS[0]}" "peak_rss_mib_bootstrap|walshuttle peak RSS: bootstrap|MiB")
@@ -1501,7 +1554,7 @@ if [ "$ONLY" = tpcb ]; then
     KEEP_ROWS=()
     for r in "${ROWDEFS[@]}"; do case "$r" in tpcb_*|peak_rss_mib_tpcb*) KEEP_ROWS+=("$r") ;; esac; done
     ROWDEFS=("${KEEP_ROWS[@]}")
-    OTHER_KEYS=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s consistent_after_tpcb tpcb_backlog_write_s tpcb_backlog_source_cpu_s tpcb_backlog_target_cpu_s tpcb_backlog_walshuttle_cpu_s consistent_after_tpcb_backlog)
+    OTHER_KEYS=(tpcb_pgbench_tps tpcb_walshuttle_cpu_us_per_txn tpcb_lag_seconds_max tpcb_lag_samples tpcb_initial_copy_s consistent_after_tpcb tpcb_backlog_write_s tpcb_backlog_decode_alone_s tpcb_backlog_source_cpu_s tpcb_backlog_target_cpu_s tpcb_backlog_walshuttle_cpu_s consistent_after_tpcb_backlog)
 fi
 # the Other figures' columns: the streaming tools
 OCOLS=(walshuttle native)
