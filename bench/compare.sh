@@ -1037,7 +1037,8 @@ cluster_ticks() {
 # (and walshuttle's process, when one runs already; one started after counts from 0)
 drain_cpu_begin() {
     DRAIN_SRC0=$(cluster_ticks "$SP"); DRAIN_TGT0=$(cluster_ticks "$TP")
-    DRAIN_WS0=0; [ -n "${WS_PID:-}" ] && [ -e "/proc/$WS_PID" ] && DRAIN_WS0=$(cpu_ticks "$WS_PID")
+    DRAIN_WS0=0
+    if [ -n "${WS_PID:-}" ] && [ -e "/proc/$WS_PID" ]; then DRAIN_WS0=$(cpu_ticks "$WS_PID"); fi
 }
 # drain_cpu_record TOOL PREFIX SECONDS: what each side spent of a drain of SECONDS:
 # CPU seconds of the source cluster (the walsender decoding and sending), the target
