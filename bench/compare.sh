@@ -1033,6 +1033,8 @@ cluster_ticks() {
     # shellcheck disable=SC2046
     echo $(( ${own:-0} + $(cpu_ticks $(pgrep -P "$pm")) ))
 }
+# ticks_s TICKS: clock ticks as seconds, two decimals
+ticks_s() { awk -v d="$1" -v h="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", d / h }'; }
 # drain_cpu_begin: notes both clusters' CPU when a drain starts
 # (and walshuttle's process, when one runs already; one started after counts from 0)
 drain_cpu_begin() {
@@ -1044,15 +1046,14 @@ drain_cpu_begin() {
 # CPU seconds of the source cluster (the walsender decoding and sending), the target
 # cluster (what executes the changes) and walshuttle's process
 drain_cpu_record() {
-    local tool=$1 prefix=$2 secs=$3 tck src tgt
-    tck=$(getconf CLK_TCK)
-    src=$(( $(cluster_ticks "$SP") - DRAIN_SRC0 )); tgt=$(( $(cluster_ticks "$TP") - DRAIN_TGT0 ))
-    record "${prefix}_source_cpu_s" "$tool" "$(awk -v d="$src" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')"
-    record "${prefix}_target_cpu_s" "$tool" "$(awk -v d="$tgt" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')"
+    local tool=$1 prefix=$2 secs=$3 src tgt
+    src=$(ticks_s $(( $(cluster_ticks "$SP") - DRAIN_SRC0 ))); tgt=$(ticks_s $(( $(cluster_ticks "$TP") - DRAIN_TGT0 )))
+    record "${prefix}_source_cpu_s" "$tool" "$src"
+    record "${prefix}_target_cpu_s" "$tool" "$tgt"
     case "$tool" in walshuttle*)
-        record "${prefix}_walshuttle_cpu_s" "$tool" "$(awk -v d="$(( $(cpu_ticks "$WS_PID") - DRAIN_WS0 ))" -v h="$tck" 'BEGIN { printf "%.2f", d / h }')" ;;
+        record "${prefix}_walshuttle_cpu_s" "$tool" "$(ticks_s $(( $(cpu_ticks "$WS_PID") - DRAIN_WS0 )))" ;;
     esac
-    log "$tool: drain of $secs s: source cluster $(awk -v d="$src" -v h="$tck" 'BEGIN { printf "%.2f", d / h }') s CPU, target cluster $(awk -v d="$tgt" -v h="$tck" 'BEGIN { printf "%.2f", d / h }') s"
+    log "$tool: drain of $secs s: source cluster $src s CPU, target cluster $tgt s"
 }
 # settle_slot SLOT: before a peer's replicator is stopped for a backlog, lets the
 # source move SLOT's restart point past everything written so far (a CHECKPOINT logs
@@ -1087,7 +1088,7 @@ decode_floor() {
     if qs "SELECT count(*) FROM pg_logical_slot_get_binary_changes('bench_decode_floor', '$FLOOR_END', NULL, 'proto_version', '2', 'publication_names', '$pub', 'binary', 'true')" \
         >"$WORK/logs/decode-floor-$prefix-$tool.log" 2>&1; then
         t1=$(now)
-        src=$(awk -v d=$(( $(cluster_ticks "$SP") - DRAIN_SRC0 )) -v h="$(getconf CLK_TCK)" 'BEGIN { printf "%.2f", d / h }')
+        src=$(ticks_s $(( $(cluster_ticks "$SP") - DRAIN_SRC0 )))
         record "${prefix}_decode_alone_s" "$tool" "$(elapsed "$t0" "$t1")"
         log "$tool: the source decodes the backlog alone (SQL, no network) in $(elapsed "$t0" "$t1") s (source cluster $src s CPU)"
     else
