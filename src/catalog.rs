@@ -585,7 +585,14 @@ pub enum TargetFit {
 /// Checks that the target can take the source table's rows: every copied source
 /// column exists on the target with a compatible type.
 pub async fn check_target(target: &Client, table: &Table) -> Result<TargetFit> {
-    let Some(existing) = load_table(target, &table.name).await? else {
+    let existing = load_table(target, &table.name).await?;
+    target_fit(table, existing.as_ref())
+}
+
+/// [`check_target`] against a target table already read (`None`: there is none);
+/// its errors are only of the fit, never of a server.
+pub fn target_fit(table: &Table, existing: Option<&Table>) -> Result<TargetFit> {
+    let Some(existing) = existing else {
         return Ok(TargetFit::Missing {
             binary: table.copied_columns().iter().all(|c| c.binary_portable),
         });

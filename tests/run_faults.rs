@@ -302,3 +302,63 @@ async fn target_down_at_start_is_retried_until_it_is_up() {
         "stale retry note once streaming:\n{out}"
     );
 }
+
+/// A statement of `run`'s start-up cancelled on the target (57014, by an operator or
+/// a timeout) while the connection stays open is a fault to retry, not a stop. (The
+/// check of a table's fit once turned such an error into a stop when it came from
+/// its second read of the target table, seen in CI as a shutdown answering 57P01
+/// before the socket closed; this test meets the first read, which was retried
+/// before too: the fit check no longer reads the server at all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_up_statement_cancelled_on_the_target_is_retried() {
+    let source = Cluster::start();
+    let target = Cluster::start();
+    let src = source.client().await;
+    support::exec(
+        &src,
+        "CREATE TABLE items (id bigint PRIMARY KEY, note text);
+         INSERT INTO items SELECT g, 'before ' || g FROM generate_series(1, 100) g;",
+    )
+    .await;
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("bootstrap");
+    let (code, out, err) = support::run(cmd);
+    assert_eq!(code, 0, "{out}{err}");
+    // Written while nothing streams.
+    support::exec(&src, "UPDATE items SET note = 'between' WHERE id <= 10").await;
+
+    // Someone holds the table: reading its size waits for them.
+    let holder = target.client().await;
+    support::exec(&holder, "BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE").await;
+    let mut logs = RunLogs::new();
+    let mut cmd = walshuttle(&source, &target);
+    cmd.arg("run");
+    let mut run = logs.spawn(cmd);
+    let tgt = target.client().await;
+    let waiting = "SELECT l.pid FROM pg_locks l WHERE l.relation = 'public.items'::regclass AND NOT l.granted";
+    wait_while_running(
+        "run's start-up to wait for the table's lock",
+        Duration::from_secs(60),
+        &mut run,
+        || async { !tgt.query(waiting, &[]).await.unwrap_or_default().is_empty() },
+    )
+    .await;
+    let row = tgt
+        .query_one(
+            "SELECT pg_cancel_backend(l.pid), a.query FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+             WHERE l.relation = 'public.items'::regclass AND NOT l.granted LIMIT 1",
+            &[],
+        )
+        .await
+        .expect("cancel the waiting statement");
+    let query: String = row.get(1);
+    support::exec(&holder, "ROLLBACK").await;
+    support::exec(&src, "INSERT INTO items VALUES (101, 'after the cancel')").await;
+
+    wait_for_convergence_running(&mut run, &src, &tgt, &["items"], Duration::from_secs(120)).await;
+    assert!(
+        !run.log().contains("retrying cannot fix"),
+        "run stopped on a cancelled statement ({query}):\n{}",
+        run.log()
+    );
+}

@@ -92,19 +92,6 @@ pub fn classify(e: &anyhow::Error) -> Class {
     }
 }
 
-/// Whether a server or a connection answered `e` (as opposed to a check of
-/// walshuttle's own): such an error is for [`classify`] to judge by its SQLSTATE,
-/// even when the connection does not know yet that it is closing (a server
-/// shutting down answers 57P01 before the socket closes).
-pub fn from_a_server(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        cause.is::<PgError>()
-            || cause.is::<tokio_postgres::Error>()
-            || cause.is::<ReplicationError>()
-            || cause.is::<std::io::Error>()
-    })
-}
-
 /// Which source transactions a failed target statement was applying.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SourceTxns {
@@ -269,18 +256,6 @@ mod tests {
         );
         let io: anyhow::Error = ReplicationError::Io(std::io::Error::other("reset")).into();
         assert_eq!(classify(&io), Class::Fault);
-    }
-
-    #[test]
-    fn a_shutdown_answered_before_the_socket_closes_is_a_servers_fault() {
-        // "terminating connection due to administrator command" arrives as an
-        // error response while the client still thinks the connection is open.
-        let shutdown = pg_error("57P01", false).context("checking public.t on the target");
-        assert!(from_a_server(&shutdown));
-        assert_eq!(classify(&shutdown), Class::Fault);
-        assert!(!from_a_server(&anyhow::anyhow!(
-            "column public.t.v is missing on the target"
-        )));
     }
 
     #[test]

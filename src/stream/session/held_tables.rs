@@ -389,9 +389,7 @@ impl Session<'_> {
                     .columns
                     .retain(|c| on_target.columns.iter().any(|t| t.name == c.name));
             }
-            let binary = crate::catalog::check_target(&self.main.client, &table)
-                .await?
-                .binary();
+            let binary = crate::catalog::target_fit(&table, on_target.as_ref())?.binary();
             let (_, copied) = crate::rewrite::rewrite_now(
                 self.source,
                 &mut self.main.client,

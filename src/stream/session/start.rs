@@ -273,7 +273,8 @@ pub(super) async fn table_binary_capable(
     };
     // Columns added on the source since the target table was made are added by
     // the stream when their first change arrives (see `added_columns`).
-    if let Some(existing) = crate::catalog::load_table(target, name).await? {
+    let existing = crate::catalog::load_table(target, name).await?;
+    if let Some(existing) = &existing {
         let (present, added): (Vec<_>, Vec<_>) = table
             .columns
             .into_iter()
@@ -283,11 +284,10 @@ pub(super) async fn table_binary_capable(
             return Ok(false);
         }
     }
-    match crate::catalog::check_target(target, &table).await {
+    // Errors of the servers came from the reads above, each judged by its SQLSTATE;
+    // an incompatible table is not retried.
+    match crate::catalog::target_fit(&table, existing.as_ref()) {
         Ok(fit) => Ok(fit.binary()),
-        // A server's answer (a lost connection, a shutdown) is judged by its
-        // SQLSTATE; an incompatible table is not retried.
-        Err(e) if crate::stream::faults::from_a_server(&e) => Err(e),
         Err(e) => Err(Fatal(e.to_string()).into()),
     }
 }
