@@ -808,7 +808,7 @@ walshuttle_all() {   # pair tool
     ws_stop bulk_apply "$tool-run-bulk"
     backlog_write "$tool"
     log "$tool: backlog: starting walshuttle run again"
-    decode_floor_begin
+    decode_alone_begin
     drain_cpu_begin
     t0=$(now)
     ws_start_run "$tool-run-backlog"
@@ -819,7 +819,7 @@ walshuttle_all() {   # pair tool
     log "$tool: backlog drained in $(elapsed "$t0" "$seen") s (from process start)"
     check_consistent "$tool" backlog_drain
     ws_stop backlog_drain "$tool-run-backlog"
-    decode_floor "$tool" backlog
+    decode_alone "$tool" backlog
 
     set_step "$tool: steady state"
     ws_start_run "$tool-run-steady"
@@ -1068,33 +1068,33 @@ settle_slot() {
     seen=$(poll_until "$SP" "coalesce((SELECT restart_lsn >= '$lsn' FROM pg_replication_slots WHERE slot_name = '$slot'), false)" 60 0.2)
     [ -n "$seen" ] || note "$slot: the source did not move the slot's restart point within 60 s: its next start decodes again what came before the backlog"
 }
-# decode_floor_begin: copies walshuttle's (inactive) slot, so that the backlog can be
+# decode_alone_begin: copies walshuttle's (inactive) slot, so that the backlog can be
 # decoded a second time after walshuttle drained it
-decode_floor_begin() {
-    qs "SELECT pg_copy_logical_replication_slot('walshuttle', 'bench_decode_floor')" >/dev/null
-    FLOOR_END=$(qs "SELECT pg_current_wal_lsn()")
+decode_alone_begin() {
+    qs "SELECT pg_copy_logical_replication_slot('walshuttle', 'bench_decode_alone')" >/dev/null
+    DECODE_END=$(qs "SELECT pg_current_wal_lsn()")
 }
-# decode_floor TOOL PREFIX: what the source's decoding alone costs for the backlog:
+# decode_alone TOOL PREFIX: what the source's decoding alone costs for the backlog:
 # the copied slot read with walshuttle's options (pgoutput, protocol 2, binary) by
 # pg_logical_slot_get_binary_changes, in a backend, with no network and no consumer.
 # Not a floor of the drain: a walsender also sends each message (a send() per message
 # while its reader keeps up), which costs it several times this (measured: 1.75 s of
 # walsender CPU for 40,000 TPC-B transactions read by pg_recvlogical, 0.26 s here)
-decode_floor() {
+decode_alone() {
     local tool=$1 prefix=$2 pub t0 t1 src
     pub=$(qs "SELECT pubname FROM pg_publication ORDER BY pubname = 'walshuttle' DESC LIMIT 1")
     drain_cpu_begin
     t0=$(now)
-    if qs "SELECT count(*) FROM pg_logical_slot_get_binary_changes('bench_decode_floor', '$FLOOR_END', NULL, 'proto_version', '2', 'publication_names', '$pub', 'binary', 'true')" \
-        >"$WORK/logs/decode-floor-$prefix-$tool.log" 2>&1; then
+    if qs "SELECT count(*) FROM pg_logical_slot_get_binary_changes('bench_decode_alone', '$DECODE_END', NULL, 'proto_version', '2', 'publication_names', '$pub', 'binary', 'true')" \
+        >"$WORK/logs/decode-alone-$prefix-$tool.log" 2>&1; then
         t1=$(now)
         src=$(ticks_s $(( $(cluster_ticks "$SP") - DRAIN_SRC0 )))
         record "${prefix}_decode_alone_s" "$tool" "$(elapsed "$t0" "$t1")"
         log "$tool: the source decodes the backlog alone (SQL, no network) in $(elapsed "$t0" "$t1") s (source cluster $src s CPU)"
     else
-        broke "$tool: decoding the backlog alone failed: $(tail -n 3 "$WORK/logs/decode-floor-$prefix-$tool.log" | tr '\n' ' ')"
+        broke "$tool: decoding the backlog alone failed: $(tail -n 3 "$WORK/logs/decode-alone-$prefix-$tool.log" | tr '\n' ' ')"
     fi
-    qs "SELECT pg_drop_replication_slot('bench_decode_floor')" >/dev/null || true
+    qs "SELECT pg_drop_replication_slot('bench_decode_alone')" >/dev/null || true
 }
 # apply_pids TOOL: what applies the stream: every process of the target cluster
 # (walshuttle's backends, native's apply worker, the target's own writers), and
@@ -1230,13 +1230,13 @@ tpcb_walshuttle() {   # pair tool
     if [ "$TPCB_BACKLOG_TXNS" -gt 0 ]; then
         set_step "$tool: TPC-B backlog"
         tpcb_backlog_write "$tool" || return 1
-        decode_floor_begin
+        decode_alone_begin
         drain_cpu_begin
         t0=$(now)
         ws_start_run "$tool-run-tpcb-backlog"
         tpcb_backlog_check "$tool" "$t0" || return 1
         ws_stop tpcb_backlog "$tool-run-tpcb-backlog"
-        decode_floor "$tool" tpcb_backlog
+        decode_alone "$tool" tpcb_backlog
     fi
     if [ -n "$prof" ]; then
         if [ -s "$prof" ]; then
