@@ -49,7 +49,9 @@ pub fn is_transient(e: &anyhow::Error) -> bool {
         return false;
     }
     e.chain().any(|cause| {
-        if let Some(c) = cause.downcast_ref::<ConnectError>() {
+        if cause.is::<crate::bootstrap::RewrittenEveryTime>() {
+            true
+        } else if let Some(c) = cause.downcast_ref::<ConnectError>() {
             c.transient
         } else if let Some(pg) = cause.downcast_ref::<PgError>() {
             pg.closed
@@ -112,6 +114,10 @@ mod tests {
             transient: false,
         });
         assert_eq!(code_for(&password), NEEDS_A_PERSON);
+        // A burst of TRUNCATE on the source while slots were created passes.
+        let rewritten =
+            anyhow::Error::new(crate::bootstrap::RewrittenEveryTime).context("bootstrapping");
+        assert_eq!(code_for(&rewritten), TRANSIENT);
         assert_eq!(
             code_for(&anyhow::anyhow!("table t has no primary key")),
             NEEDS_A_PERSON

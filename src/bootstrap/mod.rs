@@ -230,10 +230,15 @@ pub async fn create_slot_with_snapshot(
             }
         }
     }
-    bail!(
-        "tables on the source were rewritten (ALTER TABLE, VACUUM FULL, CLUSTER) every time a slot was created, {SLOT_ATTEMPTS} times: run walshuttle again when no DDL runs on the source"
-    )
+    Err(RewrittenEveryTime.into())
 }
+
+/// Tables were rewritten on the source each time a slot was created: a burst of
+/// TRUNCATE or DDL that passes, so trying again later can succeed (`run` retries
+/// with backoff; other commands exit with the transient code).
+#[derive(Debug, thiserror::Error)]
+#[error("tables on the source were rewritten (TRUNCATE, ALTER TABLE, VACUUM FULL, CLUSTER) every time a slot was created, {SLOT_ATTEMPTS} times in a row: trying again later")]
+pub struct RewrittenEveryTime;
 
 #[allow(clippy::too_many_arguments)]
 async fn fresh(
